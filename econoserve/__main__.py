@@ -1,0 +1,5 @@
+import sys
+
+from econoserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""The ``econoserve`` command.
+
+Each subsystem contributes its subcommands from a ``commands`` module exposing
+``register(subparsers)``; a subcommand's handler takes the parsed arguments and returns an exit
+status. A :class:`~econoserve.errors.UserError` (bad file, record, name or flag) is printed on one
+line and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from econoserve import __version__
+from econoserve.errors import UserError
+
+#: Modules that add subcommands, in the order ``--help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = (
+    "econoserve.workload.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="econoserve",
+        description=(
+            "EconoServe reproduction toolkit: datasets and traces, the response-length "
+            "predictor, the serving simulator and the vLLM scheduler. "
+            "Run 'econoserve COMMAND --help' for each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"econoserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as error:
+        print(f"econoserve: error: {error}", file=sys.stderr)
+        return error.exit_status
+    except KeyboardInterrupt:
+        print("econoserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
