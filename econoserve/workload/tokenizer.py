@@ -1,0 +1,75 @@
+"""Offline tokenizers built from the registry's files.
+
+``gpt2`` and ``opt`` are the same byte-level BPE (OpenAI's GPT-2 vocabulary and merges, which
+Meta's OPT reuses), run with the ``tokenizers`` library. ``llama2`` is the Llama-2 SentencePiece
+model, run with ``sentencepiece``. Counts never include special tokens (no BOS/EOS), so a
+prompt's count is what the model attends to before its first generated token, less the BOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from econoserve.errors import DataError
+from econoserve.workload.registry import dataset_path
+
+TOKENIZER_NAMES: tuple[str, ...] = ("gpt2", "opt", "llama2")
+_ENCODE_BATCH = 2048
+
+
+class _Backend(Protocol):
+    def encode(self, texts: list[str]) -> list[list[int]]: ...
+
+
+@dataclass
+class Tokenizer:
+    """A named offline tokenizer: ``encode`` gives token ids, ``count`` tokens per text."""
+
+    name: str
+    backend: _Backend = field(repr=False)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), _ENCODE_BATCH):
+            ids.extend(self.backend.encode(list(texts[start : start + _ENCODE_BATCH])))
+        return ids
+
+    def count(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens per text (int64), no special tokens."""
+        return np.fromiter((len(ids) for ids in self.encode(texts)), dtype=np.int64, count=len(texts))
+
+
+class _ByteLevelBPE:
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        bpe = models.BPE.from_file(str(dataset_path("gpt2-vocab")), str(dataset_path("gpt2-merges")))
+        self._tokenizer = HFTokenizer(bpe)
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tokenizer.decoder = decoders.ByteLevel()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+class _SentencePiece:
+    def __init__(self) -> None:
+        import sentencepiece
+
+        self._processor = sentencepiece.SentencePieceProcessor(model_file=str(dataset_path("llama2-tokenizer")))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self._processor.encode(texts)
+
+
+def load_tokenizer(name: str) -> Tokenizer:
+    """The tokenizer ``gpt2``, ``opt`` (same BPE as gpt2) or ``llama2``."""
+    if name in ("gpt2", "opt"):
+        return Tokenizer(name, _ByteLevelBPE())
+    if name == "llama2":
+        return Tokenizer(name, _SentencePiece())
+    raise DataError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}")
