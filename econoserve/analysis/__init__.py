@@ -1,0 +1,1 @@
+"""Analysis: metrics over result tables, and one function per figure."""
