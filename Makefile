@@ -1,0 +1,46 @@
+# econoserve: the two set-up commands are `make reproduce` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= test
+
+# Real data: read in place from a local mirror when there is one beside the repository,
+# else from data/cache/ (filled by `econoserve data fetch`).
+ifneq ($(wildcard ../shared/data/README.md),)
+export ECONOSERVE_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
+
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+INSTALLED := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install test reproduce bench figures clean help
+help:
+	@echo "make test       install into $(VENV) (package + test extras) and run the test suite"
+	@echo "make reproduce  install, then run every notebook with default parameters (figures/)"
+	@echo "make bench      run the speed benchmarks (tables in benchmarks/results/)"
+	@echo "make clean      remove $(VENV), results/ and data/cache/"
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(INSTALLED)
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+reproduce: $(INSTALLED)
+	mkdir -p results/notebooks figures
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(VENV)/bin/papermill "$$nb" "results/notebooks/$$(basename $$nb)" -k python3 --cwd . --log-level WARNING; \
+	done
+
+bench: $(INSTALLED)
+	mkdir -p benchmarks/results
+	@set -e; for b in $(sort $(wildcard benchmarks/bench_*.py)); do echo "== $$b"; $(PY) "$$b"; done
+
+clean:
+	rm -rf $(VENV) results data/cache
