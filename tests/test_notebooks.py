@@ -1,0 +1,45 @@
+"""Notebooks run end to end under papermill with small parameters, and keep git-friendly form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_is_thin_and_stripped(path):
+    notebook = nbformat.read(path, as_version=4)
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters' for papermill"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in notebook.cells if c.cell_type == "code")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_trace_analysis_notebook(tmp_path):
+    out = tmp_path / "figures"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "01_trace_analysis.ipynb"),
+        str(tmp_path / "01.ipynb"),
+        parameters={"datasets": ["alpaca", "qmsum", "azure-conv"], "tokenizer": "gpt2",
+                    "sample_size": 300, "seed": 1, "output_dir": str(out)},
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    summary = pd.read_csv(out / "fig01_length_summary.csv")
+    assert summary["dataset"].tolist() == ["alpaca", "qmsum", "azure-conv"]
+    assert summary["num_requests"].tolist() == [300, 300, 300]
+    for column in ("prompt_tokens", "output_tokens"):
+        assert (summary[f"{column}_p50"] <= summary[f"{column}_p90"]).all()
+        assert (summary[f"{column}_p90"] <= summary[f"{column}_p99"]).all()
+    burstiness = pd.read_csv(out / "fig01_arrival_burstiness.csv")
+    assert burstiness["dataset"].tolist() == ["azure-conv"]
+    assert burstiness["num_requests"].iloc[0] == 19_366
+    assert (out / "fig01_trace_characteristics.png").stat().st_size > 10_000
