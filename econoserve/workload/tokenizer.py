@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from econoserve.errors import DataError
 from econoserve.workload.registry import dataset_path
 
 TOKENIZER_NAMES: tuple[str, ...] = ("gpt2", "opt", "llama2")
 _ENCODE_BATCH = 2048
+#: Texts above which encoding shows a progress bar (tokenizing ShareGPT takes seconds).
+_PROGRESS_MIN_TEXTS = 20_000
 
 
 class _Backend(Protocol):
@@ -33,7 +36,9 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         ids: list[list[int]] = []
-        for start in range(0, len(texts), _ENCODE_BATCH):
+        starts = range(0, len(texts), _ENCODE_BATCH)
+        show = len(texts) >= _PROGRESS_MIN_TEXTS
+        for start in tqdm(starts, desc=f"tokenize ({self.name})", unit="batch", disable=not show, leave=False):
             ids.extend(self.backend.encode(list(texts[start : start + _ENCODE_BATCH])))
         return ids
 
