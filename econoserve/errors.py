@@ -19,3 +19,7 @@ class TraceError(UserError):
 
 class DataError(UserError):
     """A dataset that is unknown, unavailable, or fails its checksum."""
+
+
+class PredictorError(UserError):
+    """A response-length model that is missing, corrupt or incompatible, or input it cannot use."""

@@ -1,0 +1,394 @@
+"""LightGBM response-length models: training, prediction, saving and loading.
+
+Objectives (:class:`PredictorConfig`):
+
+``regression``      point prediction; LightGBM L2 regression on ``log1p(length)``, predicted
+                    length = ``round(expm1(score))``.
+``quantile``        the ``quantile``-th conditional quantile of the length (default 0.9, for KV
+                    reservation); LightGBM quantile loss on ``log1p(length)`` (quantiles commute with
+                    the monotone log). With ``calibrate_quantile`` a seeded ``calibration_fraction``
+                    of the training prompts is held out and the log-score is shifted by the
+                    split-conformal quantile of its residuals, so the held-out under-prediction
+                    rate is at most ``1 - quantile`` in expectation. Predictions are rounded up.
+``classification``  multiclass over length buckets of ``bucket_width`` tokens (bucket ``b`` holds
+                    ``b*w+1 .. (b+1)*w``; lengths past ``max_buckets`` buckets share the last);
+                    the point prediction is the predicted bucket's middle (``bucket_point="mid"``)
+                    or its upper edge (``"upper"``, a reservation that covers the bucket).
+
+A saved model is a directory: ``model.txt`` (LightGBM), ``metadata.json`` (format version,
+package and LightGBM versions, configuration, label, feature names, training-data sha256s,
+calibration, held-out metrics, sha256 of every file), and the featurizer's ``vocabulary.json`` /
+``features.npz`` when n-grams are used. :meth:`LengthPredictor.load` checks all of it and raises
+:class:`~econoserve.errors.PredictorError` with one line naming the directory and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from econoserve import __version__
+from econoserve.errors import PredictorError
+from econoserve.predictor.data import LabeledPrompts
+from econoserve.predictor.features import FeatureConfig, PromptFeaturizer
+from econoserve.workload.registry import file_sha256
+from econoserve.workload.trace import Trace
+
+OBJECTIVES: tuple[str, ...] = ("regression", "quantile", "classification")
+BUCKET_POINTS: tuple[str, ...] = ("mid", "upper")
+FORMAT_VERSION = 1
+MODEL_FILE = "model.txt"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Everything that determines a trained model, with its defaults (lengths in tokens)."""
+
+    objective: str = "regression"
+    quantile: float = 0.9
+    calibrate_quantile: bool = True
+    calibration_fraction: float = 0.2
+    bucket_width: int = 50
+    max_buckets: int = 40
+    bucket_point: str = "mid"
+    seed: int = 0
+    num_threads: int = 2
+    num_boost_round: int = 500
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_data_in_leaf: int = 20
+    feature_fraction: float = 0.5
+    bagging_fraction: float = 0.8
+    lambda_l2: float = 1.0
+    max_bin: int = 63
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise PredictorError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if not 0.0 < self.quantile < 1.0:
+            raise PredictorError(f"quantile must be in (0, 1), got {self.quantile}")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise PredictorError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+        if self.bucket_width < 1 or self.max_buckets < 2:
+            raise PredictorError("bucket_width must be >= 1 and max_buckets >= 2")
+        if self.bucket_point not in BUCKET_POINTS:
+            raise PredictorError(f"bucket_point must be one of {', '.join(BUCKET_POINTS)}")
+        if self.num_threads < 1 or self.num_boost_round < 1:
+            raise PredictorError("num_threads and num_boost_round must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PredictorConfig":
+        values = dict(values)
+        features = FeatureConfig(**values.pop("features", {}))
+        return cls(features=features, **values)
+
+    def lightgbm_params(self, num_classes: int = 0) -> dict[str, Any]:
+        """LightGBM parameters: deterministic for ``seed`` and ``num_threads``."""
+        params: dict[str, Any] = {
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": 1,
+            "lambda_l2": self.lambda_l2,
+            "max_bin": self.max_bin,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_col_wise": True,
+            "num_threads": self.num_threads,
+            "verbosity": -1,
+        }
+        if self.objective == "regression":
+            params["objective"] = "regression"
+        elif self.objective == "quantile":
+            params.update(objective="quantile", alpha=self.quantile)
+        else:
+            params.update(objective="multiclass", num_class=num_classes)
+        return params
+
+
+@dataclass
+class LengthPredictor:
+    """A trained response-length model: featurizer + LightGBM booster + metadata."""
+
+    config: PredictorConfig
+    featurizer: PromptFeaturizer
+    booster: lgb.Booster
+    label: str
+    training_data: dict[str, Any]
+    quantile_log_offset: float = 0.0
+    num_classes: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- prediction
+    @property
+    def needs_text(self) -> bool:
+        return self.config.features.use_text
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.config.features.tokenizer
+
+    def predict(
+        self, prompts: Sequence[str] | None, prompt_tokens: np.ndarray | None = None, num_threads: int = 1
+    ) -> np.ndarray:
+        """Predicted response lengths [tokens, int64, >= 1], one per prompt.
+
+        Text models compute every feature (the token count included) from ``prompts``; length-only
+        models need ``prompt_tokens`` [tokens] instead.
+        """
+        if self.needs_text and prompts is None:
+            raise PredictorError("this model uses prompt-text features; the input has no prompt text")
+        matrix = self.featurizer.transform(prompts, None if self.needs_text else prompt_tokens)
+        return self._lengths_from_scores(self.booster.predict(matrix, num_threads=num_threads))
+
+    def predict_class_probabilities(self, prompts: Sequence[str] | None, prompt_tokens=None) -> np.ndarray:
+        """Bucket probabilities (rows = prompts), classification models only."""
+        if self.config.objective != "classification":
+            raise PredictorError("class probabilities exist only for classification models")
+        matrix = self.featurizer.transform(prompts, None if self.needs_text else prompt_tokens)
+        return self.booster.predict(matrix, num_threads=1)
+
+    def _lengths_from_scores(self, scores: np.ndarray) -> np.ndarray:
+        if self.config.objective == "classification":
+            buckets = np.asarray(scores).reshape(len(scores), -1).argmax(axis=1)
+            width = self.config.bucket_width
+            lengths = buckets * width + (width if self.config.bucket_point == "upper" else (width + 1) / 2)
+            return np.maximum(np.floor(lengths), 1).astype(np.int64)
+        lengths = np.expm1(np.asarray(scores, dtype=np.float64) + self.quantile_log_offset)
+        rounded = np.ceil(lengths - 1e-9) if self.config.objective == "quantile" else np.rint(lengths)
+        return np.maximum(rounded, 1).astype(np.int64)
+
+    def predict_trace(self, trace: Trace, check_tokenizer: bool = True) -> Trace:
+        """A copy of ``trace`` with ``predicted_output_tokens`` filled in."""
+        if self.needs_text and not trace.has_text:
+            raise PredictorError(
+                "the trace has no prompt_text column, and this model needs prompt text "
+                "(build the trace from a text dataset, or train a length-only model with --no-text)"
+            )
+        trace_tokenizer = _trace_tokenizer(trace)
+        if check_tokenizer and trace_tokenizer and self.needs_text and trace_tokenizer != self.tokenizer_name:
+            raise PredictorError(
+                f"the trace counts tokens with {trace_tokenizer!r} but the model predicts "
+                f"{self.tokenizer_name!r} tokens (pass --allow-tokenizer-mismatch to predict anyway)"
+            )
+        requests = trace.requests
+        prompts = requests["prompt_text"].tolist() if self.needs_text else None
+        predicted = self.predict(prompts, requests["prompt_tokens"].to_numpy(dtype=np.int64))
+        return trace.with_predictions(predicted)
+
+    # ----------------------------------------------------------------- inspection
+    def feature_importance(self, importance_type: str = "gain") -> pd.DataFrame:
+        """Per feature: ``feature``, ``importance`` (total gain, or split count with ``"split"``),
+        sorted, most important first."""
+        values = self.booster.feature_importance(importance_type=importance_type)
+        frame = pd.DataFrame({"feature": self.featurizer.feature_names(), "importance": values.astype(float)})
+        return frame.sort_values(["importance", "feature"], ascending=[False, True], ignore_index=True)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "package": "econoserve",
+            "package_version": __version__,
+            "lightgbm_version": lgb.__version__,
+            "config": asdict(self.config),
+            "label": self.label,
+            "tokenizer": self.tokenizer_name,
+            "needs_text": self.needs_text,
+            "feature_names": self.featurizer.feature_names(),
+            "num_features": len(self.featurizer.feature_names()),
+            "training_data": self.training_data,
+            "quantile_log_offset": self.quantile_log_offset,
+            "num_classes": self.num_classes,
+            "metrics": self.metrics,
+        }
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write the model directory (see the module docstring); returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.booster.save_model(str(directory / MODEL_FILE))
+        files = [MODEL_FILE, *self.featurizer.save(directory)]
+        metadata = self.metadata()
+        metadata["files"] = {name: file_sha256(directory / name) for name in files}
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LengthPredictor":
+        """Load and check a saved model directory."""
+        directory = Path(directory)
+        metadata = read_metadata(directory)
+        for name, expected in metadata["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise PredictorError(f"{directory}: {name} is missing (incomplete model directory)")
+            if file_sha256(path) != expected:
+                raise PredictorError(f"{directory}: {name} does not match its sha256 in metadata.json (corrupt or edited)")
+        try:
+            config = PredictorConfig.from_dict(metadata["config"])
+        except (TypeError, ValueError) as exc:
+            raise PredictorError(f"{directory}: metadata.json has an unusable config ({exc})") from None
+        featurizer = PromptFeaturizer.load(directory, config.features)
+        if featurizer.feature_names() != metadata["feature_names"]:
+            raise PredictorError(f"{directory}: saved feature names differ from what this version computes")
+        try:
+            booster = lgb.Booster(model_file=str(directory / MODEL_FILE))
+        except lgb.basic.LightGBMError as exc:
+            raise PredictorError(f"{directory}: LightGBM cannot read {MODEL_FILE} ({str(exc).splitlines()[0]})") from None
+        if booster.num_feature() != metadata["num_features"]:
+            raise PredictorError(
+                f"{directory}: {MODEL_FILE} has {booster.num_feature()} features, metadata.json {metadata['num_features']}"
+            )
+        return cls(
+            config=config,
+            featurizer=featurizer,
+            booster=booster,
+            label=metadata["label"],
+            training_data=metadata["training_data"],
+            quantile_log_offset=float(metadata["quantile_log_offset"]),
+            num_classes=int(metadata["num_classes"]),
+            metrics=metadata.get("metrics", {}),
+        )
+
+
+_REQUIRED_METADATA = (
+    "format_version", "config", "label", "feature_names", "num_features", "training_data",
+    "quantile_log_offset", "num_classes", "files",
+)  # fmt: skip
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """``metadata.json`` of a model directory, checked for presence, syntax and format version."""
+    if not directory.exists():
+        raise PredictorError(f"{directory}: no such model directory")
+    if not directory.is_dir():
+        raise PredictorError(f"{directory}: a model is a directory (with {MODEL_FILE} and {METADATA_FILE}), not a file")
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise PredictorError(f"{directory}: no {METADATA_FILE}; not a saved econoserve predictor")
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PredictorError(f"{path}: corrupt metadata ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise PredictorError(f"{path}: corrupt metadata (not a JSON object)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise PredictorError(
+            f"{path}: model format version {metadata.get('format_version')!r}; this econoserve "
+            f"{__version__} reads version {FORMAT_VERSION} (retrain the model)"
+        )
+    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise PredictorError(f"{path}: metadata lacks {', '.join(missing)} (corrupt model?)")
+    return metadata
+
+
+def _trace_tokenizer(trace: Trace) -> str | None:
+    spec = trace.metadata.get("spec") if isinstance(trace.metadata, dict) else None
+    tokenizer = spec.get("tokenizer") if isinstance(spec, dict) else None
+    if not isinstance(tokenizer, str) or tokenizer.startswith("none"):
+        return None
+    return "gpt2" if tokenizer == "opt" else tokenizer
+
+
+# --------------------------------------------------------------------- training
+def train_predictor(
+    data: LabeledPrompts, config: PredictorConfig = PredictorConfig(), label: str | None = None,
+    split: dict[str, Any] | None = None,
+) -> LengthPredictor:
+    """Fit a model on ``data`` (the training part) for ``label`` [tokens].
+
+    ``split`` records how ``data`` was split from its dataset (kept in the metadata so evaluation
+    can reproduce the held-out part). Deterministic for ``config.seed`` and ``config.num_threads``.
+    """
+    from econoserve.predictor.data import default_label
+
+    label = label or default_label(data.dataset)
+    lengths = data.labels(label).astype(np.float64)
+    if len(data) < 10:
+        raise PredictorError(f"need at least 10 training prompts, got {len(data)}")
+    if np.any(lengths < 1):
+        raise PredictorError("training labels must be >= 1 token")
+    config = _fit_tokenizer_to_data(config, data)
+    if config.features.use_text and not data.has_text:
+        raise PredictorError(f"{data.dataset} has no prompt text; train a length-only model (--no-text)")
+
+    fit_rows, calibration_rows = _calibration_split(len(data), config)
+    fit_data = data.subset(fit_rows)
+    featurizer = PromptFeaturizer(config.features).fit(fit_data.prompts, seed=config.seed)
+    matrix = featurizer.transform(fit_data.prompts, fit_data.prompt_tokens)
+    num_classes = 0
+    if config.objective == "classification":
+        num_classes = _num_buckets(lengths, config)
+        target = np.minimum((lengths[fit_rows] - 1) // config.bucket_width, num_classes - 1)
+    else:
+        target = np.log1p(lengths[fit_rows])
+    names = [f"f{i}" for i in range(matrix.shape[1])]  # LightGBM rejects JSON characters in names
+    dataset = lgb.Dataset(matrix, label=target, feature_name=names, free_raw_data=True,
+                          params={"max_bin": config.max_bin, "verbosity": -1})
+    booster = lgb.train(config.lightgbm_params(num_classes), dataset, num_boost_round=config.num_boost_round)
+
+    predictor = LengthPredictor(
+        config=config, featurizer=featurizer, booster=booster, label=label, training_data={},
+        num_classes=num_classes,
+    )
+    if calibration_rows is not None:
+        predictor.quantile_log_offset = _conformal_offset(predictor, data.subset(calibration_rows), label)
+    predictor.training_data = {
+        "dataset": data.dataset,
+        "part": data.part,
+        "tokenizer": data.tokenizer,
+        "label": label,
+        "num_prompts": len(data),
+        "num_fit_prompts": len(fit_rows),
+        "num_calibration_prompts": 0 if calibration_rows is None else len(calibration_rows),
+        "table_sha256": data.table_sha256(label),
+        "source_sha256": dict(data.source_sha256),
+        "split": dict(split or {}),
+        "label_median_tokens": float(np.median(lengths)),
+        "label_mean_tokens": float(np.mean(lengths)),
+    }
+    return predictor
+
+
+def _fit_tokenizer_to_data(config: PredictorConfig, data: LabeledPrompts) -> PredictorConfig:
+    """Text models count prompt tokens in the data's tokenizer, so labels and feature agree."""
+    if data.has_text and config.features.tokenizer != data.tokenizer:
+        return replace(config, features=replace(config.features, tokenizer=data.tokenizer))
+    return config
+
+
+def _calibration_split(size: int, config: PredictorConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    if config.objective != "quantile" or not config.calibrate_quantile:
+        return np.arange(size), None
+    num_calibration = int(round(config.calibration_fraction * size))
+    if num_calibration < 10 or size - num_calibration < 10:
+        raise PredictorError(f"too few prompts ({size}) to hold out a calibration set")
+    order = np.random.default_rng(config.seed + 1).permutation(size)
+    return np.sort(order[num_calibration:]), np.sort(order[:num_calibration])
+
+
+def _conformal_offset(predictor: LengthPredictor, calibration: LabeledPrompts, label: str) -> float:
+    """Split-conformal shift of the log-score so that P(actual > predicted) <= 1 - quantile."""
+    matrix = predictor.featurizer.transform(calibration.prompts, calibration.prompt_tokens)
+    residuals = np.log1p(calibration.labels(label).astype(np.float64)) - predictor.booster.predict(matrix)
+    size = len(residuals)
+    rank = min(math.ceil((size + 1) * predictor.config.quantile), size)
+    return float(np.sort(residuals)[rank - 1])
+
+
+def _num_buckets(lengths: np.ndarray, config: PredictorConfig) -> int:
+    observed = int((lengths.max() - 1) // config.bucket_width) + 1
+    return int(min(max(observed, 2), config.max_buckets))
