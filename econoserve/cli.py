@@ -19,6 +19,7 @@ from econoserve.errors import UserError
 #: Modules that add subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "econoserve.workload.commands",
+    "econoserve.predictor.commands",
 )
 
 

@@ -7,7 +7,9 @@ Datasets (all read from the registry / local mirror through :mod:`econoserve.wor
                    10k val file (disjoint ids). Labels [Llama-2 tokens]: ``max`` (max over the four
                    temperatures, the target of their Acc-50/Acc-100 protocol and the default),
                    ``t0.0`` ``t0.3`` ``t0.5`` ``t0.7`` (one temperature each), ``gt`` (Alpaca's
-                   reference answer). The 19 ids whose Alpaca reference output is empty (8 train,
+                   reference answer), and for training ``temperatures``: the four single-temperature
+                   samples stacked (four rows per prompt), which learns the distribution of one
+                   generation's length rather than its maximum. The 19 ids whose Alpaca reference output is empty (8 train,
                    11 val) are dropped, because the Alpaca loader drops them.
 ``alpaca``         Alpaca prompts with reference-answer lengths (label ``reference``).
 ``sharegpt``       ShareGPT first-turn prompts with the first reply's length (vLLM's filter).
@@ -43,6 +45,8 @@ VICUNA_LABELS: dict[str, str] = {
 }
 #: The single-temperature labels of the Vicuna data.
 VICUNA_SINGLE_TEMPERATURE: tuple[str, ...] = ("t0.0", "t0.3", "t0.5", "t0.7")
+#: Labels made by stacking several samples per prompt: name -> the labels stacked (one row each).
+STACKED_LABELS: dict[str, tuple[str, ...]] = {"temperatures": VICUNA_SINGLE_TEMPERATURE}
 REFERENCE_LABEL = "reference"
 PREDICTOR_DATASETS: tuple[str, ...] = (VICUNA_DATASET, "alpaca", "sharegpt", "qmsum") + TIMESTAMPED_DATASETS
 PARTS: tuple[str, ...] = ("train", "test")
@@ -102,6 +106,16 @@ class LabeledPrompts:
             source_index=self.source_index[indices],
             targets={name: values[indices] for name, values in self.targets.items()},
         )
+
+    def stacked(self, name: str) -> "LabeledPrompts":
+        """One row per prompt and stacked label (see :data:`STACKED_LABELS`), label ``name``."""
+        parts = STACKED_LABELS.get(name)
+        if parts is None or any(part not in self.targets for part in parts):
+            raise PredictorError(f"{self.dataset} has no stacked label {name!r}")
+        rows = np.tile(np.arange(len(self)), len(parts))
+        expanded = self.subset(rows)
+        values = np.concatenate([self.targets[part] for part in parts])
+        return replace(expanded, targets={name: values})
 
     def sample(self, size: int | None, seed: int = 0) -> "LabeledPrompts":
         """A seeded random sample of ``size`` rows (all rows, in order, when ``size`` is None)."""

@@ -266,9 +266,9 @@ class PromptFeaturizer:
         return ["vocabulary.json", "features.npz"]
 
     @classmethod
-    def load(cls, directory: Path, config: FeatureConfig) -> "PromptFeaturizer":
+    def load(cls, directory: Path, config: FeatureConfig, tokenizer: Tokenizer | None = None) -> "PromptFeaturizer":
         """The featurizer saved by :meth:`save` (raises :class:`PredictorError` if unreadable)."""
-        featurizer = cls(config)
+        featurizer = cls(config, tokenizer)
         if not config.uses_ngrams:
             return featurizer
         try:

@@ -2,8 +2,10 @@
 
 Objectives (:class:`PredictorConfig`):
 
-``regression``      point prediction; LightGBM L2 regression on ``log1p(length)``, predicted
-                    length = ``round(expm1(score))``.
+``regression``      point prediction; LightGBM regression on ``log1p(length)`` with L2 loss
+                    (``regression_loss="l2"``, the conditional mean of the log) or L1 loss
+                    (``"l1"``, the conditional median, which minimises MAE); predicted length =
+                    ``round(expm1(score))``.
 ``quantile``        the ``quantile``-th conditional quantile of the length (default 0.9, for KV
                     reservation); LightGBM quantile loss on ``log1p(length)`` (quantiles commute with
                     the monotone log). With ``calibrate_quantile`` a seeded ``calibration_fraction``
@@ -33,15 +35,18 @@ from typing import Any, Sequence
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from econoserve import __version__
 from econoserve.errors import PredictorError
 from econoserve.predictor.data import LabeledPrompts
 from econoserve.predictor.features import FeatureConfig, PromptFeaturizer
 from econoserve.workload.registry import file_sha256
+from econoserve.workload.tokenizer import Tokenizer
 from econoserve.workload.trace import Trace
 
 OBJECTIVES: tuple[str, ...] = ("regression", "quantile", "classification")
+REGRESSION_LOSSES: tuple[str, ...] = ("l2", "l1")
 BUCKET_POINTS: tuple[str, ...] = ("mid", "upper")
 FORMAT_VERSION = 1
 MODEL_FILE = "model.txt"
@@ -53,6 +58,7 @@ class PredictorConfig:
     """Everything that determines a trained model, with its defaults (lengths in tokens)."""
 
     objective: str = "regression"
+    regression_loss: str = "l1"
     quantile: float = 0.9
     calibrate_quantile: bool = True
     calibration_fraction: float = 0.2
@@ -61,10 +67,10 @@ class PredictorConfig:
     bucket_point: str = "mid"
     seed: int = 0
     num_threads: int = 2
-    num_boost_round: int = 500
+    num_boost_round: int | None = None  # None: 500, or 150 for classification (one tree per bucket per round)
     learning_rate: float = 0.05
-    num_leaves: int = 31
-    min_data_in_leaf: int = 20
+    num_leaves: int = 63
+    min_data_in_leaf: int = 10
     feature_fraction: float = 0.5
     bagging_fraction: float = 0.8
     lambda_l2: float = 1.0
@@ -82,8 +88,17 @@ class PredictorConfig:
             raise PredictorError("bucket_width must be >= 1 and max_buckets >= 2")
         if self.bucket_point not in BUCKET_POINTS:
             raise PredictorError(f"bucket_point must be one of {', '.join(BUCKET_POINTS)}")
-        if self.num_threads < 1 or self.num_boost_round < 1:
+        if self.regression_loss not in REGRESSION_LOSSES:
+            raise PredictorError(f"regression_loss must be one of {', '.join(REGRESSION_LOSSES)}")
+        if self.num_threads < 1 or (self.num_boost_round is not None and self.num_boost_round < 1):
             raise PredictorError("num_threads and num_boost_round must be >= 1")
+
+    @property
+    def boost_rounds(self) -> int:
+        """Boosting rounds: ``num_boost_round``, or the objective's default when it is None."""
+        if self.num_boost_round is not None:
+            return self.num_boost_round
+        return 150 if self.objective == "classification" else 500
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PredictorConfig":
@@ -109,7 +124,7 @@ class PredictorConfig:
             "verbosity": -1,
         }
         if self.objective == "regression":
-            params["objective"] = "regression"
+            params["objective"] = "regression" if self.regression_loss == "l2" else "regression_l1"
         elif self.objective == "quantile":
             params.update(objective="quantile", alpha=self.quantile)
         else:
@@ -226,8 +241,8 @@ class LengthPredictor:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LengthPredictor":
-        """Load and check a saved model directory."""
+    def load(cls, directory: str | Path, tokenizer: Tokenizer | None = None) -> "LengthPredictor":
+        """Load and check a saved model directory (``tokenizer``: reuse a loaded one)."""
         directory = Path(directory)
         metadata = read_metadata(directory)
         for name, expected in metadata["files"].items():
@@ -240,7 +255,7 @@ class LengthPredictor:
             config = PredictorConfig.from_dict(metadata["config"])
         except (TypeError, ValueError) as exc:
             raise PredictorError(f"{directory}: metadata.json has an unusable config ({exc})") from None
-        featurizer = PromptFeaturizer.load(directory, config.features)
+        featurizer = PromptFeaturizer.load(directory, config.features, tokenizer)
         if featurizer.feature_names() != metadata["feature_names"]:
             raise PredictorError(f"{directory}: saved feature names differ from what this version computes")
         try:
@@ -306,16 +321,18 @@ def _trace_tokenizer(trace: Trace) -> str | None:
 # --------------------------------------------------------------------- training
 def train_predictor(
     data: LabeledPrompts, config: PredictorConfig = PredictorConfig(), label: str | None = None,
-    split: dict[str, Any] | None = None,
+    split: dict[str, Any] | None = None, progress: bool = False, tokenizer: Tokenizer | None = None,
 ) -> LengthPredictor:
     """Fit a model on ``data`` (the training part) for ``label`` [tokens].
 
     ``split`` records how ``data`` was split from its dataset (kept in the metadata so evaluation
-    can reproduce the held-out part). Deterministic for ``config.seed`` and ``config.num_threads``.
+    can reproduce the held-out part); ``progress`` shows a tqdm bar over boosting rounds. Deterministic for ``config.seed`` and ``config.num_threads``.
     """
-    from econoserve.predictor.data import default_label
+    from econoserve.predictor.data import STACKED_LABELS, default_label
 
     label = label or default_label(data.dataset)
+    if label in STACKED_LABELS and label not in data.targets:
+        data = data.stacked(label)
     lengths = data.labels(label).astype(np.float64)
     if len(data) < 10:
         raise PredictorError(f"need at least 10 training prompts, got {len(data)}")
@@ -327,7 +344,7 @@ def train_predictor(
 
     fit_rows, calibration_rows = _calibration_split(len(data), config)
     fit_data = data.subset(fit_rows)
-    featurizer = PromptFeaturizer(config.features).fit(fit_data.prompts, seed=config.seed)
+    featurizer = PromptFeaturizer(config.features, tokenizer).fit(fit_data.prompts, seed=config.seed)
     matrix = featurizer.transform(fit_data.prompts, fit_data.prompt_tokens)
     num_classes = 0
     if config.objective == "classification":
@@ -338,7 +355,11 @@ def train_predictor(
     names = [f"f{i}" for i in range(matrix.shape[1])]  # LightGBM rejects JSON characters in names
     dataset = lgb.Dataset(matrix, label=target, feature_name=names, free_raw_data=True,
                           params={"max_bin": config.max_bin, "verbosity": -1})
-    booster = lgb.train(config.lightgbm_params(num_classes), dataset, num_boost_round=config.num_boost_round)
+    with tqdm(total=config.boost_rounds, desc="boosting", unit="round", disable=not progress) as bar:
+        booster = lgb.train(
+            config.lightgbm_params(num_classes), dataset, num_boost_round=config.boost_rounds,
+            callbacks=[lambda env: bar.update(1)],
+        )
 
     predictor = LengthPredictor(
         config=config, featurizer=featurizer, booster=booster, label=label, training_data={},
