@@ -5,10 +5,11 @@ A prompt becomes one row of three blocks, in this order:
 1. **Length features** (always): the prompt length [tokens] in the model's tokenizer and, when
    text is used, characters, words, lines, sentences, digits, question marks, and the length of
    the part after the first blank line (Alpaca's ``input``) [characters].
-2. **Lexical cues** (:data:`CUE_PATTERNS`, when ``lexical_cues``): what kind of answer the prompt
-   asks for (a question word, "explain", "write a story", a list or enumeration, code markers,
-   brevity or detail words, rewriting, classification, arithmetic) and any requested size,
-   "in 3 sentences", "five examples", "200 words", as numbers.
+2. **Lexical cues** (:data:`CUE_PATTERNS`, when ``lexical_cues``, read from
+   :meth:`PromptFeaturizer.cue_text`): what kind of answer the prompt asks for (a question word,
+   "explain", "write a story", a list or enumeration, code markers, brevity or detail words,
+   rewriting, classification, arithmetic) and any requested size, "in 3 sentences", "five
+   examples", "200 words", as numbers.
 3. **Word n-grams** (when ``ngram_vocabulary_size > 0``): TF-IDF over a vocabulary fitted on the
    training prompts (the ``ngram_vocabulary_size`` most frequent n-grams found in at least
    ``ngram_min_df`` prompts; sublinear term frequency, L2-normalised rows), either as sparse
@@ -117,10 +118,13 @@ class FeatureConfig:
     ngram_max_n: int = 2
     ngram_min_df: int = 3
     svd_components: int = 0
+    cue_window_chars: int = 600
 
     def __post_init__(self) -> None:
         if self.ngram_vocabulary_size < 0 or self.svd_components < 0:
             raise PredictorError("ngram_vocabulary_size and svd_components must be >= 0")
+        if self.cue_window_chars < 1:
+            raise PredictorError("cue_window_chars must be >= 1")
         if self.ngram_max_n < 1 or self.ngram_min_df < 1:
             raise PredictorError("ngram_max_n and ngram_min_df must be >= 1")
         if self.svd_components and not self.ngram_vocabulary_size:
@@ -245,10 +249,21 @@ class PromptFeaturizer:
             )
         return rows
 
+    def cue_text(self, prompt: str) -> str:
+        """The part of a prompt the lexical cues read: the instruction (the text before the first
+        blank line, Alpaca's layout), cut to ``cue_window_chars``; for a prompt longer than twice
+        that, also its last ``cue_window_chars`` characters (where a long document's question sits,
+        e.g. QMSum's "Query: ..."). Bounds the regex cost of long prompts."""
+        window = self.config.cue_window_chars
+        instruction = prompt.partition("\n\n")[0][:window]
+        if len(prompt) > 2 * window:
+            return instruction + "\n" + prompt[-window:]
+        return instruction
+
     def _cue_features(self, prompts: Sequence[str]) -> np.ndarray:
         rows = np.zeros((len(prompts), len(self._cues) + len(self._sizes)), dtype=np.float64)
         for i, text in enumerate(prompts):
-            instruction = text.partition("\n\n")[0]
+            instruction = self.cue_text(text)
             for j, pattern in enumerate(self._cues.values()):
                 rows[i, j] = len(pattern.findall(instruction))
             for j, pattern in enumerate(self._sizes.values(), start=len(self._cues)):
