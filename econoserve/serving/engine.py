@@ -91,8 +91,14 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} is {getattr(self, name)}; must be > 0")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise UserError(f"kv_cache_tokens {self.kv_cache_tokens} is less than one block ({self.block_size})")
+        if self.kv_cache_tokens is not None:
+            usable = (self.kv_cache_tokens // self.block_size - 1) * self.block_size  # vLLM's null block
+            if usable < self.max_model_len:
+                raise UserError(
+                    f"kv_cache_tokens {self.kv_cache_tokens} leaves {max(usable, 0)} usable tokens (one "
+                    f"{self.block_size}-token block is vLLM's null block), fewer than max_model_len "
+                    f"{self.max_model_len}: one longest request would never fit"
+                )
 
     # ------------------------------------------------------------------ derived values
     @property

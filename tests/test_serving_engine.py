@@ -1,0 +1,173 @@
+"""Real vLLM (CPU) in this process: the tiny model, trace replay with vLLM's default policy, aborts.
+
+Skipped when vLLM is not importable, unless ``ECONOSERVE_REQUIRE_VLLM=1`` (then they fail).
+Run with the serving venv: ``.venv-serving/bin/pytest tests/test_serving_*.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+VLLM_AVAILABLE = importlib.util.find_spec("vllm") is not None
+VLLM_REQUIRED = os.environ.get("ECONOSERVE_REQUIRE_VLLM") == "1"
+
+pytestmark = [
+    pytest.mark.serving,
+    pytest.mark.skipif(
+        not VLLM_AVAILABLE and not VLLM_REQUIRED,
+        reason="vLLM is not installed (scripts/install_serving.sh; ECONOSERVE_REQUIRE_VLLM=1 makes this fail)",
+    ),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_present():
+    if not VLLM_AVAILABLE:
+        pytest.fail("ECONOSERVE_REQUIRE_VLLM=1 but vLLM is not importable")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from econoserve.serving.models import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(TinyModelSpec(), tmp_path_factory.mktemp("models"))
+
+
+def _synthetic_trace(num_requests: int, seed: int = 0, rate_rps: float = 16.0, max_output: int = 96):
+    from econoserve.workload.trace import Trace
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "request_id": np.arange(num_requests),
+            "arrival_time_s": np.cumsum(rng.exponential(1 / rate_rps, num_requests)),
+            "prompt_tokens": rng.integers(4, 300, num_requests),
+            "output_tokens": rng.integers(1, max_output, num_requests),
+            "dataset": "synthetic",
+        }
+    )
+    return Trace.from_frame(frame)
+
+
+# --------------------------------------------------------------------- the model
+def test_tiny_model_is_deterministic_and_cached(tmp_path):
+    from econoserve.serving.models import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(num_layers=2, hidden_size=64, num_heads=2, ffn_dim=128, vocab_size=512)
+    first = build_tiny_model(spec, tmp_path / "a")
+    second = build_tiny_model(spec, tmp_path / "b")
+    digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(first) == digest(second)
+    assert build_tiny_model(spec, tmp_path / "a") == first  # reused, not rebuilt
+    other = build_tiny_model(TinyModelSpec(num_layers=2, hidden_size=64, num_heads=2, ffn_dim=128, vocab_size=512, seed=1), tmp_path / "a")
+    assert digest(other) != digest(first)
+    config = json.loads((first / "config.json").read_text())
+    assert config["model_type"] == "opt" and config["num_hidden_layers"] == 2 and config["hidden_size"] == 64
+
+
+# --------------------------------------------------------------------- replay
+@pytest.mark.realdata
+def test_alpaca_trace_completes_with_exact_lengths_under_vllm_default_scheduler(model_dir, tmp_path):
+    from econoserve.serving.engine import EngineConfig
+    from econoserve.serving.results import ITERATION_COLUMNS, REQUEST_COLUMNS
+    from econoserve.serving.run import ServeSpec, serve_trace
+    from econoserve.workload.datasets import TraceSpec, build_trace
+
+    trace = build_trace(TraceSpec(dataset="alpaca", tokenizer="opt", num_requests=32, arrival="poisson", rate_rps=16, seed=0))
+    spec = ServeSpec(engine=EngineConfig(model=str(model_dir)), mode="offline", timeout_s=300)
+    result = serve_trace(trace, spec, tmp_path / "run")
+
+    requests = result.requests
+    assert len(requests) == 32 and requests["completed"].all()
+    assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
+    assert (requests["jct_s"] >= requests["ttft_s"]).all() and (requests["ttft_s"] > 0).all()
+
+    iterations = result.iterations
+    assert len(iterations) > 0 and (iterations["duration_s"] > 0).all()
+    # Every prompt token is prefilled once and every later token decoded once (no preemption here).
+    assert requests["num_preemptions"].sum() == 0
+    assert iterations["prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()
+    assert iterations["decode_tokens"].sum() == (trace.requests["output_tokens"] - 1).sum()
+    assert (iterations["kv_blocks_used"] <= iterations["kv_blocks_total"]).all()
+
+    run = tmp_path / "run"
+    assert tuple(pd.read_parquet(run / "requests.parquet").columns) == REQUEST_COLUMNS
+    assert tuple(pd.read_parquet(run / "iterations.parquet").columns) == ITERATION_COLUMNS
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] == 32 and summary["throughput_rps"] > 0
+    assert summary["config"]["engine"]["scheduler_cls"].endswith("RecordingScheduler")
+    assert summary["config"]["trace"]["spec"]["dataset"] == "alpaca"
+    assert not (run / "engine_steps.jsonl").exists()
+
+
+def test_small_kv_cache_preempts_and_still_completes(model_dir, tmp_path):
+    """With 4 blocks of KV for 12 concurrent requests vLLM must preempt; nothing is lost."""
+    from econoserve.serving.engine import EngineConfig
+    from econoserve.serving.run import ServeSpec, serve_trace
+
+    trace = _synthetic_trace(12, seed=1, max_output=120)
+    engine = EngineConfig(model=str(model_dir), kv_cache_tokens=512, max_model_len=448)
+    result = serve_trace(trace, ServeSpec(engine=engine, time_scale=0), tmp_path / "run")
+    requests = result.requests
+    assert requests["completed"].all()
+    assert (requests["generated_tokens"] == requests["output_tokens"]).all()
+    assert requests["num_preemptions"].sum() > 0
+    assert result.iterations["num_preempted"].sum() == requests["num_preemptions"].sum()
+    assert (result.iterations["kv_blocks_total"] == 512 // 32 - 1).all()  # vLLM keeps one null block
+
+
+def test_aborting_in_flight_requests_frees_their_kv_blocks(model_dir):
+    from econoserve.serving.engine import EngineConfig, OfflineEngine
+    from econoserve.serving.replay import make_replay_requests
+
+    trace = _synthetic_trace(8, seed=2, max_output=400)
+    with OfflineEngine(EngineConfig(model=str(model_dir))) as engine:
+        scheduler = engine.scheduler
+        pool = scheduler.kv_cache_manager.block_pool
+        free_at_start = pool.get_num_free_blocks()
+        requests = make_replay_requests(trace, vocab_size=50272, seed=0)
+        for request in requests:
+            engine.add(request)
+        for _ in range(5):
+            engine.engine.step()
+        assert len(scheduler.running) == 8
+        held_by_all = free_at_start - pool.get_num_free_blocks()
+        assert held_by_all > 0
+
+        engine.engine.abort_request([r.engine_request_id for r in requests[:4]])
+        engine.engine.step()
+        held_by_rest = free_at_start - pool.get_num_free_blocks()
+        assert 0 < held_by_rest < held_by_all
+        assert len(scheduler.running) == 4
+
+        engine.engine.abort_request([r.engine_request_id for r in requests[4:]])
+        engine.engine.step()
+        assert pool.get_num_free_blocks() == free_at_start
+        assert scheduler.kv_cache_manager.usage == 0.0
+        assert not scheduler.requests and not engine.engine.has_unfinished_requests()
+
+
+def test_profiler_measures_the_compositions_it_asks_for(model_dir, tmp_path):
+    from econoserve.serving.engine import EngineConfig
+    from econoserve.serving.profiler import ProfileGrid, fit_linear_step_model, profile_step_times
+
+    grid = ProfileGrid(prefill_tokens=(0, 64), decode_batch_sizes=(0, 4), context_lengths=(32, 128), repeats=2)
+    profile = profile_step_times(EngineConfig(model=str(model_dir)), grid)
+    table = profile.table
+    assert profile.dropped_steps == 0
+    assert set(zip(table.cell_prefill_tokens, table.cell_decode_batch, table.cell_context_length)) == set(grid.cells())
+    assert (table["prefill_tokens"] == table["cell_prefill_tokens"]).all()
+    assert (table["decode_tokens"] == table["cell_decode_batch"]).all()
+    decoding = table[table.cell_decode_batch > 0]
+    assert (decoding["context_tokens"] >= decoding["cell_decode_batch"] * decoding["cell_context_length"]).all()
+    assert (table["step_time_s"] > 0).all()
+    assert fit_linear_step_model(table).intercept_s > 0
+    written = profile.write(tmp_path / "steps.csv")
+    assert list(pd.read_csv(written).columns[:4]) == ["prefill_tokens", "decode_tokens", "context_tokens", "step_time_s"]

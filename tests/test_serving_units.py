@@ -1,0 +1,181 @@
+"""Serving harness pieces that need no vLLM: prompts, request ids, tables, CLI, config, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from econoserve.cli import main
+from econoserve.errors import UserError
+from econoserve.serving.engine import EngineConfig, kv_bytes_per_token
+from econoserve.serving.replay import ReplayRequest, RequestTimer, make_replay_requests, trace_request_id
+from econoserve.serving.results import ITERATION_COLUMNS, REQUEST_COLUMNS, requests_table, summarize
+from econoserve.serving.run import ServeSpec, scheduler_class
+from econoserve.serving.server import live_group_members
+from econoserve.workload.trace import Trace
+
+
+def _trace(num_requests: int = 6) -> Trace:
+    frame = pd.DataFrame(
+        {
+            "request_id": np.arange(num_requests) + 10,
+            "arrival_time_s": np.arange(num_requests) * 0.5,
+            "prompt_tokens": np.arange(num_requests) + 3,
+            "output_tokens": np.arange(num_requests) + 1,
+            "dataset": "synthetic",
+        }
+    )
+    return Trace.from_frame(frame)
+
+
+def _model_dir(tmp_path, **config):
+    base = {"num_hidden_layers": 4, "num_attention_heads": 4, "hidden_size": 256, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps({**base, **config}))
+    return tmp_path
+
+
+# --------------------------------------------------------------------- replay requests
+def test_prompts_have_trace_lengths_and_are_seeded():
+    trace = _trace()
+    first = make_replay_requests(trace, vocab_size=50272, seed=3)
+    again = make_replay_requests(trace, vocab_size=50272, seed=3)
+    other = make_replay_requests(trace, vocab_size=50272, seed=4)
+    assert [r.prompt_tokens for r in first] == trace.requests["prompt_tokens"].tolist()
+    assert [r.max_tokens for r in first] == trace.requests["output_tokens"].tolist()
+    assert first == again
+    assert first[0].prompt_token_ids != other[0].prompt_token_ids
+    assert all(4 <= t < 50272 for r in first for t in r.prompt_token_ids)
+
+
+def test_time_scale_multiplies_arrivals():
+    requests = make_replay_requests(_trace(), vocab_size=1000, time_scale=0.5)
+    assert [r.arrival_time_s for r in requests] == pytest.approx(list(np.arange(6) * 0.25))
+    assert all(r.arrival_time_s == 0 for r in make_replay_requests(_trace(), vocab_size=1000, time_scale=0))
+    with pytest.raises(UserError, match="time scale"):
+        make_replay_requests(_trace(), vocab_size=1000, time_scale=-1)
+
+
+def test_request_longer_than_the_model_is_refused_by_id():
+    with pytest.raises(UserError, match=r"trace request 14: prompt 7 \+ output 5 tokens exceed max_model_len 10 \(2 such"):
+        make_replay_requests(_trace(), vocab_size=1000, max_model_len=10)
+
+
+@pytest.mark.parametrize(
+    "engine_id, expected",
+    [
+        ("trace-req-42-1a2b3c4d", 42),  # in-process engine: external id + vLLM's suffix
+        ("cmpl-trace-req-42-0-1a2b3c4d", 42),  # OpenAI server: cmpl- prefix and choice index
+        ("trace-req-7", 7),
+        ("cmpl-0a1b-0-ffffffff", None),
+    ],
+)
+def test_trace_request_id_from_engine_ids(engine_id, expected):
+    assert trace_request_id(engine_id) == expected
+
+
+# --------------------------------------------------------------------- tables
+def test_request_table_latencies():
+    request = ReplayRequest(request_id=1, arrival_time_s=1.0, prompt_token_ids=(5, 6, 7), max_tokens=3)
+    timer = RequestTimer(request)
+    timer.submitted(1.01)
+    timer.tokens(1, 1.5)
+    timer.tokens(1, 1.6)
+    timer.tokens(1, 1.9)
+    timer.finished(1.9)
+    failed = RequestTimer(ReplayRequest(2, 1.2, (5,), 4))
+    failed.submitted(1.2)
+    failed.tokens(1, 1.4)
+    failed.failed("HTTP 500: boom", 1.5)
+
+    table = requests_table([timer, failed], {1: 2})
+    assert tuple(table.columns) == REQUEST_COLUMNS
+    ok = table.iloc[0]
+    assert ok.ttft_s == pytest.approx(0.5)
+    assert ok.jct_s == pytest.approx(0.9)
+    assert ok.tbt_mean_s == pytest.approx(0.2)
+    assert ok.normalized_latency_s == pytest.approx(0.3)
+    assert ok.num_preemptions == 2 and ok.completed
+    bad = table.iloc[1]
+    assert not bad.completed and bad.error == "HTTP 500: boom" and bad.generated_tokens == 1
+
+    summary = summarize(table, pd.DataFrame(columns=list(ITERATION_COLUMNS)))
+    assert summary["num_requests"] == 2 and summary["completed"] == 1 and summary["failed"] == 1
+    assert summary["mean_jct_s"] == pytest.approx(0.9)
+    assert summary["preemption_fraction"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------- engine configuration
+def test_kv_bytes_per_token_counts_keys_values_layers_and_kv_heads(tmp_path):
+    assert kv_bytes_per_token(_model_dir(tmp_path), "float32") == 2 * 4 * 256 * 4
+    assert kv_bytes_per_token(_model_dir(tmp_path, num_key_value_heads=1), "bfloat16") == 2 * 4 * 64 * 2
+
+
+def test_engine_config_passes_scheduler_budgets_and_kv_size(tmp_path):
+    config = EngineConfig(model=str(_model_dir(tmp_path)), kv_cache_tokens=1024, max_model_len=512, iteration_log="/x/steps.jsonl")
+    kwargs = config.llm_kwargs()
+    assert kwargs["scheduler_cls"] == "econoserve.serving.recording.RecordingScheduler"
+    assert kwargs["async_scheduling"] is False
+    assert kwargs["kv_cache_memory_bytes"] == 1024 * 2 * 4 * 256 * 4
+    assert kwargs["skip_tokenizer_init"] is True
+    assert kwargs["additional_config"] == {"econoserve": {"iteration_log": "/x/steps.jsonl"}}
+    args = config.server_args()
+    assert args[args.index("--scheduler-cls") + 1] == kwargs["scheduler_cls"]
+    assert json.loads(args[args.index("--additional-config") + 1]) == kwargs["additional_config"]
+    default = EngineConfig(model=str(tmp_path), scheduler_cls=None, kv_cache_tokens=None).llm_kwargs()
+    assert "scheduler_cls" not in default and "kv_cache_memory_bytes" not in default
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("backend", "tpu", "backend 'tpu'"), ("max_num_seqs", 0, "max_num_seqs is 0"), ("kv_cache_tokens", 2048, "leaves 2016 usable tokens")],
+)
+def test_engine_config_rejects_bad_values(tmp_path, field, value, message):
+    with pytest.raises(UserError, match=message):
+        EngineConfig(model=str(tmp_path), **{field: value})
+
+
+def test_scheduler_names():
+    assert scheduler_class("vllm").endswith("RecordingScheduler")
+    with pytest.raises(UserError, match="not available yet"):
+        scheduler_class("econoserve")
+    with pytest.raises(UserError, match="unknown scheduler 'fifo'"):
+        scheduler_class("fifo")
+    with pytest.raises(UserError, match="mode 'batch'"):
+        ServeSpec(engine=EngineConfig(model="m"), mode="batch")
+
+
+# --------------------------------------------------------------------- CLI
+def test_cli_help_lists_serving_commands_without_vllm(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out and "profile-engine" in out
+
+
+def test_cli_refuses_econoserve_scheduler_on_one_line(tmp_path, capsys):
+    status = main(["serve", "--trace", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "run"), "--scheduler", "econoserve"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "not available yet" in err
+
+
+# --------------------------------------------------------------------- process groups
+def test_live_group_members_sees_a_process_group_until_it_is_killed():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert child.pid in live_group_members(child.pid)
+    finally:
+        os.killpg(child.pid, 9)
+        child.wait()
+    deadline = time.monotonic() + 5
+    while live_group_members(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_group_members(child.pid) == []
