@@ -10,6 +10,7 @@ in its own session, so it and its children (vLLM's engine-core process) form one
 It listens on ``127.0.0.1`` only, on a free port. Leaving the block, normally or by an exception
 (a failed client, Ctrl-C), sends SIGTERM to the group, waits ``stop_timeout_s``, then SIGKILLs
 whatever is left; :meth:`VllmServer.stop` returns only when no process of the group is alive.
+Should the harness itself be killed outright, Linux's parent-death signal SIGTERMs the server.
 Start-up failure (the server exits, or is not healthy within ``startup_timeout_s``) raises
 :class:`~econoserve.serving.engine.ServingError` quoting the end of its log.
 """
@@ -112,6 +113,7 @@ class VllmServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
             self._wait_healthy()
         except BaseException:
@@ -159,6 +161,22 @@ class VllmServer:
             return f"(no log at {self.log_path})"
         tail = " | ".join(line.strip() for line in text[-lines:])
         return f"{tail} (full log: {self.log_path})"
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it if this (parent) process dies.
+
+    Covers the one case the context manager cannot: the harness itself killed by SIGKILL.
+    vLLM's API server then shuts its engine-core process down on SIGTERM.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the context manager is the only guard
+        pass
 
 
 def _stop_process_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
