@@ -171,3 +171,22 @@ def test_profiler_measures_the_compositions_it_asks_for(model_dir, tmp_path):
     assert fit_linear_step_model(table).intercept_s > 0
     written = profile.write(tmp_path / "steps.csv")
     assert list(pd.read_csv(written).columns[:4]) == ["prefill_tokens", "decode_tokens", "context_tokens", "step_time_s"]
+
+
+def test_predicted_length_reaches_the_scheduler_in_extra_args(model_dir):
+    """The EconoServe scheduler reads a request's predicted length from SamplingParams.extra_args."""
+    from econoserve.serving.engine import EngineConfig, OfflineEngine
+    from econoserve.serving.replay import make_replay_requests
+
+    trace = _synthetic_trace(3, seed=3)
+    trace = trace.with_predictions(np.array([7, 8, 9]))
+    with OfflineEngine(EngineConfig(model=str(model_dir))) as engine:
+        requests = make_replay_requests(trace, vocab_size=50272)
+        for request in requests:
+            engine.add(request)
+        seen = {
+            r.request_id.rsplit("-", 1)[0]: r.sampling_params.extra_args["predicted_output_tokens"]
+            for r in engine.scheduler.requests.values()
+        }
+        assert seen == {"trace-req-0": 7, "trace-req-1": 8, "trace-req-2": 9}
+        engine.engine.abort_request([r.engine_request_id for r in requests])

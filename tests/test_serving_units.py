@@ -151,6 +151,19 @@ def test_scheduler_names():
         ServeSpec(engine=EngineConfig(model="m"), mode="batch")
 
 
+def test_http_body_asks_for_exact_lengths_and_carries_the_prediction():
+    from econoserve.serving.client import ClientOptions, check_loopback, completion_body
+
+    request = ReplayRequest(request_id=5, arrival_time_s=0.0, prompt_token_ids=(9, 8), max_tokens=4, predicted_output_tokens=6)
+    body = completion_body(request, ClientOptions())
+    assert body["prompt"] == [9, 8] and body["max_tokens"] == body["min_tokens"] == 4
+    assert body["ignore_eos"] and body["stream"] and body["return_token_ids"]
+    assert body["request_id"] == "trace-req-5" and body["vllm_xargs"] == {"predicted_output_tokens": 6}
+    check_loopback("http://127.0.0.1:8000")
+    with pytest.raises(UserError, match="only talks to loopback"):
+        check_loopback("http://10.0.0.1:8000")
+
+
 # --------------------------------------------------------------------- CLI
 def test_cli_help_lists_serving_commands_without_vllm(capsys):
     with pytest.raises(SystemExit) as exit_info:

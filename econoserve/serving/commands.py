@@ -23,7 +23,7 @@ def _engine_defaults():
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from econoserve.serving.engine import BACKENDS
+    from econoserve.serving.engine import BACKENDS, DTYPES
     from econoserve.serving.models import TINY_OPT, TinyModelSpec
 
     defaults = _engine_defaults()
@@ -44,7 +44,13 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per KV block; a multiple of 32 on CPU (default: %(default)s)")
     engine.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens,
                         help="KV cache capacity [tokens]; 0 lets vLLM size it (default: %(default)s)")
-    engine.add_argument("--dtype", default=defaults.dtype, help="model dtype (default: %(default)s)")
+    engine.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                        help="weights and KV cache dtype; sizes the KV cache in bytes (default: %(default)s)")
+    engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults.enforce_eager,
+                        help="skip torch.compile/CUDA graphs: fast start, slower steps on GPU (default: %(default)s)")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=defaults.enable_prefix_caching,
+                        help="vLLM prefix caching; off to match the simulator (default: %(default)s)")
     engine.add_argument("--seed", type=int, default=defaults.seed, help="engine and prompt seed (default: %(default)s)")
     engine.add_argument("--tiny-layers", type=int, default=tiny.num_layers,
                         help="tiny-opt: decoder layers (default: %(default)s)")
@@ -65,6 +71,8 @@ def _engine_config(args: argparse.Namespace, scheduler_cls: str | None):
         ffn_dim=4 * args.tiny_hidden_size,
         dtype=args.dtype,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     model_dir = resolve_model(args.model, spec)
     return EngineConfig(
@@ -78,6 +86,8 @@ def _engine_config(args: argparse.Namespace, scheduler_cls: str | None):
         kv_cache_tokens=args.kv_cache_tokens or None,
         dtype=args.dtype,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

@@ -28,6 +28,9 @@ from econoserve.errors import UserError
 from econoserve.serving.replay import ReplayRequest, RequestTimer
 
 BACKENDS: tuple[str, ...] = ("vllm-cpu", "vllm-gpu")
+#: Model dtypes, with their bytes per element (explicit: the KV cache is sized from them).
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES: tuple[str, ...] = tuple(DTYPE_BYTES)
 #: vLLM releases the harness and the recording scheduler are written against.
 SUPPORTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32.0",)
 #: Environment variable that keeps vLLM's engine core in the calling process.
@@ -86,6 +89,8 @@ class EngineConfig:
     """More ``econoserve`` options for the scheduler class (``additional_config``)."""
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise UserError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.backend not in BACKENDS:
             raise UserError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -177,7 +182,9 @@ def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
         raise UserError(f"{config_path}: needs num_hidden_layers, num_attention_heads and hidden_size")
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    element_bytes = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "float": 4}.get(dtype, 2)
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    element_bytes = DTYPE_BYTES[dtype]
     return 2 * layers * kv_heads * head_dim * element_bytes
 
 
