@@ -3,7 +3,8 @@
 :class:`RecordingScheduler` is vLLM's own v1 ``Scheduler`` with no change of policy; it times
 ``schedule()`` and the whole step (``schedule()`` to the end of ``update_from_output()``, which
 spans the model's forward pass) and notes the batch's composition and the KV cache's occupancy.
-The EconoServe scheduler class subclasses it to get the same records.
+The recording itself is :class:`IterationRecordingMixin`, which wraps any scheduler class; the
+EconoServe scheduler class puts it first in its bases to get the same records.
 
 The records go to a JSON-lines file named in vLLM's ``additional_config``::
 
@@ -150,12 +151,24 @@ class _PendingStep:
         self.fields = fields
 
 
-class RecordingScheduler(Scheduler):
-    """vLLM's default scheduler, unchanged in policy, recording one :class:`IterationRecord` per step.
+class IterationRecordingMixin:
+    """Records one :class:`IterationRecord` per step around any vLLM v1 ``Scheduler`` subclass.
+
+    Put it first in the bases so that it wraps the policy's own ``schedule()``::
+
+        class EconoServeScheduler(IterationRecordingMixin, EconoServeCoreScheduler): ...
 
     Works with synchronous scheduling only (``schedule()`` and ``update_from_output()``
-    alternate), which is vLLM's default on CPU; on GPU the harness turns async scheduling off.
+    alternate), which is vLLM's default on CPU; the harness turns async scheduling off on GPU.
     """
+
+    # Provided by the vLLM Scheduler this is mixed into.
+    vllm_config: Any
+    requests: dict[str, Request]
+    running: list[Request]
+    waiting: Any
+    kv_cache_manager: Any
+    block_size: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -234,3 +247,7 @@ class RecordingScheduler(Scheduler):
 def _is_decode_step(request: Request, computed_before: int) -> bool:
     """A step is a decode step when the request has output and only its last token is new."""
     return len(request.output_token_ids) > 0 and computed_before >= request.num_tokens - 1
+
+
+class RecordingScheduler(IterationRecordingMixin, Scheduler):
+    """vLLM's default scheduler, unchanged in policy, recording one :class:`IterationRecord` per step."""
