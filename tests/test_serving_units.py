@@ -192,3 +192,15 @@ def test_live_group_members_sees_a_process_group_until_it_is_killed():
     while live_group_members(child.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert live_group_members(child.pid) == []
+
+
+def test_summary_json_is_strict_json_even_with_nothing_completed(tmp_path):
+    from econoserve.serving.results import ReplayResult
+
+    timer = RequestTimer(ReplayRequest(0, 0.0, (5,), 2))
+    timer.failed("HTTP 500: boom", 0.0)
+    table = requests_table([timer], {})
+    empty = pd.DataFrame(columns=list(ITERATION_COLUMNS))
+    ReplayResult(table, empty, summarize(table, empty), {"x": float("nan")}).write(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert summary["completed"] == 0 and summary["throughput_rps"] is None and summary["config"]["x"] is None

@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     result = serve_trace(trace, spec, args.output)
     keys = ("num_requests", "completed", "throughput_rps", "output_tokens_per_s", "mean_jct_s", "p99_jct_s",
-            "mean_ttft_s", "tbt_mean_s", "num_iterations", "mean_schedule_time_s", "mean_kv_usage", "num_preemptions")
+            "mean_ttft_s", "mean_tbt_s", "num_iterations", "mean_schedule_time_s", "mean_kv_usage", "num_preemptions")
     print(json.dumps({k: result.summary.get(k) for k in keys}, indent=2))
     print(f"wrote {args.output}/requests.parquet, iterations.parquet, summary.json")
     return 0 if result.summary["failed"] == 0 else 1

@@ -29,8 +29,15 @@ started; the trace's arrival times are on the same clock):
 decode_tokens, context_tokens, num_prefill_requests, num_decode_requests, num_running,
 num_waiting, num_preempted, kv_blocks_used, kv_blocks_total, kv_usage, block_size``.
 
-``summary.json``: counts, throughput, latency percentiles, KV usage, scheduling time, and the
-full configuration that produced the run (engine, trace provenance, package versions).
+``summary.json`` (completed requests only for latencies; null where undefined):
+``num_requests, completed, failed, makespan_s`` (first arrival to last finish),
+``throughput_rps, output_tokens_per_s`` (over the makespan), ``preemption_fraction`` (requests
+preempted at least once), ``num_preemptions``, ``mean/p50/p99_jct_s``, ``mean/p50/p99_ttft_s``,
+``mean/p50/p99_normalized_latency_s``, ``mean_tbt_s`` (mean of per-request means),
+``p99_tbt_s`` (p99 of per-request p99s), ``num_iterations, mean_iteration_time_s,
+mean_schedule_time_s, p99_schedule_time_s``, ``mean_kv_usage`` (weighted by step duration),
+``max_kv_usage, kv_blocks_total, block_size``, and ``config``: the full configuration that
+produced the run (engine, trace provenance, mode, scheduler, package versions).
 """
 
 from __future__ import annotations
@@ -102,9 +109,23 @@ class ReplayResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.requests.to_parquet(run_dir / "requests.parquet", index=False)
         self.iterations.to_parquet(run_dir / "iterations.parquet", index=False)
-        payload = {**self.summary, "config": self.config}
-        (run_dir / "summary.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        payload = _json_safe({**self.summary, "config": self.config})
+        text = json.dumps(payload, indent=2, sort_keys=True, default=str, allow_nan=False)
+        (run_dir / "summary.json").write_text(text + "\n")
         return run_dir
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats as ``None`` (strict JSON) and numpy scalars as Python ones."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 # --------------------------------------------------------------------- tables
@@ -179,15 +200,15 @@ def summarize(requests: pd.DataFrame, iterations: pd.DataFrame) -> dict[str, Any
         "completed": int(len(done)),
         "failed": int(len(requests) - len(done)),
         "makespan_s": makespan,
-        "throughput_rps": len(done) / makespan if makespan > 0 else float("nan"),
-        "output_tokens_per_s": float(done["generated_tokens"].sum()) / makespan if makespan > 0 else float("nan"),
+        "throughput_rps": len(done) / makespan if makespan > 0 else None,
+        "output_tokens_per_s": float(done["generated_tokens"].sum()) / makespan if makespan > 0 else None,
         "preemption_fraction": float((requests["num_preemptions"] > 0).mean()) if len(requests) else 0.0,
         "num_preemptions": int(requests["num_preemptions"].sum()),
     }
     for column, name in (("jct_s", "jct"), ("ttft_s", "ttft"), ("normalized_latency_s", "normalized_latency")):
         summary.update(_distribution(done[column], name))
-    summary["tbt_mean_s"] = _mean(done["tbt_mean_s"])
-    summary["tbt_p99_s"] = float(np.nanpercentile(done["tbt_p99_s"], 99)) if done["tbt_p99_s"].notna().any() else None
+    summary["mean_tbt_s"] = _mean(done["tbt_mean_s"])
+    summary["p99_tbt_s"] = float(np.nanpercentile(done["tbt_p99_s"], 99)) if done["tbt_p99_s"].notna().any() else None
     summary.update(_iteration_summary(iterations))
     return summary
 
