@@ -181,10 +181,10 @@ class IterationRecordingMixin:
         start = time.monotonic()
         output = super().schedule(*args, **kwargs)
         schedule_time = time.monotonic() - start
-        if output.total_num_scheduled_tokens > 0:
+        for request_id in output.preempted_req_ids or ():
+            self.iteration_log.add(PreemptionRecord(request_id, self._iteration, start))
+        if output.total_num_scheduled_tokens > 0:  # vLLM runs no model step for an empty batch
             self._pending = _PendingStep(output, start, schedule_time, self._batch_composition(output))
-            for request_id in output.preempted_req_ids or ():
-                self.iteration_log.add(PreemptionRecord(request_id, self._iteration, start))
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any):
