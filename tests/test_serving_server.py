@@ -135,3 +135,39 @@ def test_server_that_cannot_start_reports_its_log_and_leaves_no_process(tmp_path
     assert "server.log" in str(error.value)
     assert server.process is None
     assert len(started_groups) == 1 and live_group_members(started_groups[0]) == []
+
+
+def test_harness_killed_outright_takes_its_server_down(model_dir, tmp_path):
+    """SIGKILL gives the harness no chance to clean up; the parent-death signal must."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from econoserve.serving.server import live_group_members
+
+    script = (
+        "import sys, time\n"
+        "from econoserve.serving.engine import EngineConfig\n"
+        "from econoserve.serving.server import VllmServer\n"
+        f"server = VllmServer(EngineConfig(model={str(model_dir)!r}), {str(tmp_path / 'server.log')!r})\n"
+        "server.start()\n"
+        "print(server.pgid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    harness = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = harness.stdout.readline()
+        assert line.strip().isdigit(), f"harness did not start a server (see {tmp_path / 'server.log'})"
+        pgid = int(line)
+        assert live_group_members(pgid)
+    finally:
+        harness.send_signal(signal.SIGKILL)
+        harness.wait()
+    deadline = time.monotonic() + 60
+    while live_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = live_group_members(pgid)
+    if survivors:  # do not leave them to the next test
+        os.killpg(pgid, signal.SIGKILL)
+    assert survivors == []
