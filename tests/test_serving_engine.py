@@ -190,3 +190,27 @@ def test_predicted_length_reaches_the_scheduler_in_extra_args(model_dir):
         }
         assert seen == {"trace-req-0": 7, "trace-req-1": 8, "trace-req-2": 9}
         engine.engine.abort_request([r.engine_request_id for r in requests])
+
+
+def test_cli_serve_and_profile_engine_end_to_end(tmp_path, capsys):
+    from econoserve.cli import main
+    from econoserve.serving.profiler import fit_linear_step_model, step_model_error
+
+    trace_path = tmp_path / "trace.parquet"
+    _synthetic_trace(8, seed=4).write(trace_path)
+    run = tmp_path / "run"
+    status = main(["serve", "--trace", str(trace_path), "-o", str(run), "--model", "tiny-opt", "--scheduler", "vllm",
+                   "--time-scale", "0", "--num-requests", "6", "--tiny-layers", "2"])
+    assert status == 0, capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_requests"] == 6 and summary["completed"] == 6
+    assert summary["config"]["engine"]["model"].endswith(tuple("0123456789abcdef"))  # the built tiny model
+
+    table = tmp_path / "steps.parquet"
+    status = main(["profile-engine", "-o", str(table), "--prefill-tokens", "0,32", "--decode-batch-sizes", "0,2",
+                   "--context-lengths", "16", "--repeats", "4", "--tiny-layers", "2"])
+    assert status == 0, capsys.readouterr().err
+    steps = pd.read_parquet(table)
+    assert len(steps) == 3 * 4
+    error = step_model_error(pd.read_parquet(run / "iterations.parquet"), fit_linear_step_model(steps))
+    assert error["num_steps"] > 0 and error["median_relative_error"] >= 0

@@ -71,8 +71,6 @@ def _engine_config(args: argparse.Namespace, scheduler_cls: str | None):
         ffn_dim=4 * args.tiny_hidden_size,
         dtype=args.dtype,
         seed=args.seed,
-        enforce_eager=args.enforce_eager,
-        enable_prefix_caching=args.enable_prefix_caching,
     )
     model_dir = resolve_model(args.model, spec)
     return EngineConfig(

@@ -261,3 +261,22 @@ def fit_linear_step_model(table: pd.DataFrame) -> LinearStepModel:
         r2=1.0 - residual / total if total > 0 else float("nan"),
         median_relative_error=float(np.median(np.abs(predicted - target) / target)),
     )
+
+
+def step_model_error(iterations: pd.DataFrame, model: LinearStepModel) -> dict[str, float]:
+    """How well ``model`` predicts the steps of a real run (``iterations.parquet``).
+
+    Relative error ``|predicted - measured| / measured`` per step, summarised; and the ratio of
+    predicted to measured busy time (the sum over steps), which is what a simulated makespan sees.
+    """
+    if iterations.empty:
+        raise UserError("iterations table is empty: nothing to compare")
+    measured = iterations["duration_s"].to_numpy(dtype=float)
+    predicted = model.predict(iterations["prefill_tokens"], iterations["decode_tokens"], iterations["context_tokens"])
+    relative = np.abs(predicted - measured) / measured
+    return {
+        "num_steps": int(len(measured)),
+        "median_relative_error": float(np.median(relative)),
+        "p90_relative_error": float(np.percentile(relative, 90)),
+        "busy_time_ratio": float(predicted.sum() / measured.sum()),
+    }
