@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from econoserve.errors import UserError
@@ -166,7 +166,3 @@ def model_vocab_size(model_dir: Path) -> int:
         raise UserError(f"model {model_dir}: config.json has no positive vocab_size")
     return vocab
 
-
-def with_overrides(spec: TinyModelSpec, **overrides: int | str) -> TinyModelSpec:
-    """``spec`` with some fields replaced (``None`` values are ignored)."""
-    return replace(spec, **{k: v for k, v in overrides.items() if v is not None})

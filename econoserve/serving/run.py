@@ -12,7 +12,7 @@ writes ``requests.parquet``, ``iterations.parquet`` and ``summary.json`` (see
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from econoserve.errors import UserError
@@ -121,7 +121,3 @@ def serve_trace(trace: Trace, spec: ServeSpec, run_dir: str | Path) -> ReplayRes
     log_path.unlink(missing_ok=True)
     return result
 
-
-def spec_summary(spec: ServeSpec) -> dict[str, object]:
-    """The spec as plain data (for logs and notebooks)."""
-    return asdict(spec)
