@@ -1,0 +1,247 @@
+"""Every serving metric of PAPER.md, as pure functions of a run's tables.
+
+Inputs are the simulator's (or a real engine run's) tables:
+
+* ``requests``: one row per request, with at least ``status`` (``"finished"`` / ``"rejected"``),
+  ``arrival_time_s``, ``finish_time_s``, ``output_tokens``, ``jct_s``, ``ttft_s``,
+  ``mean_tbt_s``, ``p99_tbt_s``, ``normalized_latency_s``, ``slo_met``, ``num_preemptions``;
+* ``iterations``: one row per step, with ``duration_s``, ``num_prefill_tokens``,
+  ``num_decode_tokens``, ``kv_tokens_stored``, ``kv_blocks_used``, ``kv_blocks_reserved``,
+  ``kv_blocks_capacity``, ``block_size`` and optionally ``scheduler_wall_time_s``.
+
+Conventions (documented choices):
+
+* Throughput counts finished requests over the makespan (first arrival to last finish) [s].
+* Latency statistics (JCT, TTFT, TBT, normalized latency) are over finished requests.
+* SLO attainment is over *all* requests: a rejected request missed its SLO.
+* Utilizations are time-weighted by step duration. GPU token utilization of a step is
+  ``min(1, tokens / reference budget)``, the reference budget being the hardware's saturating
+  batch size (so schedulers are compared on one scale).
+* Goodput is the highest request rate [requests/s] at which at least ``target`` (0.9) of
+  requests meet their SLO, found by :func:`goodput_search` over rates, or read off a sweep
+  table by :func:`goodput_from_table`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+#: Fraction of requests that must meet their SLO for a rate to count toward goodput.
+GOODPUT_TARGET = 0.9
+
+
+def _finished(requests: pd.DataFrame) -> pd.DataFrame:
+    return requests[requests["status"] == "finished"]
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _nanquantile(values, q: float) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(np.quantile(values, q)) if values.size else float("nan")
+
+
+def makespan_s(requests: pd.DataFrame) -> float:
+    """First arrival to last finish [s] (0 if nothing finished)."""
+    finished = _finished(requests)
+    if finished.empty:
+        return 0.0
+    return float(finished["finish_time_s"].max() - requests["arrival_time_s"].min())
+
+
+def throughput(requests: pd.DataFrame) -> dict[str, float]:
+    """Finished requests per second and output tokens per second over the makespan."""
+    span = makespan_s(requests)
+    finished = _finished(requests)
+    if span <= 0:
+        return {"throughput_rps": 0.0, "output_tokens_per_s": 0.0}
+    return {
+        "throughput_rps": len(finished) / span,
+        "output_tokens_per_s": float(finished["output_tokens"].sum()) / span,
+    }
+
+
+def latency_stats(requests: pd.DataFrame) -> dict[str, float]:
+    """JCT, TTFT, TBT and normalized latency statistics over finished requests [s]."""
+    finished = _finished(requests)
+    jct = finished["jct_s"].to_numpy(dtype=float)
+    return {
+        "mean_jct_s": _nanmean(jct),
+        "p50_jct_s": _nanquantile(jct, 0.5),
+        "p99_jct_s": _nanquantile(jct, 0.99),
+        "mean_ttft_s": _nanmean(finished["ttft_s"]),
+        "p99_ttft_s": _nanquantile(finished["ttft_s"], 0.99),
+        "mean_tbt_s": _nanmean(finished["mean_tbt_s"]),
+        "p99_tbt_s": _nanquantile(finished["p99_tbt_s"], 0.99),
+        "mean_normalized_latency_s": _nanmean(finished["normalized_latency_s"]),
+    }
+
+
+def slo_attainment(requests: pd.DataFrame) -> float:
+    """Fraction of all requests (rejected ones included, as misses) that met their SLO."""
+    if len(requests) == 0:
+        return float("nan")
+    return float(requests["slo_met"].astype(bool).sum()) / len(requests)
+
+
+def preempted_fraction(requests: pd.DataFrame) -> float:
+    """Fraction of requests preempted at least once."""
+    if len(requests) == 0:
+        return float("nan")
+    return float((requests["num_preemptions"] > 0).mean())
+
+
+def _time_weighted(values: np.ndarray, durations: np.ndarray) -> float:
+    total = float(durations.sum())
+    return float((values * durations).sum() / total) if total > 0 else float("nan")
+
+
+def kvc_utilization(iterations: pd.DataFrame) -> float:
+    """Time-averaged stored KV tokens / KV capacity in tokens."""
+    if iterations.empty:
+        return float("nan")
+    capacity = iterations["kv_blocks_capacity"].to_numpy(float) * iterations["block_size"].to_numpy(float)
+    return _time_weighted(iterations["kv_tokens_stored"].to_numpy(float) / capacity, iterations["duration_s"].to_numpy(float))
+
+
+def kvc_allocation_efficiency(iterations: pd.DataFrame) -> float:
+    """Time-averaged stored KV tokens / tokens of the blocks allocated or reserved to requests."""
+    if iterations.empty:
+        return float("nan")
+    committed = (iterations["kv_blocks_used"] + iterations["kv_blocks_reserved"]).to_numpy(float)
+    committed_tokens = committed * iterations["block_size"].to_numpy(float)
+    stored = iterations["kv_tokens_stored"].to_numpy(float)
+    ratio = np.divide(stored, committed_tokens, out=np.ones_like(stored), where=committed_tokens > 0)
+    return _time_weighted(ratio, iterations["duration_s"].to_numpy(float))
+
+
+def gpu_token_utilization(iterations: pd.DataFrame, reference_token_budget: int) -> float:
+    """Time-averaged ``min(1, tokens in the step / reference_token_budget)``."""
+    if iterations.empty:
+        return float("nan")
+    tokens = (iterations["num_prefill_tokens"] + iterations["num_decode_tokens"]).to_numpy(float)
+    return _time_weighted(np.minimum(1.0, tokens / reference_token_budget), iterations["duration_s"].to_numpy(float))
+
+
+def scheduling_stats(iterations: pd.DataFrame, requests: pd.DataFrame, invocations: int, scheduler_time_s: float) -> dict[str, float]:
+    """Scheduler invocations and wall time, per iteration and per request [s]."""
+    num_iterations = len(iterations)
+    return {
+        "scheduler_invocations": int(invocations),
+        "scheduler_time_s": float(scheduler_time_s),
+        "scheduler_time_per_iteration_s": scheduler_time_s / num_iterations if num_iterations else float("nan"),
+        "scheduler_time_per_request_s": scheduler_time_s / len(requests) if len(requests) else float("nan"),
+        "scheduler_share_of_iteration_time": (
+            scheduler_time_s / float(iterations["duration_s"].sum()) if num_iterations else float("nan")
+        ),
+    }
+
+
+def summarize(
+    requests: pd.DataFrame,
+    iterations: pd.DataFrame,
+    reference_token_budget: int,
+    scheduler_invocations: int,
+    scheduler_time_s: float,
+) -> dict[str, float]:
+    """The run's summary: counts, throughput, latency, SLO, preemption, utilization, scheduling."""
+    summary: dict[str, float] = {
+        "num_requests": int(len(requests)),
+        "completed": int((requests["status"] == "finished").sum()),
+        "rejected": int((requests["status"] == "rejected").sum()),
+        "num_iterations": int(len(iterations)),
+        "makespan_s": makespan_s(requests),
+    }
+    summary.update(throughput(requests))
+    summary.update(latency_stats(requests))
+    summary["slo_attainment"] = slo_attainment(requests)
+    summary["preempted_fraction"] = preempted_fraction(requests)
+    summary["num_preemptions"] = int(requests["num_preemptions"].sum())
+    summary["mean_kvc_utilization"] = kvc_utilization(iterations)
+    summary["kvc_allocation_efficiency"] = kvc_allocation_efficiency(iterations)
+    summary["mean_gpu_token_utilization"] = gpu_token_utilization(iterations, reference_token_budget)
+    summary["reference_token_budget"] = int(reference_token_budget)
+    summary.update(scheduling_stats(iterations, requests, scheduler_invocations, scheduler_time_s))
+    return summary
+
+
+# --------------------------------------------------------------------- goodput
+def goodput_search(
+    attainment_at_rate: Callable[[float], float],
+    low_rps: float,
+    high_rps: float,
+    target: float = GOODPUT_TARGET,
+    relative_tolerance: float = 0.02,
+    max_evaluations: int = 20,
+) -> dict[str, object]:
+    """Highest rate [requests/s] whose SLO attainment is >= ``target``, by bisection.
+
+    ``attainment_at_rate(rate)`` runs the workload at ``rate`` and returns its SLO attainment.
+    Attainment is assumed to fall with rate. ``high_rps`` is doubled (within the evaluation
+    budget) until it misses the target. Returns ``goodput_rps`` (0.0 if even ``low_rps``
+    misses) and every ``evaluations`` pair.
+    """
+    if not 0 < low_rps < high_rps:
+        raise ValueError(f"need 0 < low_rps < high_rps, got {low_rps}, {high_rps}")
+    evaluations: list[tuple[float, float]] = []
+
+    def evaluate(rate: float) -> float:
+        value = float(attainment_at_rate(rate))
+        evaluations.append((rate, value))
+        return value
+
+    if evaluate(low_rps) < target:
+        return {"goodput_rps": 0.0, "evaluations": evaluations}
+    lo, hi = low_rps, high_rps
+    while evaluate(hi) >= target:
+        lo, hi = hi, hi * 2
+        if len(evaluations) >= max_evaluations:
+            return {"goodput_rps": lo, "evaluations": evaluations, "unbounded": True}
+    while (hi - lo) > relative_tolerance * lo and len(evaluations) < max_evaluations:
+        mid = 0.5 * (lo + hi)
+        if evaluate(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return {"goodput_rps": lo, "evaluations": evaluations}
+
+
+def goodput_from_table(
+    table: pd.DataFrame,
+    rate_column: str = "rate_rps",
+    attainment_column: str = "slo_attainment",
+    by: tuple[str, ...] | list[str] = (),
+    target: float = GOODPUT_TARGET,
+) -> pd.DataFrame | float:
+    """Highest swept rate with attainment >= ``target`` and every lower swept rate also meeting
+    it (NaN if none). With ``by`` columns, one row per group."""
+
+    def highest(group: pd.DataFrame) -> float:
+        group = group.sort_values(rate_column)
+        ok = group[attainment_column].to_numpy(float) >= target
+        if not ok.size or not ok[0]:
+            return math.nan
+        last = np.argmin(ok) - 1 if not ok.all() else len(ok) - 1
+        return float(group[rate_column].iloc[last])
+
+    if not by:
+        return highest(table)
+    rows = [
+        {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "goodput_rps": highest(group)}
+        for key, group in table.groupby(list(by), sort=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def summary_table(summaries: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Several runs' summaries side by side (one row per run name)."""
+    return pd.DataFrame([{"run": name, **dict(s)} for name, s in summaries.items()])

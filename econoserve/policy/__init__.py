@@ -1,0 +1,33 @@
+"""Scheduling policies, written once against a small state/decision interface (no vLLM import).
+
+* :class:`Request` - a request's token counters (predicted length only, never the true one);
+* :class:`KVCache` - block accounting: allocated, reserved, global reserve, loans, free;
+* :class:`SchedulerDecision` - one step: prefill chunks, decodes, preemptions, rejections, KV
+  allocations and reservations;
+* :class:`Policy` - owns the queues and the KV cache; ``add_request``, ``schedule``,
+  ``update_from_output``; counts its own invocations and wall time;
+* :func:`make_policy` - ``vllm``, ``vllm-chunked``, ``orca``, ``sarathi``, ``fastgen``.
+"""
+
+from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.decision import SchedulerDecision, SchedulerStats
+from econoserve.policy.kv_cache import KVCache, KVCacheError
+from econoserve.policy.registry import POLICIES, PolicyConfigError, make_config, make_policy, policy_names, register_policy
+from econoserve.policy.request import Request, RequestStatus
+
+__all__ = [
+    "EngineLimits",
+    "KVCache",
+    "KVCacheError",
+    "POLICIES",
+    "Policy",
+    "PolicyConfigError",
+    "Request",
+    "RequestStatus",
+    "SchedulerDecision",
+    "SchedulerStats",
+    "make_config",
+    "make_policy",
+    "policy_names",
+    "register_policy",
+]

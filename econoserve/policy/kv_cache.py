@@ -1,0 +1,251 @@
+"""KV cache accounting in blocks: what is allocated to tokens, what is reserved, what is free.
+
+Modelled on vLLM v1's ``KVCacheManager.allocate_slots`` (``vllm/v1/core/kv_cache_manager.py``):
+the cache is ``num_blocks`` blocks of ``block_size`` tokens; a request owns whole blocks.
+On top of vLLM's on-demand allocation it supports the up-front reservations that Orca
+(maximum length) and EconoServe (prompt + padded predicted length) need:
+
+* **allocated** (``kvc_allocated_blocks``): blocks assigned to a request's tokens; they hold, or
+  by the end of the current step will hold, its keys and values.
+* **reserved** (``kvc_reserved_blocks``): blocks set aside for a request's future tokens, not yet
+  holding anything. :meth:`allocate_slots` draws from the request's own reservation first.
+* **global reserve**: blocks withheld from ordinary allocation, usable only when a caller asks
+  (EconoServe's reserve for mispredicted lengths).
+* **free**: the rest. ``allocated + reserved + global reserve (unused part) + free == num_blocks``
+  always holds; nothing is ever over-committed (:meth:`check_invariants`).
+* **loans** (KVCPipe): a host can lend blocks of its reservation to a guest; when the guest is
+  freed, the lent blocks go back to the host's reservation (or to the free pool if the host is
+  gone).
+
+Every count is in blocks unless the name says tokens. Requests are keyed by ``request_id``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class KVCacheError(RuntimeError):
+    """A caller broke the accounting rules (a bug in a policy, not a user error)."""
+
+
+@dataclass(frozen=True)
+class KVCacheSnapshot:
+    """Totals at one moment [blocks, tokens]."""
+
+    num_blocks: int
+    block_size: int
+    allocated_blocks: int
+    reserved_blocks: int
+    global_reserve_blocks: int
+    global_reserve_used_blocks: int
+    free_blocks: int
+    stored_tokens: int
+
+
+class KVCache:
+    """Block accounting for one KV cache (one model replica)."""
+
+    __slots__ = (
+        "num_blocks",
+        "block_size",
+        "global_reserve_blocks",
+        "_allocated",
+        "_reserved",
+        "_stored",
+        "_from_global",
+        "_loans",
+        "num_allocated_blocks",
+        "num_reserved_blocks",
+        "num_stored_tokens",
+        "num_global_reserve_used",
+    )
+
+    def __init__(self, num_blocks: int, block_size: int = 16, global_reserve_blocks: int = 0) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        if not 0 <= global_reserve_blocks <= num_blocks:
+            raise ValueError(f"global_reserve_blocks must be in [0, {num_blocks}], got {global_reserve_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.global_reserve_blocks = global_reserve_blocks
+        self._allocated: dict[int, int] = {}
+        self._reserved: dict[int, int] = {}
+        self._stored: dict[int, int] = {}
+        self._from_global: dict[int, int] = {}
+        self._loans: dict[int, tuple[int, int]] = {}
+        self.num_allocated_blocks = 0
+        self.num_reserved_blocks = 0
+        self.num_stored_tokens = 0
+        self.num_global_reserve_used = 0
+
+    # ------------------------------------------------------------------ sizes
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold ``num_tokens`` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks available to ordinary allocation or reservation."""
+        return (
+            self.num_blocks
+            - self.num_allocated_blocks
+            - self.num_reserved_blocks
+            - (self.global_reserve_blocks - self.num_global_reserve_used)
+        )
+
+    @property
+    def num_global_reserve_free(self) -> int:
+        return self.global_reserve_blocks - self.num_global_reserve_used
+
+    @property
+    def num_committed_blocks(self) -> int:
+        """Blocks allocated or reserved to requests (what a request holds, used or not)."""
+        return self.num_allocated_blocks + self.num_reserved_blocks
+
+    def allocated_blocks(self, request_id: int) -> int:
+        return self._allocated.get(request_id, 0)
+
+    def reserved_blocks(self, request_id: int) -> int:
+        return self._reserved.get(request_id, 0)
+
+    def stored_tokens(self, request_id: int) -> int:
+        return self._stored.get(request_id, 0)
+
+    def holds(self, request_id: int) -> bool:
+        return request_id in self._allocated or request_id in self._reserved
+
+    def growth_blocks_needed(self, request_id: int, num_tokens: int) -> int:
+        """Blocks beyond what the request holds (allocated + reserved) to hold ``num_tokens``."""
+        held = self._allocated.get(request_id, 0) + self._reserved.get(request_id, 0)
+        return max(0, -(-num_tokens // self.block_size) - held)
+
+    # ------------------------------------------------------------------ allocation
+    def allocate_slots(self, request_id: int, num_tokens: int, use_global_reserve: bool = False) -> int | None:
+        """Make the request's allocated blocks cover ``num_tokens`` tokens in total.
+
+        Blocks come from the request's own reservation first, then from the free pool, then (if
+        ``use_global_reserve``) from the global reserve. The request's stored-token count becomes
+        ``num_tokens`` (the step that computes them is about to run). Returns the number of blocks
+        newly allocated (0 if it already held enough), or ``None`` if there is not enough space, in
+        which case nothing changes.
+        """
+        need = -(-num_tokens // self.block_size)
+        have = self._allocated.get(request_id, 0)
+        if need > have:
+            extra = need - have
+            reserved = self._reserved.get(request_id, 0)
+            from_reservation = extra if extra <= reserved else reserved
+            from_pool = extra - from_reservation
+            from_global = 0
+            if from_pool:
+                free = self.num_free_blocks
+                if from_pool > free:
+                    if not use_global_reserve or from_pool - free > self.num_global_reserve_free:
+                        return None
+                    from_global = from_pool - free
+                if from_global:
+                    self.num_global_reserve_used += from_global
+                    self._from_global[request_id] = self._from_global.get(request_id, 0) + from_global
+            if from_reservation:
+                self._reserved[request_id] = reserved - from_reservation
+                self.num_reserved_blocks -= from_reservation
+            self._allocated[request_id] = need
+            self.num_allocated_blocks += extra
+        else:
+            extra = 0
+            if request_id not in self._allocated:
+                self._allocated[request_id] = have
+        self.num_stored_tokens += num_tokens - self._stored.get(request_id, 0)
+        self._stored[request_id] = num_tokens
+        return extra
+
+    def reserve(self, request_id: int, num_tokens: int) -> int | None:
+        """Set aside blocks so that the request's allocated + reserved blocks cover ``num_tokens``.
+
+        Returns the number of blocks newly reserved (0 if it already held enough) or ``None`` if
+        the free pool is too small, in which case nothing changes.
+        """
+        extra = self.growth_blocks_needed(request_id, num_tokens)
+        if extra > self.num_free_blocks:
+            return None
+        self._reserved[request_id] = self._reserved.get(request_id, 0) + extra
+        self.num_reserved_blocks += extra
+        return extra
+
+    def release_reservation(self, request_id: int) -> int:
+        """Return the request's unused reserved blocks to the pool (an early finisher); returns them."""
+        blocks = self._reserved.pop(request_id, 0)
+        self.num_reserved_blocks -= blocks
+        return blocks
+
+    def lend(self, host_id: int, guest_id: int, num_blocks: int) -> None:
+        """Move ``num_blocks`` of the host's reservation to the guest's reservation (KVCPipe).
+
+        The guest must not already hold a loan. When the guest is freed the blocks return to the
+        host's reservation if the host still holds KV, else to the free pool.
+        """
+        if num_blocks <= 0:
+            raise KVCacheError(f"lend: num_blocks must be > 0, got {num_blocks}")
+        if guest_id in self._loans:
+            raise KVCacheError(f"lend: request {guest_id} already has a loan")
+        available = self._reserved.get(host_id, 0)
+        if num_blocks > available:
+            raise KVCacheError(f"lend: host {host_id} has {available} reserved blocks, {num_blocks} asked")
+        self._reserved[host_id] = available - num_blocks
+        self._reserved[guest_id] = self._reserved.get(guest_id, 0) + num_blocks
+        self._loans[guest_id] = (host_id, num_blocks)
+
+    def free(self, request_id: int) -> int:
+        """Release everything the request holds; returns the number of blocks released."""
+        allocated = self._allocated.pop(request_id, 0)
+        reserved = self._reserved.pop(request_id, 0)
+        stored = self._stored.pop(request_id, 0)
+        from_global = self._from_global.pop(request_id, 0)
+        self.num_allocated_blocks -= allocated
+        self.num_reserved_blocks -= reserved
+        self.num_stored_tokens -= stored
+        self.num_global_reserve_used -= from_global
+        loan = self._loans.pop(request_id, None)
+        if loan is not None:
+            host_id, lent = loan
+            if host_id in self._allocated or host_id in self._reserved:
+                returned = min(lent, allocated + reserved)
+                self._reserved[host_id] = self._reserved.get(host_id, 0) + returned
+                self.num_reserved_blocks += returned
+        return allocated + reserved
+
+    # ------------------------------------------------------------------ checks
+    def snapshot(self) -> KVCacheSnapshot:
+        return KVCacheSnapshot(
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            allocated_blocks=self.num_allocated_blocks,
+            reserved_blocks=self.num_reserved_blocks,
+            global_reserve_blocks=self.global_reserve_blocks,
+            global_reserve_used_blocks=self.num_global_reserve_used,
+            free_blocks=self.num_free_blocks,
+            stored_tokens=self.num_stored_tokens,
+        )
+
+    def check_invariants(self) -> None:
+        """Raise :class:`KVCacheError` if the totals are inconsistent or over-committed."""
+        if self.num_allocated_blocks != sum(self._allocated.values()):
+            raise KVCacheError("allocated total disagrees with per-request blocks")
+        if self.num_reserved_blocks != sum(self._reserved.values()):
+            raise KVCacheError("reserved total disagrees with per-request blocks")
+        if self.num_stored_tokens != sum(self._stored.values()):
+            raise KVCacheError("stored-token total disagrees with per-request tokens")
+        if self.num_free_blocks < 0 or self.num_global_reserve_used > self.global_reserve_blocks:
+            raise KVCacheError(f"over-committed: {self.snapshot()}")
+        for request_id, stored in self._stored.items():
+            if stored > self._allocated.get(request_id, 0) * self.block_size:
+                raise KVCacheError(f"request {request_id} stores {stored} tokens in too few blocks")
+        if min(self._reserved.values(), default=0) < 0:
+            raise KVCacheError("negative reservation")

@@ -1,0 +1,66 @@
+"""The policy registry: ``make_policy(name, limits, config)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from econoserve.errors import UserError
+from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.fastgen import FastGenPolicy
+from econoserve.policy.orca import OrcaPolicy
+from econoserve.policy.sarathi import SarathiPolicy
+from econoserve.policy.vllm import VLLMChunkedPolicy, VLLMPolicy
+
+#: Every registered policy, by name.
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (VLLMPolicy, VLLMChunkedPolicy, OrcaPolicy, SarathiPolicy, FastGenPolicy)
+}
+
+
+class PolicyConfigError(UserError):
+    """An unknown policy name, or a configuration field it does not have, or a bad value."""
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Add a policy class to the registry (usable as a decorator); returns it."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_names() -> tuple[str, ...]:
+    return tuple(POLICIES)
+
+
+def make_config(name: str, config: Mapping[str, object] | object | None = None) -> object:
+    """The policy's configuration dataclass, from a mapping of field overrides (or as given)."""
+    cls = _policy_class(name)
+    config_class = cls.config_class
+    if config is None:
+        return config_class()
+    if isinstance(config, config_class):
+        return config
+    if not isinstance(config, Mapping):
+        raise PolicyConfigError(f"{name}: configuration must be a mapping or {config_class.__name__}")
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise PolicyConfigError(
+            f"{name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(sorted(fields))}"
+        )
+    try:
+        return config_class(**config)
+    except (TypeError, ValueError) as error:
+        raise PolicyConfigError(f"{name}: {error}") from None
+
+
+def make_policy(name: str, limits: EngineLimits, config: Mapping[str, object] | object | None = None) -> Policy:
+    """A fresh policy ``name`` for an engine with ``limits``; ``config`` overrides its defaults."""
+    return _policy_class(name)(limits, make_config(name, config))
+
+
+def _policy_class(name: str) -> type[Policy]:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise PolicyConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(POLICIES)}") from None

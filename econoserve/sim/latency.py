@@ -1,0 +1,275 @@
+"""Iteration (step) time of a batch, from a roofline or from a fit to measured steps.
+
+A batch is described by four numbers, as :class:`~econoserve.policy.SchedulerDecision` has them:
+
+``prefill_tokens``   prompt (or recomputed) tokens computed [tokens]
+``decode_tokens``    decode tokens computed, one per decoding request [tokens]
+``context_tokens``   KV tokens attention reads, per request cached + new, summed [tokens]
+``attention_pairs``  causal query-key pairs, per request ``new x (cached + (new + 1) / 2)``
+
+Both models take scalars (the simulator's per-step call) or numpy arrays (vectorised: isolated
+execution times, skipped steps) and give the same value either way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from econoserve.errors import UserError
+from econoserve.sim.catalog import Deployment
+
+FEATURES: tuple[str, ...] = ("prefill_tokens", "decode_tokens", "context_tokens", "attention_pairs")
+
+
+class LatencyModel(Protocol):
+    """Anything that maps a batch to its step time [s]."""
+
+    def iteration_time_s(self, prefill_tokens, decode_tokens, context_tokens, attention_pairs):
+        """Step time [s]; arguments are scalars or equal-length numpy arrays."""
+
+    def describe(self) -> dict[str, object]:
+        """Name and parameters, for the run's configuration file."""
+
+
+@dataclass(frozen=True)
+class RooflineParams:
+    """Efficiency factors of the roofline [fractions of peak] and fixed costs [s].
+
+    compute_efficiency:
+        Achieved fraction of peak FLOP/s in the dense (linear-layer) GEMMs; 0.6-0.7 is what
+        large-GEMM MFU reaches on A100/H100 in vLLM-class engines.
+    attention_compute_efficiency:
+        Achieved fraction of peak FLOP/s in prefill attention (FlashAttention reaches ~50%).
+    memory_efficiency:
+        Achieved fraction of HBM bandwidth when streaming weights and KV (~80%).
+    interconnect_efficiency:
+        Achieved fraction of NVLink bandwidth in tensor-parallel all-reduces.
+    allreduce_latency_s:
+        Fixed cost of one all-reduce [s].
+    step_overhead_s:
+        Fixed cost of a step outside the kernels: scheduling, input preparation, sampling,
+        kernel launches [s].
+    """
+
+    compute_efficiency: float = 0.65
+    attention_compute_efficiency: float = 0.5
+    memory_efficiency: float = 0.8
+    interconnect_efficiency: float = 0.7
+    allreduce_latency_s: float = 10e-6
+    step_overhead_s: float = 3e-3
+
+    def __post_init__(self) -> None:
+        for name in ("compute_efficiency", "attention_compute_efficiency", "memory_efficiency", "interconnect_efficiency"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise UserError(f"roofline {name} must be in (0, 1], got {value}")
+        if self.allreduce_latency_s < 0 or self.step_overhead_s < 0:
+            raise UserError("roofline fixed costs must be >= 0")
+
+
+class RooflineLatencyModel:
+    """Step time = overhead + linear layers + attention + tensor-parallel all-reduces.
+
+    * linear layers: ``max(2 x layer parameters x tokens / compute, weight bytes / bandwidth)``,
+      per GPU (parameters and weights split over the TP group);
+    * attention: ``max(4 x layers x hidden x pairs / attention compute, KV bytes read / bandwidth)``;
+    * all-reduce: 2 per layer of ``tokens x hidden x 2`` bytes, ring algorithm over NVLink.
+    """
+
+    def __init__(self, deployment: Deployment, params: RooflineParams | None = None) -> None:
+        self.deployment = deployment
+        self.params = params or RooflineParams()
+        model, gpu, tp, p = deployment.model, deployment.gpu, deployment.tensor_parallel, self.params
+        compute = gpu.peak_bf16_flops * tp
+        bandwidth = gpu.hbm_bandwidth_bytes_per_s * tp * p.memory_efficiency
+        self._linear_s_per_token = 2.0 * model.num_layer_parameters / (compute * p.compute_efficiency)
+        self._weights_s = model.weight_bytes / bandwidth
+        self._attention_s_per_pair = (
+            4.0 * model.num_layers * model.num_heads * model.head_dim / (compute * p.attention_compute_efficiency)
+        )
+        self._kv_s_per_token = model.kv_bytes_per_token / bandwidth
+        if tp > 1:
+            link = gpu.interconnect_bandwidth_bytes_per_s * p.interconnect_efficiency
+            per_token = 2.0 * (tp - 1) / tp * model.hidden_size * model.bytes_per_element / link
+            self._allreduce_s_per_token = 2 * model.num_layers * per_token
+            self._allreduce_fixed_s = 2 * model.num_layers * p.allreduce_latency_s
+        else:
+            self._allreduce_s_per_token = 0.0
+            self._allreduce_fixed_s = 0.0
+        self._overhead_s = p.step_overhead_s + self._allreduce_fixed_s
+
+    def iteration_time_s(self, prefill_tokens, decode_tokens, context_tokens, attention_pairs):
+        tokens = prefill_tokens + decode_tokens
+        if isinstance(tokens, np.ndarray):
+            maximum = np.maximum
+        else:
+            maximum = max
+        linear = maximum(tokens * self._linear_s_per_token, self._weights_s)
+        attention = maximum(attention_pairs * self._attention_s_per_pair, context_tokens * self._kv_s_per_token)
+        return self._overhead_s + linear + attention + tokens * self._allreduce_s_per_token
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "roofline", "params": asdict(self.params)}
+
+
+@dataclass
+class FittedLatencyModel:
+    """Step time = ``intercept_s + sum(coefficient x feature)``, non-negative coefficients fitted
+    by least squares to measured steps (a real engine's iteration log, or a profile).
+
+    ``coefficients`` maps each name in :data:`FEATURES` to seconds per unit; a feature absent
+    from the measurements gets 0.
+    """
+
+    intercept_s: float
+    coefficients: dict[str, float]
+    fit_stats: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+    def iteration_time_s(self, prefill_tokens, decode_tokens, context_tokens, attention_pairs):
+        c = self.coefficients
+        return (
+            self.intercept_s
+            + prefill_tokens * c.get("prefill_tokens", 0.0)
+            + decode_tokens * c.get("decode_tokens", 0.0)
+            + context_tokens * c.get("context_tokens", 0.0)
+            + attention_pairs * c.get("attention_pairs", 0.0)
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": "fitted", **asdict(self)}
+
+    # ------------------------------------------------------------------ fitting and files
+    @classmethod
+    def fit(cls, steps: pd.DataFrame, source: str = "<table>") -> "FittedLatencyModel":
+        """Fit to a table with a ``duration_s`` column and any of :data:`FEATURES` (also accepted
+        with a ``num_`` prefix, as in the simulator's ``iterations.parquet``)."""
+        from scipy.optimize import nnls
+
+        frame = _normalise_columns(steps)
+        if "duration_s" not in frame:
+            raise UserError(f"{source}: step table needs a duration_s column")
+        present = [f for f in FEATURES if f in frame]
+        if not present:
+            raise UserError(f"{source}: step table has none of the features {', '.join(FEATURES)}")
+        frame = frame[present + ["duration_s"]].dropna()
+        if len(frame) < len(present) + 1:
+            raise UserError(f"{source}: {len(frame)} steps are too few to fit {len(present) + 1} coefficients")
+        x = frame[present].to_numpy(dtype=float)
+        y = frame["duration_s"].to_numpy(dtype=float)
+        scale = np.maximum(np.abs(x).max(axis=0), 1.0)  # condition the problem
+        design = np.column_stack([np.ones(len(x)), x / scale])
+        solution, _ = nnls(design, y)
+        predicted = design @ solution
+        residual = y - predicted
+        stats = {
+            "num_steps": float(len(y)),
+            "mean_abs_error_s": float(np.mean(np.abs(residual))),
+            "mean_abs_pct_error": float(np.mean(np.abs(residual) / np.maximum(y, 1e-12)) * 100),
+            "r2": float(1 - np.sum(residual**2) / max(np.sum((y - y.mean()) ** 2), 1e-30)),
+        }
+        coefficients = {name: float(solution[i + 1] / scale[i]) for i, name in enumerate(present)}
+        return cls(float(solution[0]), coefficients, stats, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FittedLatencyModel":
+        """A fitted model from a JSON file written by :meth:`save`, or fitted to a CSV/parquet
+        step table."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such latency table")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".json":
+                data = json.loads(path.read_text())
+                return cls(float(data["intercept_s"]), {k: float(v) for k, v in data["coefficients"].items()},
+                           dict(data.get("fit_stats", {})), str(data.get("source", path)))
+            if suffix == ".csv":
+                return cls.fit(pd.read_csv(path), source=str(path))
+            if suffix in (".parquet", ".pq"):
+                return cls.fit(pd.read_parquet(path), source=str(path))
+            if suffix in (".jsonl", ".ndjson"):
+                frame = pd.read_json(path, lines=True)
+                if "kind" in frame:
+                    frame = frame[frame["kind"] == "iteration"]
+                return cls.fit(frame, source=str(path))
+        except (KeyError, ValueError, TypeError, OSError) as error:
+            raise UserError(f"{path}: cannot read a latency table ({type(error).__name__}: {error})") from None
+        raise UserError(f"{path}: latency table must be .json, .csv, .parquet or .jsonl")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        return path
+
+
+def _normalise_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    renames = {f"num_{f}": f for f in FEATURES if f"num_{f}" in frame and f not in frame}
+    return frame.rename(columns=renames)
+
+
+def isolated_execution_times_s(
+    model: LatencyModel, prompt_tokens: np.ndarray, output_tokens: np.ndarray, chunk_elements: int = 2_000_000
+) -> np.ndarray:
+    """Each request's time alone on the hardware [s]: its whole prompt in one step, then one
+    decode step per further output token (context growing by one each step)."""
+    prompt = np.asarray(prompt_tokens, dtype=np.int64)
+    output = np.asarray(output_tokens, dtype=np.int64)
+    p = prompt.astype(float)
+    total = np.asarray(model.iteration_time_s(p, np.zeros_like(p), p, p * (p + 1) * 0.5), dtype=float)
+    decode_steps = output - 1
+    start = 0
+    n = len(prompt)
+    while start < n:
+        stop = start
+        elements = 0
+        while stop < n and (elements == 0 or elements + decode_steps[stop] <= chunk_elements):
+            elements += decode_steps[stop]
+            stop += 1
+        steps = decode_steps[start:stop]
+        if steps.sum() > 0:
+            owner = np.repeat(np.arange(start, stop), steps)
+            offsets = np.arange(steps.sum()) - np.repeat(np.cumsum(steps) - steps, steps)
+            context = (prompt[owner] + offsets + 1).astype(float)
+            times = model.iteration_time_s(np.zeros_like(context), np.ones_like(context), context, context)
+            total[start:stop] += np.bincount(owner - start, weights=times, minlength=stop - start)
+        start = stop
+    return total
+
+
+def saturating_token_budget(model: LatencyModel, fraction: float = 0.9, prompt_tokens: int = 512,
+                            max_tokens: int = 16384) -> int:
+    """Smallest batch token count whose prefill throughput [tokens/s] reaches ``fraction`` of the
+    best over batch sizes up to ``max_tokens`` (batches of ``prompt_tokens``-token prompts)."""
+    sizes = np.unique(np.linspace(16, max_tokens, 1024).astype(np.int64)).astype(float)
+    pairs = sizes * ((prompt_tokens + 1) * 0.5)
+    times = model.iteration_time_s(sizes, np.zeros_like(sizes), sizes, pairs)
+    throughput = sizes / times
+    return int(sizes[np.argmax(throughput >= fraction * throughput.max())])
+
+
+def make_latency_model(spec: str | None, deployment: Deployment) -> LatencyModel:
+    """``"roofline"`` (default) or a path to a fitted JSON or a measured step table."""
+    if spec is None or spec == "roofline":
+        return RooflineLatencyModel(deployment)
+    return FittedLatencyModel.load(spec)
+
+
+__all__ = [
+    "FEATURES",
+    "FittedLatencyModel",
+    "LatencyModel",
+    "RooflineLatencyModel",
+    "RooflineParams",
+    "isolated_execution_times_s",
+    "make_latency_model",
+    "saturating_token_budget",
+]
+
