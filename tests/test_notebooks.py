@@ -43,3 +43,22 @@ def test_trace_analysis_notebook(tmp_path):
     assert burstiness["dataset"].tolist() == ["azure-conv"]
     assert burstiness["num_requests"].iloc[0] == 19_366
     assert (out / "fig01_trace_characteristics.png").stat().st_size > 10_000
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_rl_predictor_notebook(tmp_path):
+    out, models = tmp_path / "figures", tmp_path / "models"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "02_rl_predictor.ipynb"),
+        str(tmp_path / "02.ipynb"),
+        parameters={"dataset": "alpaca-vicuna", "max_train": 1500, "seed": 2,
+                    "output_dir": str(out), "model_dir": str(models)},
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    table = pd.read_csv(out / "fig06_rl_predictor_metrics.csv")
+    mae = table[(table["label"] == "max") & (table["metric"] == "mae_tokens")].iloc[0]
+    assert mae["model"] < mae["baseline"]  # beats the constant median even on 1,500 prompts
+    assert (models / "alpaca-vicuna-regression" / "metadata.json").is_file()
+    assert (out / "fig06_rl_predictor.png").stat().st_size > 10_000
