@@ -11,7 +11,10 @@ iteration mix whole prompts (not chunked) with decodes.
 Reconstruction choices (named knobs): the reserved maximum length is the model's context
 (``max_model_len``) unless ``max_tokens_per_request`` is set, as the paper's clients ask for the
 maximum; ``max_batch_size`` defaults to 256 (vLLM's ``max_num_seqs``) so batch sizes compare;
-``max_num_batched_tokens`` (``None`` = no cap, as in Orca) can bound a step's tokens.
+``max_num_batched_tokens`` (``None`` = no cap, as in Orca) can bound a step's tokens. With the
+default reservation nothing can outgrow it; with a smaller ``max_tokens_per_request`` a request
+that outgrows its reservation takes blocks from the free pool and, if none is free, the most
+recently admitted request is preempted by recompute (Orca itself would cap the output).
 """
 
 from __future__ import annotations
@@ -80,14 +83,29 @@ class OrcaPolicy(Policy):
         decision = SchedulerDecision()
         cap = self.config.max_num_batched_tokens
         budget = cap if cap is not None else 1 << 62
-        for request in self.running:
+        running = self.running
+        i = 0
+        while i < len(running):
+            request = running[i]
             num_new = request.num_pending_tokens
             if num_new > budget:
                 break
-            if not self._allocate(request, num_new, decision):  # cannot happen: slots are reserved
-                raise RuntimeError(f"orca: request {request.request_id} outgrew its reservation")
+            # Within the reservation this always succeeds; only a request that outgrows a
+            # reservation smaller than the context can fail, and then it preempts (see docstring).
+            preempted_self = False
+            while not self._allocate(request, num_new, decision):
+                victim = running.pop()
+                self._preempt(victim, decision)
+                if victim is request:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break
             decision.add(request, num_new)
             budget -= num_new
+            i += 1
+        if decision.preempted:
+            return decision
         waiting = self.waiting
         kv = self.kv_cache
         while waiting and len(self.running) < self.config.max_batch_size:

@@ -92,6 +92,8 @@ class SimulationConfig:
         Advance steady decode-only stretches in bulk (see the module docstring).
     max_skip_steps:
         Most steps advanced in one bulk move [steps].
+    check_invariants:
+        After every step, check the KV accounting and the clock (slow; for tests and debugging).
     """
 
     scheduler: str = "vllm"
@@ -112,6 +114,7 @@ class SimulationConfig:
     reference_token_budget: int | None = None
     skip_ahead: bool = True
     max_skip_steps: int = 4096
+    check_invariants: bool = False
 
     def __post_init__(self) -> None:
         if self.slo_scale <= 0:
@@ -336,6 +339,8 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
         log.skipped.append(False)
         log.scheduler_wall_time_s.append(stats.wall_time_s - wall_before)
         iteration += 1
+        if config.check_invariants:
+            _check_step(policy, now, end)
         now = end
         if finished:
             done += len(finished)
@@ -356,7 +361,10 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
             steps = policy.steady_decode_steps(decision, max_steps)
             if steps < 2:
                 continue
+            before = now
             now, iteration = _skip(policy, latency, log, token_runs, steps, now, next_arrival, iteration)
+            if config.check_invariants:
+                _check_step(policy, before, now)
     if bar is not None:
         bar.close()
 
@@ -440,6 +448,17 @@ def _skip(policy: Policy, latency: LatencyModel, log: _IterationLog, token_runs,
     log.skipped.extend([True] * taken)
     log.scheduler_wall_time_s.extend([wall_each] * taken)
     return now, iteration + taken
+
+
+def _check_step(policy: Policy, start: float, end: float) -> None:
+    policy.kv_cache.check_invariants()
+    if not end > start:
+        raise SimulationError(f"clock did not advance: {start} -> {end}")
+    for request in policy.running:
+        if not policy.kv_cache.holds(request.request_id) and request.num_computed_tokens:
+            raise SimulationError(f"running request {request.request_id} holds no KV")
+        if request.num_computed_tokens > policy.kv_cache.allocated_blocks(request.request_id) * policy.kv_cache.block_size:
+            raise SimulationError(f"request {request.request_id} computed more tokens than its blocks hold")
 
 
 def _predictions(trace: Trace, config: SimulationConfig) -> list[int | None]:

@@ -1,0 +1,123 @@
+"""KVCache: on-demand allocation, reservations, global reserve, loans; never over-committed."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from econoserve.policy import KVCache, KVCacheError
+
+
+def test_allocate_on_demand_counts_whole_blocks():
+    kv = KVCache(num_blocks=10, block_size=4)
+    assert kv.allocate_slots(1, 5) == 2
+    assert kv.allocate_slots(1, 8) == 0  # still within two blocks
+    assert kv.allocate_slots(1, 9) == 1
+    assert kv.num_allocated_blocks == 3 and kv.num_free_blocks == 7
+    assert kv.stored_tokens(1) == 9 and kv.num_stored_tokens == 9
+    assert kv.free(1) == 3
+    assert kv.num_free_blocks == 10 and kv.num_stored_tokens == 0
+    kv.check_invariants()
+
+
+def test_allocation_failure_changes_nothing():
+    kv = KVCache(num_blocks=3, block_size=4)
+    assert kv.allocate_slots(1, 8) == 2
+    before = kv.snapshot()
+    assert kv.allocate_slots(2, 8) is None
+    assert kv.snapshot() == before
+    assert not kv.holds(2)
+
+
+def test_reservation_is_drawn_before_the_free_pool():
+    kv = KVCache(num_blocks=10, block_size=4)
+    assert kv.reserve(1, 16) == 4
+    assert kv.num_reserved_blocks == 4 and kv.num_free_blocks == 6
+    assert kv.allocate_slots(1, 6) == 2
+    assert kv.allocated_blocks(1) == 2 and kv.reserved_blocks(1) == 2
+    assert kv.num_free_blocks == 6  # drawn from the reservation
+    assert kv.allocate_slots(1, 20) == 3  # 2 from the reservation, 1 from the pool
+    assert kv.reserved_blocks(1) == 0 and kv.num_free_blocks == 5
+    kv.check_invariants()
+
+
+def test_reserve_fails_when_pool_too_small_and_release_returns_blocks():
+    kv = KVCache(num_blocks=4, block_size=2)
+    assert kv.reserve(1, 6) == 3
+    assert kv.reserve(2, 4) is None
+    assert kv.release_reservation(1) == 3
+    assert kv.num_free_blocks == 4
+
+
+def test_global_reserve_only_on_request():
+    kv = KVCache(num_blocks=5, block_size=1, global_reserve_blocks=2)
+    assert kv.num_free_blocks == 3
+    assert kv.allocate_slots(1, 4) is None
+    assert kv.allocate_slots(1, 4, use_global_reserve=True) == 4
+    assert kv.num_global_reserve_used == 1 and kv.num_free_blocks == 0
+    kv.free(1)
+    assert kv.num_global_reserve_used == 0 and kv.num_free_blocks == 3
+    kv.check_invariants()
+
+
+def test_lend_moves_reserved_blocks_and_returns_them():
+    kv = KVCache(num_blocks=10, block_size=1)
+    kv.reserve(1, 8)
+    kv.allocate_slots(1, 2)
+    kv.lend(host_id=1, guest_id=2, num_blocks=4)
+    assert kv.reserved_blocks(1) == 2 and kv.reserved_blocks(2) == 4
+    assert kv.allocate_slots(2, 3) == 3
+    assert kv.num_free_blocks == 2  # the guest used the host's idle tail, not the pool
+    kv.free(2)
+    assert kv.reserved_blocks(1) == 6
+    kv.check_invariants()
+    with pytest.raises(KVCacheError):
+        kv.lend(1, 3, 7)
+
+
+def test_loan_goes_to_pool_when_host_is_gone():
+    kv = KVCache(num_blocks=6, block_size=1)
+    kv.reserve(1, 6)
+    kv.lend(1, 2, 3)
+    kv.free(1)
+    kv.free(2)
+    assert kv.num_free_blocks == 6
+    kv.check_invariants()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_blocks=st.integers(1, 40),
+    block_size=st.sampled_from([1, 2, 16]),
+    global_reserve=st.integers(0, 5),
+    operations=st.lists(
+        st.tuples(st.sampled_from(["alloc", "alloc_global", "reserve", "free", "release", "lend"]),
+                  st.integers(0, 5), st.integers(0, 5), st.integers(1, 200)),
+        max_size=60,
+    ),
+)
+def test_random_operations_never_over_commit(num_blocks, block_size, global_reserve, operations):
+    kv = KVCache(num_blocks, block_size, min(global_reserve, num_blocks))
+    tokens: dict[int, int] = {}
+    for op, rid, other, amount in operations:
+        if op in ("alloc", "alloc_global"):
+            target = max(tokens.get(rid, 0), amount)
+            result = kv.allocate_slots(rid, target, use_global_reserve=op == "alloc_global")
+            if result is not None:
+                tokens[rid] = target
+        elif op == "reserve":
+            kv.reserve(rid, amount)
+        elif op == "free":
+            kv.free(rid)
+            tokens.pop(rid, None)
+        elif op == "release":
+            kv.release_reservation(rid)
+        elif op == "lend" and rid != other and kv.reserved_blocks(rid) > 0:
+            try:
+                kv.lend(rid, other, 1 + amount % kv.reserved_blocks(rid))
+            except KVCacheError:
+                pass
+        kv.check_invariants()
+        assert kv.num_allocated_blocks + kv.num_reserved_blocks + kv.num_free_blocks + kv.num_global_reserve_free == num_blocks
+        assert kv.num_free_blocks >= 0

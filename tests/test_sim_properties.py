@@ -1,0 +1,125 @@
+"""Property-based checks of every policy in the simulator on small random workloads.
+
+For every policy and random workload: KV is never over-committed; every request finishes exactly
+once with exactly its output tokens, or is rejected with a reason; the clock is monotone; nothing
+starves under finite load (the run ends with everything finished or rejected); the same inputs
+give identical tables; skip-ahead gives the same tables as step-by-step simulation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from econoserve.policy import policy_names
+from econoserve.sim import WALL_CLOCK_COLUMNS, SimulationConfig, simulate
+from econoserve.sim.synthetic import trace_from_lists
+
+POLICIES = policy_names()
+MAX_MODEL_LEN = 512
+
+
+@st.composite
+def workloads(draw):
+    n = draw(st.integers(1, 25))
+    gaps = draw(st.lists(st.floats(0.0, 0.1, allow_nan=False), min_size=n, max_size=n))
+    prompts = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
+    outputs = draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))
+    predicted = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
+    block_size = draw(st.sampled_from([1, 4, 16]))
+    num_kv_blocks = draw(st.integers(2, 120)) * (16 // block_size)
+    budget = draw(st.integers(8, 600))
+    return trace_from_lists(np.cumsum(gaps), prompts, outputs, predicted), block_size, num_kv_blocks, budget
+
+
+def _policy_config(name: str, budget: int) -> dict:
+    if name == "vllm-chunked":
+        return {"max_num_batched_tokens": budget, "max_num_seqs": 8}
+    if name in ("sarathi", "fastgen"):
+        return {"token_budget": budget, "max_num_seqs": 8}
+    if name == "orca":
+        return {"max_batch_size": 8}
+    return {"max_num_seqs": 8}
+
+
+def _config(name, block_size, num_kv_blocks, budget, **extra) -> SimulationConfig:
+    return SimulationConfig(
+        scheduler=name,
+        policy_config=_policy_config(name, budget),
+        block_size=block_size,
+        num_kv_blocks=num_kv_blocks,
+        max_model_len=MAX_MODEL_LEN,
+        check_invariants=True,
+        **extra,
+    )
+
+
+def _deterministic(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=[c for c in WALL_CLOCK_COLUMNS if c in frame.columns])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads())
+def test_invariants_hold_on_random_workloads(name, workload):
+    trace, block_size, num_kv_blocks, budget = workload
+    result = simulate(trace, _config(name, block_size, num_kv_blocks, budget))
+    requests, iterations = result.requests, result.iterations
+    source = trace.requests
+
+    # every request exactly once, in trace order
+    assert requests["request_id"].tolist() == source["request_id"].tolist()
+    finished = requests["status"] == "finished"
+    rejected = requests["status"] == "rejected"
+    assert (finished ^ rejected).all()
+    assert (requests.loc[finished, "generated_tokens"] == requests.loc[finished, "output_tokens"]).all()
+    assert (requests.loc[rejected, "rejection_reason"].str.len() > 0).all()
+    assert (requests.loc[finished, "rejection_reason"] == "").all()
+    # a request that fits the context and the whole cache is never rejected by the engine
+    fits = (source["prompt_tokens"] + source["output_tokens"] <= MAX_MODEL_LEN) & (
+        -(-(source["prompt_tokens"] + source["output_tokens"] - 1) // block_size) <= num_kv_blocks
+    )
+    engine_reasons = requests["rejection_reason"].str.contains("context|at full length", regex=True)
+    assert not (fits & engine_reasons).any()
+    # no request ever started before arriving or finished before its first token
+    assert (requests.loc[finished, "first_token_time_s"] >= requests.loc[finished, "arrival_time_s"]).all()
+    assert (requests.loc[finished, "finish_time_s"] >= requests.loc[finished, "first_token_time_s"]).all()
+
+    # KV never over-committed, clock monotone
+    tokens = iterations["num_prefill_tokens"] + iterations["num_decode_tokens"]
+    if len(iterations):
+        assert (iterations["kv_blocks_allocated"] <= iterations["kv_blocks_capacity"]).all()
+        assert (iterations["kv_tokens_stored"] <= iterations["kv_blocks_used"] * iterations["block_size"]).all()
+        assert (iterations["duration_s"] > 0).all()
+        ends = iterations["start_time_s"] + iterations["duration_s"]
+        assert (iterations["start_time_s"].to_numpy()[1:] >= ends.to_numpy()[:-1] - 1e-12).all()
+        assert (tokens > 0).all()
+
+    # policy-specific rules
+    if name == "vllm":
+        assert ((iterations["num_prefill_tokens"] == 0) | (iterations["num_decode_tokens"] == 0)).all()
+    if name in ("vllm-chunked", "sarathi", "fastgen"):
+        assert (tokens <= budget).all()
+    if name == "orca":
+        assert (requests["num_preemptions"] == 0).all()
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads())
+def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, workload):
+    trace, block_size, num_kv_blocks, budget = workload
+    first = simulate(trace, _config(name, block_size, num_kv_blocks, budget))
+    second = simulate(trace, _config(name, block_size, num_kv_blocks, budget))
+    stepwise = simulate(trace, _config(name, block_size, num_kv_blocks, budget, skip_ahead=False))
+    pd.testing.assert_frame_equal(first.requests, second.requests)
+    pd.testing.assert_frame_equal(_deterministic(first.iterations), _deterministic(second.iterations))
+    pd.testing.assert_frame_equal(first.requests, stepwise.requests)
+    pd.testing.assert_frame_equal(
+        _deterministic(first.iterations).drop(columns="skipped"),
+        _deterministic(stepwise.iterations).drop(columns="skipped"),
+    )
+    assert first.summary["scheduler_invocations"] == stepwise.summary["scheduler_invocations"]
