@@ -20,6 +20,7 @@ from econoserve.errors import UserError
 COMMAND_MODULES: tuple[str, ...] = (
     "econoserve.workload.commands",
     "econoserve.predictor.commands",
+    "econoserve.sim.commands",
     "econoserve.serving.commands",
 )
 

@@ -260,6 +260,7 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
 
     engine_reject = _engine_rejections(prompt, output, limits)
     bar = _progress_bar(n, progress, config)
+    bar_step = max(1, n // 200)
     now = arrivals_list[0] if n else 0.0
     next_index = 0
     done = 0
@@ -344,8 +345,8 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
         now = end
         if finished:
             done += len(finished)
-            if bar is not None:
-                bar.update(len(finished))
+            if bar is not None and done - bar.n >= bar_step:
+                bar.update(done - bar.n)
             continue
 
         # 3. skip ahead over steady decode-only steps
@@ -366,6 +367,7 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
             if config.check_invariants:
                 _check_step(policy, before, now)
     if bar is not None:
+        bar.update(done - bar.n)
         bar.close()
 
     requests_table = _requests_table(

@@ -1,0 +1,229 @@
+"""``econoserve simulate`` (one run) and ``econoserve sweep`` (schedulers x rates x datasets)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import pandas as pd
+
+from econoserve.errors import UserError
+from econoserve.policy import policy_names
+from econoserve.sim.catalog import GPUS, MODELS
+from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig, simulate
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_simulate(subparsers)
+    _register_sweep(subparsers)
+
+
+# --------------------------------------------------------------------- shared flags
+def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("deployment and policy")
+    group.add_argument("--model", default="opt-13b", metavar="NAME",
+                       help=f"model from the catalog: {', '.join(MODELS)} (default: opt-13b)")
+    group.add_argument("--gpu", default="a100-80gb", metavar="NAME",
+                       help=f"GPU from the catalog: {', '.join(GPUS)} (default: a100-80gb)")
+    group.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree [GPUs] (default: 1)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                       help="fraction of each GPU's memory the engine uses (default: 0.9)")
+    group.add_argument("--block-size", type=int, default=16, metavar="TOKENS", help="tokens per KV block (default: 16)")
+    group.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                       help="override the KV capacity [blocks] (default: from memory, weights and activations)")
+    group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="override the model's context length [tokens]")
+    group.add_argument("--latency-model", default="roofline", metavar="roofline|PATH",
+                       help="'roofline' (default), or a fitted model (.json) or measured steps (.csv/.parquet/.jsonl) to fit")
+    group.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a policy configuration field, e.g. token_budget=1024 (repeatable)")
+    group.add_argument("--predictions", default="trace", choices=PREDICTION_SOURCES,
+                       help="predicted lengths the policy sees: the trace's column, the true lengths, or none (default: trace)")
+    group.add_argument("--slo-scale", type=float, default=5.0, metavar="X",
+                       help="SLO: JCT <= X times the request's isolated execution time (default: 5)")
+    group.add_argument("--seed", type=int, default=0, help="seed (recorded; the sweep's traces use it) (default: 0)")
+    group.add_argument("--no-skip-ahead", action="store_true",
+                       help="simulate every step one by one (same results, slower; per-step scheduler times are then real)")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _policy_options(items: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--policy-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = _parse_value(value.strip())
+    return options
+
+
+def _config(args: argparse.Namespace, scheduler: str) -> SimulationConfig:
+    if scheduler not in policy_names():
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(policy_names())}")
+    return SimulationConfig(
+        scheduler=scheduler,
+        policy_config=_policy_options(args.policy_option),
+        model=args.model,
+        gpu=args.gpu,
+        tensor_parallel=args.tp,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        latency_model=args.latency_model,
+        slo_scale=args.slo_scale,
+        seed=args.seed,
+        predictions=args.predictions,
+        skip_ahead=not args.no_skip_ahead,
+    )
+
+
+# --------------------------------------------------------------------- simulate
+def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run one trace through one scheduler in the simulator",
+        description=(
+            "Replay a trace against a scheduling policy on a simulated deployment. Writes "
+            "requests.parquet, iterations.parquet, summary.json and config.json to the output "
+            "directory. Requests that can never fit are rejected and recorded with a reason."
+        ),
+    )
+    parser.add_argument("--trace", required=True, metavar="PATH", help="trace parquet file ('econoserve trace build')")
+    parser.add_argument("--scheduler", required=True, metavar="NAME",
+                        help=f"scheduling policy: {' | '.join(policy_names())}")
+    parser.add_argument("--num-requests", type=int, default=None, metavar="N",
+                        help="use only the first N requests of the trace")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_deployment_flags(parser)
+    parser.set_defaults(handler=_simulate)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from econoserve.workload.trace import Trace
+
+    config = _config(args, args.scheduler)
+    trace = Trace.read(args.trace)
+    if args.num_requests is not None:
+        if args.num_requests <= 0:
+            raise UserError(f"--num-requests must be > 0, got {args.num_requests}")
+        trace = trace.head(args.num_requests)
+    result = simulate(trace, config, progress=not args.no_progress)
+    result.config["trace"]["path"] = str(args.trace)
+    directory = result.write(args.output)
+    s = result.summary
+    print(
+        f"{config.scheduler}: {s['completed']}/{s['num_requests']} finished, {s['rejected']} rejected; "
+        f"{s['throughput_rps']:.3f} req/s, mean JCT {s['mean_jct_s']:.3f} s, "
+        f"SLO attainment {s['slo_attainment']:.3f}, preempted {s['preempted_fraction']:.3f} -> {directory}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------- sweep
+def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="simulate schedulers x request rates x datasets in parallel; one tidy table",
+        description=(
+            "For every dataset and rate, build a trace ('econoserve trace build' semantics), run it "
+            "through every scheduler, and write one row per run (the run's summary plus dataset, "
+            "rate and scheduler) to DIR/sweep.parquet and DIR/sweep.csv, with each scheduler's "
+            "goodput (highest swept rate with SLO attainment >= 0.9) in DIR/goodput.csv."
+        ),
+    )
+    parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME",
+                        help="datasets (alpaca, sharegpt, qmsum, azure-conv, azure-code, mooncake)")
+    parser.add_argument("--rates", nargs="+", type=float, required=True, metavar="RPS",
+                        help="mean request rates [requests/s]")
+    parser.add_argument("--schedulers", nargs="+", default=list(policy_names()), metavar="NAME",
+                        help=f"schedulers (default: all: {' '.join(policy_names())})")
+    parser.add_argument("--num-requests", type=int, default=1000, metavar="N", help="requests per trace (default: 1000)")
+    parser.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"), help="arrival process (default: poisson)")
+    parser.add_argument("--cv", type=float, default=None, help="coefficient of variation of gaps (gamma only)")
+    parser.add_argument("--tokenizer", default="llama2", metavar="NAME", help="tokenizer for text datasets (default: llama2)")
+    parser.add_argument("--jobs", type=int, default=2, metavar="N", help="parallel processes (default: 2)")
+    parser.add_argument("--save-runs", action="store_true", help="also write each run's directory under DIR/runs/")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    _add_deployment_flags(parser)
+    parser.set_defaults(handler=_sweep)
+
+
+def _sweep_job(job: dict) -> dict:
+    """One (dataset, rate, scheduler) run in a worker process; returns its tidy row."""
+    from econoserve.workload.datasets import TraceSpec, build_trace
+
+    spec = TraceSpec(
+        dataset=job["dataset"], tokenizer=job["tokenizer"], num_requests=job["num_requests"],
+        arrival=job["arrival"], rate_rps=job["rate"], cv=job["cv"], seed=job["config"].seed, include_text=False,
+    )
+    result = simulate(build_trace(spec), job["config"])
+    if job["run_dir"]:
+        result.write(job["run_dir"])
+    return {"dataset": job["dataset"], "rate_rps": job["rate"], **result.summary}
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from econoserve.analysis.metrics import goodput_from_table
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if any(rate <= 0 for rate in args.rates):
+        raise UserError("--rates must all be > 0")
+    if args.num_requests <= 0:
+        raise UserError(f"--num-requests must be > 0, got {args.num_requests}")
+    configs = {name: _config(args, name) for name in args.schedulers}  # validates names and flags up front
+    for config in configs.values():
+        config.deployment().num_kv_blocks  # noqa: B018 - raises UserError if the model does not fit
+    output = Path(args.output)
+    jobs = [
+        {
+            "dataset": dataset, "rate": rate, "tokenizer": args.tokenizer, "num_requests": args.num_requests,
+            "arrival": args.arrival, "cv": args.cv, "config": config,
+            "run_dir": str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None,
+        }
+        for dataset in args.datasets
+        for rate in args.rates
+        for name, config in configs.items()
+    ]
+    # Load each dataset once here: fills the tokenized-request cache before the workers read it,
+    # and surfaces unknown names or missing data as one-line errors.
+    from econoserve.workload.datasets import load_requests
+
+    for dataset in args.datasets:
+        load_requests(dataset, args.tokenizer)
+    rows = []
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(_sweep_job, job) for job in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="sweep", unit="run"):
+            rows.append(future.result())
+    table = pd.DataFrame(rows).sort_values(["dataset", "scheduler", "rate_rps"], kind="stable").reset_index(drop=True)
+    output.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(output / "sweep.parquet", index=False)
+    table.to_csv(output / "sweep.csv", index=False)
+    goodput = goodput_from_table(table, by=["dataset", "scheduler"])
+    goodput.to_csv(output / "goodput.csv", index=False)
+    sweep_config = {
+        "datasets": args.datasets, "rates": args.rates, "schedulers": args.schedulers,
+        "num_requests": args.num_requests, "arrival": args.arrival, "cv": args.cv, "tokenizer": args.tokenizer,
+        "simulation": {name: c.to_dict() for name, c in configs.items()},
+    }
+    (output / "config.json").write_text(json.dumps(sweep_config, indent=2, sort_keys=True) + "\n")
+    print(goodput.to_string(index=False))
+    print(f"{len(table)} runs -> {output / 'sweep.parquet'}")
+    return 0
+
+
+__all__ = ["register"]

@@ -1,0 +1,87 @@
+"""Serving metrics on hand-made tables, and the goodput search."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from econoserve.analysis import metrics
+
+
+def _requests():
+    return pd.DataFrame({
+        "status": ["finished", "finished", "rejected", "finished"],
+        "arrival_time_s": [0.0, 1.0, 2.0, 3.0],
+        "finish_time_s": [2.0, 5.0, np.nan, 13.0],
+        "output_tokens": [10, 20, 5, 40],
+        "jct_s": [2.0, 4.0, np.nan, 10.0],
+        "ttft_s": [0.5, 1.0, np.nan, 1.5],
+        "mean_tbt_s": [0.1, 0.2, np.nan, 0.3],
+        "p99_tbt_s": [0.2, 0.3, np.nan, 0.4],
+        "normalized_latency_s": [0.2, 0.2, np.nan, 0.25],
+        "slo_met": [True, True, False, False],
+        "num_preemptions": [0, 2, 0, 1],
+    })
+
+
+def _iterations():
+    return pd.DataFrame({
+        "duration_s": [1.0, 3.0],
+        "num_prefill_tokens": [100, 0],
+        "num_decode_tokens": [0, 50],
+        "kv_tokens_stored": [160, 320],
+        "kv_blocks_used": [10, 20],
+        "kv_blocks_reserved": [10, 0],
+        "kv_blocks_capacity": [40, 40],
+        "block_size": [16, 16],
+    })
+
+
+def test_request_metrics():
+    requests = _requests()
+    assert metrics.makespan_s(requests) == 13.0
+    assert metrics.throughput(requests) == {"throughput_rps": 3 / 13, "output_tokens_per_s": 70 / 13}
+    stats = metrics.latency_stats(requests)
+    assert stats["mean_jct_s"] == pytest.approx(16 / 3)
+    assert stats["p50_jct_s"] == 4.0
+    assert stats["mean_ttft_s"] == 1.0
+    assert metrics.slo_attainment(requests) == 0.5  # the rejected request counts as a miss
+    assert metrics.preempted_fraction(requests) == 0.5
+
+
+def test_iteration_metrics_are_time_weighted():
+    iterations = _iterations()
+    # stored / capacity tokens: 160/640 for 1 s, 320/640 for 3 s
+    assert metrics.kvc_utilization(iterations) == pytest.approx((0.25 * 1 + 0.5 * 3) / 4)
+    # stored / committed: 160/320 for 1 s, 320/320 for 3 s
+    assert metrics.kvc_allocation_efficiency(iterations) == pytest.approx((0.5 + 3) / 4)
+    # tokens / budget capped at 1: 100/64 -> 1 for 1 s, 50/64 for 3 s
+    assert metrics.gpu_token_utilization(iterations, 64) == pytest.approx((1 + 3 * 50 / 64) / 4)
+
+
+def test_summary_has_every_field():
+    summary = metrics.summarize(_requests(), _iterations(), 64, scheduler_invocations=7, scheduler_time_s=0.5)
+    assert summary["completed"] == 3 and summary["rejected"] == 1
+    assert summary["scheduler_invocations"] == 7
+    assert summary["scheduler_time_per_iteration_s"] == 0.25
+
+
+def test_goodput_search_finds_the_threshold_rate():
+    threshold = 3.7
+    result = metrics.goodput_search(lambda rate: 1.0 if rate <= threshold else 0.5, 0.5, 1.0, relative_tolerance=0.001)
+    assert threshold * 0.99 <= result["goodput_rps"] <= threshold
+    assert metrics.goodput_search(lambda rate: 0.0, 0.5, 1.0)["goodput_rps"] == 0.0
+
+
+def test_goodput_from_a_sweep_table():
+    table = pd.DataFrame({
+        "scheduler": ["a"] * 4 + ["b"] * 4,
+        "rate_rps": [1, 2, 3, 4] * 2,
+        "slo_attainment": [1.0, 0.95, 0.85, 0.92, 0.5, 0.4, 0.3, 0.2],
+    })
+    result = metrics.goodput_from_table(table, by=["scheduler"]).set_index("scheduler")
+    assert result.loc["a", "goodput_rps"] == 2  # 4 rps meets it again, but 3 rps did not
+    assert math.isnan(result.loc["b", "goodput_rps"])
