@@ -50,6 +50,9 @@ def test_request_metrics():
     assert stats["mean_ttft_s"] == 1.0
     assert metrics.slo_attainment(requests) == 0.5  # the rejected request counts as a miss
     assert metrics.preempted_fraction(requests) == 0.5
+    # DistServe-style: TTFT <= 1.0 and TPOT <= 0.25 -> requests 0 and 1 of 4
+    assert metrics.ttft_tpot_slo_attainment(requests, 1.0, 0.25) == 0.5
+    assert metrics.ttft_tpot_slo_attainment(requests, 0.6, 1.0) == 0.25
 
 
 def test_iteration_metrics_are_time_weighted():

@@ -193,3 +193,21 @@ def test_isolated_times_are_prefill_plus_decodes():
     )
     assert got[0] == pytest.approx(latency.iteration_time_s(10, 0, 10, 55.0))
     assert got[1] == pytest.approx(expected_second)
+
+
+def test_a_policy_that_never_schedules_is_an_error_not_a_hang():
+    from econoserve.policy import POLICIES, Policy, SchedulerDecision
+    from econoserve.sim import SimulationError
+
+    class Idle(Policy):
+        name = "idle-test"
+
+        def _schedule(self, now_s):
+            return SchedulerDecision()
+
+    POLICIES[Idle.name] = Idle
+    try:
+        with pytest.raises(SimulationError, match="no step is possible"):
+            simulate(trace_from_lists([0.0, 1.0], [10, 10], [3, 3]), SimulationConfig(scheduler="idle-test"))
+    finally:
+        del POLICIES[Idle.name]

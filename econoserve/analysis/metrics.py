@@ -93,6 +93,19 @@ def slo_attainment(requests: pd.DataFrame) -> float:
     return float(requests["slo_met"].astype(bool).sum()) / len(requests)
 
 
+def ttft_tpot_slo_attainment(requests: pd.DataFrame, ttft_slo_s: float, tpot_slo_s: float) -> float:
+    """DistServe-style SLO attainment: the fraction of all requests that finished with TTFT <=
+    ``ttft_slo_s`` and mean time per output token (mean TBT) <= ``tpot_slo_s`` [s]. A request
+    with a single output token has no TPOT and is judged on TTFT alone."""
+    if len(requests) == 0:
+        return float("nan")
+    finished = requests["status"] == "finished"
+    ttft_ok = requests["ttft_s"] <= ttft_slo_s
+    tpot = requests["mean_tbt_s"]
+    tpot_ok = tpot.isna() | (tpot <= tpot_slo_s)
+    return float((finished & ttft_ok & tpot_ok).sum()) / len(requests)
+
+
 def preempted_fraction(requests: pd.DataFrame) -> float:
     """Fraction of requests preempted at least once."""
     if len(requests) == 0:

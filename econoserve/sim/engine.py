@@ -46,6 +46,9 @@ from econoserve.sim.latency import (
 from econoserve.workload.trace import Trace
 
 PREDICTION_SOURCES: tuple[str, ...] = ("trace", "oracle", "none")
+#: Consecutive empty decisions (with preemptions or rejections) tolerated at one instant before
+#: the simulator declares the policy stuck.
+_MAX_EMPTY_DECISIONS = 10_000
 
 
 class SimulationError(RuntimeError):
@@ -265,6 +268,7 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
     next_index = 0
     done = 0
     iteration = 0
+    empty_decisions = 0
     skip_enabled = config.skip_ahead
     lat = latency.iteration_time_s
     kv = policy.kv_cache
@@ -296,15 +300,17 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
             reasons[request.index] = reason or "rejected by the policy"
             done += 1
         if not decision.scheduled:
+            empty_decisions += 1
+            if (decision.preempted or decision.rejected) and empty_decisions < _MAX_EMPTY_DECISIONS:
+                continue  # the policy changed its state; ask again at the same time
             if next_index < n:
                 now = max(now, arrivals_list[next_index])
-                continue
-            if decision.rejected:
                 continue
             raise SimulationError(
                 f"{policy.name}: no step is possible at t={now:.3f}s with {policy.num_waiting} waiting and "
                 f"{policy.num_running} running requests, no arrivals left; KV {kv.snapshot()}"
             )
+        empty_decisions = 0
         duration = lat(decision.num_prefill_tokens, decision.num_decode_tokens,
                        decision.num_context_tokens, decision.num_attention_pairs)
         end = now + duration
