@@ -211,3 +211,19 @@ def test_a_policy_that_never_schedules_is_an_error_not_a_hang():
             simulate(trace_from_lists([0.0, 1.0], [10, 10], [3, 3]), SimulationConfig(scheduler="idle-test"))
     finally:
         del POLICIES[Idle.name]
+
+
+def test_fitted_model_reads_a_serving_iteration_log(tmp_path):
+    """The vLLM recording scheduler's JSON-lines log (kind=iteration records) calibrates the model."""
+    lines = []
+    for i in range(50):
+        prefill, decode, context = (i * 37) % 900, i % 17, (i * 311) % 20000
+        duration = 0.002 + 1e-5 * prefill + 2e-4 * decode + 1e-7 * context
+        lines.append(json.dumps({"kind": "iteration", "iteration": i, "prefill_tokens": prefill,
+                                 "decode_tokens": decode, "context_tokens": context, "duration_s": duration}))
+        lines.append(json.dumps({"kind": "preemption", "request_id": "x", "iteration": i, "monotonic_s": 0.0}))
+    path = tmp_path / "iterations.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    model = FittedLatencyModel.load(path)
+    assert model.fit_stats["num_steps"] == 50
+    assert model.coefficients["decode_tokens"] == pytest.approx(2e-4, rel=1e-6)

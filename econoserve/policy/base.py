@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import ClassVar, Iterable
 
 from econoserve.policy.decision import SchedulerDecision, SchedulerStats
@@ -257,7 +257,5 @@ class Policy(ABC):
 
     def describe(self) -> dict[str, object]:
         """The policy's name and resolved configuration, for the run's configuration file."""
-        from dataclasses import asdict, is_dataclass
-
         config = asdict(self.config) if is_dataclass(self.config) else {}
         return {"name": self.name, "config": config, "token_budget": self.token_budget}

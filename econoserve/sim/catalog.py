@@ -163,7 +163,9 @@ class Deployment:
             )
         return int(blocks)
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, num_kv_blocks: int | None = None) -> dict[str, object]:
+        """Everything about the deployment, for a run's configuration; ``num_kv_blocks`` records
+        an overridden capacity instead of the computed one."""
         return {
             "model": asdict(self.model),
             "gpu": asdict(self.gpu),
@@ -174,5 +176,6 @@ class Deployment:
             "weight_bytes": self.model.weight_bytes,
             "kv_bytes_per_token": self.model.kv_bytes_per_token,
             "kv_capacity_bytes": self.kv_capacity_bytes,
-            "num_kv_blocks": self.num_kv_blocks,
+            "num_kv_blocks": self.num_kv_blocks if num_kv_blocks is None else num_kv_blocks,
+            "num_kv_blocks_overridden": num_kv_blocks is not None,
         }

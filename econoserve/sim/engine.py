@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -215,7 +216,7 @@ def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, Eng
 
 # --------------------------------------------------------------------- the loop
 class _IterationLog:
-    """Per-step columns as Python lists (appended in the hot loop)."""
+    """Per-step columns as typed arrays (8 bytes a value; appended in the hot loop)."""
 
     COLUMNS = (
         "start_time_s",
@@ -234,9 +235,11 @@ class _IterationLog:
         "scheduler_wall_time_s",
     )
 
+    FLOAT_COLUMNS = ("start_time_s", "duration_s", "scheduler_wall_time_s")
+
     def __init__(self) -> None:
         for name in self.COLUMNS:
-            setattr(self, name, [])
+            setattr(self, name, array("d" if name in self.FLOAT_COLUMNS else "q"))
 
 
 def simulate(trace: Trace, config: SimulationConfig | None = None, progress: bool = False) -> SimulationResult:
@@ -343,7 +346,7 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
         log.kv_tokens_stored.append(kv.num_stored_tokens)
         log.num_running.append(len(policy.running))
         log.num_waiting.append(len(policy.waiting))
-        log.skipped.append(False)
+        log.skipped.append(0)
         log.scheduler_wall_time_s.append(stats.wall_time_s - wall_before)
         iteration += 1
         if config.check_invariants:
@@ -390,10 +393,7 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
         "simulation": config.to_dict(),
         "policy": policy.describe(),
         "limits": asdict(limits),
-        "deployment": deployment.describe() if config.num_kv_blocks is None else {
-            **{k: v for k, v in deployment.describe().items() if k != "num_kv_blocks"},
-            "num_kv_blocks": limits.num_kv_blocks,
-        },
+        "deployment": deployment.describe(config.num_kv_blocks),
         "latency_model": latency.describe(),
         "reference_token_budget": reference_budget,
         "trace": {"num_requests": n, "metadata": trace.metadata},
@@ -453,7 +453,7 @@ def _skip(policy: Policy, latency: LatencyModel, log: _IterationLog, token_runs,
     log.kv_tokens_stored.extend(stored.tolist())
     log.num_running.extend([batch] * taken)
     log.num_waiting.extend([len(policy.waiting)] * taken)
-    log.skipped.extend([True] * taken)
+    log.skipped.extend([1] * taken)
     log.scheduler_wall_time_s.extend([wall_each] * taken)
     return now, iteration + taken
 
@@ -550,18 +550,35 @@ def _requests_table(frame, predicted, request_objects, first_token, finish, reas
     return table
 
 
-def _tbt_stats(token_runs, iteration_end: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and p99 time between tokens per request [s] (NaN with fewer than two tokens)."""
+def _tbt_stats(token_runs, iteration_end: np.ndarray, n: int, chunk_tokens: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and p99 time between tokens per request [s] (NaN with fewer than two tokens).
+
+    Requests are processed in chunks of about ``chunk_tokens`` tokens, so memory stays bounded."""
+    mean = np.full(n, np.nan)
+    p99 = np.full(n, np.nan)
+    start = 0
+    while start < n:
+        stop, tokens = start, 0
+        while stop < n and (tokens == 0 or tokens < chunk_tokens):
+            runs = token_runs[stop]
+            tokens += sum(runs[1::2]) - sum(runs[0::2])
+            stop += 1
+        _tbt_chunk(token_runs, iteration_end, start, stop, mean, p99)
+        start = stop
+    return mean, p99
+
+
+def _tbt_chunk(token_runs, iteration_end, first, stop, mean, p99) -> None:
     run_starts, run_ends, owners = [], [], []
-    for i, runs in enumerate(token_runs):
+    for i in range(first, stop):
+        runs = token_runs[i]
         if runs:
             run_starts.extend(runs[0::2])
             run_ends.extend(runs[1::2])
-            owners.extend([i] * (len(runs) // 2))
-    mean = np.full(n, np.nan)
-    p99 = np.full(n, np.nan)
+            owners.extend([i - first] * (len(runs) // 2))
+    n = stop - first
     if not owners:
-        return mean, p99
+        return
     starts = np.asarray(run_starts, dtype=np.int64)
     lengths = np.asarray(run_ends, dtype=np.int64) - starts
     run_owner = np.asarray(owners, dtype=np.int64)
@@ -574,11 +591,12 @@ def _tbt_stats(token_runs, iteration_end: np.ndarray, n: int) -> tuple[np.ndarra
     gaps = np.diff(times)[same]
     gap_owner = token_owner[1:][same]
     if gaps.size == 0:
-        return mean, p99
+        return
     counts = np.bincount(gap_owner, minlength=n)
     sums = np.bincount(gap_owner, weights=gaps, minlength=n)
     has = counts > 0
-    mean[has] = sums[has] / counts[has]
+    where = np.flatnonzero(has) + first
+    mean[where] = sums[has] / counts[has]
     order = np.lexsort((gaps, gap_owner))
     sorted_gaps = gaps[order]
     first_index = np.cumsum(counts) - counts
@@ -588,8 +606,7 @@ def _tbt_stats(token_runs, iteration_end: np.ndarray, n: int) -> tuple[np.ndarra
     base = first_index[has]
     low_value = sorted_gaps[base + lo]
     high_value = sorted_gaps[base + hi]
-    p99[has] = low_value + (high_value - low_value) * (position - lo)
-    return mean, p99
+    p99[where] = low_value + (high_value - low_value) * (position - lo)
 
 
 def _iterations_table(log: _IterationLog, limits: EngineLimits, policy: Policy) -> pd.DataFrame:
