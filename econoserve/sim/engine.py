@@ -22,7 +22,6 @@ whatever the policy refuses (its reason).
 from __future__ import annotations
 
 import json
-import time
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
