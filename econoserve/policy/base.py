@@ -252,6 +252,39 @@ class Policy(ABC):
             decision.kv_allocations[request.request_id] = new
         return True
 
+    def _schedule_decodes_first(self, budget: int, decision: SchedulerDecision) -> tuple[int, list[Request]]:
+        """One decode token for each running decoding request, in running order, within ``budget``
+        [tokens]; when blocks run out, preempt the most recently admitted running request.
+
+        Returns the remaining budget [tokens] and the running requests still in prefill (their
+        chunks are the caller's to schedule). Shared by the stall-free policies (Sarathi-Serve,
+        FastGen), which put decodes before prompt chunks.
+        """
+        running = self.running
+        prefilling: list[Request] = []
+        i = 0
+        while i < len(running):
+            request = running[i]
+            if not request.is_decoding:
+                prefilling.append(request)
+                i += 1
+                continue
+            if budget <= 0:
+                break
+            preempted_self = False
+            while not self._allocate(request, 1, decision):
+                victim = running.pop()
+                self._preempt(victim, decision)
+                if victim is request:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break
+            decision.add(request, 1)
+            budget -= 1
+            i += 1
+        return budget, prefilling
+
     def _on_finished(self, request: Request) -> None:
         """Hook for subclasses (e.g. to release reservations of a group)."""
 

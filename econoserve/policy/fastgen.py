@@ -57,29 +57,7 @@ class FastGenPolicy(Policy):
     def _schedule(self, now_s: float) -> SchedulerDecision:
         decision = SchedulerDecision()
         budget = self.config.token_budget
-        running = self.running
-        prefilling: list[Request] = []
-        i = 0
-        while i < len(running):
-            request = running[i]
-            if not request.is_decoding:
-                prefilling.append(request)
-                i += 1
-                continue
-            if budget <= 0:
-                break
-            preempted_self = False
-            while not self._allocate(request, 1, decision):
-                victim = running.pop()
-                self._preempt(victim, decision)
-                if victim is request:
-                    preempted_self = True
-                    break
-            if preempted_self:
-                break
-            decision.add(request, 1)
-            budget -= 1
-            i += 1
+        budget, prefilling = self._schedule_decodes_first(budget, decision)
         for request in prefilling:
             if budget <= 0:
                 break
@@ -93,7 +71,7 @@ class FastGenPolicy(Policy):
         if decision.preempted:
             return decision
         waiting = self.waiting
-        while waiting and budget > 0 and len(running) < self.config.max_num_seqs:
+        while waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = waiting[0]
             num_new = min(request.num_pending_tokens, budget)
             if not self._allocate(request, num_new, decision):

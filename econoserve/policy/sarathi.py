@@ -79,30 +79,8 @@ class SarathiPolicy(Policy):
     def _schedule(self, now_s: float) -> SchedulerDecision:
         decision = SchedulerDecision()
         budget = self.config.token_budget
-        running = self.running
         # 1. decodes first
-        prefilling: list[Request] = []
-        i = 0
-        while i < len(running):
-            request = running[i]
-            if not request.is_decoding:
-                prefilling.append(request)
-                i += 1
-                continue
-            if budget <= 0:
-                break
-            preempted_self = False
-            while not self._allocate(request, 1, decision):
-                victim = running.pop()
-                self._preempt(victim, decision)
-                if victim is request:
-                    preempted_self = True
-                    break
-            if preempted_self:
-                break
-            decision.add(request, 1)
-            budget -= 1
-            i += 1
+        budget, prefilling = self._schedule_decodes_first(budget, decision)
         # 2. ongoing prompt chunks (their blocks are reserved; a preempted one is gone)
         for request in prefilling:
             if budget <= 0:
@@ -117,7 +95,7 @@ class SarathiPolicy(Policy):
         # 3. new prompts, whole-prompt KV reserved
         waiting = self.waiting
         kv = self.kv_cache
-        while waiting and budget > 0 and len(running) < self.config.max_num_seqs:
+        while waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = waiting[0]
             prompt = request.num_pending_tokens  # prompt, plus generated tokens after a preemption
             need = kv.blocks_for(prompt)
