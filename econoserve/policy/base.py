@@ -271,19 +271,23 @@ class Policy(ABC):
                 continue
             if budget <= 0:
                 break
-            preempted_self = False
-            while not self._allocate(request, 1, decision):
-                victim = running.pop()
-                self._preempt(victim, decision)
-                if victim is request:
-                    preempted_self = True
-                    break
-            if preempted_self:
+            if not self._allocate_or_preempt(request, 1, decision):
                 break
             decision.add(request, 1)
             budget -= 1
             i += 1
         return budget, prefilling
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, decision: SchedulerDecision) -> bool:
+        """Allocate slots for ``num_tokens`` more tokens of a running request, preempting the most
+        recently admitted running request (vLLM's recompute rule) until they fit. False when the
+        request itself had to be preempted."""
+        while not self._allocate(request, num_tokens, decision):
+            victim = self.running.pop()
+            self._preempt(victim, decision)
+            if victim is request:
+                return False
+        return True
 
     def _on_finished(self, request: Request) -> None:
         """Hook for subclasses (e.g. to release reservations of a group)."""

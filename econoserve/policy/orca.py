@@ -92,14 +92,7 @@ class OrcaPolicy(Policy):
                 break
             # Within the reservation this always succeeds; only a request that outgrows a
             # reservation smaller than the context can fail, and then it preempts (see docstring).
-            preempted_self = False
-            while not self._allocate(request, num_new, decision):
-                victim = running.pop()
-                self._preempt(victim, decision)
-                if victim is request:
-                    preempted_self = True
-                    break
-            if preempted_self:
+            if not self._allocate_or_preempt(request, num_new, decision):
                 break
             decision.add(request, num_new)
             budget -= num_new

@@ -183,14 +183,7 @@ class VLLMChunkedPolicy(Policy):
             num_new = request.num_pending_tokens
             if num_new > budget:
                 num_new = budget
-            preempted_self = False
-            while not self._allocate(request, num_new, decision):
-                victim = running.pop()
-                self._preempt(victim, decision)
-                if victim is request:
-                    preempted_self = True
-                    break
-            if preempted_self:
+            if not self._allocate_or_preempt(request, num_new, decision):
                 break
             decision.add(request, num_new)
             budget -= num_new

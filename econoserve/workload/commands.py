@@ -12,7 +12,6 @@ from econoserve.workload import registry
 from econoserve.workload.arrivals import ARRIVAL_PROCESSES, interarrival_cv
 from econoserve.workload.datasets import (
     DATASETS,
-    TIMESTAMPED_DATASETS,
     LoadOptions,
     TraceSpec,
     build_trace,
