@@ -3,12 +3,15 @@
 * Real data comes from the local mirror ``ECONOSERVE_DATA_MIRROR`` (``.ci/run`` and the Makefile
   set it to ``../shared/data``; here it defaults to that too). Tests marked ``realdata`` are
   skipped when no mirror is present, except under CI (``CI`` set), where a missing mirror fails.
+* Tests marked ``serving`` run a real vLLM engine: skipped when vLLM is not importable, except
+  with ``ECONOSERVE_REQUIRE_VLLM=1`` (``make test-serving``), where a missing vLLM fails the run.
 * Every test session gets its own empty data cache (``ECONOSERVE_DATA_CACHE``), so loaders are
   exercised for real rather than read from an earlier run's cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -38,14 +41,31 @@ def _session_data_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["ECONOSERVE_DATA_CACHE"] = previous
 
 
+VLLM_AVAILABLE = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight OPT model, built once per session (serving tests)."""
+    from econoserve.serving.models import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(TinyModelSpec(), tmp_path_factory.mktemp("models"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if mirror_available():
+    _gate(items, "realdata", mirror_available(), bool(os.environ.get("CI")),
+          "no dataset mirror (set ECONOSERVE_DATA_MIRROR to ../shared/data)")
+    _gate(items, "serving", VLLM_AVAILABLE, os.environ.get("ECONOSERVE_REQUIRE_VLLM") == "1",
+          "vLLM is not installed (scripts/install_serving.sh)")
+
+
+def _gate(items: list[pytest.Item], marker: str, available: bool, required: bool, reason: str) -> None:
+    """Skip the tests marked ``marker`` when their resource is missing; fail the run if required."""
+    if available or not any(marker in item.keywords for item in items):
         return
-    if os.environ.get("CI"):
-        raise pytest.UsageError(
-            "CI run without the dataset mirror: set ECONOSERVE_DATA_MIRROR to ../shared/data"
-        )
-    skip = pytest.mark.skip(reason="no dataset mirror (set ECONOSERVE_DATA_MIRROR)")
+    if required:
+        raise pytest.UsageError(f"{marker} tests required but {reason}")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
-        if "realdata" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)

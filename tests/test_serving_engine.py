@@ -1,43 +1,21 @@
 """Real vLLM (CPU) in this process: the tiny model, trace replay with vLLM's default policy, aborts.
 
-Skipped when vLLM is not importable, unless ``ECONOSERVE_REQUIRE_VLLM=1`` (then they fail).
+Skipped when vLLM is not importable, unless ``ECONOSERVE_REQUIRE_VLLM=1`` (then the run fails; tests/conftest.py).
 Run with the serving venv: ``.venv-serving/bin/pytest tests/test_serving_*.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 
-VLLM_AVAILABLE = importlib.util.find_spec("vllm") is not None
-VLLM_REQUIRED = os.environ.get("ECONOSERVE_REQUIRE_VLLM") == "1"
-
 pytestmark = [
     pytest.mark.serving,
-    pytest.mark.skipif(
-        not VLLM_AVAILABLE and not VLLM_REQUIRED,
-        reason="vLLM is not installed (scripts/install_serving.sh; ECONOSERVE_REQUIRE_VLLM=1 makes this fail)",
-    ),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _vllm_present():
-    if not VLLM_AVAILABLE:
-        pytest.fail("ECONOSERVE_REQUIRE_VLLM=1 but vLLM is not importable")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from econoserve.serving.models import TinyModelSpec, build_tiny_model
-
-    return build_tiny_model(TinyModelSpec(), tmp_path_factory.mktemp("models"))
 
 
 def _synthetic_trace(num_requests: int, seed: int = 0, rate_rps: float = 16.0, max_output: int = 96):
