@@ -38,7 +38,7 @@ def workloads(draw):
 def _policy_config(name: str, budget: int) -> dict:
     if name == "vllm-chunked":
         return {"max_num_batched_tokens": budget, "max_num_seqs": 8}
-    if name in ("sarathi", "fastgen"):
+    if name in ("sarathi", "fastgen") or name.startswith("econoserve"):
         return {"token_budget": budget, "max_num_seqs": 8}
     if name == "orca":
         return {"max_batch_size": 8}

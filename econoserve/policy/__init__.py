@@ -6,16 +6,21 @@
   allocations and reservations;
 * :class:`Policy` - owns the queues and the KV cache; ``add_request``, ``schedule``,
   ``update_from_output``; counts its own invocations and wall time;
-* :func:`make_policy` - ``vllm``, ``vllm-chunked``, ``orca``, ``sarathi``, ``fastgen``.
+* :func:`make_policy` - ``vllm``, ``vllm-chunked``, ``orca``, ``sarathi``, ``fastgen``, and
+  ``econoserve`` with its ablations ``econoserve-no-kvcpipe``, ``econoserve-no-ordering``,
+  ``econoserve-no-syncdecoupled``, ``econoserve-oracle``.
 """
 
 from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.econoserve import EconoServeConfig, EconoServePolicy
 from econoserve.policy.decision import SchedulerDecision, SchedulerStats
 from econoserve.policy.kv_cache import KVCache, KVCacheError
 from econoserve.policy.registry import POLICIES, PolicyConfigError, make_config, make_policy, policy_names, register_policy
 from econoserve.policy.request import Request, RequestStatus
 
 __all__ = [
+    "EconoServeConfig",
+    "EconoServePolicy",
     "EngineLimits",
     "KVCache",
     "KVCacheError",

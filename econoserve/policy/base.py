@@ -36,15 +36,32 @@ class EngineLimits:
         Tokens per KV block [tokens]; vLLM's default is 16.
     max_model_len:
         The model's context length: prompt + output may not exceed it [tokens].
+    saturating_token_budget:
+        The smallest step size [tokens] at which the GPU's compute is saturated (throughput
+        within a few percent of its peak). The simulator derives it from its latency model
+        (:func:`econoserve.sim.latency.saturating_token_budget`); the vLLM adapter uses the
+        engine's ``max_num_batched_tokens``. Policies with a derived token budget use it.
+    prefill_time_per_token_s:
+        Estimated time of one prompt token in a saturated step [s/token], for policies that
+        estimate remaining time (SLO slack); from the executor's latency model.
+    decode_time_per_step_s:
+        Estimated time of one decode step [s], likewise.
     """
 
     num_kv_blocks: int
     block_size: int = 16
     max_model_len: int = 2048
+    saturating_token_budget: int = 512
+    prefill_time_per_token_s: float = 1e-4
+    decode_time_per_step_s: float = 0.02
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks <= 0 or self.block_size <= 0 or self.max_model_len <= 0:
             raise ValueError(f"engine limits must be positive: {self}")
+        if self.saturating_token_budget <= 0:
+            raise ValueError(f"saturating_token_budget must be > 0, got {self.saturating_token_budget}")
+        if self.prefill_time_per_token_s <= 0 or self.decode_time_per_step_s <= 0:
+            raise ValueError(f"time estimates must be > 0: {self}")
 
 
 class Policy(ABC):
@@ -137,6 +154,11 @@ class Policy(ABC):
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def wants_oracle_predictions(self) -> bool:
+        """True when the policy asks the executor for the true response length as prediction."""
+        return False
 
     @property
     def token_budget(self) -> int | None:

@@ -127,14 +127,16 @@ class KVCache:
         return max(0, -(-num_tokens // self.block_size) - held)
 
     # ------------------------------------------------------------------ allocation
-    def allocate_slots(self, request_id: int, num_tokens: int, use_global_reserve: bool = False) -> int | None:
+    def allocate_slots(self, request_id: int, num_tokens: int, use_global_reserve: bool = False,
+                       global_reserve_first: bool = False) -> int | None:
         """Make the request's allocated blocks cover ``num_tokens`` tokens in total.
 
         Blocks come from the request's own reservation first, then from the free pool, then (if
-        ``use_global_reserve``) from the global reserve. The request's stored-token count becomes
-        ``num_tokens`` (the step that computes them is about to run). Returns the number of blocks
-        newly allocated (0 if it already held enough), or ``None`` if there is not enough space, in
-        which case nothing changes.
+        ``use_global_reserve``) from the global reserve; with ``global_reserve_first`` the global
+        reserve is drawn before the free pool (EconoServe's misprediction extension). The
+        request's stored-token count becomes ``num_tokens`` (the step that computes them is about
+        to run). Returns the number of blocks newly allocated (0 if it already held enough), or
+        ``None`` if there is not enough space, in which case nothing changes.
         """
         need = -(-num_tokens // self.block_size)
         have = self._allocated.get(request_id, 0)
@@ -146,10 +148,10 @@ class KVCache:
             from_global = 0
             if from_pool:
                 free = self.num_free_blocks
-                if from_pool > free:
-                    if not use_global_reserve or from_pool - free > self.num_global_reserve_free:
-                        return None
-                    from_global = from_pool - free
+                global_free = self.num_global_reserve_free if use_global_reserve else 0
+                if from_pool > free + global_free:
+                    return None
+                from_global = min(from_pool, global_free) if global_reserve_first else max(0, from_pool - free)
                 if from_global:
                     self.num_global_reserve_used += from_global
                     self._from_global[request_id] = self._from_global.get(request_id, 0) + from_global
@@ -201,6 +203,11 @@ class KVCache:
         self._reserved[host_id] = available - num_blocks
         self._reserved[guest_id] = self._reserved.get(guest_id, 0) + num_blocks
         self._loans[guest_id] = (host_id, num_blocks)
+
+    def lender_of(self, guest_id: int) -> int | None:
+        """The host whose reservation the guest borrowed from (KVCPipe), or ``None``."""
+        loan = self._loans.get(guest_id)
+        return loan[0] if loan is not None else None
 
     def free(self, request_id: int) -> int:
         """Release everything the request holds; returns the number of blocks released."""

@@ -7,6 +7,7 @@ from typing import Mapping
 
 from econoserve.errors import UserError
 from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.econoserve import ECONOSERVE_POLICIES
 from econoserve.policy.fastgen import FastGenPolicy
 from econoserve.policy.orca import OrcaPolicy
 from econoserve.policy.sarathi import SarathiPolicy
@@ -14,7 +15,8 @@ from econoserve.policy.vllm import VLLMChunkedPolicy, VLLMPolicy
 
 #: Every registered policy, by name.
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (VLLMPolicy, VLLMChunkedPolicy, OrcaPolicy, SarathiPolicy, FastGenPolicy)
+    cls.name: cls
+    for cls in (VLLMPolicy, VLLMChunkedPolicy, OrcaPolicy, SarathiPolicy, FastGenPolicy, *ECONOSERVE_POLICIES)
 }
 
 

@@ -21,6 +21,7 @@ whatever the policy refuses (its reason).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,7 @@ from econoserve.sim.latency import (
     isolated_execution_times_s,
     make_latency_model,
     saturating_token_budget,
+    typical_step_times_s,
 )
 from econoserve.workload.trace import Trace
 
@@ -90,7 +92,12 @@ class SimulationConfig:
         length), ``none``.
     reference_token_budget:
         Tokens per step that count as a fully used GPU, for GPU token utilization [tokens];
-        ``None`` = the latency model's saturating batch size.
+        ``None`` = the latency model's saturating token budget.
+    saturation_fraction:
+        The saturating token budget is the smallest step size [tokens] whose prompt throughput
+        reaches this fraction of the latency model's peak, i.e. past which throughput rises by
+        less than ``1 - saturation_fraction`` (default 5 %). Policies with a derived token
+        budget (EconoServe) use it; so does GPU token utilization.
     skip_ahead:
         Advance steady decode-only stretches in bulk (see the module docstring).
     max_skip_steps:
@@ -115,6 +122,7 @@ class SimulationConfig:
     seed: int = 0
     predictions: str = "trace"
     reference_token_budget: int | None = None
+    saturation_fraction: float = 0.95
     skip_ahead: bool = True
     max_skip_steps: int = 4096
     check_invariants: bool = False
@@ -130,6 +138,8 @@ class SimulationConfig:
             raise UserError(f"max_model_len must be > 0, got {self.max_model_len}")
         if self.reference_token_budget is not None and self.reference_token_budget <= 0:
             raise UserError(f"reference_token_budget must be > 0, got {self.reference_token_budget}")
+        if not 0 < self.saturation_fraction <= 1:
+            raise UserError(f"saturation_fraction must be in (0, 1], got {self.saturation_fraction}")
         if self.max_skip_steps < 1:
             raise UserError(f"max_skip_steps must be >= 1, got {self.max_skip_steps}")
         if self.activation_reserve_gib_per_gpu < 0:
@@ -209,7 +219,16 @@ def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, Eng
         latency = make_latency_model(config.latency_model, deployment)
     num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else deployment.num_kv_blocks
     max_model_len = config.max_model_len or deployment.model.max_context_tokens
-    limits = EngineLimits(num_kv_blocks=num_blocks, block_size=config.block_size, max_model_len=max_model_len)
+    budget = saturating_token_budget(latency, fraction=config.saturation_fraction)
+    prefill_step_s, decode_step_s = typical_step_times_s(latency, budget)
+    limits = EngineLimits(
+        num_kv_blocks=num_blocks,
+        block_size=config.block_size,
+        max_model_len=max_model_len,
+        saturating_token_budget=budget,
+        prefill_time_per_token_s=prefill_step_s / budget,
+        decode_time_per_step_s=decode_step_s,
+    )
     return deployment, latency, limits
 
 
@@ -245,14 +264,14 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
     """Run ``trace`` through the policy and deployment of ``config``; return the run's tables."""
     config = config or SimulationConfig()
     deployment, latency, limits = build_setup(config)
-    policy = make_policy(config.scheduler, limits, make_config(config.scheduler, dict(config.policy_config)))
+    policy = make_policy(config.scheduler, limits, make_config(config.scheduler, _policy_overrides(config)))
     frame = trace.requests
     n = len(frame)
     arrivals = frame["arrival_time_s"].to_numpy(dtype=float)
     prompt = frame["prompt_tokens"].to_numpy(dtype=np.int64)
     output = frame["output_tokens"].to_numpy(dtype=np.int64)
     request_ids = frame["request_id"].to_numpy(dtype=np.int64)
-    predicted = _predictions(trace, config)
+    predicted = _predictions(trace, config, policy)
 
     arrivals_list = arrivals.tolist()
     output_list = output.tolist()
@@ -344,7 +363,7 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
         log.kv_blocks_reserved.append(kv.num_reserved_blocks)
         log.kv_tokens_stored.append(kv.num_stored_tokens)
         log.num_running.append(len(policy.running))
-        log.num_waiting.append(len(policy.waiting))
+        log.num_waiting.append(policy.num_waiting)
         log.skipped.append(0)
         log.scheduler_wall_time_s.append(stats.wall_time_s - wall_before)
         iteration += 1
@@ -384,10 +403,12 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
         latency, config.slo_scale,
     )
     iterations_table = _iterations_table(log, limits, policy)
-    reference_budget = config.reference_token_budget or saturating_token_budget(latency, prompt_tokens=512)
+    reference_budget = config.reference_token_budget or limits.saturating_token_budget
     summary = summarize(requests_table, iterations_table, reference_budget, stats.invocations, stats.wall_time_s)
     summary["scheduler"] = policy.name
     summary["skipped_iterations"] = stats.skipped_steps
+    for key, value in stats.extra.items():
+        summary[f"policy_{key}"] = value
     full_config = {
         "simulation": config.to_dict(),
         "policy": policy.describe(),
@@ -451,7 +472,7 @@ def _skip(policy: Policy, latency: LatencyModel, log: _IterationLog, token_runs,
     log.kv_blocks_reserved.extend(reserved_total.tolist())
     log.kv_tokens_stored.extend(stored.tolist())
     log.num_running.extend([batch] * taken)
-    log.num_waiting.extend([len(policy.waiting)] * taken)
+    log.num_waiting.extend([policy.num_waiting] * taken)
     log.skipped.extend([1] * taken)
     log.scheduler_wall_time_s.extend([wall_each] * taken)
     return now, iteration + taken
@@ -468,9 +489,19 @@ def _check_step(policy: Policy, start: float, end: float) -> None:
             raise SimulationError(f"request {request.request_id} computed more tokens than its blocks hold")
 
 
-def _predictions(trace: Trace, config: SimulationConfig) -> list[int | None]:
+def _policy_overrides(config: SimulationConfig) -> dict[str, object]:
+    """The policy's configuration overrides; a policy that orders by SLO (it has a ``slo_scale``
+    field) gets the simulation's ``slo_scale`` unless it is overridden explicitly."""
+    overrides = dict(config.policy_config)
+    defaults = make_config(config.scheduler)
+    if dataclasses.is_dataclass(defaults) and any(f.name == "slo_scale" for f in dataclasses.fields(defaults)):
+        overrides.setdefault("slo_scale", config.slo_scale)
+    return overrides
+
+
+def _predictions(trace: Trace, config: SimulationConfig, policy: Policy) -> list[int | None]:
     n = len(trace)
-    if config.predictions == "oracle":
+    if config.predictions == "oracle" or policy.wants_oracle_predictions:
         return trace.requests["output_tokens"].astype(int).tolist()
     if config.predictions == "trace" and trace.has_predictions:
         return trace.requests["predicted_output_tokens"].astype(int).tolist()

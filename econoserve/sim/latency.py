@@ -244,7 +244,7 @@ def isolated_execution_times_s(
     return total
 
 
-def saturating_token_budget(model: LatencyModel, fraction: float = 0.9, prompt_tokens: int = 512,
+def saturating_token_budget(model: LatencyModel, fraction: float = 0.95, prompt_tokens: int = 512,
                             max_tokens: int = 16384) -> int:
     """Smallest batch token count whose prefill throughput [tokens/s] reaches ``fraction`` of the
     best over batch sizes up to ``max_tokens`` (batches of ``prompt_tokens``-token prompts)."""
@@ -253,6 +253,19 @@ def saturating_token_budget(model: LatencyModel, fraction: float = 0.9, prompt_t
     times = model.iteration_time_s(sizes, np.zeros_like(sizes), sizes, pairs)
     throughput = sizes / times
     return int(sizes[np.argmax(throughput >= fraction * throughput.max())])
+
+
+def typical_step_times_s(model: LatencyModel, token_budget: int, prompt_tokens: int = 512,
+                         context_tokens: int = 512) -> tuple[float, float]:
+    """Times [s] of a prompt-only step of ``token_budget`` tokens (``prompt_tokens``-token
+    prompts) and of a one-request decode step at ``context_tokens`` of context: the estimates
+    policies use for remaining time (:class:`~econoserve.policy.base.EngineLimits`)."""
+    budget = float(token_budget)
+    prefill = model.iteration_time_s(np.array([budget]), np.zeros(1), np.array([budget]),
+                                     np.array([budget * (prompt_tokens + 1) * 0.5]))
+    context = np.array([float(context_tokens)])
+    decode = model.iteration_time_s(np.zeros(1), np.ones(1), context, context)
+    return float(np.asarray(prefill)[0]), float(np.asarray(decode)[0])
 
 
 def make_latency_model(spec: str | None, deployment: Deployment) -> LatencyModel:

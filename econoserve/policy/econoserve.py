@@ -1,0 +1,662 @@
+"""EconoServe: decoupled prompt and generation queues, time-synced exact allocation, KVCPipe,
+a global reserve for mispredictions, and SLO/occupancy ordering.
+
+Shen and Sen, "EconoServe: Maximizing Multi-Resource Utilization with SLO Guarantees in LLM
+Serving", arXiv 2411.06364. Only the abstract is public; the rules below are the reconstruction
+of ``PAPER.md`` ("Reconstruction: EconoServe", points 1-9), every knob in
+:class:`EconoServeConfig`.
+
+**Queues** (point 1). A request is first a *prompt task* (PT) in the PT queue. Admitted, it holds
+KV for its prompt and gets prompt chunks each step; when its prompt is done (its first token is
+sampled) it becomes a *generation task* (GT) in the GT queue, still holding its prompt's KV, until
+a time-synced admission gives it an exact allocation and it generates one token per step.
+
+**Exact allocation** (point 2). A GT's allocation covers ``prompt + A - 1`` tokens (the last
+sampled token is never cached), where ``A = rl_bucket * ceil(P * (1 + rl_padding) / rl_bucket)``
+for the predicted response length ``P``: the padded prediction rounded up to its bucket. A GT that
+has outgrown its prediction (after a preemption) is given ``generated + rl_bucket``. Without a
+prediction the allocation is the model's context (Orca's rule).
+
+**Steps** (point 3). Every step runs every generating GT (one token each) and fills the rest of
+the token budget with prompt tokens, longest-waiting first within the PT order, chunking long
+prompts. The token budget is ``token_budget`` or, by default, the engine's saturating token
+budget (the smallest step size past which the latency model's throughput rises by less than a
+few percent, :func:`econoserve.sim.latency.saturating_token_budget`).
+
+**PT admission** (point 4). A PT starts when KV for its prompt is free, less the growth the GT
+queue's head still needs for its exact allocation (so new prompts never starve a waiting GT);
+``prompt_admission="lookahead"`` instead keeps free the exact allocations of every PT and queued
+GT in the pipeline (fewer prompts in flight; KVCPipe then rarely has a queued GT to place). The
+default ``prompt`` measured better (lower JCT and higher throughput) on KV-bound synthetic loads.
+
+**Time-synced GT admission** (point 5). On an event (arrival, prompt done, request finished,
+preemption), the GT queue is taken in priority order and split by predicted-RL bucket; buckets go
+in the order of their best member, and each bucket's members are admitted together as one group
+while their exact allocations fit in the free pool. Once a GT does not fit, lower-priority GTs
+no longer take free blocks (no starvation of large GTs), but may still run by KVCPipe. Between
+events the standing decision is repeated without running the admission logic, so the number of
+invocations (``stats.invocations``) is far below the number of steps.
+
+**KVCPipe** (point 6). A generating host with ``R`` reserved (not yet used) blocks, ``B``
+allocated blocks and ``c`` cached tokens can lend ``g <= R`` blocks to a guest GT whose growth
+needs ``g`` blocks, if the guest's remaining padded generation ``A_guest - generated`` [steps]
+is at most ``(B + R - g) * block_size - c``, the steps the host can run on its own remaining
+space. The loan returns to the host when the guest finishes. If a guest over-runs, the host
+extends like a mispredicted GT, and preempts its own guests before anyone else.
+
+**Mispredictions** (point 7). A GT that outgrows its allocation takes blocks from the global
+reserve (``reserve_ratio`` of the cache, withheld from every admission), then from the free pool;
+only if both are empty is a GT preempted by recompute: the grower's guests first, then the
+running GT with the lowest priority (largest key) and, on ties, the least progress. A preempted
+request returns to the PT queue; it is never lost. Early finishers free their space at once.
+
+**Ordering** (point 8). With ``T_p`` = ``prefill_time_per_token_s`` and ``T_d`` =
+``decode_time_per_step_s`` of the engine (:class:`~econoserve.policy.base.EngineLimits`), a
+request's estimated isolated time is ``iso = prompt * T_p + A * T_d`` and its deadline
+``arrival + slo_scale * iso``. The *PT key* is the latest start time that still meets the
+deadline, ``deadline - remaining`` (remaining = pending prompt + padded generation, in seconds):
+smallest first, i.e. least SLO slack first (slack = key - now, and ``now`` is common to all).
+The *GT key* is that key minus ``gt_occupancy_weight * held_kv_tokens * T_d``: a GT holding
+more KV goes earlier (it releases more KV sooner), weighted against its SLO slack. Keys do not
+change while a request waits, so the queues stay sorted without re-scoring. Without Ordering
+both queues are FCFS.
+
+**Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
+queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
+a preemption the lowest-priority running request; decided every step) and ``oracle_rl`` (the
+executor passes the true length as the prediction).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from dataclasses import dataclass, replace
+
+from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.decision import SchedulerDecision
+from econoserve.policy.kv_cache import KVCache
+from econoserve.policy.request import Request, RequestStatus
+
+
+#: How a PT's admission guards the KV its request will need as a GT (see the module docstring).
+PROMPT_ADMISSION_RULES: tuple[str, ...] = ("lookahead", "prompt")
+
+
+@dataclass(frozen=True)
+class EconoServeConfig:
+    """Every knob of the EconoServe policy (units in brackets).
+
+    rl_bucket:
+        Width of a predicted-response-length bucket [tokens]; GTs of one bucket form a
+        time-synced group, and allocations are rounded up to a bucket boundary.
+    rl_padding:
+        Relative padding of the predicted length before allocation [fraction]; 0.1 allocates
+        110 % of the prediction (then rounded up to the bucket). A quantile predictor (e.g.
+        ``q = 0.9``) is the alternative way of padding: train it and set this to 0.
+    reserve_ratio:
+        Global reserve for mispredicted GTs [fraction of the KV blocks].
+    token_budget:
+        Most tokens in a step, GT decodes + prompt tokens [tokens]; ``None`` = the engine's
+        saturating token budget (from the latency model).
+    max_num_seqs:
+        Most requests scheduled in a step, GTs + PTs [requests] (vLLM's default 256).
+    slo_scale:
+        SLO target used by Ordering: JCT <= ``slo_scale`` x estimated isolated time.
+    gt_occupancy_weight:
+        How far each held KV token moves a GT ahead in the GT queue [decode steps per token];
+        0.1 means 10 held tokens count as one decode step less of slack.
+    fallback_output_tokens:
+        Allocation for a request without a prediction [tokens]; ``None`` = the model's context
+        less the prompt (maximum allocation).
+    no_kvcpipe, no_ordering, no_syncdecoupled:
+        Ablation switches (see the module docstring).
+    oracle_rl:
+        Ask the executor for the true response length as the prediction.
+    prompt_admission:
+        ``lookahead``: a PT starts only if the free pool covers its prompt and the exact
+        allocations still owed to every PT and queued GT, its own included; ``prompt``: only its
+        prompt, less what the GT queue's head still needs (more prompts in flight; queued GTs
+        then rely on freed space and KVCPipe).
+    """
+
+    rl_bucket: int = 32
+    rl_padding: float = 0.1
+    reserve_ratio: float = 0.05
+    token_budget: int | None = None
+    max_num_seqs: int = 256
+    slo_scale: float = 5.0
+    gt_occupancy_weight: float = 0.1
+    fallback_output_tokens: int | None = None
+    no_kvcpipe: bool = False
+    no_ordering: bool = False
+    no_syncdecoupled: bool = False
+    oracle_rl: bool = False
+    prompt_admission: str = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.prompt_admission not in PROMPT_ADMISSION_RULES:
+            raise ValueError(f"prompt_admission must be one of {', '.join(PROMPT_ADMISSION_RULES)}, got {self.prompt_admission!r}")
+        if self.rl_bucket <= 0:
+            raise ValueError(f"rl_bucket must be > 0, got {self.rl_bucket}")
+        if self.rl_padding < 0:
+            raise ValueError(f"rl_padding must be >= 0, got {self.rl_padding}")
+        if not 0 <= self.reserve_ratio < 1:
+            raise ValueError(f"reserve_ratio must be in [0, 1), got {self.reserve_ratio}")
+        if self.token_budget is not None and self.token_budget <= 0:
+            raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        if self.slo_scale <= 0:
+            raise ValueError(f"slo_scale must be > 0, got {self.slo_scale}")
+        if self.gt_occupancy_weight < 0:
+            raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
+        if self.fallback_output_tokens is not None and self.fallback_output_tokens <= 0:
+            raise ValueError(f"fallback_output_tokens must be > 0, got {self.fallback_output_tokens}")
+
+
+class EconoServePolicy(Policy):
+    """EconoServe (see the module docstring); ablations through :class:`EconoServeConfig`.
+
+    ``waiting`` is not used: the PT queue is a heap of ``(key, seq, request)`` and the GT queue
+    a sorted list of the same; ``running`` holds the scheduled requests, PTs (prefilling) and
+    generating GTs.
+    """
+
+    name = "econoserve"
+    config_class = EconoServeConfig
+    decides_every_step = False
+
+    def __init__(self, limits: EngineLimits, config: EconoServeConfig | None = None) -> None:
+        super().__init__(limits, config)
+        cfg = self.config
+        self.decides_every_step = cfg.no_syncdecoupled
+        self._pt_queue: list[tuple[float, int, Request]] = []
+        self._gt_queue: list[tuple[float, int, Request]] = []
+        self._generating: set[int] = set()
+        self._allocated_output_tokens: dict[int, int] = {}
+        self._gt_key: dict[int, float] = {}
+        self._group_of: dict[int, int] = {}
+        self._sequence = itertools.count()
+        self._groups = itertools.count()
+        self._event = False
+        self._pt_waits_for_budget = False
+        for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "reserve_extension_blocks",
+                        "free_extension_blocks", "gt_evictions"):
+            self.stats.extra[counter] = 0
+
+    def _make_kv_cache(self) -> KVCache:
+        reserve = 0 if self.config.no_syncdecoupled else int(self.config.reserve_ratio * self.limits.num_kv_blocks)
+        return KVCache(self.limits.num_kv_blocks, self.limits.block_size, global_reserve_blocks=reserve)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def token_budget(self) -> int:
+        return self.config.token_budget or self.limits.saturating_token_budget
+
+    @property
+    def wants_oracle_predictions(self) -> bool:
+        return self.config.oracle_rl
+
+    @property
+    def num_waiting(self) -> int:
+        """PTs not started plus GTs waiting for their allocation [requests]."""
+        return len(self._pt_queue) + len(self._gt_queue)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._pt_queue) or bool(self._gt_queue) or bool(self.running)
+
+    def gt_queue(self) -> list[Request]:
+        """GTs waiting for an exact allocation, in priority order."""
+        return [entry[2] for entry in self._gt_queue]
+
+    def pt_queue(self) -> list[Request]:
+        """PTs not started, in priority order."""
+        return [entry[2] for entry in sorted(self._pt_queue)]
+
+    def group_of(self, request_id: int) -> int | None:
+        """The time-synced group a GT was admitted in (``None`` if never admitted)."""
+        return self._group_of.get(request_id)
+
+    def allocated_output_tokens(self, request: Request) -> int:
+        """The response length a GT's exact allocation covers [tokens] (see the module docstring)."""
+        rid = request.request_id
+        cached = self._allocated_output_tokens.get(rid)
+        generated = request.num_output_tokens
+        if cached is not None and cached > generated:
+            return cached
+        cfg = self.config
+        room = self.limits.max_model_len - request.num_prompt_tokens
+        if cached is None:
+            predicted = request.predicted_output_tokens
+            if predicted is None:
+                predicted = cfg.fallback_output_tokens or room
+            padded = max(1, -int(-predicted * (1.0 + cfg.rl_padding) // 1))
+            tokens = cfg.rl_bucket * -(-padded // cfg.rl_bucket)
+        else:  # outgrew its allocation: one more bucket beyond what it has generated
+            tokens = generated + cfg.rl_bucket
+        tokens = max(min(tokens, room), generated + 1)
+        self._allocated_output_tokens[rid] = tokens
+        return tokens
+
+    def rl_bucket_of(self, request: Request) -> int:
+        """The predicted-RL bucket index of a GT (allocation / ``rl_bucket``)."""
+        return -(-self.allocated_output_tokens(request) // self.config.rl_bucket)
+
+    def exact_allocation_tokens(self, request: Request) -> int:
+        """KV tokens a GT's exact allocation covers: prompt + allocated output - 1, capped by the
+        context and the cache less the global reserve [tokens]."""
+        kv = self.kv_cache
+        tokens = request.num_prompt_tokens + self.allocated_output_tokens(request) - 1
+        cap = (kv.num_blocks - kv.global_reserve_blocks) * kv.block_size
+        return max(request.num_tokens - 1, min(tokens, self.limits.max_model_len, cap))
+
+    # ------------------------------------------------------------------ ordering
+    def _isolated_estimate_s(self, request: Request) -> float:
+        limits = self.limits
+        return (request.num_prompt_tokens * limits.prefill_time_per_token_s
+                + self.allocated_output_tokens(request) * limits.decode_time_per_step_s)
+
+    def _remaining_estimate_s(self, request: Request) -> float:
+        limits = self.limits
+        remaining_output = self.allocated_output_tokens(request) - request.num_output_tokens
+        return (request.num_pending_tokens * limits.prefill_time_per_token_s
+                + max(0, remaining_output) * limits.decode_time_per_step_s)
+
+    def pt_key(self, request: Request) -> float:
+        """PT queue key [s]: latest start that meets the estimated deadline (smaller first)."""
+        if self.config.no_ordering:
+            return request.arrival_time_s
+        deadline = request.arrival_time_s + self.config.slo_scale * self._isolated_estimate_s(request)
+        return deadline - self._remaining_estimate_s(request)
+
+    def gt_key(self, request: Request) -> float:
+        """GT queue key [s]: the PT key less the weighted KV it holds (smaller first)."""
+        if self.config.no_ordering:
+            return float(next(self._sequence))
+        held_tokens = request.num_computed_tokens
+        bonus = self.config.gt_occupancy_weight * held_tokens * self.limits.decode_time_per_step_s
+        return self.pt_key(request) - bonus
+
+    def _push_pt(self, request: Request) -> None:
+        heapq.heappush(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
+
+    def _push_gt(self, request: Request) -> None:
+        key = self.gt_key(request)
+        self._gt_key[request.request_id] = key
+        bisect.insort(self._gt_queue, (key, next(self._sequence), request))
+
+    # ------------------------------------------------------------------ executor API
+    def admission_check(self, request: Request) -> str | None:
+        kv = self.kv_cache
+        usable = kv.num_blocks - kv.global_reserve_blocks
+        if kv.blocks_for(request.num_prompt_tokens) > usable:
+            return (
+                f"prompt of {request.num_prompt_tokens} tokens needs {kv.blocks_for(request.num_prompt_tokens)} "
+                f"KV blocks; the cache has {kv.num_blocks} less a global reserve of {kv.global_reserve_blocks}"
+            )
+        return None
+
+    def add_request(self, request: Request) -> str | None:
+        reason = self.admission_check(request)
+        if reason is not None:
+            request.status = RequestStatus.REJECTED
+            self.stats.rejections += 1
+            return reason
+        request.status = RequestStatus.WAITING
+        self._push_pt(request)
+        self._event = True
+        return None
+
+    def update_from_output(self, decision: SchedulerDecision, finished=()) -> None:
+        finished = list(finished)
+        super().update_from_output(decision, finished)
+        for request in finished:
+            self._forget(request)
+            self._event = True
+        if self.config.no_syncdecoupled:
+            return
+        prompt_done = [
+            r for r in decision.scheduled
+            if r.status == RequestStatus.RUNNING and r.request_id not in self._generating and r.is_decoding
+        ]
+        if prompt_done:
+            done_ids = {r.request_id for r in prompt_done}
+            self.running = [r for r in self.running if r.request_id not in done_ids]
+            for request in prompt_done:
+                self._push_gt(request)
+            self._event = True
+
+    def _forget(self, request: Request) -> None:
+        rid = request.request_id
+        self._generating.discard(rid)
+        self._allocated_output_tokens.pop(rid, None)
+        self._gt_key.pop(rid, None)
+
+    # ------------------------------------------------------------------ one step
+    def _schedule(self, now_s: float) -> SchedulerDecision:
+        if self.config.no_syncdecoupled:
+            return self._schedule_coupled()
+        decision = SchedulerDecision()
+        invoke = self._event and bool(self._pt_queue or self._gt_queue)
+        if invoke:
+            self._event = False
+            self._admit_generation_groups(decision)
+        self._schedule_generation(decision)
+        budget = self.token_budget - decision.num_decode_tokens
+        budget = self._schedule_prompt_chunks(budget, decision)
+        if self._pt_queue and budget > 0 and (invoke or self._pt_waits_for_budget):
+            invoke = True
+            self._admit_prompts(budget, decision)
+        if decision.is_empty and not self.running and self._gt_queue:
+            invoke = True
+            self._evict_for_head(decision)
+        decision.invoked = invoke or bool(decision.preempted)
+        return decision
+
+    def _admit_generation_groups(self, decision: SchedulerDecision) -> None:
+        """Time-synced admission: groups of same-bucket GTs, in priority order, each GT with its
+        exact allocation from the free pool, or by KVCPipe from a running host's idle tail."""
+        kv = self.kv_cache
+        buckets: dict[int, list[tuple[float, int, Request]]] = {}
+        for entry in self._gt_queue:
+            buckets.setdefault(self.rl_bucket_of(entry[2]), []).append(entry)
+        admitted: set[int] = set()
+        blocked = False
+        for members in buckets.values():
+            group = next(self._groups)
+            grouped = 0
+            for entry in members:
+                if len(self.running) >= self.config.max_num_seqs:
+                    break
+                request = entry[2]
+                need = kv.growth_blocks_needed(request.request_id, self.exact_allocation_tokens(request))
+                if need == 0 or (not blocked and need <= kv.num_free_blocks):
+                    if need:
+                        decision.kv_reservations[request.request_id] = kv.reserve(
+                            request.request_id, self.exact_allocation_tokens(request))
+                elif not self.config.no_kvcpipe and self._borrow(request, need, decision):
+                    pass
+                else:
+                    blocked = True
+                    continue
+                self._start_generation(request, group)
+                admitted.add(request.request_id)
+                grouped += 1
+            if grouped:
+                self.stats.extra["groups_formed"] += 1
+        if admitted:
+            self._gt_queue = [e for e in self._gt_queue if e[2].request_id not in admitted]
+
+    def _start_generation(self, request: Request, group: int) -> None:
+        self._generating.add(request.request_id)
+        self._group_of[request.request_id] = group
+        self.stats.extra["gt_admissions"] += 1
+        self._admit(request)
+
+    def _borrow(self, guest: Request, need: int, decision: SchedulerDecision) -> bool:
+        """KVCPipe: lend ``need`` blocks [blocks] of a host's idle tail to ``guest`` if the guest's
+        padded remaining generation ends before the host would need them; best fit host."""
+        if need <= 0:
+            return False
+        kv = self.kv_cache
+        block = kv.block_size
+        guest_steps = self.allocated_output_tokens(guest) - guest.num_output_tokens
+        best: Request | None = None
+        best_reserved = 0
+        for host in self.running:
+            rid = host.request_id
+            if rid not in self._generating or kv.lender_of(rid) is not None:
+                continue
+            reserved = kv.reserved_blocks(rid)
+            if reserved < need or (best is not None and reserved >= best_reserved):
+                continue
+            steps_on_own = (kv.allocated_blocks(rid) + reserved - need) * block - host.num_computed_tokens
+            if guest_steps <= steps_on_own:
+                best, best_reserved = host, reserved
+        if best is None:
+            return False
+        kv.lend(best.request_id, guest.request_id, need)
+        decision.kv_reservations[guest.request_id] = need
+        self.stats.extra["kvcpipe_loans"] += 1
+        return True
+
+    def _schedule_generation(self, decision: SchedulerDecision) -> None:
+        """One token for every generating GT; extension from the reserve, then the free pool,
+        then preemption (the grower's guests, then the lowest-priority GT)."""
+        gts = [r for r in self.running if r.request_id in self._generating]
+        for request in gts:
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this pass
+            self._grow(request, decision)
+        for request in gts:
+            if request.status == RequestStatus.RUNNING:
+                decision.add(request, 1)
+        for victim in decision.preempted:
+            decision.kv_allocations.pop(victim.request_id, None)
+
+    def _grow(self, request: Request, decision: SchedulerDecision) -> None:
+        kv = self.kv_cache
+        rid = request.request_id
+        target = request.num_computed_tokens + 1
+        while True:
+            if kv.growth_blocks_needed(rid, target) == 0:
+                self._allocate(request, 1, decision)
+                return
+            reserve_before = kv.num_global_reserve_used
+            new = kv.allocate_slots(rid, target, use_global_reserve=True, global_reserve_first=True)
+            if new is not None:
+                from_reserve = kv.num_global_reserve_used - reserve_before
+                self.stats.extra["reserve_extension_blocks"] += from_reserve
+                self.stats.extra["free_extension_blocks"] += new - from_reserve
+                decision.kv_allocations[rid] = decision.kv_allocations.get(rid, 0) + new
+                return
+            victim = self._victim_for(request)
+            self._preempt(victim, decision)
+            if victim is request:
+                return
+
+    def _victim_for(self, grower: Request) -> Request:
+        """Who is preempted when ``grower`` finds no block: its own guests first, then the
+        running GT with the largest GT key (lowest priority), least progress on ties."""
+        kv = self.kv_cache
+        candidates = [r for r in self.running if r.request_id in self._generating and r is not grower]
+        guests = [r for r in candidates if kv.lender_of(r.request_id) == grower.request_id]
+        if guests:
+            return max(guests, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
+        if not candidates:
+            return grower
+        return max(candidates, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
+
+    def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
+        """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left."""
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.request_id in self._generating or request.status != RequestStatus.RUNNING:
+                continue
+            num_new = min(request.num_pending_tokens, budget)
+            if not self._allocate(request, num_new, decision):
+                raise RuntimeError(f"econoserve: PT {request.request_id} lost its prompt reservation")
+            decision.add(request, num_new)
+            budget -= num_new
+        return budget
+
+    def _pipeline_growth_blocks(self) -> int:
+        """Blocks the PTs and queued GTs will still need for their exact allocations."""
+        kv = self.kv_cache
+        total = 0
+        for request in itertools.chain(
+            (r for r in self.running if r.request_id not in self._generating), (e[2] for e in self._gt_queue)
+        ):
+            total += kv.growth_blocks_needed(request.request_id, self.exact_allocation_tokens(request))
+        return total
+
+    def _kept_free_blocks(self) -> int:
+        """Free blocks a PT admission must leave untouched [blocks]: with ``lookahead``, the
+        growth every PT and queued GT still needs for its exact allocation; with ``prompt``,
+        only the growth the GT queue's head still needs (so new prompts cannot starve it)."""
+        if self.config.prompt_admission == "lookahead":
+            return self._pipeline_growth_blocks()
+        if not self._gt_queue:
+            return 0
+        head = self._gt_queue[0][2]
+        return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
+
+    def _admit_prompts(self, budget: int, decision: SchedulerDecision) -> None:
+        """Start PTs in priority order while the budget, ``max_num_seqs`` and the KV rule of
+        ``prompt_admission`` allow (see the module docstring); the first chunk runs in this step."""
+        kv = self.kv_cache
+        lookahead = self.config.prompt_admission == "lookahead"
+        committed = self._kept_free_blocks()
+        self._pt_waits_for_budget = False
+        while self._pt_queue:
+            if budget <= 0:
+                self._pt_waits_for_budget = True
+                return
+            if len(self.running) >= self.config.max_num_seqs:
+                return
+            request = self._pt_queue[0][2]
+            rid = request.request_id
+            prompt_blocks = kv.blocks_for(request.num_pending_tokens)
+            own_growth = kv.blocks_for(self.exact_allocation_tokens(request)) - prompt_blocks if lookahead else 0
+            if prompt_blocks + max(0, own_growth) + committed > kv.num_free_blocks:
+                return
+            heapq.heappop(self._pt_queue)
+            reserved = kv.reserve(rid, request.num_pending_tokens)
+            if reserved:
+                decision.kv_reservations[rid] = reserved
+            committed += max(0, own_growth)
+            num_new = min(request.num_pending_tokens, budget)
+            self._allocate(request, num_new, decision)
+            self._admit(request)
+            decision.add(request, num_new)
+            budget -= num_new
+
+    def _evict_for_head(self, decision: SchedulerDecision) -> None:
+        """Nothing runs and the GT queue's head cannot get its allocation: send the lowest
+        priority queued GTs back to the PT queue (their KV freed) until the head fits."""
+        kv = self.kv_cache
+        head = self._gt_queue[0][2]
+        while len(self._gt_queue) > 1:
+            need = kv.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
+            if need <= kv.num_free_blocks:
+                break
+            victim = self._gt_queue.pop()[2]
+            self.stats.extra["gt_evictions"] += 1
+            self._preempt(victim, decision)
+        self._event = True
+
+    def _preempt(self, request: Request, decision: SchedulerDecision) -> None:
+        """Preempt by recompute: free the KV and return the request to the PT queue."""
+        if request.status == RequestStatus.RUNNING and request in self.running:
+            self.running.remove(request)
+        self.kv_cache.free(request.request_id)
+        self._generating.discard(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self._push_pt(request)
+        decision.preempted.append(request)
+        self._event = True
+
+    # ------------------------------------------------------------------ ablation: coupled
+    def _schedule_coupled(self) -> SchedulerDecision:
+        """Without SyncDecoupled: one queue, decodes first, prompt chunks under the budget, KV on
+        demand; a preemption takes the lowest-priority running request. Decides every step."""
+        decision = SchedulerDecision()
+        budget = self.token_budget
+        decoding = [r for r in self.running if r.is_decoding][:budget]
+        for request in decoding:
+            while request.status == RequestStatus.RUNNING and not self._allocate(request, 1, decision):
+                victim = max(self.running, key=lambda r: (self.pt_key(r), -r.num_output_tokens))
+                self._preempt(victim, decision)
+        for request in decoding:
+            if request.status == RequestStatus.RUNNING:
+                decision.add(request, 1)
+                budget -= 1
+        for victim in decision.preempted:
+            decision.kv_allocations.pop(victim.request_id, None)
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.is_decoding:
+                continue
+            num_new = min(request.num_pending_tokens, budget)
+            self._allocate(request, num_new, decision)  # within the prompt's reservation
+            decision.add(request, num_new)
+            budget -= num_new
+        kv = self.kv_cache
+        while self._pt_queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self._pt_queue[0][2]
+            reserved = kv.reserve(request.request_id, request.num_pending_tokens)
+            if reserved is None:
+                break
+            heapq.heappop(self._pt_queue)
+            if reserved:
+                decision.kv_reservations[request.request_id] = reserved
+            num_new = min(request.num_pending_tokens, budget)
+            self._allocate(request, num_new, decision)
+            self._admit(request)
+            decision.add(request, num_new)
+            budget -= num_new
+        return decision
+
+    # ------------------------------------------------------------------ skip-ahead
+    def _steady_free_margin(self) -> int:
+        # SyncDecoupled: a bulk stretch may not extend any GT beyond what it holds (extensions
+        # draw on the global reserve first, which the bulk update does not model).
+        return 0 if self.config.no_syncdecoupled else self.kv_cache.num_free_blocks
+
+    def describe(self) -> dict[str, object]:
+        described = super().describe()
+        described["global_reserve_blocks"] = self.kv_cache.global_reserve_blocks
+        return described
+
+
+class _EconoServeAblation(EconoServePolicy):
+    """EconoServe with some switches forced on (the ablation scheduler names)."""
+
+    forced: dict[str, bool] = {}
+
+    def __init__(self, limits: EngineLimits, config: EconoServeConfig | None = None) -> None:
+        super().__init__(limits, replace(config or EconoServeConfig(), **self.forced))
+
+
+class EconoServeNoKVCPipePolicy(_EconoServeAblation):
+    """EconoServe without KVCPipe (idle tails of exact allocations are never lent)."""
+
+    name = "econoserve-no-kvcpipe"
+    forced = {"no_kvcpipe": True}
+
+
+class EconoServeNoOrderingPolicy(_EconoServeAblation):
+    """EconoServe with FCFS PT and GT queues."""
+
+    name = "econoserve-no-ordering"
+    forced = {"no_ordering": True}
+
+
+class EconoServeNoSyncDecoupledPolicy(_EconoServeAblation):
+    """EconoServe without SyncDecoupled: coupled PT/GT, KV on demand (vLLM-like admission)."""
+
+    name = "econoserve-no-syncdecoupled"
+    forced = {"no_syncdecoupled": True}
+
+
+class EconoServeOraclePolicy(_EconoServeAblation):
+    """EconoServe with the true response length as its prediction."""
+
+    name = "econoserve-oracle"
+    forced = {"oracle_rl": True}
+
+
+#: EconoServe and its ablations, for the policy registry.
+ECONOSERVE_POLICIES: tuple[type[EconoServePolicy], ...] = (
+    EconoServePolicy,
+    EconoServeNoKVCPipePolicy,
+    EconoServeNoOrderingPolicy,
+    EconoServeNoSyncDecoupledPolicy,
+    EconoServeOraclePolicy,
+)
