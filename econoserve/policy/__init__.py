@@ -12,10 +12,17 @@
 """
 
 from econoserve.policy.base import EngineLimits, Policy
-from econoserve.policy.econoserve import EconoServeConfig, EconoServePolicy
 from econoserve.policy.decision import SchedulerDecision, SchedulerStats
+from econoserve.policy.econoserve import EconoServeConfig, EconoServePolicy
 from econoserve.policy.kv_cache import KVCache, KVCacheError
-from econoserve.policy.registry import POLICIES, PolicyConfigError, make_config, make_policy, policy_names, register_policy
+from econoserve.policy.registry import (
+    POLICIES,
+    PolicyConfigError,
+    make_config,
+    make_policy,
+    policy_names,
+    register_policy,
+)
 from econoserve.policy.request import Request, RequestStatus
 
 __all__ = [

@@ -79,7 +79,6 @@ from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.kv_cache import KVCache
 from econoserve.policy.request import Request, RequestStatus
 
-
 #: How a PT's admission guards the KV its request will need as a GT (see the module docstring).
 PROMPT_ADMISSION_RULES: tuple[str, ...] = ("lookahead", "prompt")
 

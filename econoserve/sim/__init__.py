@@ -4,7 +4,15 @@
 ``SimulationResult.write(directory)``.
 """
 
-from econoserve.sim.catalog import GPUS, MODELS, Deployment, GPUSpec, ModelSpec, get_gpu, get_model
+from econoserve.sim.catalog import (
+    GPUS,
+    MODELS,
+    Deployment,
+    GPUSpec,
+    ModelSpec,
+    get_gpu,
+    get_model,
+)
 from econoserve.sim.engine import (
     WALL_CLOCK_COLUMNS,
     WALL_CLOCK_SUMMARY_KEYS,
@@ -14,7 +22,11 @@ from econoserve.sim.engine import (
     build_setup,
     simulate,
 )
-from econoserve.sim.latency import FittedLatencyModel, RooflineLatencyModel, RooflineParams
+from econoserve.sim.latency import (
+    FittedLatencyModel,
+    RooflineLatencyModel,
+    RooflineParams,
+)
 
 __all__ = [
     "Deployment",
