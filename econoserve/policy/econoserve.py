@@ -42,7 +42,8 @@ allocated blocks and ``c`` cached tokens can lend ``g <= R`` blocks to a guest G
 needs ``g`` blocks, if the guest's remaining padded generation ``A_guest - generated`` [steps]
 is at most ``(B + R - g) * block_size - c``, the steps the host can run on its own remaining
 space. The loan returns to the host when the guest finishes. If a guest over-runs, the host
-extends like a mispredicted GT, and preempts its own guests before anyone else.
+extends like a mispredicted GT and preempts its own guests before anyone else; a guest that
+finds no space for its own growth preempts itself, never its host.
 
 **Mispredictions** (point 7). A GT that outgrows its allocation takes blocks from the global
 reserve (``reserve_ratio`` of the cache, withheld from every admission), then from the free pool;
@@ -260,7 +261,8 @@ class EconoServePolicy(Policy):
     def _remaining_estimate_s(self, request: Request) -> float:
         limits = self.limits
         remaining_output = self.allocated_output_tokens(request) - request.num_output_tokens
-        return (request.num_pending_tokens * limits.prefill_time_per_token_s
+        pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
+        return (pending_prompt * limits.prefill_time_per_token_s
                 + max(0, remaining_output) * limits.decode_time_per_step_s)
 
     def pt_key(self, request: Request) -> float:
@@ -457,16 +459,16 @@ class EconoServePolicy(Policy):
                 return
 
     def _victim_for(self, grower: Request) -> Request:
-        """Who is preempted when ``grower`` finds no block: its own guests first, then the
-        running GT with the largest GT key (lowest priority), least progress on ties."""
+        """Who is preempted when ``grower`` finds no block: its own KVCPipe guests first; a
+        guest that over-runs its loan preempts itself (a host never pays for its guest); else the
+        generating GT (the grower included) with the largest GT key (lowest priority), least
+        progress on ties."""
         kv = self.kv_cache
-        candidates = [r for r in self.running if r.request_id in self._generating and r is not grower]
-        guests = [r for r in candidates if kv.lender_of(r.request_id) == grower.request_id]
-        if guests:
-            return max(guests, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
-        if not candidates:
+        generating = [r for r in self.running if r.request_id in self._generating]
+        guests = [r for r in generating if kv.lender_of(r.request_id) == grower.request_id]
+        if not guests and kv.lender_of(grower.request_id) is not None:
             return grower
-        return max(candidates, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
+        return max(guests or generating, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
 
     def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
         """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left."""
