@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("vllm", "vllm-chunked", "orca", "sarathi", "fastgen")
+POLICIES = ("vllm", "vllm-chunked", "orca", "sarathi", "fastgen", "econoserve-oracle")
 
 #: Vidur (microsoft/vidur), measured from its source with its real A100 profiles on this machine
 #: class: Llama-2-70B, TP2-PP2, 10k Azure-conversation-length requests, Poisson 2/s.

@@ -90,15 +90,15 @@ def test_a_gt_starts_only_when_its_exact_allocation_fits():
 
 
 # --------------------------------------------------------------------- KVCPipe
-def _host_and_guest(host_steps_before_guest: int):
+def _host_and_guest(host_steps_before_guest: int, guest_predicted: int = 32, **config):
     # Host: prompt 16, predicted 96 -> 111 tokens = 7 blocks. Guest: prompt 16, predicted 32 ->
     # 47 tokens = 3 blocks, 2 to grow. Cache: host 7 + guest prompt 1 + 1 free = 9 blocks.
-    policy = _policy(9, rl_bucket=16)
+    policy = _policy(9, rl_bucket=16, **config)
     _add(policy, 0, 16, 96)
-    true_output = {0: 96, 1: 32}
+    true_output = {0: 96, 1: guest_predicted}
     for _ in range(1 + host_steps_before_guest):
         _step(policy, true_output)
-    _add(policy, 1, 16, 32, arrival=1.0)
+    _add(policy, 1, 16, guest_predicted, arrival=1.0)
     return policy, true_output
 
 
@@ -133,10 +133,29 @@ def test_kvcpipe_refuses_a_guest_that_would_outlive_the_hosts_own_space():
     assert policy.stats.extra["kvcpipe_loans"] == 0
 
 
+@pytest.mark.parametrize("mode", ["curve", "tail"])
+def test_curve_admission_uses_space_the_predicted_occupancy_frees_in_time(mode):
+    # The host has 14 steps left and holds all its 7 blocks (no idle tail). The guest (predicted
+    # 64 -> 79 tokens = 5 blocks) needs 4 more than the 1 free block, but within the host's 14
+    # steps it grows to 31 tokens = 2 blocks: 7 + 2 <= 9 at every step, then 5 alone.
+    policy, true_output = _host_and_guest(81, guest_predicted=64, kvcpipe=mode)
+    assert policy.kv_cache.reserved_blocks(0) == 0
+    _step(policy, true_output)  # guest's prompt
+    _step(policy, true_output)
+    generating = {r.request_id for r in policy.running}
+    if mode == "curve":
+        assert generating == {0, 1} and policy.stats.extra["curve_admissions"] == 1
+    else:
+        assert generating == {0} and [r.request_id for r in policy.gt_queue()] == [1]
+    while policy.has_unfinished_requests():
+        assert not _step(policy, true_output).preempted
+    assert policy.stats.extra["reserve_extension_blocks"] == 0
+
+
 def test_a_guest_that_overruns_its_loan_pays_for_it_not_its_host():
     # The guest is predicted 32 but runs to 200: it extends into the one free block, then finds
     # nothing. It has the higher priority (later arrival, much shorter) yet it, not the host, goes.
-    policy, true_output = _host_and_guest(host_steps_before_guest=2)
+    policy, true_output = _host_and_guest(host_steps_before_guest=2, kvcpipe="tail")
     true_output[1] = 200
     _step(policy, true_output)
     _step(policy, true_output)
