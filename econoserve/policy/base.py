@@ -76,6 +76,8 @@ class Policy(ABC):
     config_class: ClassVar[type] = object
     #: Whether the policy's decision logic runs every step (True) or only on events (False).
     decides_every_step: ClassVar[bool] = True
+    #: Whether the policy uses predicted response lengths (without them it falls back to a rule).
+    uses_predictions: ClassVar[bool] = False
 
     def __init__(self, limits: EngineLimits, config: object | None = None) -> None:
         self.limits = limits

@@ -186,6 +186,7 @@ class EconoServePolicy(Policy):
     name = "econoserve"
     config_class = EconoServeConfig
     decides_every_step = False
+    uses_predictions = True
 
     def __init__(self, limits: EngineLimits, config: EconoServeConfig | None = None) -> None:
         super().__init__(limits, config)

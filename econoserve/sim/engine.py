@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from array import array
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,6 +273,13 @@ def simulate(trace: Trace, config: SimulationConfig | None = None, progress: boo
     output = frame["output_tokens"].to_numpy(dtype=np.int64)
     request_ids = frame["request_id"].to_numpy(dtype=np.int64)
     predicted = _predictions(trace, config, policy)
+    if policy.uses_predictions and n and predicted[0] is None:
+        warnings.warn(
+            f"{policy.name}: the trace has no predicted_output_tokens, so every request gets the "
+            "fallback allocation (the model's context); annotate it with `econoserve predictor predict` "
+            "or use predictions='oracle'",
+            stacklevel=2,
+        )
 
     arrivals_list = arrivals.tolist()
     output_list = output.tolist()
