@@ -1,0 +1,113 @@
+"""Is the simulator faithful to the real engine? Simulate a served trace and compare per request.
+
+The real side is a run directory written by ``econoserve serve`` (vLLM on this machine); the
+simulated side replays the same trace through the same policy with:
+
+* the engine's limits: KV capacity ``kv_cache_tokens // block_size - 1`` blocks (vLLM keeps one
+  null block), its block size, ``max_model_len``, ``max_num_seqs`` and token budget
+  ``max_num_batched_tokens``;
+* a latency model fitted to step times measured on that engine
+  (``econoserve profile-engine``; :class:`~econoserve.sim.latency.FittedLatencyModel`).
+
+vLLM's own v1 scheduler is simulated by ``vllm-chunked`` (chunked prefill under the same token
+budget), ``econoserve`` by the same policy class the vLLM adapter runs. Errors are per request,
+relative to the real value: ``|simulated - real| / real`` for JCT and TTFT, summarised by their
+median and 90th percentile.
+
+No vLLM import here: the comparison reads run directories, so it runs in the main environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from econoserve.errors import UserError
+from econoserve.sim.engine import SimulationConfig
+
+#: Real scheduler name (``econoserve serve --scheduler``) -> simulated policy.
+SIMULATED_POLICY: dict[str, str] = {"vllm": "vllm-chunked", "econoserve": "econoserve"}
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """The parts of an engine's configuration that the simulator must copy (tokens, requests)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    kv_cache_tokens: int
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> "EngineShape":
+        """From a served run's ``config.json`` (its ``engine`` section)."""
+        engine = config.get("engine", config)
+        try:
+            return cls(
+                max_num_seqs=int(engine["max_num_seqs"]),
+                max_num_batched_tokens=int(engine["max_num_batched_tokens"]),
+                max_model_len=int(engine["max_model_len"]),
+                block_size=int(engine["block_size"]),
+                kv_cache_tokens=int(engine["kv_cache_tokens"]),
+            )
+        except (KeyError, TypeError) as error:
+            raise UserError(f"run configuration lacks the engine field {error}; was it written by econoserve serve?") from None
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Blocks a request can use: vLLM reserves one null block [blocks]."""
+        return self.kv_cache_tokens // self.block_size - 1
+
+
+def simulation_config(shape: EngineShape, scheduler: str, latency_model: str, **overrides: Any) -> SimulationConfig:
+    """The simulation of ``scheduler`` (a real scheduler name or a policy name) on that engine."""
+    policy = SIMULATED_POLICY.get(scheduler, scheduler)
+    if policy == "vllm-chunked":
+        policy_config = {"max_num_batched_tokens": shape.max_num_batched_tokens, "max_num_seqs": shape.max_num_seqs}
+    elif policy.startswith("econoserve"):
+        policy_config = {"token_budget": shape.max_num_batched_tokens, "max_num_seqs": shape.max_num_seqs}
+    else:
+        policy_config = {}
+    return SimulationConfig(
+        scheduler=policy,
+        policy_config={**policy_config, **overrides.pop("policy_config", {})},
+        block_size=shape.block_size,
+        num_kv_blocks=shape.num_kv_blocks,
+        max_model_len=shape.max_model_len,
+        latency_model=latency_model,
+        **overrides,
+    )
+
+
+def request_errors(real: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:
+    """Per request: real and simulated JCT and TTFT [s] and their relative errors.
+
+    Only requests that completed in both runs are compared; the others are counted by
+    :func:`error_summary` through ``compared``.
+    """
+    real_done = real[real["completed"]] if "completed" in real else real[real["status"] == "finished"]
+    sim_done = simulated[simulated["status"] == "finished"] if "status" in simulated else simulated[simulated["completed"]]
+    merged = real_done[["request_id", "jct_s", "ttft_s"]].merge(
+        sim_done[["request_id", "jct_s", "ttft_s"]], on="request_id", suffixes=("_real", "_sim"))
+    for metric in ("jct", "ttft"):
+        real_values = merged[f"{metric}_s_real"].to_numpy(float)
+        merged[f"{metric}_error"] = np.abs(merged[f"{metric}_s_sim"].to_numpy(float) - real_values) / np.maximum(real_values, 1e-9)
+    return merged
+
+
+def error_summary(errors: pd.DataFrame, num_requests: int | None = None) -> dict[str, float]:
+    """Median and p90 relative JCT and TTFT error, and how many requests were compared."""
+    summary: dict[str, float] = {"compared": float(len(errors))}
+    if num_requests is not None:
+        summary["num_requests"] = float(num_requests)
+    for metric in ("jct", "ttft"):
+        values = errors[f"{metric}_error"].to_numpy(float)
+        summary[f"median_{metric}_error"] = float(np.median(values)) if values.size else float("nan")
+        summary[f"p90_{metric}_error"] = float(np.percentile(values, 90)) if values.size else float("nan")
+        summary[f"mean_{metric}_real_s"] = float(errors[f"{metric}_s_real"].mean()) if values.size else float("nan")
+        summary[f"mean_{metric}_sim_s"] = float(errors[f"{metric}_s_sim"].mean()) if values.size else float("nan")
+    return summary

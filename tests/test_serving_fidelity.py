@@ -1,0 +1,50 @@
+"""The simulator-vs-real comparison (no vLLM needed: it reads run tables)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from econoserve.errors import UserError
+from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
+from econoserve.sim import simulate
+from econoserve.sim.synthetic import synthetic_trace
+
+
+def test_engine_shape_keeps_vllms_null_block_and_budgets():
+    shape = EngineShape.from_run_config({"engine": {"max_num_seqs": 64, "max_num_batched_tokens": 2048,
+                                                     "max_model_len": 2048, "block_size": 32,
+                                                     "kv_cache_tokens": 8192}})
+    assert shape.num_kv_blocks == 8192 // 32 - 1
+    vllm = simulation_config(shape, "vllm", "roofline")
+    assert vllm.scheduler == "vllm-chunked" and vllm.num_kv_blocks == 255 and vllm.block_size == 32
+    assert dict(vllm.policy_config) == {"max_num_batched_tokens": 2048, "max_num_seqs": 64}
+    econoserve = simulation_config(shape, "econoserve", "roofline", predictions="oracle")
+    assert dict(econoserve.policy_config) == {"token_budget": 2048, "max_num_seqs": 64}
+    assert econoserve.predictions == "oracle"
+    with pytest.raises(UserError, match="engine field"):
+        EngineShape.from_run_config({"engine": {"max_num_seqs": 64}})
+
+
+def test_errors_are_relative_per_request_and_only_over_requests_done_in_both():
+    real = pd.DataFrame({"request_id": [0, 1, 2, 3], "jct_s": [1.0, 2.0, 4.0, 9.0], "ttft_s": [0.1, 0.2, 0.4, 0.9],
+                         "completed": [True, True, True, False]})
+    simulated = pd.DataFrame({"request_id": [0, 1, 2, 3], "jct_s": [1.1, 1.0, 4.0, 9.0], "ttft_s": [0.1, 0.3, 0.2, 0.9],
+                              "status": ["finished"] * 4})
+    errors = request_errors(real, simulated)
+    assert errors.request_id.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(errors.jct_error, [0.1, 0.5, 0.0])
+    np.testing.assert_allclose(errors.ttft_error, [0.0, 0.5, 0.5])
+    summary = error_summary(errors, num_requests=4)
+    assert summary["compared"] == 3 and summary["num_requests"] == 4
+    assert summary["median_jct_error"] == pytest.approx(0.1)
+    assert summary["p90_jct_error"] == pytest.approx(np.percentile([0.1, 0.5, 0.0], 90))
+
+
+def test_a_simulation_compared_with_itself_has_no_error():
+    shape = EngineShape(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=1024, block_size=32, kv_cache_tokens=8192)
+    trace = synthetic_trace(40, rate_rps=10, prompt_tokens=(8, 200), output_tokens=(1, 100), seed=2)
+    result = simulate(trace, simulation_config(shape, "vllm", "roofline", model="opt-13b"))
+    errors = request_errors(result.requests, result.requests)
+    assert len(errors) == 40 and errors.jct_error.max() == 0.0
