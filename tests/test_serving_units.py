@@ -17,7 +17,7 @@ from econoserve.errors import UserError
 from econoserve.serving.engine import EngineConfig, kv_bytes_per_token
 from econoserve.serving.replay import ReplayRequest, RequestTimer, make_replay_requests, trace_request_id
 from econoserve.serving.results import ITERATION_COLUMNS, REQUEST_COLUMNS, requests_table, summarize
-from econoserve.serving.run import ServeSpec, scheduler_class
+from econoserve.serving.run import ServeSpec, scheduler_class, scheduler_options
 from econoserve.serving.server import live_group_members
 from econoserve.workload.trace import Trace
 
@@ -143,8 +143,14 @@ def test_engine_config_rejects_bad_values(tmp_path, field, value, message):
 
 def test_scheduler_names():
     assert scheduler_class("vllm").endswith("RecordingScheduler")
-    with pytest.raises(UserError, match="not available yet"):
-        scheduler_class("econoserve")
+    assert scheduler_class("econoserve") == "econoserve.serving.scheduler.EconoServeScheduler"
+    assert scheduler_class("policy:sarathi") == "econoserve.serving.scheduler.PolicyScheduler"
+    assert scheduler_options("policy:sarathi", {"token_budget": 256}) == {"policy": "sarathi", "policy_config": {"token_budget": 256}}
+    assert scheduler_options("econoserve") == {"policy": "econoserve"} and scheduler_options("vllm") == {}
+    with pytest.raises(UserError, match="takes no policy configuration"):
+        scheduler_options("vllm", {"token_budget": 256})
+    with pytest.raises(UserError, match="unknown policy 'fifo' in 'policy:fifo'"):
+        scheduler_class("policy:fifo")
     with pytest.raises(UserError, match="unknown scheduler 'fifo'"):
         scheduler_class("fifo")
     with pytest.raises(UserError, match="mode 'batch'"):
@@ -173,11 +179,15 @@ def test_cli_help_lists_serving_commands_without_vllm(capsys):
     assert "serve" in out and "profile-engine" in out
 
 
-def test_cli_refuses_econoserve_scheduler_on_one_line(tmp_path, capsys):
-    status = main(["serve", "--trace", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "run"), "--scheduler", "econoserve"])
+def test_cli_refuses_unknown_policy_and_bad_policy_config_on_one_line(tmp_path, capsys):
+    base = ["serve", "--trace", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "run")]
+    status = main([*base, "--scheduler", "policy:fifo"])
     err = capsys.readouterr().err
     assert status == 2
-    assert err.count("\n") == 1 and "not available yet" in err
+    assert err.count("\n") == 1 and "unknown policy 'fifo'" in err
+    status = main([*base, "--scheduler", "econoserve", "--policy-config", "[1]"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "expected a JSON object" in err
 
 
 # --------------------------------------------------------------------- process groups

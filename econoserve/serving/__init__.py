@@ -1,7 +1,7 @@
 """Real vLLM serving: engine harness, trace replay, per-step records, step-time profiler.
 
-Modules (vLLM is imported only inside functions, except in :mod:`.recording`, which subclasses
-vLLM's scheduler and is imported by vLLM itself through ``scheduler_cls``):
+Modules (vLLM is imported only inside functions, except in :mod:`.recording` and :mod:`.scheduler`, which subclass
+vLLM's scheduler and are imported by vLLM itself through ``scheduler_cls``):
 
 * :mod:`.models` — :func:`~.models.build_tiny_model` (random-weight OPT from a config, seeded,
   cached) and :func:`~.models.resolve_model` (``tiny-opt`` or a local path).
@@ -12,6 +12,10 @@ vLLM's scheduler and is imported by vLLM itself through ``scheduler_cls``):
 * :mod:`.client` — :func:`~.client.replay_over_http`, streaming replay against that server.
 * :mod:`.recording` — :class:`~.recording.RecordingScheduler`, vLLM's default policy with one
   :class:`~.recording.IterationRecord` per step (the base for the EconoServe scheduler class).
+* :mod:`.scheduler` — :class:`~.scheduler.PolicyScheduler` / :class:`~.scheduler.EconoServeScheduler`,
+  a vLLM scheduler whose every decision comes from one of :mod:`econoserve.policy`'s policies
+  (imports vLLM; named through ``scheduler_cls``); :mod:`.decisions` — its decision log and a
+  pure-Python replay that checks the engine executed exactly the policy's decisions.
 * :mod:`.replay` / :mod:`.results` — requests sent, timings kept, and the run directory
   (``requests.parquet``, ``iterations.parquet``, ``summary.json``).
 * :mod:`.run` — :func:`~.run.serve_trace`, one run end to end; :mod:`.commands` — the CLI.

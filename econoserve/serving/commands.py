@@ -104,7 +104,15 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--trace", required=True, type=Path, help="trace parquet file (econoserve trace build)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="run directory to write")
-    parser.add_argument("--scheduler", default="vllm", help="vllm (vLLM's default policy) | econoserve (default: %(default)s)")
+    parser.add_argument("--scheduler", default="vllm", metavar="vllm|econoserve|policy:NAME",
+                        help="vllm: vLLM's own scheduler; econoserve: EconoServe's policy inside vLLM "
+                             "(econoserve.serving.scheduler.EconoServeScheduler); policy:NAME: any registered "
+                             "policy inside vLLM, e.g. policy:sarathi, policy:econoserve-no-kvcpipe, "
+                             "policy:econoserve-oracle (default: %(default)s)")
+    parser.add_argument("--policy-config", default=None, metavar="JSON",
+                        help="econoserve / policy:NAME: overrides of the policy's configuration fields as a "
+                             "JSON object, e.g. '{\"rl_bucket\": 16}'; token budget and max_num_seqs fields "
+                             "default to the engine's --max-num-batched-tokens and --max-num-seqs")
     parser.add_argument("--mode", choices=("offline", "server"), default="offline",
                         help="in-process engine or loopback HTTP server (default: %(default)s)")
     parser.add_argument("--num-requests", type=int, default=None, help="replay only the first N requests")
@@ -117,10 +125,13 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from econoserve.serving.run import ServeSpec, scheduler_class, serve_trace
+    from dataclasses import replace
+
+    from econoserve.serving.run import ServeSpec, scheduler_class, scheduler_options, serve_trace
     from econoserve.workload.trace import Trace
 
     scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
+    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"))
     from econoserve.serving.engine import require_vllm
 
     require_vllm()
@@ -130,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--num-requests {args.num_requests}: must be > 0")
         trace = trace.head(args.num_requests)
     spec = ServeSpec(
-        engine=_engine_config(args, scheduler_cls),
+        engine=replace(_engine_config(args, scheduler_cls), extra_options=options),
         mode=args.mode,
         scheduler=args.scheduler,
         time_scale=args.time_scale,
@@ -143,6 +154,18 @@ def _serve(args: argparse.Namespace) -> int:
     print(json.dumps({k: result.summary.get(k) for k in keys}, indent=2))
     print(f"wrote {args.output}/requests.parquet, iterations.parquet, summary.json")
     return 0 if result.summary["failed"] == 0 else 1
+
+
+def _json_object(text: str | None, name: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{name} {text!r}: not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{name} {text!r}: expected a JSON object of field overrides")
+    return value
 
 
 # --------------------------------------------------------------------- profile-engine

@@ -34,14 +34,14 @@ MODES: tuple[str, ...] = ("offline", "server")
 #: Scheduler names accepted by ``econoserve serve --scheduler``, and their vLLM class paths.
 SCHEDULERS: dict[str, str] = {
     "vllm": "econoserve.serving.recording.RecordingScheduler",
+    "econoserve": "econoserve.serving.scheduler.EconoServeScheduler",
 }
+#: ``--scheduler policy:NAME`` runs the registered policy NAME (``sarathi``,
+#: ``econoserve-no-kvcpipe``, ...) inside vLLM through this class.
+POLICY_SCHEDULER_PREFIX = "policy:"
+POLICY_SCHEDULER = "econoserve.serving.scheduler.PolicyScheduler"
 #: Schedulers that are planned but not implemented yet, with the reason shown to the user.
-UNAVAILABLE_SCHEDULERS: dict[str, str] = {
-    "econoserve": (
-        "scheduler 'econoserve' is not available yet: the EconoServe vLLM scheduler class "
-        "(econoserve.serving.scheduler.EconoServeScheduler) is still to be written; use --scheduler vllm"
-    ),
-}
+UNAVAILABLE_SCHEDULERS: dict[str, str] = {}
 
 _ITERATION_LOG = "engine_steps.jsonl"
 
@@ -52,8 +52,35 @@ def scheduler_class(name: str) -> str:
         return SCHEDULERS[name]
     if name in UNAVAILABLE_SCHEDULERS:
         raise UserError(UNAVAILABLE_SCHEDULERS[name])
-    known = ", ".join([*SCHEDULERS, *UNAVAILABLE_SCHEDULERS])
+    if name.startswith(POLICY_SCHEDULER_PREFIX):
+        _policy_name(name)
+        return POLICY_SCHEDULER
+    known = ", ".join([*SCHEDULERS, *UNAVAILABLE_SCHEDULERS, f"{POLICY_SCHEDULER_PREFIX}NAME"])
     raise UserError(f"unknown scheduler {name!r}; choose one of {known}")
+
+
+def scheduler_options(name: str, policy_config: dict | None = None) -> dict:
+    """The ``additional_config["econoserve"]`` options a scheduler name implies (the policy and
+    its configuration overrides); empty for vLLM's own scheduler."""
+    options: dict = {}
+    if name.startswith(POLICY_SCHEDULER_PREFIX):
+        options["policy"] = _policy_name(name)
+    elif name == "econoserve":
+        options["policy"] = "econoserve"
+    if policy_config:
+        if not options:
+            raise UserError(f"scheduler {name!r} takes no policy configuration (vLLM's own policy)")
+        options["policy_config"] = dict(policy_config)
+    return options
+
+
+def _policy_name(name: str) -> str:
+    from econoserve.policy import policy_names
+
+    policy = name[len(POLICY_SCHEDULER_PREFIX):]
+    if policy not in policy_names():
+        raise UserError(f"unknown policy {policy!r} in {name!r}; registered: {', '.join(policy_names())}")
+    return policy
 
 
 @dataclass(frozen=True)
