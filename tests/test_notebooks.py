@@ -61,3 +61,40 @@ def test_rl_predictor_notebook(tmp_path):
     assert mae["model"] < mae["baseline"]  # beats the constant median even on 1,500 prompts
     assert (models / "alpaca-vicuna-regression" / "metadata.json").is_file()
     assert (out / "fig06_rl_predictor.png").stat().st_size > 10_000
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_simulated_serving_notebook(tmp_path):
+    figures, results = tmp_path / "figures", tmp_path / "results"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "03_simulated_serving.ipynb"),
+        str(tmp_path / "03.ipynb"),
+        parameters={"datasets": ["alpaca", "qmsum"], "schedulers": ["vllm", "orca", "econoserve"],
+                    "ablations": ["econoserve", "econoserve-no-kvcpipe"], "predictor": "oracle",
+                    "num_requests": 120, "seed": 1, "output_dir": str(results), "figures_dir": str(figures)},
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    for number in (2, 3, 4, 5, 7, 8, 9, 10, 11, 13, 14):
+        pngs = list(figures.glob(f"fig{number:02d}_*.png"))
+        assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000, number
+        assert pngs[0].with_suffix(".csv").is_file()
+    sweep = pd.read_parquet(results / "sweep.parquet")
+    assert set(sweep["scheduler"]) == {"vllm", "orca", "econoserve", "econoserve-no-kvcpipe"}
+    assert (sweep["num_requests"] == 120).all() and (sweep["seed"] == 1).all()
+    claims = pd.read_csv(figures / "headline_claims.csv")
+    assert {"jct_reduction", "sustained_rate"} <= set(claims["claim"])
+    assert set(claims["dataset"]) == {"alpaca", "qmsum", "all"}
+
+
+def test_simulated_serving_notebook_refuses_unregistered_schedulers(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="not registered: no-such-scheduler"):
+        papermill.execute_notebook(
+            str(NOTEBOOKS / "03_simulated_serving.ipynb"),
+            str(tmp_path / "03.ipynb"),
+            parameters={"schedulers": ["vllm", "no-such-scheduler"], "output_dir": str(tmp_path / "results"),
+                        "figures_dir": str(tmp_path / "figures")},
+            kernel_name="python3",
+            progress_bar=False,
+        )

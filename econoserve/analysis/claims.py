@@ -152,7 +152,8 @@ def headline_claims(sweep: pd.DataFrame, system: str = "econoserve", baseline: s
     best_rows = []
     for (claim, other), group in table.groupby(["claim", "baseline"], sort=False):
         worst = claim.startswith("sustained_rate")  # "sustains higher rates": on every dataset, so the worst case
-        values = group["measured"] if worst else group["measured"].replace([np.inf], np.nan)
+        # worst case: a NaN (the system meets the SLO at no swept rate) is the worst of all
+        values = group["measured"].fillna(-np.inf) if worst else group["measured"].replace([np.inf], np.nan)
         if values.dropna().empty:
             best = group.iloc[0].copy()
             best["measured"] = math.nan
