@@ -385,6 +385,25 @@ def test_econoserve_serves_a_trace_with_exact_lengths_and_its_decisions_replay(m
     assert report.num_steps == len(steps) and report.num_finished == 32
 
 
+@pytest.mark.realdata
+def test_alpaca_trace_under_econoserve_has_exact_lengths_and_replays(model_dir, tmp_path):
+    """Alpaca prompts and responses (OPT tokenizer), Poisson arrivals, predictions within +-30 %."""
+    _require_policy("econoserve")
+    from econoserve.workload.datasets import TraceSpec, build_trace
+
+    trace = build_trace(TraceSpec(dataset="alpaca", tokenizer="opt", num_requests=32, arrival="poisson", rate_rps=16, seed=0))
+    output = trace.requests["output_tokens"].to_numpy()
+    noise = np.random.default_rng(0).uniform(0.7, 1.3, len(output))
+    trace = trace.with_predictions(np.maximum(1, np.round(output * noise)).astype(int))
+    result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=4096, max_model_len=2048)
+    requests = result.requests
+    assert len(requests) == 32 and requests["completed"].all()
+    assert (requests["generated_tokens"] == output).all()
+    report = replay_decision_log(records)
+    assert report.equivalent, report.mismatch
+    assert report.num_finished == 32
+
+
 def test_econoserve_oracle_never_preempts_when_each_request_fits(model_dir, tmp_path):
     """Exact predictions and a load that needs queueing (its total KV is twice the cache) but where
     every request fits alone: exact allocation means no preemption, in the policy or in vLLM."""

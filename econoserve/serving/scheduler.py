@@ -43,6 +43,12 @@ always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-
 for :mod:`econoserve.serving.decisions`), ``stall_timeout_s``, and ``iteration_log`` (the
 per-step records of :class:`~econoserve.serving.recording.IterationRecordingMixin`).
 
+vLLM's pause states: ``PAUSED_ALL`` (pause mode ``keep``) schedules nothing, as in vLLM;
+under ``PAUSED_NEW`` (modes ``wait`` / ``abort``; the engine core queues new requests
+meanwhile) the policy goes on scheduling every request it already holds, queued ones included,
+so a ``wait`` pause drains everything added before it (vLLM's own scheduler would hold back the
+queued ones).
+
 Refused at construction (:class:`UnsupportedConfigError`): speculative decoding, KV or encoder
 cache connectors (disaggregation, offloading), multimodal and encoder-decoder models, LoRA,
 prefix caching (the policy's accounting has no shared blocks), pipeline or context parallelism,
