@@ -327,3 +327,21 @@ def test_invariants_hold_under_every_ablation_with_perturbed_predictions(name, s
     drop = [c for c in WALL_CLOCK_COLUMNS if c in iterations.columns]
     assert requests.equals(again.requests)
     assert iterations.drop(columns=drop).equals(again.iterations.drop(columns=drop))
+
+
+def test_abort_releases_a_request_in_every_queue_and_returns_a_loan():
+    policy, true_output = _host_and_guest(host_steps_before_guest=2, kvcpipe="tail")
+    _add(policy, 2, 64, 32, arrival=2.0)  # stays in the PT queue: no room for its 4-block prompt
+    _step(policy, true_output | {2: 32})
+    _step(policy, true_output | {2: 32})
+    kv = policy.kv_cache
+    assert kv.lender_of(1) == 0 and [r.request_id for r in policy.pt_queue()] == [2]
+    host_reserved = kv.reserved_blocks(0)
+    by_id = {r.request_id: r for r in policy.running + policy.pt_queue()}
+    policy.abort_request(by_id[1])  # the guest: its loan goes back to the host
+    assert kv.reserved_blocks(0) > host_reserved and not kv.holds(1)
+    policy.abort_request(by_id[2])
+    policy.abort_request(by_id[0])
+    assert not policy.has_unfinished_requests()
+    assert kv.num_allocated_blocks == kv.num_reserved_blocks == kv.num_stored_tokens == 0
+    kv.check_invariants()

@@ -267,24 +267,12 @@ def test_aborts_mid_step_free_both_kv_accountings_and_replay(model_dir):
     assert report.equivalent, report.mismatch
 
 
-def _lacks_own_abort(policy: str) -> bool:
-    """EconoServe keeps PT/GT queues of its own: aborting needs its ``abort_request``."""
-    from econoserve.policy.registry import POLICIES
-
-    cls = POLICIES.get(policy)
-    return cls is not None and policy.startswith("econoserve") and not hasattr(cls, "abort_request")
-
-
 @pytest.mark.parametrize("policy", ["vllm", "vllm-chunked", "orca", "sarathi", "fastgen", "econoserve",
                                     "econoserve-no-syncdecoupled"])
-def test_aborts_in_every_request_state_free_both_kv_accountings(model_dir, policy, request):
+def test_aborts_in_every_request_state_free_both_kv_accountings(model_dir, policy):
     """Under a tight cache, abort one request every few steps (queued, prefilling, waiting for
     its generation allocation, generating, preempted) and let the rest run to the end."""
     _require_policy(policy)
-    if _lacks_own_abort(policy):
-        request.applymarker(pytest.mark.xfail(
-            reason=f"{policy}: the policy has no abort_request, so an aborted request stays in its own "
-                   "PT/GT queues (needed in econoserve/policy/econoserve.py)", strict=True))
     scheduler = _stepped_scheduler(model_dir, policy, num_blocks=17)
     ids = [f"r{i}" for i in range(10)]
     for i, request_id in enumerate(ids):

@@ -146,6 +146,15 @@ class Policy(ABC):
         if done:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
 
+    def abort_request(self, request: Request) -> None:
+        """Drop ``request`` for good (a client abort): out of every queue, its KV and reservations
+        released. A policy with queues beyond ``waiting`` and ``running`` overrides this."""
+        try:
+            self.waiting.remove(request)
+        except ValueError:
+            pass
+        self.update_from_output(SchedulerDecision(), [request])
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting) or bool(self.running)
 

@@ -351,6 +351,21 @@ class EconoServePolicy(Policy):
                 self._push_gt(request)
             self._event = True
 
+    def abort_request(self, request: Request) -> None:
+        """Drop ``request`` for good from the PT queue, the GT queue or the running set; its KV,
+        reservation and any KVCPipe loan are released (a lent tail goes back to its host)."""
+        rid = request.request_id
+        in_pt_queue = [entry for entry in self._pt_queue if entry[2].request_id != rid]
+        if len(in_pt_queue) != len(self._pt_queue):
+            self._pt_queue = in_pt_queue
+            heapq.heapify(self._pt_queue)
+        self._gt_queue = [entry for entry in self._gt_queue if entry[2].request_id != rid]
+        self.running = [r for r in self.running if r.request_id != rid]
+        self.kv_cache.free(rid)
+        request.status = RequestStatus.FINISHED
+        self._forget(request)
+        self._event = True
+
     def _forget(self, request: Request) -> None:
         rid = request.request_id
         self._generating.discard(rid)

@@ -149,22 +149,9 @@ def read_decision_log(path: str | Path) -> list[DecisionRecord]:
 
 # --------------------------------------------------------------------- policy-side abort
 def abort_policy_request(policy: Policy, request: Request) -> None:
-    """Remove ``request`` from ``policy`` for good, releasing its KV and any reservation.
-
-    Uses the policy's own ``abort_request(request)`` where it has one (a policy with queues beyond
-    ``waiting``/``running`` must provide it). Otherwise: out of ``waiting``, then retired like a
-    finished request (``update_from_output`` with an empty step: KV freed, the policy's
-    ``_on_finished`` hook run, out of ``running``).
-    """
-    abort = getattr(policy, "abort_request", None)
-    if callable(abort):
-        abort(request)
-        return
-    try:
-        policy.waiting.remove(request)
-    except ValueError:
-        pass
-    policy.update_from_output(SchedulerDecision(), [request])
+    """Remove ``request`` from ``policy`` for good, releasing its KV and any reservation
+    (:meth:`~econoserve.policy.base.Policy.abort_request`)."""
+    policy.abort_request(request)
 
 
 # --------------------------------------------------------------------- replay
