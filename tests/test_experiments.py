@@ -178,10 +178,12 @@ def test_request_pool_fits_the_context_and_holds_out_training_records():
 
 
 # --------------------------------------------------------------------- a small real run
-SMALL = dict(datasets=["alpaca", "qmsum"], schedulers=["vllm", "orca", "econoserve"],
-             ablations=["econoserve", "econoserve-no-kvcpipe"], predictor="oracle", num_requests=120, seed=[0, 1],
-             sensitivity=SensitivityPlan(datasets=("qmsum",), error_levels=(0.0, 0.5), rl_paddings=(0.0, 0.2),
-                                         rl_buckets=(16,), reserve_ratios=(0.0, 0.1)))
+SMALL = {
+    "datasets": ["alpaca", "qmsum"], "schedulers": ["vllm", "orca", "econoserve"],
+    "ablations": ["econoserve", "econoserve-no-kvcpipe"], "predictor": "oracle", "num_requests": 120, "seed": [0, 1],
+    "sensitivity": SensitivityPlan(datasets=("qmsum",), error_levels=(0.0, 0.5), rl_paddings=(0.0, 0.2),
+                                   rl_buckets=(16,), reserve_ratios=(0.0, 0.1)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +195,7 @@ def small_run(tmp_path_factory):
 
 @pytest.mark.realdata
 def test_small_run_tables(small_run):
-    plan, results, _ = small_run
+    _, results, _ = small_run
     sweep, saturation = results.sweep, results.saturation
     assert results.missing_schedulers == ()
     assert len(saturation) == 2 * 3  # datasets x main schedulers

@@ -169,7 +169,7 @@ EXPECTED_COLUMNS = {
 @pytest.mark.realdata
 @pytest.mark.parametrize("number", sorted(F.FIGURES))
 def test_every_figure_draws_its_table(results, number, tmp_path):
-    stem, table_function, figure_function, source = F.FIGURES[number]
+    stem, table_function, _, source = F.FIGURES[number]
     data = getattr(results, source)
     table = table_function(data)
     assert EXPECTED_COLUMNS[number] <= set(table.columns)

@@ -4,10 +4,10 @@ An :class:`ExperimentPlan` names everything a run of notebook 03 does. :func:`ma
 one for a ``profile``:
 
 ``quick``  OPT-13B on one A100-80GB; Alpaca, ShareGPT and QMSum (the three request families);
-           1000 requests per trace, one seed, 8 Poisson rates per dataset spanning every scheduler's
+           2000 requests per trace, one seed, 12 Poisson rates per dataset spanning every scheduler's
            saturation; a cheap per-dataset predictor; Figure 14 on ShareGPT only. Minutes on 2 cores.
-``full``   also Llama-2-70B on 4x A100-80GB (tensor parallel 4); 4000 requests, three seeds,
-           14 rates per dataset; the default-size predictor; Figure 14 on every dataset. Paper
+``full``   also Llama-2-70B on 4x A100-80GB (tensor parallel 4); 5000 requests, three seeds,
+           16 rates per dataset; the default-size predictor; Figure 14 on every dataset. Paper
            scale: hours on a laptop, not run in CI.
 
 :func:`run_experiments` executes a plan and returns (and writes) an :class:`ExperimentResults`:
@@ -118,7 +118,7 @@ class DeploymentSpec:
 class RateGrid:
     """How rates are chosen when none are given (see the module docstring)."""
 
-    num_rates: int = 8
+    num_rates: int = 12
     low_fraction: float = 0.4
     high_fraction: float = 2.5
     reference_fraction: float = 1.25
@@ -176,7 +176,7 @@ class ExperimentPlan:
     ablations: tuple[str, ...] = ABLATIONS
     rates: Mapping[str, tuple[float, ...]] | None = None
     rate_grid: RateGrid = RateGrid()
-    num_requests: int = 1000
+    num_requests: int = 2000
     seeds: tuple[int, ...] = (0,)
     slo_scale: float = 5.0
     predictor: str = "train"
@@ -250,8 +250,8 @@ def make_plan(
     full = profile == "full"
     defaults = {
         "deployments": (DeploymentSpec(), DeploymentSpec("llama-2-70b", "a100-80gb", 4)) if full else (DeploymentSpec(),),
-        "rate_grid": RateGrid(num_rates=14, low_fraction=0.2, high_fraction=3.0) if full else RateGrid(),
-        "num_requests": 4000 if full else 1000,
+        "rate_grid": RateGrid(num_rates=16, low_fraction=0.2, high_fraction=3.0) if full else RateGrid(),
+        "num_requests": 5000 if full else 2000,
         "seeds": (0, 1, 2) if full else (0,),
         "predictor_training": PredictorTraining(max_train=None, num_boost_round=None) if full else PredictorTraining(),
         "sensitivity": SensitivityPlan(datasets=REQUEST_FAMILIES, error_levels=(0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8))
