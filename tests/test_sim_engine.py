@@ -227,3 +227,27 @@ def test_fitted_model_reads_a_serving_iteration_log(tmp_path):
     model = FittedLatencyModel.load(path)
     assert model.fit_stats["num_steps"] == 50
     assert model.coefficients["decode_tokens"] == pytest.approx(2e-4, rel=1e-6)
+
+
+def test_latency_fit_is_relative_and_drops_steps_disturbed_by_other_processes():
+    """Steps measured on a shared machine: a third of them slowed 50x by another process."""
+    from econoserve.sim.latency import FittedLatencyModel
+
+    rng = np.random.default_rng(0)
+    n = 300
+    prefill = rng.integers(0, 1024, n).astype(float)
+    decode = rng.integers(0, 48, n).astype(float)
+    context = decode * rng.integers(32, 1024, n)
+    true = 0.002 + 2e-5 * prefill + 1e-4 * decode + 2.5e-7 * context
+    measured = true * rng.normal(1.0, 0.02, n)
+    disturbed = rng.random(n) < 0.3
+    measured[disturbed] = 0.25 * rng.uniform(0.8, 1.2, disturbed.sum())
+    table = pd.DataFrame({"prefill_tokens": prefill, "decode_tokens": decode, "context_tokens": context,
+                          "step_time_s": measured})
+    model = FittedLatencyModel.fit(table)
+    assert model.fit_stats["num_outliers_dropped"] >= disturbed.sum()
+    assert model.intercept_s == pytest.approx(0.002, rel=0.1)
+    assert model.coefficients["prefill_tokens"] == pytest.approx(2e-5, rel=0.1)
+    assert model.coefficients["decode_tokens"] == pytest.approx(1e-4, rel=0.2)
+    predicted = model.iteration_time_s(prefill, decode, context, 0.0)
+    assert np.median(np.abs(predicted - true) / true) < 0.05

@@ -147,32 +147,54 @@ class FittedLatencyModel:
 
     # ------------------------------------------------------------------ fitting and files
     @classmethod
-    def fit(cls, steps: pd.DataFrame, source: str = "<table>") -> "FittedLatencyModel":
-        """Fit to a table with a ``duration_s`` column and any of :data:`FEATURES` (also accepted
-        with a ``num_`` prefix, as in the simulator's ``iterations.parquet``)."""
+    def fit(cls, steps: pd.DataFrame, source: str = "<table>", outlier_threshold: float = 5.0,
+            max_rounds: int = 5) -> "FittedLatencyModel":
+        """Fit to a table with a ``duration_s`` (or ``step_time_s``) column and any of
+        :data:`FEATURES` (also accepted with a ``num_`` prefix, as in ``iterations.parquet``).
+
+        Least squares on *relative* error (each step weighted by 1 / its duration, so 2 ms and
+        50 ms steps count alike), non-negative coefficients. Steps measured on a shared machine
+        carry outliers (another process took the cores): after each fit, steps whose relative
+        residual exceeds ``outlier_threshold`` x the median absolute relative residual are
+        dropped and the model refitted, up to ``max_rounds`` times; how many were dropped is in
+        ``fit_stats``.
+        """
         from scipy.optimize import nnls
 
         frame = _normalise_columns(steps)
+        if "duration_s" not in frame and "step_time_s" in frame:
+            frame = frame.rename(columns={"step_time_s": "duration_s"})
         if "duration_s" not in frame:
             raise UserError(f"{source}: step table needs a duration_s column")
         present = [f for f in FEATURES if f in frame]
         if not present:
             raise UserError(f"{source}: step table has none of the features {', '.join(FEATURES)}")
         frame = frame[present + ["duration_s"]].dropna()
+        frame = frame[frame["duration_s"] > 0]
         if len(frame) < len(present) + 1:
             raise UserError(f"{source}: {len(frame)} steps are too few to fit {len(present) + 1} coefficients")
         x = frame[present].to_numpy(dtype=float)
         y = frame["duration_s"].to_numpy(dtype=float)
         scale = np.maximum(np.abs(x).max(axis=0), 1.0)  # condition the problem
         design = np.column_stack([np.ones(len(x)), x / scale])
-        solution, _ = nnls(design, y)
-        predicted = design @ solution
-        residual = y - predicted
+        keep = np.ones(len(y), dtype=bool)
+        for _ in range(max_rounds):
+            solution, _ = nnls(design[keep] / y[keep, None], np.ones(int(keep.sum())))
+            relative = np.abs(design @ solution - y) / y
+            threshold = outlier_threshold * max(float(np.median(relative[keep])), 1e-3)
+            new_keep = relative <= threshold
+            if new_keep.sum() < len(present) + 1 or np.array_equal(new_keep, keep):
+                break
+            keep = new_keep
+        residual = (y - design @ solution)[keep]
+        kept = y[keep]
         stats = {
             "num_steps": float(len(y)),
+            "num_outliers_dropped": float(len(y) - keep.sum()),
             "mean_abs_error_s": float(np.mean(np.abs(residual))),
-            "mean_abs_pct_error": float(np.mean(np.abs(residual) / np.maximum(y, 1e-12)) * 100),
-            "r2": float(1 - np.sum(residual**2) / max(np.sum((y - y.mean()) ** 2), 1e-30)),
+            "mean_abs_pct_error": float(np.mean(np.abs(residual) / kept) * 100),
+            "median_abs_pct_error": float(np.median(np.abs(residual) / kept) * 100),
+            "r2": float(1 - np.sum(residual**2) / max(np.sum((kept - kept.mean()) ** 2), 1e-30)),
         }
         coefficients = {name: float(solution[i + 1] / scale[i]) for i, name in enumerate(present)}
         return cls(float(solution[0]), coefficients, stats, source)
