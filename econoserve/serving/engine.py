@@ -341,7 +341,11 @@ class OfflineEngine:
                 stamp = now()
                 timer.tokens(sum(len(c.token_ids) for c in output.outputs), stamp)
                 if output.finished:
-                    timer.finished(stamp)
+                    reason = next((c.finish_reason for c in output.outputs if c.finish_reason), None)
+                    if reason in ("abort", "error"):
+                        timer.failed(f"finished by the engine with reason {reason!r}", stamp)
+                    else:
+                        timer.finished(stamp)
         return [timers[r.engine_request_id] for r in requests], start
 
     def _abort_all(self, timers: dict[str, RequestTimer], stamp: float) -> None:
