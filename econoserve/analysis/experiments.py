@@ -8,7 +8,7 @@ one for a ``profile``:
            saturation; a cheap per-dataset predictor; Figure 14 on ShareGPT only. Minutes on 2 cores.
 ``full``   also Llama-2-70B on 4x A100-80GB (tensor parallel 4); 5000 requests, three seeds,
            16 rates per dataset; the default-size predictor; Figure 14 on every dataset. Paper
-           scale: hours on a laptop, not run in CI.
+           scale: about an hour on 2 cores (estimated from the quick profile), not run in CI.
 
 :func:`run_experiments` executes a plan and returns (and writes) an :class:`ExperimentResults`:
 
@@ -149,7 +149,7 @@ class SensitivityPlan:
     (0 = oracle)."""
 
     datasets: tuple[str, ...] = ("sharegpt",)
-    load_fraction: float = 1.5
+    load_fraction: float = 1.0
     error_levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.6)
     rl_paddings: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4)
     rl_buckets: tuple[int, ...] = (8, 32, 64, 128)
