@@ -134,12 +134,14 @@ class RateGrid:
 @dataclass(frozen=True)
 class PredictorTraining:
     """The per-dataset predictor of ``predictor="train"``: training-set cap, boosting rounds,
-    held-out fraction and split seed."""
+    held-out fraction, split seed, and LightGBM threads (1 by default: on a busy 2-core machine
+    OpenMP threads that wait for each other slow training down by an order of magnitude)."""
 
     max_train: int | None = 4000
     num_boost_round: int | None = 100
     test_fraction: float = 0.2
     split_seed: int = 0
+    num_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -446,7 +448,8 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path)
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
     data = data.sample(training.max_train, seed=training.split_seed)
-    config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed)
+    config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed,
+                             num_threads=training.num_threads)
     model = train_predictor(data, config, split=asdict(split))
     model.save(directory)
     return model
