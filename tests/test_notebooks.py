@@ -98,3 +98,31 @@ def test_simulated_serving_notebook_refuses_unregistered_schedulers(tmp_path):
             kernel_name="python3",
             progress_bar=False,
         )
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_vllm_serving_notebook(tmp_path):
+    """Notebook 04 drives real vLLM through the serving environment (.venv-serving)."""
+    import os
+
+    from econoserve.serving.study import serving_python_available
+
+    if not serving_python_available():
+        if os.environ.get("CI") or os.environ.get("ECONOSERVE_REQUIRE_VLLM") == "1":
+            pytest.fail("notebook 04 needs .venv-serving (scripts/install_serving.sh)")
+        pytest.skip("no .venv-serving with vLLM (scripts/install_serving.sh)")
+    figures, results = tmp_path / "figures", tmp_path / "results"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "04_vllm_serving.ipynb"),
+        str(tmp_path / "04.ipynb"),
+        parameters={"num_requests": 24, "rate": 20.0, "predictor": "oracle", "profile": "quick",
+                    "output_dir": str(results), "figures_dir": str(figures)},
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    table = pd.read_csv(figures / "fig15_vllm_serving.csv")
+    assert table["scheduler"].tolist() == ["vllm", "econoserve"]
+    assert (table["real_completed"] == 24).all() and (table["compared"] == 24).all()
+    assert table["median_jct_error"].notna().all()
+    assert (figures / "fig15_vllm_serving.png").stat().st_size > 10_000

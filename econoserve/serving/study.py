@@ -1,0 +1,230 @@
+"""Notebook 04's study: one trace through real vLLM under several schedulers, and the simulator
+checked against each run.
+
+1. **profile** the engine's step time over batch compositions (``econoserve profile-engine``)
+   and fit the simulator's latency model to it
+   (:meth:`~econoserve.sim.latency.FittedLatencyModel.fit`, relative error, outliers dropped);
+2. **serve** the trace under each scheduler (``econoserve serve``: ``vllm`` is vLLM's own
+   scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy);
+3. **simulate** the same trace on the same engine shape with the fitted latency model and
+   compare per request (:mod:`econoserve.serving.fidelity`).
+
+vLLM runs in its own environment (``.venv-serving``, see ``scripts/install_serving.sh``), so
+steps 1 and 2 run ``python -m econoserve`` there as subprocesses; this module itself never imports
+vLLM, and runs in the notebook's kernel. A step whose output already exists for the same inputs
+is reused (``reuse=True``), so a notebook can be re-run to redraw figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from econoserve.errors import UserError
+from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
+from econoserve.sim import SimulationResult, simulate
+from econoserve.sim.latency import FittedLatencyModel
+from econoserve.workload.trace import Trace
+
+#: Where ``scripts/install_serving.sh`` puts vLLM, relative to the repository root.
+DEFAULT_SERVING_PYTHON = ".venv-serving/bin/python"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine every run of the study uses (``econoserve serve`` flags; tokens, requests)."""
+
+    backend: str = "vllm-cpu"
+    model: str = "tiny-opt"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    block_size: int = 32
+    kv_cache_tokens: int = 8192
+
+    def flags(self) -> list[str]:
+        return [
+            "--backend", self.backend, "--model", self.model,
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--max-num-batched-tokens", str(self.max_num_batched_tokens),
+            "--max-model-len", str(self.max_model_len),
+            "--block-size", str(self.block_size),
+            "--kv-cache-tokens", str(self.kv_cache_tokens),
+        ]
+
+    def shape(self) -> EngineShape:
+        return EngineShape(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
+                           self.block_size, self.kv_cache_tokens)
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """The step-time grid of ``econoserve profile-engine`` (tokens, requests, repeats)."""
+
+    prefill_tokens: tuple[int, ...] = (0, 16, 64, 256, 1024)
+    decode_batch_sizes: tuple[int, ...] = (0, 1, 4, 16, 48)
+    context_lengths: tuple[int, ...] = (32, 256, 1024)
+    repeats: int = 5
+
+    def flags(self) -> list[str]:
+        return [
+            "--prefill-tokens", ",".join(map(str, self.prefill_tokens)),
+            "--decode-batch-sizes", ",".join(map(str, self.decode_batch_sizes)),
+            "--context-lengths", ",".join(map(str, self.context_lengths)),
+            "--repeats", str(self.repeats),
+        ]
+
+
+@dataclass(frozen=True)
+class ServingStudy:
+    """What notebook 04 runs: a trace file, the schedulers, the engine, where results go."""
+
+    trace_path: Path
+    output_dir: Path
+    schedulers: tuple[str, ...] = ("vllm", "econoserve")
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    profile: ProfileOptions = field(default_factory=ProfileOptions)
+    mode: str = "offline"
+    serving_python: str = DEFAULT_SERVING_PYTHON
+    reuse: bool = True
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not self.schedulers:
+            raise UserError("a serving study needs at least one scheduler")
+        if self.mode not in ("offline", "server"):
+            raise UserError(f"mode {self.mode!r}: choose offline or server")
+
+
+@dataclass
+class StudyResult:
+    """Real and simulated tables per scheduler, the per-request errors and a summary table."""
+
+    real_requests: dict[str, pd.DataFrame]
+    real_iterations: dict[str, pd.DataFrame]
+    real_summaries: dict[str, dict]
+    simulated: dict[str, SimulationResult]
+    errors: pd.DataFrame
+    summary: pd.DataFrame
+    latency_model: FittedLatencyModel
+
+
+def run_study(study: ServingStudy, log=print) -> StudyResult:
+    """Profile, serve under every scheduler, simulate and compare (see the module docstring)."""
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trace = Trace.read(study.trace_path)
+    latency = fit_profile(study, log)
+    latency_path = latency.save(out / "latency_model.json")
+    real_requests, real_iterations, real_summaries, simulated, error_tables, rows = {}, {}, {}, {}, [], []
+    for scheduler in study.schedulers:
+        run_dir = serve(study, scheduler, log)
+        real_requests[scheduler] = pd.read_parquet(run_dir / "requests.parquet")
+        real_iterations[scheduler] = pd.read_parquet(run_dir / "iterations.parquet")
+        real_summaries[scheduler] = json.loads((run_dir / "summary.json").read_text())
+        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(latency_path))
+        simulated[scheduler] = simulate(trace, config)
+        simulated[scheduler].write(out / "simulated" / _safe(scheduler))
+        errors = request_errors(real_requests[scheduler], simulated[scheduler].requests)
+        error_tables.append(errors.assign(scheduler=scheduler))
+        rows.append({"scheduler": scheduler, **_real_metrics(real_summaries[scheduler]),
+                     **error_summary(errors, len(trace))})
+    summary = pd.DataFrame(rows)
+    return StudyResult(real_requests, real_iterations, real_summaries, simulated,
+                       pd.concat(error_tables, ignore_index=True), summary, latency)
+
+
+def fit_profile(study: ServingStudy, log=print) -> FittedLatencyModel:
+    """Profile the engine (or reuse the profile) and fit the latency model to it."""
+    out = Path(study.output_dir)
+    path = out / "step_times.parquet"
+    inputs = {"engine": asdict(study.engine), "profile": asdict(study.profile)}
+    if not _reusable(study, path, inputs):
+        log(f"profiling the engine ({len(list(_cells(study.profile)))} batch compositions) ...")
+        run_econoserve(study, ["profile-engine", "-o", str(path), *study.profile.flags(), *study.engine.flags()])
+        _stamp(path, inputs)
+    return FittedLatencyModel.fit(pd.read_parquet(path), source=str(path))
+
+
+def serve(study: ServingStudy, scheduler: str, log=print) -> Path:
+    """Replay the trace under ``scheduler`` (or reuse the run); returns the run directory."""
+    run_dir = Path(study.output_dir) / "real" / _safe(scheduler)
+    inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode,
+              "trace_sha256": _sha256(Path(study.trace_path))}
+    if not _reusable(study, run_dir / "summary.json", inputs):
+        log(f"serving the trace with scheduler {scheduler} ({study.mode}) ...")
+        run_econoserve(study, ["serve", "--trace", str(study.trace_path), "-o", str(run_dir),
+                               "--scheduler", scheduler, "--mode", study.mode, *study.engine.flags()])
+        _stamp(run_dir / "summary.json", inputs)
+    return run_dir
+
+
+def run_econoserve(study: ServingStudy, arguments: list[str]) -> None:
+    """``python -m econoserve ARGUMENTS`` in the serving environment; a clear error on failure."""
+    python = _serving_python(study.serving_python)
+    started = time.monotonic()
+    completed = subprocess.run([python, "-m", "econoserve", *arguments], capture_output=True, text=True,
+                               timeout=study.timeout_s, env={**os.environ, "TQDM_DISABLE": "1"})
+    if completed.returncode != 0:
+        tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
+        raise UserError(f"econoserve {arguments[0]} failed (exit {completed.returncode}) after "
+                        f"{time.monotonic() - started:.0f} s:\n{tail}")
+
+
+def serving_python_available(path: str = DEFAULT_SERVING_PYTHON) -> bool:
+    """Whether an interpreter with vLLM is where the study would look for it."""
+    try:
+        _serving_python(path)
+    except UserError:
+        return False
+    return True
+
+
+def _serving_python(path: str) -> str:
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        root = Path(__file__).resolve().parents[2]
+        candidate = candidate if candidate.exists() else root / candidate
+    if not candidate.exists():
+        raise UserError(f"no vLLM environment at {path}: run scripts/install_serving.sh (or set serving_python)")
+    return str(candidate.absolute())  # not resolved: a venv's python is a symlink to the base one
+
+
+def _real_metrics(summary: dict) -> dict[str, float]:
+    keys = ("completed", "throughput_rps", "mean_jct_s", "p99_jct_s", "mean_ttft_s", "p99_ttft_s",
+            "mean_tbt_s", "num_preemptions", "preemption_fraction", "mean_kv_usage", "num_iterations",
+            "mean_schedule_time_s")
+    return {f"real_{key}": summary.get(key) for key in keys}
+
+
+def _cells(profile: ProfileOptions):
+    for prefill in profile.prefill_tokens:
+        for batch in profile.decode_batch_sizes:
+            for context in (profile.context_lengths if batch else profile.context_lengths[:1]):
+                if prefill or batch:
+                    yield prefill, batch, context
+
+
+def _safe(name: str) -> str:
+    return name.replace(":", "-").replace("/", "-")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _stamp(output: Path, inputs: dict) -> None:
+    Path(f"{output}.inputs.json").write_text(json.dumps(inputs, sort_keys=True, default=str))
+
+
+def _reusable(study: ServingStudy, output: Path, inputs: dict) -> bool:
+    stamp = Path(f"{output}.inputs.json")
+    return (study.reuse and output.exists() and stamp.exists()
+            and stamp.read_text() == json.dumps(inputs, sort_keys=True, default=str))
