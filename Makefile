@@ -38,7 +38,8 @@ $(SERVING_INSTALLED): pyproject.toml scripts/install_serving.sh
 
 install-serving: $(SERVING_INSTALLED)
 
-test: test-core test-serving
+# Both environments first: the core suite also runs notebook 04, which drives vLLM in $(SERVING_VENV).
+test: $(INSTALLED) $(SERVING_INSTALLED) test-core test-serving
 
 test-core: $(INSTALLED)
 	$(PY) -m pytest -m "not serving"
@@ -46,7 +47,8 @@ test-core: $(INSTALLED)
 test-serving: $(SERVING_INSTALLED)
 	ECONOSERVE_REQUIRE_VLLM=1 $(SERVING_VENV)/bin/python -m pytest -m serving
 
-reproduce: $(INSTALLED)
+# Notebook 04 runs real vLLM from $(SERVING_VENV).
+reproduce: $(INSTALLED) $(SERVING_INSTALLED)
 	mkdir -p results/notebooks figures
 	@set -e; for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
