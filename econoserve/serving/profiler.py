@@ -22,6 +22,8 @@ The table (one row per measured step) has the columns the simulator's latency fi
 ``decode_tokens``          decode tokens in the step (= decoding requests) [tokens]
 ``context_tokens``         KV tokens read by attention, summed over requests [tokens]
 ``step_time_s``            ``schedule()`` entry to ``update_from_output()`` exit [s]
+``engine_step_time_s``     the whole ``LLMEngine.step()`` call [s]: the step plus the engine's
+                           work around it (output processing), what a served step costs
 ``num_prefill_requests``   requests prefilling in the step
 ``num_decode_requests``    requests decoding in the step
 ``schedule_time_s``        time inside ``schedule()`` [s]
@@ -52,6 +54,7 @@ STEP_TIME_COLUMNS: tuple[str, ...] = (
     "decode_tokens",
     "context_tokens",
     "step_time_s",
+    "engine_step_time_s",
     "num_prefill_requests",
     "num_decode_requests",
     "schedule_time_s",
@@ -183,7 +186,9 @@ def _measure_cell(
         if prefill:
             engine.add(_request(next(ids), prefill, 1, rng, vocab))
         before = len(records)
+        started = time.perf_counter()
         engine.engine.step()
+        engine_step_time_s = time.perf_counter() - started
         step = records[-1] if len(records) > before else None
         if repeat < 0:
             continue
@@ -196,6 +201,7 @@ def _measure_cell(
                 "decode_tokens": step.decode_tokens,
                 "context_tokens": step.context_tokens,
                 "step_time_s": step.duration_s,
+                "engine_step_time_s": engine_step_time_s,
                 "num_prefill_requests": step.num_prefill_requests,
                 "num_decode_requests": step.num_decode_requests,
                 "schedule_time_s": step.schedule_time_s,

@@ -48,6 +48,17 @@ class EngineOptions:
     max_model_len: int = 2048
     block_size: int = 32
     kv_cache_tokens: int = 8192
+    cpu_threads: int | None = 1
+    """vllm-cpu: OpenMP threads of the engine, unpinned (``VLLM_CPU_OMP_THREADS_BIND=nobind``);
+    ``None`` = vLLM's default (one thread pinned per core). On a shared machine, pinned threads
+    that another process preempts make steps up to 100x slower at random; one unpinned thread
+    keeps step times, and so the profile and the served runs, consistent."""
+
+    def environment(self) -> dict[str, str]:
+        """Environment variables for the engine process."""
+        if self.backend != "vllm-cpu" or self.cpu_threads is None:
+            return {}
+        return {"OMP_NUM_THREADS": str(self.cpu_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
     def flags(self) -> list[str]:
         return [
@@ -150,7 +161,10 @@ def fit_profile(study: ServingStudy, log=print) -> FittedLatencyModel:
         log(f"profiling the engine ({len(list(_cells(study.profile)))} batch compositions) ...")
         run_econoserve(study, ["profile-engine", "-o", str(path), *study.profile.flags(), *study.engine.flags()])
         _stamp(path, inputs)
-    return FittedLatencyModel.fit(pd.read_parquet(path), source=str(path))
+    steps = pd.read_parquet(path)
+    if "engine_step_time_s" in steps:  # the whole engine step: what a served step costs
+        steps = steps.drop(columns="step_time_s").rename(columns={"engine_step_time_s": "duration_s"})
+    return FittedLatencyModel.fit(steps, source=str(path))
 
 
 def serve(study: ServingStudy, scheduler: str, log=print) -> Path:
@@ -171,7 +185,8 @@ def run_econoserve(study: ServingStudy, arguments: list[str]) -> None:
     python = _serving_python(study.serving_python)
     started = time.monotonic()
     completed = subprocess.run([python, "-m", "econoserve", *arguments], capture_output=True, text=True,
-                               timeout=study.timeout_s, env={**os.environ, "TQDM_DISABLE": "1"})
+                               timeout=study.timeout_s,
+                               env={**os.environ, "TQDM_DISABLE": "1", **study.engine.environment()})
     if completed.returncode != 0:
         tail = "\n".join((completed.stderr or completed.stdout).strip().splitlines()[-15:])
         raise UserError(f"econoserve {arguments[0]} failed (exit {completed.returncode}) after "
