@@ -57,6 +57,8 @@ def test_plan_parameters_override_the_profile():
     # sensitivity datasets follow the plan's datasets
     assert make_plan("quick", datasets=["qmsum"]).sensitivity.datasets == ("qmsum",)
     assert make_plan("quick", seed=7).seeds == (7,)
+    single = make_plan("quick", datasets="qmsum", schedulers="vllm", ablations="econoserve")  # papermill -p strings
+    assert (single.datasets, single.schedulers, single.ablations) == (("qmsum",), ("vllm",), ("econoserve",))
     assert make_plan("quick", tp=4).deployments == (DeploymentSpec("opt-13b", "a100-80gb", 4),)
 
 

@@ -265,7 +265,9 @@ def make_plan(
         deployments = tuple(DeploymentSpec(m, gpu or "a100-80gb", int(tp or 1)) for m in models)
     elif gpu is not None or tp is not None:
         deployments = tuple(replace(d, gpu=gpu or d.gpu, tp=int(tp or d.tp)) for d in deployments)
-    datasets = tuple(datasets) if datasets is not None else REQUEST_FAMILIES
+    datasets = _names(datasets) if datasets is not None else REQUEST_FAMILIES
+    schedulers = _names(schedulers) if schedulers is not None else None
+    ablations = _names(ablations) if ablations is not None else None
     rates = None
     if request_rates is not None:
         if isinstance(request_rates, Mapping):
@@ -300,6 +302,11 @@ def make_plan(
         jobs=int(jobs),
     )
     return replace(plan, **overrides) if overrides else plan
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    """A name or a list of names (``papermill -p datasets alpaca`` passes a plain string)."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def check_schedulers(plan: ExperimentPlan, allow_missing: bool = False) -> tuple[str, ...]:
