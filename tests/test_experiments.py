@@ -273,3 +273,68 @@ def test_trained_predictor_is_cached(tmp_path):
     pool = request_pool("qmsum", plan, plan.deployments[0], with_text=True).head(40)
     prompts = pool["prompt_text"].tolist()
     assert np.array_equal(first.predict(prompts), second.predict(prompts))
+
+
+# --------------------------------------------------------------------- cross-fitted predictions
+def test_cross_fit_folds_keep_records_together_and_balance():
+    from econoserve.analysis.experiments import cross_fit_folds
+
+    source = np.repeat(np.arange(50), np.arange(50) % 4 + 1)  # records with 1-4 requests each
+    folds = cross_fit_folds(source, 5, seed=3)
+    assert np.array_equal(folds, cross_fit_folds(source, 5, seed=3))
+    assert not np.array_equal(folds, cross_fit_folds(source, 5, seed=4))
+    for record in np.unique(source):
+        assert len(set(folds[source == record])) == 1
+    records_per_fold = [len(np.unique(source[folds == k])) for k in range(5)]
+    assert records_per_fold == [10] * 5
+    with pytest.raises(UserError):
+        cross_fit_folds(np.array([0, 0, 1]), 5, seed=0)
+
+
+@pytest.mark.realdata
+def test_cross_fit_is_chosen_where_the_held_out_part_is_too_small():
+    from econoserve.analysis.experiments import PredictorTraining, uses_cross_fit
+
+    deployment = DeploymentSpec()
+    plan = make_plan("quick", predictor="train", num_requests=2000)
+    assert uses_cross_fit(plan, "qmsum", deployment)  # ~250 held-out queries fit the context
+    assert not uses_cross_fit(plan, "alpaca", deployment)
+    assert not uses_cross_fit(make_plan("quick", predictor="oracle"), "qmsum", deployment)
+    never = make_plan("quick", predictor="train", predictor_training=PredictorTraining(cross_fit=False))
+    assert not uses_cross_fit(never, "qmsum", deployment)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cross_fit_predictions_are_out_of_fold(tmp_path):
+    from econoserve.analysis.experiments import (
+        PredictorTraining,
+        cross_fit_folds,
+        cross_fit_predictions,
+        predictor_directory,
+    )
+    from econoserve.predictor import LengthPredictor
+    from econoserve.workload.datasets import load_requests
+
+    training = PredictorTraining(max_train=150, num_boost_round=5, cross_fit=True)
+    plan = make_plan("quick", datasets=["qmsum"], predictor="train", predictor_training=training)
+    pool = request_pool("qmsum", plan, plan.deployments[0], with_text=True, held_out=False).head(120)
+    predictions = cross_fit_predictions(plan, "qmsum", pool, tmp_path)
+    assert predictions.shape == (120,) and (predictions >= 1).all()
+    everything = load_requests("qmsum")
+    folds = cross_fit_folds(everything["source_index"].to_numpy(), training.folds, training.split_seed)
+    fold_of = dict(zip(everything["source_index"], folds))
+    for k in range(training.folds):
+        model = LengthPredictor.load(predictor_directory(plan, "qmsum", tmp_path) / f"fold-{k}")
+        assert model.training_data["split"]["fold"] == k
+        assert model.training_data["num_prompts"] == min(150, int((folds != k).sum()))
+        rows = [i for i, record in enumerate(pool["source_index"]) if fold_of[record] == k]
+        if rows:
+            expected = model.predict(pool["prompt_text"].iloc[rows].tolist())
+            assert np.array_equal(predictions[rows], expected)
+    # a second call reads the cached fold models
+    assert np.array_equal(cross_fit_predictions(plan, "qmsum", pool, tmp_path), predictions)
+    # the trace carries the pool's predictions through sampling
+    trace = unit_rate_trace(pool.assign(predicted_output_tokens=predictions), "qmsum", 300, seed=0)
+    assert trace.has_predictions and trace.metadata["spec"]["sampled_with_replacement"]
+    assert set(trace.requests["predicted_output_tokens"]) <= set(predictions)

@@ -33,8 +33,11 @@ Documented choices:
   model's context (``fit_context``; otherwise every engine rejects them, which measures the
   dataset, not the scheduler). With ``predictor="train"`` the pool is the dataset's held-out part
   (:class:`~econoserve.predictor.SplitSpec`; whole source records, so no QMSum meeting is on both
-  sides) and the predictor is trained on the rest. When a pool is smaller than ``num_requests``
-  (QMSum's held-out part), requests are drawn with replacement (recorded in the trace metadata).
+  sides) and the predictor is trained on the rest; where that held-out part is smaller than a
+  trace (QMSum), the predictions are cross-fitted instead (:class:`PredictorTraining`: one model
+  per fold, each request predicted by the model that did not see its record) and the pool is the
+  whole dataset. When a pool is still smaller than ``num_requests`` (QMSum: about 1200 queries
+  fit OPT-13B's context), requests are drawn with replacement (recorded in the trace metadata).
 * **Same requests at every rate.** For one dataset and seed the request sample and the Poisson
   gaps of a unit-rate process are drawn once; the trace at rate ``r`` divides those arrival times
   by ``r``. Rates differ only in time scale, so curves over rate are not noisy across rates.
@@ -135,13 +138,25 @@ class RateGrid:
 class PredictorTraining:
     """The per-dataset predictor of ``predictor="train"``: training-set cap, boosting rounds,
     held-out fraction, split seed, and LightGBM threads (1 by default: on a busy 2-core machine
-    OpenMP threads that wait for each other slow training down by an order of magnitude)."""
+    OpenMP threads that wait for each other slow training down by an order of magnitude).
+
+    ``cross_fit``: instead of one model and a trace from the held-out part, split the dataset's
+    source records into :attr:`folds` folds, train one model per fold on the other folds, and
+    predict every request with the model that did not see its record (out-of-fold predictions),
+    so traces can draw from the whole dataset. ``None`` = cross-fit exactly the datasets whose
+    held-out pool is smaller than ``num_requests`` (QMSum)."""
 
     max_train: int | None = 4000
     num_boost_round: int | None = 100
     test_fraction: float = 0.2
     split_seed: int = 0
     num_threads: int = 1
+    cross_fit: bool | None = None  # None: only where the held-out part is smaller than a trace
+
+    @property
+    def folds(self) -> int:
+        """Folds of cross-fitting: ``round(1 / test_fraction)`` (5 for 0.2)."""
+        return max(2, round(1 / self.test_fraction))
 
 
 @dataclass(frozen=True)
@@ -334,13 +349,15 @@ def without_schedulers(plan: ExperimentPlan, names: Iterable[str]) -> Experiment
 
 
 # --------------------------------------------------------------------- requests and traces
-def request_pool(dataset: str, plan: ExperimentPlan, deployment: DeploymentSpec, with_text: bool) -> pd.DataFrame:
+def request_pool(dataset: str, plan: ExperimentPlan, deployment: DeploymentSpec, with_text: bool,
+                 held_out: bool | None = None) -> pd.DataFrame:
     """The requests a trace of ``dataset`` samples from (see "Request pools" in the module
-    docstring): columns ``source_index``, ``prompt_tokens``, ``output_tokens`` (+ ``prompt_text``)."""
+    docstring): columns ``source_index``, ``prompt_tokens``, ``output_tokens`` (+ ``prompt_text``).
+    ``held_out``: only the held-out part (default: when the plan trains a predictor)."""
     from econoserve.workload.datasets import load_requests
 
     requests = load_requests(dataset, plan.tokenizer)
-    if plan.predictor == "train":
+    if held_out if held_out is not None else plan.predictor == "train":
         from econoserve.predictor import SplitSpec
         from econoserve.predictor.data import _split_rows
 
@@ -378,6 +395,8 @@ def unit_rate_trace(pool: pd.DataFrame, dataset: str, num_requests: int, seed: i
     )
     if "prompt_text" in chosen.columns:
         frame["prompt_text"] = chosen["prompt_text"].to_numpy()
+    if "predicted_output_tokens" in chosen.columns:
+        frame["predicted_output_tokens"] = chosen["predicted_output_tokens"].to_numpy(np.int64)
     meta = {
         "spec": {"dataset": dataset, "num_requests": num_requests, "arrival": "poisson", "rate_rps": 1.0,
                  "seed": seed, "pool_size": len(pool), "sampled_with_replacement": replace_draw},
@@ -476,6 +495,80 @@ def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir
 
         model = LengthPredictor.load(source)
     return model.predict_trace(trace)
+
+
+def cross_fit_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold (0 .. ``folds`` - 1) of each row: whole source records are assigned to folds by a
+    seeded permutation, round robin, so every fold holds about the same number of records."""
+    groups = np.unique(source_index)
+    if len(groups) < folds:
+        raise UserError(f"too few source records ({len(groups)}) for {folds} folds")
+    permuted = np.random.default_rng(seed).permutation(groups)
+    fold_of = dict(zip(permuted.tolist(), (np.arange(len(permuted)) % folds).tolist()))
+    return np.fromiter((fold_of[g] for g in source_index.tolist()), dtype=np.int64, count=len(source_index))
+
+
+def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, output_dir: str | Path) -> np.ndarray:
+    """Out-of-fold predicted lengths [tokens] for every row of ``pool`` (which must hold
+    ``source_index`` and ``prompt_text``): fold ``k``'s model is trained on every request of the
+    dataset in the other folds (capped at ``max_train``) and cached under the predictor directory
+    as ``fold-k``."""
+    from econoserve.errors import PredictorError
+    from econoserve.predictor import (
+        LabeledPrompts,
+        LengthPredictor,
+        PredictorConfig,
+        train_predictor,
+    )
+    from econoserve.workload.datasets import load_requests
+    from econoserve.workload.registry import get_entry
+
+    training = plan.predictor_training
+    folds = training.folds
+    everything = load_requests(dataset, plan.tokenizer)
+    source = everything["source_index"].to_numpy()
+    fold = cross_fit_folds(source, folds, training.split_seed)
+    fold_of_record = dict(zip(source.tolist(), fold.tolist()))
+    pool_fold = np.fromiter((fold_of_record[g] for g in pool["source_index"].tolist()), dtype=np.int64, count=len(pool))
+    predictions = np.zeros(len(pool), dtype=np.int64)
+    base = predictor_directory(plan, dataset, output_dir)
+    for k in range(folds):
+        rows = np.flatnonzero(pool_fold == k)
+        if not rows.size:
+            continue
+        directory = base / f"fold-{k}"
+        model = None
+        if (directory / "metadata.json").is_file():
+            try:
+                model = LengthPredictor.load(directory)
+            except PredictorError:
+                model = None
+        if model is None:
+            train_rows = everything[fold != k]
+            data = LabeledPrompts(
+                dataset=dataset, part=f"cross-fit fold {k} of {folds} (train)", tokenizer=plan.tokenizer,
+                prompts=train_rows["prompt_text"].tolist(),
+                prompt_tokens=train_rows["prompt_tokens"].to_numpy(np.int64),
+                source_index=train_rows["source_index"].to_numpy(np.int64),
+                targets={"reference": train_rows["output_tokens"].to_numpy(np.int64)},
+                source_sha256={dataset: get_entry(dataset).sha256},
+            ).sample(training.max_train, seed=training.split_seed)
+            config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed,
+                                     num_threads=training.num_threads)
+            model = train_predictor(data, config, split={"cross_fit_folds": folds, "fold": k,
+                                                          "seed": training.split_seed})
+            model.save(directory)
+        predictions[rows] = model.predict(pool["prompt_text"].iloc[rows].tolist())
+    return predictions
+
+
+def uses_cross_fit(plan: ExperimentPlan, dataset: str, deployment: DeploymentSpec) -> bool:
+    """Whether ``predictor="train"`` cross-fits ``dataset`` (see :class:`PredictorTraining`)."""
+    if plan.predictor != "train":
+        return False
+    if plan.predictor_training.cross_fit is not None:
+        return plan.predictor_training.cross_fit
+    return len(request_pool(dataset, plan, deployment, with_text=False, held_out=True)) < plan.num_requests
 
 
 # --------------------------------------------------------------------- runs
@@ -619,11 +712,17 @@ def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool
     traces: dict[tuple[str, str, int], Trace] = {}
     for deployment in run_plan.deployments:
         for dataset in run_plan.datasets:
-            pool = request_pool(dataset, run_plan, deployment, with_text=needs_text)
+            cross_fit = uses_cross_fit(run_plan, dataset, deployment)
+            pool = request_pool(dataset, run_plan, deployment, with_text=needs_text, held_out=False if cross_fit else None)
+            if cross_fit:
+                pool["predicted_output_tokens"] = cross_fit_predictions(run_plan, dataset, pool, output_dir)
             for seed in run_plan.seeds:
                 trace = unit_rate_trace(pool, dataset, run_plan.num_requests, seed,
-                                        {"deployment": deployment.name, "predictor": run_plan.predictor})
-                traces[deployment.name, dataset, seed] = without_text(predict_lengths(run_plan, dataset, trace, output_dir))
+                                        {"deployment": deployment.name, "predictor": run_plan.predictor,
+                                         "cross_fit": cross_fit})
+                if not cross_fit:
+                    trace = predict_lengths(run_plan, dataset, trace, output_dir)
+                traces[deployment.name, dataset, seed] = without_text(trace)
     timings["traces_and_predictors"] = time.perf_counter() - clock
     deployments = {d.name: d for d in run_plan.deployments}
     seed0 = run_plan.seeds[0]
@@ -757,6 +856,8 @@ __all__ = [
     "SensitivityPlan",
     "at_rate",
     "check_schedulers",
+    "cross_fit_folds",
+    "cross_fit_predictions",
     "ensure_predictor",
     "make_plan",
     "perturb_lengths",
@@ -768,6 +869,7 @@ __all__ = [
     "sensitivity_jobs",
     "simulation_config",
     "unit_rate_trace",
+    "uses_cross_fit",
     "without_schedulers",
     "without_text",
 ]
