@@ -124,5 +124,5 @@ def test_vllm_serving_notebook(tmp_path):
     table = pd.read_csv(figures / "fig15_vllm_serving.csv")
     assert table["scheduler"].tolist() == ["vllm", "econoserve"]
     assert (table["real_completed"] == 24).all() and (table["compared"] == 24).all()
-    assert table["median_jct_error"].notna().all()
+    assert table["median_jct_error"].notna().all() and table["crossfit_median_jct_error"].notna().all()
     assert (figures / "fig15_vllm_serving.png").stat().st_size > 10_000

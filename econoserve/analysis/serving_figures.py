@@ -17,7 +17,8 @@ def table15(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per scheduler: the real run's metrics and the simulator's per-request errors."""
     columns = ["scheduler", *[c for c in summary.columns if c.startswith("real_")],
                "median_jct_error", "p90_jct_error", "median_ttft_error", "p90_ttft_error",
-               "mean_jct_sim_s", "mean_ttft_sim_s", "compared"]
+               "mean_jct_sim_s", "mean_ttft_sim_s", "compared",
+               "crossfit_median_jct_error", "crossfit_p90_jct_error", "crossfit_median_ttft_error"]
     return summary[[c for c in columns if c in summary.columns]].reset_index(drop=True)
 
 

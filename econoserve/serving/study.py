@@ -148,8 +148,29 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
         rows.append({"scheduler": scheduler, **_real_metrics(real_summaries[scheduler]),
                      **error_summary(errors, len(trace))})
     summary = pd.DataFrame(rows)
+    if len(study.schedulers) > 1:
+        summary = summary.merge(_cross_fitted_errors(study, trace, real_requests, real_iterations), on="scheduler")
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency)
+
+
+def _cross_fitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str, pd.DataFrame],
+                         real_iterations: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """A second check that separates the latency model's form from drift between the profile and
+    the runs: each scheduler simulated with a latency model fitted to the *other* schedulers'
+    real step logs (taken minutes apart from the profile, seconds apart from each other)."""
+    rows = []
+    for scheduler in study.schedulers:
+        others = pd.concat([real_iterations[s] for s in study.schedulers if s != scheduler], ignore_index=True)
+        path = FittedLatencyModel.fit(others, source=f"real runs other than {scheduler}").save(
+            Path(study.output_dir) / "cross_fit" / f"{_safe(scheduler)}.json")
+        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(path))
+        errors = request_errors(real_requests[scheduler], simulate(trace, config).requests)
+        summary = error_summary(errors)
+        rows.append({"scheduler": scheduler, "crossfit_median_jct_error": summary["median_jct_error"],
+                     "crossfit_p90_jct_error": summary["p90_jct_error"],
+                     "crossfit_median_ttft_error": summary["median_ttft_error"]})
+    return pd.DataFrame(rows)
 
 
 def fit_profile(study: ServingStudy, log=print) -> FittedLatencyModel:
