@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from policy_steps import step as _step
 
 from econoserve.errors import UserError
-from econoserve.policy import EngineLimits, Request, RequestStatus, make_policy, policy_names
+from econoserve.policy import (
+    EngineLimits,
+    Request,
+    RequestStatus,
+    make_policy,
+    policy_names,
+)
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import synthetic_trace, trace_from_lists
-
-
-def _step(policy, true_output: dict[int, int], now: float = 0.0):
-    """One step executed by hand: requests stop at their true output length."""
-    decision = policy.schedule(now)
-    finished = [
-        r
-        for r, n in zip(decision.scheduled, decision.num_scheduled_tokens)
-        if r.num_computed_tokens + n == r.num_tokens and r.num_output_tokens + 1 == true_output[r.request_id]
-    ]
-    policy.update_from_output(decision, finished)
-    return decision
 
 
 def _run(name, trace, **kwargs):

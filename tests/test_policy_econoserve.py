@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, RequestStatus, make_policy
 from econoserve.policy.econoserve import ECONOSERVE_POLICIES, EconoServeConfig
@@ -28,16 +29,7 @@ def _policy(num_kv_blocks: int, name: str = "econoserve", limits: dict | None = 
 
 
 def _step(policy, true_output: dict[int, int], now: float = 0.0):
-    """One step executed by hand: a request stops at its true output length."""
-    decision = policy.schedule(now)
-    finished = [
-        r
-        for r, n in zip(decision.scheduled, decision.num_scheduled_tokens)
-        if r.num_computed_tokens + n == r.num_tokens and r.num_output_tokens + 1 == true_output[r.request_id]
-    ]
-    policy.update_from_output(decision, finished)
-    policy.kv_cache.check_invariants()
-    return decision
+    return step(policy, true_output, now, check_invariants=True)
 
 
 def _add(policy, request_id, prompt, predicted, arrival=0.0) -> Request:
@@ -345,3 +337,20 @@ def test_abort_releases_a_request_in_every_queue_and_returns_a_loan():
     assert not policy.has_unfinished_requests()
     assert kv.num_allocated_blocks == kv.num_reserved_blocks == kv.num_stored_tokens == 0
     kv.check_invariants()
+
+
+def test_a_preempted_gt_whose_recompute_outgrew_the_usable_cache_resumes_on_the_reserve():
+    # 320 one-token blocks, 16 of them the global reserve (found by the property test). Request 15
+    # is predicted 1 token, true 157: it outgrows everything and is preempted while request 9
+    # (predicted 88) holds its allocation; its recompute (157 + >147 generated tokens) no longer
+    # fits the 304 ordinary blocks: it must resume on the reserve, never hang or be lost.
+    prompts, outputs, predicted = [1] * 20, [1] * 20, [1] * 20
+    prompts[9], outputs[9], predicted[9] = 8, 2, 88
+    prompts[15], outputs[15], predicted[15] = 157, 157, 1
+    trace = trace_from_lists([0.0] * 20, prompts, outputs, predicted)
+    config = SimulationConfig(scheduler="econoserve-no-kvcpipe", block_size=1, num_kv_blocks=320, max_model_len=512,
+                              check_invariants=True, policy_config={"token_budget": 8, "max_num_seqs": 8})
+    result = simulate(trace, config)
+    assert (result.requests.status == "finished").all()
+    assert result.requests.generated_tokens.tolist() == outputs
+    assert result.requests.num_preemptions[15] >= 1

@@ -121,3 +121,18 @@ def test_random_operations_never_over_commit(num_blocks, block_size, global_rese
         kv.check_invariants()
         assert kv.num_allocated_blocks + kv.num_reserved_blocks + kv.num_free_blocks + kv.num_global_reserve_free == num_blocks
         assert kv.num_free_blocks >= 0
+
+
+def test_a_reservation_may_draw_on_the_global_reserve_and_gives_it_back():
+    kv = KVCache(10, block_size=4, global_reserve_blocks=3)
+    assert kv.reserve(1, 7 * 4) == 7  # the 7 ordinary blocks
+    assert kv.reserve(2, 2 * 4) is None  # nothing ordinary left, and not allowed to use the reserve
+    assert kv.reserve(2, 2 * 4, use_global_reserve=True) == 2
+    assert kv.num_global_reserve_used == 2 and kv.num_free_blocks == 0
+    kv.check_invariants()
+    assert kv.release_reservation(2) == 2
+    assert kv.num_global_reserve_used == 0 and kv.num_free_blocks == 0
+    assert kv.reserve(3, 3 * 4, use_global_reserve=True) == 3
+    kv.free(3)
+    assert kv.num_global_reserve_used == 0
+    kv.check_invariants()

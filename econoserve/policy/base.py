@@ -101,8 +101,12 @@ class Policy(ABC):
             self.stats.rejections += 1
             return reason
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self._enqueue(request)
         return None
+
+    def _enqueue(self, request: Request) -> None:
+        """Put an accepted new request in the queue (the policy's own order may differ)."""
+        self.waiting.append(request)
 
     def admission_check(self, request: Request) -> str | None:
         """Why the policy could never serve ``request`` (``None`` if it can). Default: a prompt

@@ -321,16 +321,9 @@ class EconoServePolicy(Policy):
             )
         return None
 
-    def add_request(self, request: Request) -> str | None:
-        reason = self.admission_check(request)
-        if reason is not None:
-            request.status = RequestStatus.REJECTED
-            self.stats.rejections += 1
-            return reason
-        request.status = RequestStatus.WAITING
+    def _enqueue(self, request: Request) -> None:
         self._push_pt(request)
-        self._event = True
-        return None
+        self._event = True  # an arrival
 
     def update_from_output(self, decision: SchedulerDecision, finished=()) -> None:
         finished = list(finished)
@@ -598,10 +591,13 @@ class EconoServePolicy(Policy):
             rid = request.request_id
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
             own_growth = kv.blocks_for(self.exact_allocation_tokens(request)) - prompt_blocks if lookahead else 0
-            if prompt_blocks + max(0, own_growth) + committed > kv.num_free_blocks:
+            # a preempted GT outgrew its prediction: its recompute may draw on the global reserve
+            recompute = request.num_output_tokens > 0
+            room = kv.num_free_blocks + (kv.num_global_reserve_free if recompute else 0)
+            if prompt_blocks + max(0, own_growth) + committed > room:
                 return
             heapq.heappop(self._pt_queue)
-            reserved = kv.reserve(rid, request.num_pending_tokens)
+            reserved = kv.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
             if reserved:
                 decision.kv_reservations[rid] = reserved
             committed += max(0, own_growth)

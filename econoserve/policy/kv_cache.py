@@ -168,23 +168,34 @@ class KVCache:
         self._stored[request_id] = num_tokens
         return extra
 
-    def reserve(self, request_id: int, num_tokens: int) -> int | None:
+    def reserve(self, request_id: int, num_tokens: int, use_global_reserve: bool = False) -> int | None:
         """Set aside blocks so that the request's allocated + reserved blocks cover ``num_tokens``.
 
+        Blocks come from the free pool, then (if ``use_global_reserve``) from the global reserve.
         Returns the number of blocks newly reserved (0 if it already held enough) or ``None`` if
-        the free pool is too small, in which case nothing changes.
+        there is not enough space, in which case nothing changes.
         """
         extra = self.growth_blocks_needed(request_id, num_tokens)
-        if extra > self.num_free_blocks:
+        free = self.num_free_blocks
+        from_global = max(0, extra - free)
+        if from_global and (not use_global_reserve or from_global > self.num_global_reserve_free):
             return None
+        if from_global:
+            self.num_global_reserve_used += from_global
+            self._from_global[request_id] = self._from_global.get(request_id, 0) + from_global
         self._reserved[request_id] = self._reserved.get(request_id, 0) + extra
         self.num_reserved_blocks += extra
         return extra
 
     def release_reservation(self, request_id: int) -> int:
-        """Return the request's unused reserved blocks to the pool (an early finisher); returns them."""
+        """Return the request's unused reserved blocks to the pool (an early finisher); returns them.
+        Blocks it drew from the global reserve go back there first."""
         blocks = self._reserved.pop(request_id, 0)
         self.num_reserved_blocks -= blocks
+        to_global = min(blocks, self._from_global.get(request_id, 0))
+        if to_global:
+            self.num_global_reserve_used -= to_global
+            self._from_global[request_id] -= to_global
         return blocks
 
     def lend(self, host_id: int, guest_id: int, num_blocks: int) -> None:
