@@ -26,6 +26,15 @@ from econoserve.policy.kv_cache import KVCache
 from econoserve.policy.request import Request, RequestStatus
 
 
+def require_positive(config: object, *names: str) -> None:
+    """Raise ``ValueError`` naming the first field of ``config`` that is not > 0 (``None`` means
+    "unset" and passes): the shared check of every policy configuration's ``__post_init__``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """What the executor's hardware and model impose on any policy.

@@ -83,7 +83,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.base import EngineLimits, Policy, require_positive
 from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.kv_cache import KVCache
 from econoserve.policy.request import Request, RequestStatus
@@ -157,22 +157,13 @@ class EconoServeConfig:
             raise ValueError(f"kvcpipe must be one of {', '.join(KVCPIPE_MODES)}, got {self.kvcpipe!r}")
         if self.prompt_admission not in PROMPT_ADMISSION_RULES:
             raise ValueError(f"prompt_admission must be one of {', '.join(PROMPT_ADMISSION_RULES)}, got {self.prompt_admission!r}")
-        if self.rl_bucket <= 0:
-            raise ValueError(f"rl_bucket must be > 0, got {self.rl_bucket}")
+        require_positive(self, "rl_bucket", "token_budget", "max_num_seqs", "slo_scale", "fallback_output_tokens")
         if self.rl_padding < 0:
             raise ValueError(f"rl_padding must be >= 0, got {self.rl_padding}")
         if not 0 <= self.reserve_ratio < 1:
             raise ValueError(f"reserve_ratio must be in [0, 1), got {self.reserve_ratio}")
-        if self.token_budget is not None and self.token_budget <= 0:
-            raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
-        if self.slo_scale <= 0:
-            raise ValueError(f"slo_scale must be > 0, got {self.slo_scale}")
         if self.gt_occupancy_weight < 0:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
-        if self.fallback_output_tokens is not None and self.fallback_output_tokens <= 0:
-            raise ValueError(f"fallback_output_tokens must be > 0, got {self.fallback_output_tokens}")
 
 
 class EconoServePolicy(Policy):

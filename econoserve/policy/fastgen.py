@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from econoserve.policy.base import Policy
+from econoserve.policy.base import Policy, require_positive
 from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.request import Request
 
@@ -38,10 +38,7 @@ class FastGenConfig:
     max_num_seqs: int = 512
 
     def __post_init__(self) -> None:
-        if self.token_budget <= 0:
-            raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        require_positive(self, "token_budget", "max_num_seqs")
 
 
 class FastGenPolicy(Policy):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from econoserve.policy.base import Policy
+from econoserve.policy.base import Policy, require_positive
 from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.request import Request
 
@@ -43,12 +43,7 @@ class OrcaConfig:
     max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_batch_size <= 0:
-            raise ValueError(f"max_batch_size must be > 0, got {self.max_batch_size}")
-        if self.max_tokens_per_request is not None and self.max_tokens_per_request <= 0:
-            raise ValueError(f"max_tokens_per_request must be > 0, got {self.max_tokens_per_request}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
-            raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
+        require_positive(self, "max_batch_size", "max_tokens_per_request", "max_num_batched_tokens")
 
 
 class OrcaPolicy(Policy):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from econoserve.policy.base import Policy
+from econoserve.policy.base import Policy, require_positive
 from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.request import Request
 
@@ -45,10 +45,7 @@ class SarathiConfig:
     watermark_ratio: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.token_budget <= 0:
-            raise ValueError(f"token_budget must be > 0, got {self.token_budget}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        require_positive(self, "token_budget", "max_num_seqs")
         if not 0 <= self.watermark_ratio < 1:
             raise ValueError(f"watermark_ratio must be in [0, 1), got {self.watermark_ratio}")
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from econoserve.policy.base import Policy
+from econoserve.policy.base import Policy, require_positive
 from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.request import Request
 
@@ -53,10 +53,7 @@ class VLLMConfig:
     watermark_ratio: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
-            raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        require_positive(self, "max_num_batched_tokens", "max_num_seqs")
         if not 0 <= self.watermark_ratio < 1:
             raise ValueError(f"watermark_ratio must be in [0, 1), got {self.watermark_ratio}")
 
@@ -75,10 +72,7 @@ class VLLMChunkedConfig:
     max_num_seqs: int = 256
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens <= 0:
-            raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        require_positive(self, "max_num_batched_tokens", "max_num_seqs")
 
 
 class VLLMPolicy(Policy):
