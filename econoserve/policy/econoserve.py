@@ -531,11 +531,12 @@ class EconoServePolicy(Policy):
         return max(guests or generating, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
 
     def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
-        """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left."""
+        """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left.
+        (Running requests that are decoding were scheduled, or left out, by the decode pass.)"""
         for request in self.running:
             if budget <= 0:
                 break
-            if request.request_id in self._generating or request.status != RequestStatus.RUNNING:
+            if request.is_decoding:
                 continue
             num_new = min(request.num_pending_tokens, budget)
             if not self._allocate(request, num_new, decision):
@@ -558,18 +559,23 @@ class EconoServePolicy(Policy):
         """Free blocks a PT admission must leave untouched [blocks]: with ``lookahead``, the
         growth every PT and queued GT still needs for its exact allocation; with ``prompt``,
         only the growth the GT queue's head still needs (so new prompts cannot starve it)."""
-        if self.config.prompt_admission == "lookahead":
+        if self._lookahead:
             return self._pipeline_growth_blocks()
         if not self._gt_queue:
             return 0
         head = self._gt_queue[0][2]
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
 
+    @property
+    def _lookahead(self) -> bool:
+        """Look-ahead PT admission (it needs exact allocations: not without SyncDecoupled)."""
+        return self.config.prompt_admission == "lookahead" and not self.config.no_syncdecoupled
+
     def _admit_prompts(self, budget: int, decision: SchedulerDecision) -> None:
         """Start PTs in priority order while the budget, ``max_num_seqs`` and the KV rule of
         ``prompt_admission`` allow (see the module docstring); the first chunk runs in this step."""
         kv = self.kv_cache
-        lookahead = self.config.prompt_admission == "lookahead"
+        lookahead = self._lookahead
         committed = self._kept_free_blocks()
         self._pt_waits_for_budget = False
         while self._pt_queue:
@@ -642,29 +648,9 @@ class EconoServePolicy(Policy):
                 budget -= 1
         for victim in decision.preempted:
             decision.kv_allocations.pop(victim.request_id, None)
-        for request in self.running:
-            if budget <= 0:
-                break
-            if request.is_decoding:
-                continue
-            num_new = min(request.num_pending_tokens, budget)
-            self._allocate(request, num_new, decision)  # within the prompt's reservation
-            decision.add(request, num_new)
-            budget -= num_new
-        kv = self.kv_cache
-        while self._pt_queue and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self._pt_queue[0][2]
-            reserved = kv.reserve(request.request_id, request.num_pending_tokens)
-            if reserved is None:
-                break
-            heapq.heappop(self._pt_queue)
-            if reserved:
-                decision.kv_reservations[request.request_id] = reserved
-            num_new = min(request.num_pending_tokens, budget)
-            self._allocate(request, num_new, decision)
-            self._admit(request)
-            decision.add(request, num_new)
-            budget -= num_new
+        budget = self._schedule_prompt_chunks(budget, decision)
+        if budget > 0:
+            self._admit_prompts(budget, decision)
         return decision
 
     # ------------------------------------------------------------------ skip-ahead
