@@ -147,13 +147,6 @@ def read_decision_log(path: str | Path) -> list[DecisionRecord]:
     return records
 
 
-# --------------------------------------------------------------------- policy-side abort
-def abort_policy_request(policy: Policy, request: Request) -> None:
-    """Remove ``request`` from ``policy`` for good, releasing its KV and any reservation
-    (:meth:`~econoserve.policy.base.Policy.abort_request`)."""
-    policy.abort_request(request)
-
-
 # --------------------------------------------------------------------- replay
 @dataclass
 class ReplayReport:
@@ -225,7 +218,7 @@ def replay_decision_log(records: Iterable[DecisionRecord]) -> ReplayReport:
             decision = None
         elif isinstance(record, AbortRecord):
             aborted.add(record.policy_request_id)
-            abort_policy_request(policy, requests[record.policy_request_id])
+            policy.abort_request(requests[record.policy_request_id])
         else:
             raise ValueError(f"unexpected record in a decision log: {record!r}")
     return report

@@ -86,16 +86,7 @@ from vllm.v1.request import RequestStatus as EngineRequestStatus
 
 from econoserve.policy import EngineLimits, Policy, Request, SchedulerDecision, make_config, make_policy
 from econoserve.policy.registry import POLICIES
-from econoserve.serving.decisions import (
-    AbortRecord,
-    ArrivalRecord,
-    DecisionLog,
-    DecisionRecord,
-    LogHeader,
-    StepRecord,
-    UpdateRecord,
-    abort_policy_request,
-)
+from econoserve.serving.decisions import AbortRecord, ArrivalRecord, DecisionLog, DecisionRecord, LogHeader, StepRecord, UpdateRecord
 from econoserve.serving.recording import IterationRecordingMixin, econoserve_options
 
 logger = init_logger(__name__)
@@ -688,7 +679,7 @@ class PolicySchedulerCore(Scheduler):
         for request in finished:
             mirror = self._forget(request.request_id)
             if mirror is not None:
-                abort_policy_request(self.econoserve_policy, mirror.policy)
+                self.econoserve_policy.abort_request(mirror.policy)
                 self._log(lambda: AbortRecord(mirror.policy.request_id))
         return finished
 

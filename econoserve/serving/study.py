@@ -29,6 +29,7 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
+from econoserve.serving.profiler import ProfileGrid
 from econoserve.sim import SimulationResult, simulate
 from econoserve.sim.latency import FittedLatencyModel
 from econoserve.workload.trace import Trace
@@ -75,22 +76,15 @@ class EngineOptions:
                            self.block_size, self.kv_cache_tokens)
 
 
-@dataclass(frozen=True)
-class ProfileOptions:
-    """The step-time grid of ``econoserve profile-engine`` (tokens, requests, repeats)."""
-
-    prefill_tokens: tuple[int, ...] = (0, 16, 64, 256, 1024)
-    decode_batch_sizes: tuple[int, ...] = (0, 1, 4, 16, 48)
-    context_lengths: tuple[int, ...] = (32, 256, 1024)
-    repeats: int = 5
-
-    def flags(self) -> list[str]:
-        return [
-            "--prefill-tokens", ",".join(map(str, self.prefill_tokens)),
-            "--decode-batch-sizes", ",".join(map(str, self.decode_batch_sizes)),
-            "--context-lengths", ",".join(map(str, self.context_lengths)),
-            "--repeats", str(self.repeats),
-        ]
+def profile_flags(grid: ProfileGrid) -> list[str]:
+    """``econoserve profile-engine`` flags for ``grid`` (its warm-up and seed are the CLI's
+    defaults)."""
+    return [
+        "--prefill-tokens", ",".join(map(str, grid.prefill_tokens)),
+        "--decode-batch-sizes", ",".join(map(str, grid.decode_batch_sizes)),
+        "--context-lengths", ",".join(map(str, grid.context_lengths)),
+        "--repeats", str(grid.repeats),
+    ]
 
 
 @dataclass(frozen=True)
@@ -101,7 +95,7 @@ class ServingStudy:
     output_dir: Path
     schedulers: tuple[str, ...] = ("vllm", "econoserve")
     engine: EngineOptions = field(default_factory=EngineOptions)
-    profile: ProfileOptions = field(default_factory=ProfileOptions)
+    profile: ProfileGrid = field(default_factory=ProfileGrid)
     mode: str = "offline"
     serving_python: str = DEFAULT_SERVING_PYTHON
     reuse: bool = True
@@ -179,8 +173,8 @@ def fit_profile(study: ServingStudy, log=print) -> FittedLatencyModel:
     path = out / "step_times.parquet"
     inputs = {"engine": asdict(study.engine), "profile": asdict(study.profile)}
     if not _reusable(study, path, inputs):
-        log(f"profiling the engine ({len(list(_cells(study.profile)))} batch compositions) ...")
-        run_econoserve(study, ["profile-engine", "-o", str(path), *study.profile.flags(), *study.engine.flags()])
+        log(f"profiling the engine ({len(list(study.profile.cells()))} batch compositions) ...")
+        run_econoserve(study, ["profile-engine", "-o", str(path), *profile_flags(study.profile), *study.engine.flags()])
         _stamp(path, inputs)
     steps = pd.read_parquet(path)
     if "engine_step_time_s" in steps:  # the whole engine step: what a served step costs
@@ -238,14 +232,6 @@ def _real_metrics(summary: dict) -> dict[str, float]:
             "mean_tbt_s", "num_preemptions", "preemption_fraction", "mean_kv_usage", "num_iterations",
             "mean_schedule_time_s")
     return {f"real_{key}": summary.get(key) for key in keys}
-
-
-def _cells(profile: ProfileOptions):
-    for prefill in profile.prefill_tokens:
-        for batch in profile.decode_batch_sizes:
-            for context in (profile.context_lengths if batch else profile.context_lengths[:1]):
-                if prefill or batch:
-                    yield prefill, batch, context
 
 
 def _safe(name: str) -> str:
