@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,6 +145,40 @@ def profile_points(source: str, grid: CalibrationGrid = CalibrationGrid()) -> pd
     return pd.concat(frames, ignore_index=True)
 
 
+def step_table_points(path: str | Path, model: str, gpu: str, tensor_parallel: int = 1) -> pd.DataFrame:
+    """A measured step table (``econoserve profile-gpu`` or ``profile-engine``: ``step_time_s``
+    or ``duration_s`` and the step's token counts) as calibration points of ``model`` on
+    ``gpu``. Without an ``attention_pairs`` column, the pairs are those of one fresh prompt of
+    ``cell_prefill_tokens`` (or ``prefill_tokens``) tokens plus one per decoding context token."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such step table")
+    try:
+        table = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except (ValueError, OSError) as error:
+        raise UserError(f"{path}: cannot read a step table ({error})") from None
+    table = table.rename(columns={"duration_s": "step_time_s", "num_prefill_tokens": "prefill_tokens",
+                                  "num_decode_tokens": "decode_tokens", "num_context_tokens": "context_tokens"})
+    missing = [c for c in ("step_time_s", "prefill_tokens", "decode_tokens", "context_tokens") if c not in table]
+    if missing:
+        raise UserError(f"{path}: step table lacks the column(s) {', '.join(missing)}")
+    if "attention_pairs" not in table:
+        prompt = table.get("cell_prefill_tokens", table["prefill_tokens"]).astype(float)
+        table["attention_pairs"] = prompt * (prompt + 1) / 2 + (table["context_tokens"] - table["prefill_tokens"])
+    table = table[table["step_time_s"] > 0]
+    if table.empty:
+        raise UserError(f"{path}: no steps with a positive step_time_s")
+    get_model(model), get_gpu(gpu)  # one-line errors for unknown names
+    points = pd.DataFrame({
+        "source": str(path), "model": model, "gpu": gpu, "tensor_parallel": int(tensor_parallel),
+        "phase": np.where(table["prefill_tokens"] > 0, np.where(table["decode_tokens"] > 0, "mixed", "prefill"), "decode"),
+        "prefill_tokens": table["prefill_tokens"].astype(float), "decode_tokens": table["decode_tokens"].astype(float),
+        "context_tokens": table["context_tokens"].astype(float), "attention_pairs": table["attention_pairs"].astype(float),
+        "measured_s": table["step_time_s"].astype(float), "measured_kind": "measured",
+    })
+    return points[list(POINT_COLUMNS)].reset_index(drop=True)
+
+
 # --------------------------------------------------------------------- predict and fit
 def roofline_predictions_s(points: pd.DataFrame, params: RooflineParams | dict[int, RooflineParams]) -> np.ndarray:
     """The roofline's step time [s] for every point; ``params`` is one set or one per TP."""
@@ -244,4 +279,5 @@ __all__ = [
     "params_to_factors",
     "profile_points",
     "roofline_predictions_s",
+    "step_table_points",
 ]
