@@ -15,16 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_calibrate(subparsers)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
 # --------------------------------------------------------------------- profile-gpu
 def _register_profile_gpu(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -44,11 +34,11 @@ def _register_profile_gpu(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--hf-config", metavar="PATH", help="a transformers config.json (or its folder) instead")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: cuda)")
     parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--prefill-tokens", type=_ints, default=None, metavar="N,N,...",
+    parser.add_argument("--prefill-tokens", default=None, metavar="N,N,...",
                         help="prompt lengths [tokens], 0 = none (default: the GPU grid on CUDA, the CPU grid on CPU)")
-    parser.add_argument("--decode-batch-sizes", type=_ints, default=None, metavar="N,N,...",
+    parser.add_argument("--decode-batch-sizes", default=None, metavar="N,N,...",
                         help="decoding requests per step, 0 = none")
-    parser.add_argument("--context-lengths", type=_ints, default=None, metavar="N,N,...",
+    parser.add_argument("--context-lengths", default=None, metavar="N,N,...",
                         help="tokens already cached per decoding request")
     parser.add_argument("--repeats", type=int, default=None, help="measured steps per cell")
     parser.add_argument("--warmup", type=int, default=None, help="discarded steps per cell")
@@ -64,14 +54,15 @@ def _grid(args: argparse.Namespace):
     from dataclasses import replace
 
     from econoserve.profiling.torch_steps import GPU_GRID
+    from econoserve.serving.commands import _int_list  # the profile-engine command's list parser
     from econoserve.serving.profiler import ProfileGrid
 
     base = ProfileGrid() if args.device == "cpu" else GPU_GRID
     changes = {name: getattr(args, name) for name in ("repeats", "warmup") if getattr(args, name) is not None}
-    for flag, field in (("prefill_tokens", "prefill_tokens"), ("decode_batch_sizes", "decode_batch_sizes"),
-                        ("context_lengths", "context_lengths")):
-        if getattr(args, flag) is not None:
-            changes[field] = getattr(args, flag)
+    for field in ("prefill_tokens", "decode_batch_sizes", "context_lengths"):
+        values = _int_list(getattr(args, field), "--" + field.replace("_", "-"))
+        if values is not None:
+            changes[field] = values
     if changes.get("repeats", 1) < 1 or changes.get("warmup", 0) < 0:
         raise UserError("--repeats must be >= 1 and --warmup >= 0")
     if any(v == 0 for v in changes.get("context_lengths", (1,))):
