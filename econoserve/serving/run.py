@@ -70,6 +70,9 @@ def scheduler_options(name: str, policy_config: dict | None = None) -> dict:
     if policy_config:
         if not options:
             raise UserError(f"scheduler {name!r} takes no policy configuration (vLLM's own policy)")
+        from econoserve.policy import make_config
+
+        make_config(options["policy"], policy_config)  # wrong fields, types or ranges: one line, before vLLM starts
         options["policy_config"] = dict(policy_config)
     return options
 

