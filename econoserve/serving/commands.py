@@ -116,6 +116,10 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="econoserve / policy:NAME: overrides of the policy's configuration fields as a "
                              "JSON object, e.g. '{\"rl_bucket\": 16}'; token budget and max_num_seqs fields "
                              "default to the engine's --max-num-batched-tokens and --max-num-seqs")
+    parser.add_argument("--predictor", type=Path, default=None, metavar="MODEL_DIR",
+                        help="econoserve / policy:NAME: a trained response-length model (econoserve predictor train) "
+                             "that predicts, inside the scheduler, from the prompt token ids of requests that carry "
+                             "no prediction (the trace's predicted_output_tokens still win)")
     parser.add_argument("--mode", choices=("offline", "server"), default="offline",
                         help="in-process engine or loopback HTTP server (default: %(default)s)")
     parser.add_argument("--num-requests", type=positive_int, default=None, help="replay only the first N requests")
@@ -134,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     from econoserve.workload.trace import Trace
 
     scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
-    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"))
+    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"), args.predictor)
     from econoserve.serving.engine import require_vllm
 
     require_vllm()
