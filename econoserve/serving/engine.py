@@ -127,6 +127,9 @@ class EngineConfig:
     """Skip torch.compile / CUDA graphs (tens of seconds of start-up for a tiny model)."""
     dtype: str = "float32"
     seed: int = 0
+    skip_tokenizer_init: bool = True
+    """Token-id prompts only (the replay's); ``False`` for clients that send text, which needs a
+    model directory with a tokenizer (:func:`econoserve.serving.models.with_gpt2_tokenizer`)."""
     iteration_log: str | None = None
     """JSON-lines file for the recording scheduler's per-step records."""
     extra_options: dict[str, Any] = field(default_factory=dict)
@@ -167,7 +170,7 @@ class EngineConfig:
         """Keyword arguments of ``vllm.LLM`` for this configuration."""
         kwargs: dict[str, Any] = {
             "model": str(self.model),
-            "skip_tokenizer_init": True,
+            "skip_tokenizer_init": self.skip_tokenizer_init,
             "dtype": self.dtype,
             "seed": self.seed,
             "max_model_len": self.max_model_len,
@@ -189,7 +192,7 @@ class EngineConfig:
     def server_args(self) -> list[str]:
         """``vllm serve`` arguments (after the model) for this configuration."""
         args = [
-            "--skip-tokenizer-init",
+            *(["--skip-tokenizer-init"] if self.skip_tokenizer_init else []),
             "--dtype", self.dtype,
             "--seed", str(self.seed),
             "--max-model-len", str(self.max_model_len),
