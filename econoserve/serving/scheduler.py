@@ -698,6 +698,10 @@ class PolicySchedulerCore(Scheduler):
                 self._log(lambda: AbortRecord(mirror.policy.request_id))
         return finished
 
+    def policy_kv_blocks_reserved(self) -> int:
+        """The policy's reservations not yet holding tokens [blocks] (read by the per-step records)."""
+        return int(self.econoserve_policy.kv_cache.num_reserved_blocks)
+
     def _log(self, make_record: Callable[[], DecisionRecord]) -> None:
         """Add a record to the decision log; built only when the log is enabled."""
         if self.decision_log.enabled:
