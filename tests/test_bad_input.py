@@ -20,9 +20,7 @@ import pytest
 
 from econoserve.cli import main
 from econoserve.errors import UserError
-from econoserve.predictor.data import LabeledPrompts
-from econoserve.predictor.features import FeatureConfig
-from econoserve.predictor.model import LengthPredictor, PredictorConfig, train_predictor
+from econoserve.predictor.model import LengthPredictor
 from econoserve.serving import engine as serving_engine
 from econoserve.serving.engine import EngineConfig, ServingError, check_engine_options
 from econoserve.workload.trace import MAX_REQUEST_TOKENS, Trace
@@ -117,25 +115,15 @@ def test_a_whole_float_is_an_integer_in_json_configuration():
 
 
 # --------------------------------------------------------------------- model directories
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(5, 500, size=300)
-    data = LabeledPrompts(dataset="synthetic", part="train", tokenizer="llama2", prompts=None, prompt_tokens=tokens,
-                          source_index=np.arange(300), targets={"reference": tokens // 2 + 1})
-    config = PredictorConfig(num_boost_round=5, num_threads=1, features=FeatureConfig(use_text=False))
-    return train_predictor(data, config).save(tmp_path_factory.mktemp("model") / "model")
-
-
 @pytest.mark.parametrize(("key", "value"), [
     ("config", []), ("config", {"features": "text"}), ("config", {"num_threads": "four"}),
     ("config", {"features": {"use_text": "no"}}), ("files", ["model.txt"]), ("num_features", "1"),
     ("feature_names", "prompt_tokens"), ("quantile_log_offset", None), ("num_classes", True), ("label", 3),
 ])  # fmt: skip
-def test_saved_metadata_of_the_wrong_shape_is_a_clear_error(capsys, tmp_path, trace_path, saved_model, key, value):
+def test_saved_metadata_of_the_wrong_shape_is_a_clear_error(capsys, tmp_path, trace_path, length_model, key, value):
     model = tmp_path / "model"
     model.mkdir()
-    for file in saved_model.iterdir():
+    for file in length_model.iterdir():
         (model / file.name).write_bytes(file.read_bytes())
     metadata = json.loads((model / "metadata.json").read_text())
     metadata[key] = value
@@ -144,8 +132,8 @@ def test_saved_metadata_of_the_wrong_shape_is_a_clear_error(capsys, tmp_path, tr
     assert str(model) in message
 
 
-def test_an_intact_saved_model_still_loads(saved_model):
-    assert LengthPredictor.load(saved_model).predict(None, np.array([100])) >= 1
+def test_an_intact_length_model_still_loads(length_model):
+    assert LengthPredictor.load(length_model).predict(None, np.array([100])) >= 1
 
 
 # --------------------------------------------------------------------- text and lengths in traces

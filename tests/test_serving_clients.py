@@ -25,25 +25,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from econoserve.predictor.data import LabeledPrompts
-from econoserve.predictor.features import FeatureConfig
-from econoserve.predictor.model import LengthPredictor, PredictorConfig, train_predictor
+from econoserve.predictor.model import LengthPredictor
 from econoserve.workload.trace import Trace
 
 pytestmark = [pytest.mark.serving, pytest.mark.realdata, pytest.mark.slow]
 
 SCHEDULER = "econoserve.serving.scheduler.EconoServeScheduler"
 CLIENT_TIMEOUT_S = 240
-
-
-@pytest.fixture(scope="module")
-def length_model(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, 400, size=400)
-    data = LabeledPrompts(dataset="synthetic", part="train", tokenizer="opt", prompts=None, prompt_tokens=tokens,
-                          source_index=np.arange(400), targets={"reference": tokens // 4 + 2})
-    config = PredictorConfig(num_boost_round=30, num_threads=1, features=FeatureConfig(tokenizer="opt", use_text=False))
-    return train_predictor(data, config).save(tmp_path_factory.mktemp("length-model") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ a request-supplied prediction wins; each prediction's cost is measured inside th
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +17,6 @@ from econoserve.predictor.model import LengthPredictor, PredictorConfig, train_p
 from test_serving_scheduler import _engine_request, _fake_step, _stepped_scheduler
 
 pytestmark = [pytest.mark.serving]
-
-
-@pytest.fixture(scope="module")
-def length_model(tmp_path_factory) -> Path:
-    """A length-only model whose prediction grows with the prompt (label = prompt length / 2)."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, 400, size=400)
-    data = LabeledPrompts(dataset="synthetic", part="train", tokenizer="opt", prompts=None, prompt_tokens=tokens,
-                          source_index=np.arange(400), targets={"reference": tokens // 2 + 1})
-    config = PredictorConfig(num_boost_round=40, num_threads=1, features=FeatureConfig(tokenizer="opt", use_text=False))
-    return train_predictor(data, config).save(tmp_path_factory.mktemp("length-model") / "model")
 
 
 def _predicted(scheduler, request_id: str) -> int | None:
