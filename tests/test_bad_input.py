@@ -193,3 +193,11 @@ def test_vllm_dependencies_that_do_not_load_get_one_line_saying_what_to_run(monk
     assert "cannot import OPTForCausalLM" in message and "torchvision::nms" in message
     assert "install_serving.sh" in message and "pip uninstall -y torchvision" in message and "\n" not in message
     assert isinstance(error.value, UserError)
+
+
+def test_a_scheduler_predictor_that_cannot_be_used_is_refused_before_vllm_starts(capsys, tmp_path, trace_path,
+                                                                                 length_model):
+    common = ["serve", "--trace", trace_path, "-o", tmp_path / "out"]
+    assert "takes no predictor" in run_cli(capsys, *common, "--scheduler", "vllm", "--predictor", length_model)
+    message = run_cli(capsys, *common, "--scheduler", "econoserve", "--predictor", tmp_path / "no-model")
+    assert f"{tmp_path / 'no-model'}: no such model directory" in message
