@@ -62,8 +62,8 @@ class StudyRegime:
 #: the engine sustains, so vLLM's own scheduler preempts. ``light-load``: Alpaca's short answers
 #: on a large cache at a moderate rate (both schedulers serve alike, nothing is preempted).
 REGIMES: dict[str, StudyRegime] = {
-    "kv-bound": StudyRegime("sharegpt", num_requests=120, rate_rps=12.0, kv_cache_tokens=4096, max_model_len=1024,
-                            length_scale=0.25, description="ShareGPT lengths x0.25, 4096-token KV cache"),
+    "kv-bound": StudyRegime("sharegpt", num_requests=100, rate_rps=2.5, kv_cache_tokens=2048, max_model_len=1024,
+                            length_scale=0.5, description="ShareGPT lengths x0.5, 2048-token KV cache"),
     "light-load": StudyRegime("alpaca", num_requests=160, rate_rps=20.0, kv_cache_tokens=8192, max_model_len=2048,
                               description="Alpaca lengths, 8192-token KV cache, at most ~14% KV use"),
 }
