@@ -132,6 +132,10 @@ def main() -> None:
     write(rows, prediction, args)
 
 
+def _model_label(path: str) -> str:
+    return Path(path).name
+
+
 def write(rows: list[dict], prediction: dict | None, args: argparse.Namespace) -> None:
     import vllm
 
@@ -156,7 +160,7 @@ def write(rows: list[dict], prediction: dict | None, args: argparse.Namespace) -
                      f"{row['ratio_median']:.2f} | {row['vllm_p90_ms']:.3f} | {row['econoserve_p90_ms']:.3f} |")
     if prediction:
         lines += ["", f"In-engine length prediction ({'text' if prediction['text_model'] else 'length-only'} model, "
-                      f"{args.predictor}): {prediction['requests']} requests, mean {prediction['mean_ms']:.3f} ms, "
+                      f"{_model_label(args.predictor)}): {prediction['requests']} requests, mean {prediction['mean_ms']:.3f} ms, "
                       f"longest {prediction['max_ms']:.3f} ms per request (paid once, in add_request)."]
     (RESULTS / "scheduler_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
