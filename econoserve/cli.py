@@ -3,7 +3,10 @@
 Each subsystem contributes its subcommands from a ``commands`` module exposing
 ``register(subparsers)``; a subcommand's handler takes the parsed arguments and returns an exit
 status. A :class:`~econoserve.errors.UserError` (bad file, record, name or flag) is printed on one
-line and exits with status 2; anything else is a bug and keeps its traceback.
+line and exits with status 2, and so is an argument argparse refuses (one line naming the
+option, and where to find ``--help``), and a file the system refuses to read or write (a
+permission, a full disk, a path that is not a directory). Anything else is a bug and keeps its
+traceback. :mod:`econoserve.validation` holds the checks the commands share.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from typing import Sequence
 
 from econoserve import __version__
@@ -26,8 +30,15 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with its errors on one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="econoserve",
         description=(
             "EconoServe reproduction toolkit: datasets and traces, the response-length "
@@ -44,12 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a refused argument (already printed on one line)
+        return stop.code if isinstance(stop.code, int) else 0
     try:
         return int(args.handler(args) or 0)
     except UserError as error:
         print(f"econoserve: error: {error}", file=sys.stderr)
         return error.exit_status
+    except OSError as error:
+        if error.filename is None:
+            raise
+        print(f"econoserve: error: {error.filename}: {error.strerror or error}", file=sys.stderr)
+        return UserError.exit_status
     except KeyboardInterrupt:
         print("econoserve: interrupted", file=sys.stderr)
         return 130

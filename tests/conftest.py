@@ -52,6 +52,23 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(TinyModelSpec(), tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def length_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved length-only response-length model (OPT tokens) whose prediction grows with the
+    prompt: trained on label = prompt tokens / 2 + 1, 400 synthetic prompts, in about a second."""
+    import numpy as np
+
+    from econoserve.predictor.data import LabeledPrompts
+    from econoserve.predictor.features import FeatureConfig
+    from econoserve.predictor.model import PredictorConfig, train_predictor
+
+    tokens = np.random.default_rng(0).integers(4, 400, size=400)
+    data = LabeledPrompts(dataset="synthetic", part="train", tokenizer="opt", prompts=None, prompt_tokens=tokens,
+                          source_index=np.arange(400), targets={"reference": tokens // 2 + 1})
+    config = PredictorConfig(num_boost_round=40, num_threads=1, features=FeatureConfig(tokenizer="opt", use_text=False))
+    return train_predictor(data, config).save(tmp_path_factory.mktemp("length-model") / "model")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _gate(items, "realdata", mirror_available(), bool(os.environ.get("CI")),
           "no dataset mirror (set ECONOSERVE_DATA_MIRROR to ../shared/data)")

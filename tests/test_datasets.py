@@ -153,7 +153,7 @@ def test_cli_build_is_byte_identical_and_checks_arguments(tmp_path, capsys):
         ("--dataset", "bookcorpus"): "unknown dataset 'bookcorpus'",
         ("--dataset", "alpaca", "--tokenizer", "bert"): "unknown tokenizer 'bert'",
         ("--dataset", "alpaca", "--arrival", "gamma", "--rate", "1"): "--arrival gamma needs --cv",
-        ("--dataset", "alpaca", "--rate", "-2"): "--rate must be a positive number",
+        ("--dataset", "alpaca", "--rate", "-2"): "argument --rate: expected a number > 0",
         ("--dataset", "qmsum", "--num-requests", "5000", "--rate", "1"): "qmsum has 1576 usable requests",
     }
     for extra, message in bad.items():

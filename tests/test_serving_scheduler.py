@@ -76,43 +76,20 @@ def _stepped_scheduler(model_dir, policy: str, num_blocks: int = 17, max_model_l
                        max_num_batched_tokens: int = 256, max_num_seqs: int = 8, scheduler: str = "PolicyScheduler",
                        options: dict | None = None, mutate=None):
     """A policy scheduler on a real vLLM configuration and a KV cache of ``num_blocks`` blocks
-    (one of them vLLM's null block), without a model."""
-    import torch
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
+    (one of them vLLM's null block), without a model (econoserve.serving.stepping)."""
+    from econoserve.serving.stepping import stepped_scheduler
 
-    from econoserve.serving import scheduler as module
-
-    args = EngineArgs(
-        model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=max_model_len,
-        block_size=BLOCK_SIZE, enable_prefix_caching=False, async_scheduling=False, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, enforce_eager=True,
-        scheduler_cls=f"econoserve.serving.scheduler.{scheduler}",
-        additional_config={"econoserve": {"policy": policy, "keep_decisions": True, **(options or {})}},
-    )
-    vllm_config = args.create_engine_config()
-    vllm_config.cache_config.num_gpu_blocks = num_blocks
-    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=4, head_size=64, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=num_blocks, kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["model.decoder.layers.0.self_attn.attn"], spec)],
-    )
-    if mutate is not None:
-        mutate(vllm_config)
-    return getattr(module, scheduler)(
-        vllm_config=vllm_config, kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config), block_size=BLOCK_SIZE,
+    return stepped_scheduler(
+        model_dir, f"econoserve.serving.scheduler.{scheduler}", num_blocks, block_size=BLOCK_SIZE,
+        max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+        additional_config={"econoserve": {"policy": policy, "keep_decisions": True, **(options or {})}}, mutate=mutate,
     )
 
 
 def _engine_request(request_id: str, prompt_tokens: int, max_tokens: int, predicted: int | None = None, **sampling):
-    from vllm import SamplingParams
-    from vllm.v1.request import Request
+    from econoserve.serving.stepping import engine_request
 
-    extra = {"predicted_output_tokens": predicted} if predicted is not None else None
-    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, extra_args=extra, **sampling)
-    return Request(request_id, list(range(4, 4 + prompt_tokens)), params, None)
+    return engine_request(request_id, prompt_tokens, max_tokens, predicted, **sampling)
 
 
 def _fake_step(scheduler):
@@ -123,16 +100,9 @@ def _fake_step(scheduler):
 
 
 def _fake_update(scheduler, output):
-    from vllm.v1.outputs import ModelRunnerOutput
+    from econoserve.serving.stepping import stand_in_model_output
 
-    req_ids = list(output.num_scheduled_tokens)
-    sampled = []
-    for req_id in req_ids:
-        request = scheduler.requests.get(req_id)
-        sampled.append([] if request is None or request.is_prefill_chunk else [11])
-    runner_output = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                      sampled_token_ids=sampled)
-    return scheduler.update_from_output(output, runner_output)
+    return scheduler.update_from_output(output, stand_in_model_output(scheduler, output))
 
 
 def _outputs_by_request(engine_outputs) -> dict[str, list]:

@@ -172,9 +172,7 @@ def test_http_body_asks_for_exact_lengths_and_carries_the_prediction():
 
 # --------------------------------------------------------------------- CLI
 def test_cli_help_lists_serving_commands_without_vllm(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "serve" in out and "profile-engine" in out
 
@@ -214,3 +212,40 @@ def test_summary_json_is_strict_json_even_with_nothing_completed(tmp_path):
     ReplayResult(table, empty, summarize(table, empty), {"x": float("nan")}).write(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert summary["completed"] == 0 and summary["throughput_rps"] is None and summary["config"]["x"] is None
+
+
+# --------------------------------------------------------------------- notebook 04's regimes and Figure 15
+def test_scaled_lengths_fit_the_context_and_keep_their_order():
+    from econoserve.serving.study import REGIMES, scale_lengths
+
+    frame = pd.DataFrame({"request_id": range(4), "arrival_time_s": [0.0, 0.1, 0.2, 0.3],
+                          "prompt_tokens": [10, 400, 3000, 1], "output_tokens": [20, 900, 50, 1], "dataset": "x",
+                          "predicted_output_tokens": [25, 800, 4000, 1]})
+    scaled = scale_lengths(Trace.from_frame(frame), 0.5, max_model_len=1024).requests
+    assert scaled["prompt_tokens"].tolist() == [5, 200, 512, 1]  # rounded up, >= 1, at most half the context
+    assert scaled["output_tokens"].tolist() == [10, 450, 25, 1]
+    assert scaled["predicted_output_tokens"].tolist() == [13, 400, 512, 1]  # clipped to what the prompt leaves
+    assert (scaled["prompt_tokens"] + scaled["output_tokens"] <= 1024).all()
+    assert REGIMES["kv-bound"].kv_cache_tokens < REGIMES["light-load"].kv_cache_tokens
+    with pytest.raises(UserError, match="length scale"):
+        scale_lengths(Trace.from_frame(frame), 0, max_model_len=1024)
+
+
+def test_figure15_shows_kv_reservations_and_preemptions():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from econoserve.analysis.serving_figures import figure15, kv_reserved_fraction
+
+    requests = pd.DataFrame({"request_id": [0, 1], "completed": True, "jct_s": [1.0, 2.0], "ttft_s": [0.1, 0.3],
+                             "num_preemptions": [2, 0]})
+    steps = pd.DataFrame({"start_time_s": [0.0, 0.5, 1.0], "kv_usage": [0.2, 0.5, 0.4], "num_preempted": [0, 1, 1],
+                          "kv_blocks_reserved": [10, 20, 0], "kv_blocks_total": [100, 100, 100]})
+    errors = pd.DataFrame({"scheduler": "econoserve", "request_id": [0, 1], "jct_s_real": [1.0, 2.0],
+                           "jct_s_sim": [1.1, 1.8]})
+    summary = pd.DataFrame({"scheduler": ["econoserve"], "sim_num_preemptions": [1]})
+    assert kv_reserved_fraction(steps).tolist() == [0.1, 0.2, 0.0]
+    figure = figure15({"econoserve": requests}, {"econoserve": steps}, errors, summary)
+    kv_axis, preemption_axis = figure.axes[2], figure.axes[3]
+    assert [line.get_label() for line in kv_axis.get_lines()] == ["econoserve: used", "econoserve: used + reserved"]
+    assert [bar.get_height() for bar in preemption_axis.patches] == [2, 1]  # real, simulated

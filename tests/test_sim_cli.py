@@ -41,7 +41,7 @@ def test_simulate_writes_a_run_directory(trace_file, tmp_path, capsys):
         (["--scheduler", "fifo"], "unknown scheduler 'fifo'"),
         (["--scheduler", "vllm", "--gpu", "tpu"], "unknown GPU"),
         (["--scheduler", "vllm", "--model", "opt-1b"], "unknown model"),
-        (["--scheduler", "vllm", "--tp", "0"], "--tp must be >= 1"),
+        (["--scheduler", "vllm", "--tp", "0"], "argument --tp: expected an integer >= 1"),
         (["--scheduler", "sarathi", "--policy-option", "token_budget=-1"], "token_budget must be > 0"),
         (["--scheduler", "sarathi", "--policy-option", "oops"], "expected KEY=VALUE"),
         (["--scheduler", "vllm", "--slo-scale", "-1"], "slo-scale"),

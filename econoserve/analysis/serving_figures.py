@@ -16,36 +16,72 @@ from matplotlib.figure import Figure
 def table15(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per scheduler: the real run's metrics and the simulator's per-request errors."""
     columns = ["scheduler", *[c for c in summary.columns if c.startswith("real_")],
-               "median_jct_error", "p90_jct_error", "median_ttft_error", "p90_ttft_error",
+               *[c for c in summary.columns if c.startswith("sim_")], "median_jct_error", "p90_jct_error", "median_ttft_error", "p90_ttft_error",
                "mean_jct_sim_s", "mean_ttft_sim_s", "compared",
                "crossfit_median_jct_error", "crossfit_p90_jct_error", "crossfit_median_ttft_error"]
     return summary[[c for c in columns if c in summary.columns]].reset_index(drop=True)
 
 
 def figure15(real_requests: Mapping[str, pd.DataFrame], real_iterations: Mapping[str, pd.DataFrame],
-             errors: pd.DataFrame) -> Figure:
-    """(a) JCT and (b) TTFT distributions of the real runs, (c) KV cache use over time in the real
-    engine, (d) simulated vs real JCT per request."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
+             errors: pd.DataFrame, summary: pd.DataFrame | None = None) -> Figure:
+    """(a) JCT and (b) TTFT distributions of the real runs, (c) KV cache used and reserved over
+    time in the real engine, (d) preemptions per scheduler (real, and simulated where ``summary``
+    has ``sim_num_preemptions``), (e) preemptions over time, (f) simulated vs real JCT per request."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), constrained_layout=True)
+    (jct_ax, ttft_ax, kv_ax), (preempt_ax, preempt_time_ax, scatter_ax) = axes
     colours = dict(zip(real_requests, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for scheduler, requests in real_requests.items():
+        colour = colours[scheduler]
         done = requests[requests["completed"]]
-        for ax, column in ((axes[0], "jct_s"), (axes[1], "ttft_s")):
+        for ax, column in ((jct_ax, "jct_s"), (ttft_ax, "ttft_s")):
             values = np.sort(done[column].to_numpy(float))
-            ax.plot(values, np.arange(1, len(values) + 1) / max(len(values), 1), label=scheduler,
-                    color=colours[scheduler])
+            ax.plot(values, np.arange(1, len(values) + 1) / max(len(values), 1), label=scheduler, color=colour)
         steps = real_iterations[scheduler]
-        axes[2].plot(steps["start_time_s"], steps["kv_usage"], label=scheduler, color=colours[scheduler], lw=0.8)
+        kv_ax.plot(steps["start_time_s"], steps["kv_usage"], label=f"{scheduler}: used", color=colour, lw=0.8)
+        reserved = kv_reserved_fraction(steps)
+        if reserved is not None and (reserved > 0).any():
+            kv_ax.plot(steps["start_time_s"], steps["kv_usage"] + reserved, label=f"{scheduler}: used + reserved",
+                       color=colour, lw=0.8, ls="--")
+        preempt_time_ax.step(steps["start_time_s"], steps["num_preempted"].cumsum(), where="post", label=scheduler,
+                             color=colour)
         mine = errors[errors["scheduler"] == scheduler]
-        axes[3].scatter(mine["jct_s_real"], mine["jct_s_sim"], s=8, alpha=0.6, label=scheduler,
-                        color=colours[scheduler])
-    axes[0].set(xlabel="JCT [s]", ylabel="fraction of requests", title="(a) JCT, real engine")
-    axes[1].set(xlabel="TTFT [s]", ylabel="fraction of requests", title="(b) TTFT, real engine")
-    axes[2].set(xlabel="time [s]", ylabel="KV blocks used / total", title="(c) KV cache use, real engine")
+        scatter_ax.scatter(mine["jct_s_real"], mine["jct_s_sim"], s=8, alpha=0.6, label=scheduler, color=colour)
+    _preemption_bars(preempt_ax, real_requests, summary, colours)
+    jct_ax.set(xlabel="JCT [s]", ylabel="fraction of requests", title="(a) JCT, real engine")
+    ttft_ax.set(xlabel="TTFT [s]", ylabel="fraction of requests", title="(b) TTFT, real engine")
+    kv_ax.set(xlabel="time [s]", ylabel="KV blocks / total", title="(c) KV cache used and reserved, real engine")
+    preempt_time_ax.set(xlabel="time [s]", ylabel="preemptions so far", title="(e) preemptions over time, real engine")
     top = float(np.nanmax(errors[["jct_s_real", "jct_s_sim"]].to_numpy())) if len(errors) else 1.0
-    axes[3].plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
-    axes[3].set(xlabel="real JCT [s]", ylabel="simulated JCT [s]", title="(d) simulator vs real engine")
-    for ax in axes:
+    scatter_ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    scatter_ax.set(xlabel="real JCT [s]", ylabel="simulated JCT [s]", title="(f) simulator vs real engine")
+    for ax in axes.flat:
         ax.legend(fontsize=8)
     fig.suptitle("Figure 15: real vLLM serving — EconoServe's scheduler beside vLLM's default")
     return fig
+
+
+def kv_reserved_fraction(steps: pd.DataFrame) -> pd.Series | None:
+    """Blocks reserved for future tokens / usable blocks, per step (``None`` if not recorded)."""
+    if "kv_blocks_reserved" not in steps:
+        return None
+    return steps["kv_blocks_reserved"] / steps["kv_blocks_total"].where(steps["kv_blocks_total"] > 0)
+
+
+def _preemption_bars(ax, real_requests: Mapping[str, pd.DataFrame], summary: pd.DataFrame | None,
+                     colours: Mapping[str, str]) -> None:
+    """Preemptions per scheduler: real (solid) and, where known, simulated (hatched)."""
+    names = list(real_requests)
+    positions = np.arange(len(names))
+    real = [int(real_requests[n]["num_preemptions"].sum()) for n in names]
+    simulated = None
+    if summary is not None and "sim_num_preemptions" in summary:
+        by_name = summary.set_index("scheduler")["sim_num_preemptions"]
+        simulated = [float(by_name.get(n, np.nan)) for n in names]
+    width = 0.4 if simulated is not None else 0.6
+    ax.bar(positions - (width / 2 if simulated is not None else 0), real, width, label="real engine",
+           color=[colours[n] for n in names])
+    if simulated is not None:
+        ax.bar(positions + width / 2, simulated, width, label="simulator", color=[colours[n] for n in names],
+               alpha=0.45, hatch="//")
+    ax.set_xticks(positions, names)
+    ax.set(ylabel="preemptions", title="(d) preemptions per scheduler")

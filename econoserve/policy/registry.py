@@ -12,6 +12,7 @@ from econoserve.policy.fastgen import FastGenPolicy
 from econoserve.policy.orca import OrcaPolicy
 from econoserve.policy.sarathi import SarathiPolicy
 from econoserve.policy.vllm import VLLMChunkedPolicy, VLLMPolicy
+from econoserve.validation import check_field_values
 
 #: Every registered policy, by name.
 POLICIES: dict[str, type[Policy]] = {
@@ -21,7 +22,10 @@ POLICIES: dict[str, type[Policy]] = {
 
 
 class PolicyConfigError(UserError):
-    """An unknown policy name, or a configuration field it does not have, or a bad value."""
+    """An unknown policy name, or a configuration field it does not have, or a bad value.
+
+    (A value of the wrong type is a :class:`~econoserve.validation.ConfigValueError`.)
+    """
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
@@ -50,8 +54,9 @@ def make_config(name: str, config: Mapping[str, object] | object | None = None) 
         raise PolicyConfigError(
             f"{name}: unknown option(s) {', '.join(unknown)}; options: {', '.join(sorted(fields))}"
         )
+    values = check_field_values(name, config_class, config)  # types first: a str or list never reaches a comparison
     try:
-        return config_class(**config)
+        return config_class(**values)
     except (TypeError, ValueError) as error:
         raise PolicyConfigError(f"{name}: {error}") from None
 

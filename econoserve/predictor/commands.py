@@ -13,6 +13,7 @@ from econoserve.predictor.data import PREDICTOR_DATASETS, VICUNA_LABELS, SplitSp
 from econoserve.predictor.evaluation import evaluate
 from econoserve.predictor.features import FeatureConfig
 from econoserve.predictor.model import OBJECTIVES, REGRESSION_LOSSES, LengthPredictor, PredictorConfig, train_predictor
+from econoserve.validation import non_negative_int, output_dir, output_file, positive_float, positive_int, seed
 from econoserve.workload.tokenizer import TOKENIZER_NAMES
 from econoserve.workload.trace import Trace
 
@@ -52,31 +53,31 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--dataset", required=True, choices=PREDICTOR_DATASETS, metavar="NAME", help=", ".join(PREDICTOR_DATASETS))
     train.add_argument("--objective", default="regression", choices=OBJECTIVES, help="default: regression")
-    train.add_argument("--quantile", type=float, default=0.9, help="quantile of the quantile objective (default 0.9)")
+    train.add_argument("--quantile", type=positive_float, default=0.9, help="quantile of the quantile objective (default 0.9)")
     train.add_argument("--no-calibration", action="store_true",
                        help="quantile objective: skip the split-conformal calibration on 20%% of the train part")
-    train.add_argument("--bucket-width", type=int, default=50, help="classification bucket width [tokens] (default 50)")
+    train.add_argument("--bucket-width", type=positive_int, default=50, help="classification bucket width [tokens] (default 50)")
     train.add_argument("--regression-loss", default="l2", choices=REGRESSION_LOSSES,
                        help="regression on log length: l2 (default) or l1 (conditional median)")
     train.add_argument("--label", default=None,
                        help=f"label to learn: for alpaca-vicuna one of {', '.join(VICUNA_LABELS)} or temperatures (default "
                             "max: the max over the four temperatures, Zheng et al.'s protocol; temperatures: the four "
                             "single-temperature lengths stacked, for ranking single generations); other datasets: reference")
-    train.add_argument("--seed", type=int, default=0, help="seed of the model and of the train/test split (default 0)")
-    train.add_argument("--test-fraction", type=float, default=0.2, help="held-out fraction of source records (default 0.2)")
+    train.add_argument("--seed", type=seed, default=0, help="seed of the model and of the train/test split (default 0)")
+    train.add_argument("--test-fraction", type=positive_float, default=0.2, help="held-out fraction of source records (default 0.2)")
     train.add_argument("--tokenizer", default="llama2", choices=TOKENIZER_NAMES, help="tokenizer of lengths and features (default llama2)")
     train.add_argument("--no-text", action="store_true", help="length-only model: the prompt token count is the only feature")
     train.add_argument("--no-cues", action="store_true", help="leave out the lexical-cue features")
-    train.add_argument("--ngram-vocabulary-size", type=int, default=FeatureConfig.ngram_vocabulary_size,
+    train.add_argument("--ngram-vocabulary-size", type=non_negative_int, default=FeatureConfig.ngram_vocabulary_size,
                        help="TF-IDF n-gram vocabulary size, 0 for none (default %(default)s)")
-    train.add_argument("--svd-components", type=int, default=0, help="reduce the n-grams to this many SVD components (default 0: keep them sparse)")
-    train.add_argument("--num-boost-round", type=int, default=None,
+    train.add_argument("--svd-components", type=non_negative_int, default=0, help="reduce the n-grams to this many SVD components (default 0: keep them sparse)")
+    train.add_argument("--num-boost-round", type=positive_int, default=None,
                        help="boosting rounds (default 500; 150 for classification, which grows one tree per bucket)")
-    train.add_argument("--learning-rate", type=float, default=PredictorConfig.learning_rate, help="default %(default)s")
-    train.add_argument("--num-threads", type=int, default=PredictorConfig.num_threads, help="LightGBM threads (default %(default)s)")
-    train.add_argument("--max-train", type=int, default=None, metavar="N", help="train on a seeded sample of N prompts")
+    train.add_argument("--learning-rate", type=positive_float, default=PredictorConfig.learning_rate, help="default %(default)s")
+    train.add_argument("--num-threads", type=positive_int, default=PredictorConfig.num_threads, help="LightGBM threads (default %(default)s)")
+    train.add_argument("--max-train", type=positive_int, default=None, metavar="N", help="train on a seeded sample of N prompts")
     train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
-    train.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL_DIR", help="model directory to write")
+    train.add_argument("-o", "--output", required=True, type=output_dir, metavar="MODEL_DIR", help="model directory to write")
     train.set_defaults(handler=_train)
 
 
@@ -133,11 +134,11 @@ def _register_eval(actions: argparse._SubParsersAction) -> None:
     )
     evaluation.add_argument("--model", required=True, type=Path, metavar="MODEL_DIR")
     evaluation.add_argument("--dataset", required=True, choices=PREDICTOR_DATASETS, metavar="NAME", help=", ".join(PREDICTOR_DATASETS))
-    evaluation.add_argument("--json", required=True, type=Path, metavar="METRICS.json", help="metrics file to write")
-    evaluation.add_argument("--predictions", type=Path, default=None, metavar="OUT.parquet",
+    evaluation.add_argument("--json", required=True, type=output_file, metavar="METRICS.json", help="metrics file to write")
+    evaluation.add_argument("--predictions", type=output_file, default=None, metavar="OUT.parquet",
                             help="also write the per-request predictions (for the figures)")
-    evaluation.add_argument("--sample", type=int, default=None, metavar="N", help="score a seeded sample of N test prompts")
-    evaluation.add_argument("--latency-samples", type=int, default=200, metavar="N",
+    evaluation.add_argument("--sample", type=positive_int, default=None, metavar="N", help="score a seeded sample of N test prompts")
+    evaluation.add_argument("--latency-samples", type=non_negative_int, default=200, metavar="N",
                             help="single requests timed for the latency percentiles, 0 to skip (default 200)")
     evaluation.set_defaults(handler=_eval)
 
@@ -177,7 +178,7 @@ def _register_predict(actions: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--model", required=True, type=Path, metavar="MODEL_DIR")
     predict.add_argument("--trace", required=True, type=Path, metavar="IN.parquet")
-    predict.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.parquet")
+    predict.add_argument("-o", "--output", required=True, type=output_file, metavar="OUT.parquet")
     predict.add_argument("--allow-tokenizer-mismatch", action="store_true",
                          help="predict even if the trace was tokenized with another tokenizer than the model's")
     predict.set_defaults(handler=_predict)

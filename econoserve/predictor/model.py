@@ -38,9 +38,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from econoserve import __version__
-from econoserve.errors import PredictorError
+from econoserve.errors import PredictorError, UserError
 from econoserve.predictor.data import LabeledPrompts
 from econoserve.predictor.features import FeatureConfig, PromptFeaturizer
+from econoserve.validation import check_field_values
 from econoserve.workload.registry import file_sha256
 from econoserve.workload.tokenizer import Tokenizer
 from econoserve.workload.trace import Trace
@@ -102,9 +103,13 @@ class PredictorConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PredictorConfig":
+        """The configuration saved in a model's metadata; a :class:`PredictorError` names a field of
+        the wrong type, and TypeError / ValueError an unknown field or a value out of range."""
+        if not isinstance(values, dict) or not isinstance(values.get("features", {}), dict):
+            raise TypeError("config and config.features must be JSON objects")
         values = dict(values)
-        features = FeatureConfig(**values.pop("features", {}))
-        return cls(features=features, **values)
+        features = check_field_values("features", FeatureConfig, values.pop("features", {}))
+        return cls(features=FeatureConfig(**features), **check_field_values("config", cls, values))
 
     def lightgbm_params(self, num_classes: int = 0) -> dict[str, Any]:
         """LightGBM parameters: deterministic for ``seed`` and ``num_threads``."""
@@ -253,7 +258,7 @@ class LengthPredictor:
                 raise PredictorError(f"{directory}: {name} does not match its sha256 in metadata.json (corrupt or edited)")
         try:
             config = PredictorConfig.from_dict(metadata["config"])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, UserError) as exc:
             raise PredictorError(f"{directory}: metadata.json has an unusable config ({exc})") from None
         featurizer = PromptFeaturizer.load(directory, config.features, tokenizer)
         if featurizer.feature_names() != metadata["feature_names"]:
@@ -284,6 +289,19 @@ _REQUIRED_METADATA = (
 )  # fmt: skip
 
 
+#: The JSON shape of each metadata entry: accepted types and how to say them.
+_METADATA_SHAPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "config": ((dict,), "an object"),
+    "label": ((str,), "text"),
+    "feature_names": ((list,), "a list of feature names"),
+    "num_features": ((int,), "an integer"),
+    "training_data": ((dict,), "an object"),
+    "quantile_log_offset": ((int, float), "a number"),
+    "num_classes": ((int,), "an integer"),
+    "files": ((dict,), "an object of file name -> sha256"),
+}
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     """``metadata.json`` of a model directory, checked for presence, syntax and format version."""
     if not directory.exists():
@@ -307,6 +325,14 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_METADATA if key not in metadata]
     if missing:
         raise PredictorError(f"{path}: metadata lacks {', '.join(missing)} (corrupt model?)")
+    for key, (kinds, what) in _METADATA_SHAPES.items():
+        value = metadata[key]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise PredictorError(f"{path}: metadata {key} must be {what}, got {value!r:.80} (corrupt model?)")
+    if not all(isinstance(name, str) for name in metadata["feature_names"]) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata["files"].items()
+    ):
+        raise PredictorError(f"{path}: metadata feature_names / files must hold text (corrupt model?)")
     return metadata
 
 

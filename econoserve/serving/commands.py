@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 
 from econoserve.errors import UserError
+from econoserve.validation import (
+    non_negative_float, non_negative_int, output_dir, output_file, positive_float, positive_int, seed,
+)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_serve(subparsers)
@@ -34,15 +37,15 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--model", default=TINY_OPT, metavar="tiny-opt|PATH",
                         help="'tiny-opt' (a random-weight OPT built locally) or a local Hugging Face "
                              "model directory; never downloaded (default: %(default)s)")
-    engine.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+    engine.add_argument("--max-num-seqs", type=positive_int, default=defaults.max_num_seqs,
                         help="most requests per batch (default: %(default)s)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+    engine.add_argument("--max-num-batched-tokens", type=positive_int, default=defaults.max_num_batched_tokens,
                         help="token budget per step [tokens] (default: %(default)s)")
-    engine.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
+    engine.add_argument("--max-model-len", type=positive_int, default=defaults.max_model_len,
                         help="longest prompt + output [tokens] (default: %(default)s)")
-    engine.add_argument("--block-size", type=int, default=defaults.block_size,
+    engine.add_argument("--block-size", type=positive_int, default=defaults.block_size,
                         help="tokens per KV block; a multiple of 32 on CPU (default: %(default)s)")
-    engine.add_argument("--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens,
+    engine.add_argument("--kv-cache-tokens", type=non_negative_int, default=defaults.kv_cache_tokens,
                         help="KV cache capacity [tokens]; 0 lets vLLM size it (default: %(default)s)")
     engine.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
                         help="weights and KV cache dtype; sizes the KV cache in bytes (default: %(default)s)")
@@ -51,12 +54,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_prefix_caching,
                         help="vLLM prefix caching; off to match the simulator (default: %(default)s)")
-    engine.add_argument("--seed", type=int, default=defaults.seed, help="engine and prompt seed (default: %(default)s)")
-    engine.add_argument("--tiny-layers", type=int, default=tiny.num_layers,
+    engine.add_argument("--seed", type=seed, default=defaults.seed, help="engine and prompt seed (default: %(default)s)")
+    engine.add_argument("--tiny-layers", type=positive_int, default=tiny.num_layers,
                         help="tiny-opt: decoder layers (default: %(default)s)")
-    engine.add_argument("--tiny-hidden-size", type=int, default=tiny.hidden_size,
+    engine.add_argument("--tiny-hidden-size", type=positive_int, default=tiny.hidden_size,
                         help="tiny-opt: hidden size (default: %(default)s)")
-    engine.add_argument("--tiny-heads", type=int, default=tiny.num_heads,
+    engine.add_argument("--tiny-heads", type=positive_int, default=tiny.num_heads,
                         help="tiny-opt: attention heads (default: %(default)s)")
 
 
@@ -103,7 +106,7 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--trace", required=True, type=Path, help="trace parquet file (econoserve trace build)")
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="run directory to write")
+    parser.add_argument("-o", "--output", required=True, type=output_dir, metavar="DIR", help="run directory to write")
     parser.add_argument("--scheduler", default="vllm", metavar="vllm|econoserve|policy:NAME",
                         help="vllm: vLLM's own scheduler; econoserve: EconoServe's policy inside vLLM "
                              "(econoserve.serving.scheduler.EconoServeScheduler); policy:NAME: any registered "
@@ -113,12 +116,16 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="econoserve / policy:NAME: overrides of the policy's configuration fields as a "
                              "JSON object, e.g. '{\"rl_bucket\": 16}'; token budget and max_num_seqs fields "
                              "default to the engine's --max-num-batched-tokens and --max-num-seqs")
+    parser.add_argument("--predictor", type=Path, default=None, metavar="MODEL_DIR",
+                        help="econoserve / policy:NAME: a trained response-length model (econoserve predictor train) "
+                             "that predicts, inside the scheduler, from the prompt token ids of requests that carry "
+                             "no prediction (the trace's predicted_output_tokens still win)")
     parser.add_argument("--mode", choices=("offline", "server"), default="offline",
                         help="in-process engine or loopback HTTP server (default: %(default)s)")
-    parser.add_argument("--num-requests", type=int, default=None, help="replay only the first N requests")
-    parser.add_argument("--time-scale", type=float, default=1.0,
+    parser.add_argument("--num-requests", type=positive_int, default=None, help="replay only the first N requests")
+    parser.add_argument("--time-scale", type=non_negative_float, default=1.0,
                         help="multiply arrival times (0.5 = twice the rate, 0 = all at once) (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=float, default=600.0,
+    parser.add_argument("--timeout-s", type=positive_float, default=600.0,
                         help="offline mode: fail the run after this many seconds (default: %(default)s)")
     _add_engine_arguments(parser)
     parser.set_defaults(handler=_serve)
@@ -131,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     from econoserve.workload.trace import Trace
 
     scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
-    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"))
+    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"), args.predictor)
     from econoserve.serving.engine import require_vllm
 
     require_vllm()
@@ -179,11 +186,11 @@ def _register_profile(subparsers: argparse._SubParsersAction) -> None:
             "context_tokens, step_time_s, ... (.parquet or .csv), for the simulator's latency fit."
         ),
     )
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="table to write (.parquet or .csv)")
+    parser.add_argument("-o", "--output", required=True, type=output_file, metavar="FILE", help="table to write (.parquet or .csv)")
     parser.add_argument("--prefill-tokens", default=None, help="comma-separated prefill sizes [tokens]")
     parser.add_argument("--decode-batch-sizes", default=None, help="comma-separated decoding-request counts")
     parser.add_argument("--context-lengths", default=None, help="comma-separated decoder prompt lengths [tokens]")
-    parser.add_argument("--repeats", type=int, default=None, help="measured steps per cell")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="measured steps per cell")
     _add_engine_arguments(parser)
     parser.set_defaults(handler=_profile)
 

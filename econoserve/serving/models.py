@@ -158,6 +158,52 @@ def resolve_model(name: str, spec: TinyModelSpec | None = None) -> Path:
     return path.resolve()
 
 
+#: The chat template of :func:`with_gpt2_tokenizer` models: each turn as ``role: content``, then
+#: ``assistant:`` (content does not matter to scheduling; the template only has to exist).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def with_gpt2_tokenizer(model_dir: Path) -> Path:
+    """A copy of ``model_dir`` (weights linked, not copied) with the GPT-2 byte-level BPE tokenizer
+    (OPT's own vocabulary) and :data:`CHAT_TEMPLATE`, for clients that send text: ``vllm bench
+    serve``, the ``openai`` client's completions and chat. Built once, beside ``model_dir``.
+
+    The tokenizer comes from the registered ``gpt2-vocab`` / ``gpt2-merges`` files (data mirror or
+    cache); its ids are below OPT's ``vocab_size``, so any text maps to valid token ids.
+    """
+    model_dir = Path(model_dir)
+    target = model_dir.with_name(model_dir.name + "-gpt2-tokenizer")
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from econoserve.workload.registry import dataset_path
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for item in model_dir.iterdir():
+            (staging / item.name).symlink_to(item.resolve())
+        bpe = Tokenizer(models.BPE.from_file(str(dataset_path("gpt2-vocab")), str(dataset_path("gpt2-merges"))))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        end = "<|endoftext|>"
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, unk_token=end)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process built it first
+            if not (target / "tokenizer_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def model_vocab_size(model_dir: Path) -> int:
     """``vocab_size`` from a model directory's ``config.json`` (bounds random prompt token ids)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())

@@ -72,6 +72,10 @@ class IterationRecord:
     """Usable KV blocks (the pool less vLLM's null block) [blocks]."""
     block_size: int
     """Tokens per KV block [tokens]."""
+    kv_blocks_reserved: int = 0
+    """KV blocks the scheduler has set aside for requests' future tokens, not yet holding any
+    [blocks]: a policy scheduler's ``policy_kv_blocks_reserved()`` (EconoServe's up-front
+    reservations); 0 under vLLM's on-demand allocation."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ class IterationRecordingMixin:
             "kv_blocks_used": usable_blocks - block_pool.get_num_free_blocks(),
             "kv_blocks_total": usable_blocks,
             "block_size": int(self.block_size),
+            "kv_blocks_reserved": int(getattr(self, "policy_kv_blocks_reserved", lambda: 0)()),
         }
 
 

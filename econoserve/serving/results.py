@@ -91,6 +91,7 @@ ITERATION_COLUMNS: tuple[str, ...] = (
     "kv_blocks_total",
     "kv_usage",
     "block_size",
+    "kv_blocks_reserved",
 )
 
 

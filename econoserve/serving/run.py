@@ -59,9 +59,10 @@ def scheduler_class(name: str) -> str:
     raise UserError(f"unknown scheduler {name!r}; choose one of {known}")
 
 
-def scheduler_options(name: str, policy_config: dict | None = None) -> dict:
-    """The ``additional_config["econoserve"]`` options a scheduler name implies (the policy and
-    its configuration overrides); empty for vLLM's own scheduler."""
+def scheduler_options(name: str, policy_config: dict | None = None, predictor: str | Path | None = None) -> dict:
+    """The ``additional_config["econoserve"]`` options a scheduler name implies (the policy, its
+    configuration overrides, and the length model for requests without a prediction); empty for
+    vLLM's own scheduler. Each is checked here, before vLLM starts."""
     options: dict = {}
     if name.startswith(POLICY_SCHEDULER_PREFIX):
         options["policy"] = _policy_name(name)
@@ -70,7 +71,17 @@ def scheduler_options(name: str, policy_config: dict | None = None) -> dict:
     if policy_config:
         if not options:
             raise UserError(f"scheduler {name!r} takes no policy configuration (vLLM's own policy)")
+        from econoserve.policy import make_config
+
+        make_config(options["policy"], policy_config)  # wrong fields, types or ranges: one line, before vLLM starts
         options["policy_config"] = dict(policy_config)
+    if predictor is not None:
+        if not options:
+            raise UserError(f"scheduler {name!r} takes no predictor (vLLM's own policy uses no predictions)")
+        from econoserve.predictor.model import LengthPredictor
+
+        LengthPredictor.load(predictor)  # a missing or corrupt model: one line now, not a traceback from vLLM
+        options["predictor"] = str(Path(predictor).resolve())
     return options
 
 

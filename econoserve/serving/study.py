@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
@@ -36,6 +37,58 @@ from econoserve.workload.trace import Trace
 
 #: Where ``scripts/install_serving.sh`` puts vLLM, relative to the repository root.
 DEFAULT_SERVING_PYTHON = ".venv-serving/bin/python"
+
+
+@dataclass(frozen=True)
+class StudyRegime:
+    """A workload and an engine size for the study (notebook 04's ``regime`` parameter).
+
+    ``length_scale`` multiplies every prompt, response and predicted length [tokens] (rounded up):
+    a dataset's lengths brought to the tiny model's context; what still exceeds
+    ``max_model_len`` is clipped (:func:`scale_lengths`).
+    """
+
+    dataset: str
+    num_requests: int
+    rate_rps: float
+    kv_cache_tokens: int
+    max_model_len: int
+    length_scale: float = 1.0
+    description: str = ""
+
+
+#: The regimes notebook 04 offers. ``kv-bound`` (the default): ShareGPT's conversational lengths
+#: scaled to a 1024-token context, a KV cache of a few dozen such requests, and a rate near what
+#: the engine sustains, so vLLM's own scheduler preempts. ``light-load``: Alpaca's short answers
+#: on a large cache at a moderate rate (both schedulers serve alike, nothing is preempted).
+REGIMES: dict[str, StudyRegime] = {
+    "kv-bound": StudyRegime("sharegpt", num_requests=100, rate_rps=2.5, kv_cache_tokens=2048, max_model_len=1024,
+                            length_scale=0.5, description="ShareGPT lengths x0.5, 2048-token KV cache"),
+    "light-load": StudyRegime("alpaca", num_requests=160, rate_rps=20.0, kv_cache_tokens=8192, max_model_len=2048,
+                              description="Alpaca lengths, 8192-token KV cache, at most ~14% KV use"),
+}
+
+
+def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
+    """``trace`` with prompt, response and predicted lengths multiplied by ``factor`` (rounded up,
+    >= 1) and clipped to fit ``max_model_len`` [tokens]: prompts to half of it, responses (true and
+    predicted) to what the prompt leaves. The scaling is recorded in the trace's metadata."""
+    if factor <= 0:
+        raise UserError(f"length scale must be > 0, got {factor}")
+    if max_model_len < 2:
+        raise UserError(f"max_model_len must be >= 2, got {max_model_len}")
+    frame = trace.requests.copy()
+
+    def scaled(column: str):
+        return np.maximum(np.ceil(frame[column].to_numpy(float) * factor), 1).astype(np.int64)
+
+    frame["prompt_tokens"] = np.minimum(scaled("prompt_tokens"), max_model_len // 2)
+    room = max_model_len - frame["prompt_tokens"].to_numpy()
+    frame["output_tokens"] = np.minimum(scaled("output_tokens"), room)
+    if trace.has_predictions:
+        frame["predicted_output_tokens"] = np.minimum(scaled("predicted_output_tokens"), room)
+    metadata = {**trace.metadata, "length_scale": {"factor": factor, "max_model_len": max_model_len}}
+    return Trace.from_frame(frame, metadata, source="<scaled trace>")
 
 
 @dataclass(frozen=True)
@@ -140,7 +193,7 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
         errors = request_errors(real_requests[scheduler], simulated[scheduler].requests)
         error_tables.append(errors.assign(scheduler=scheduler))
         rows.append({"scheduler": scheduler, **_real_metrics(real_summaries[scheduler]),
-                     **error_summary(errors, len(trace))})
+                     **_simulated_metrics(simulated[scheduler]), **error_summary(errors, len(trace))})
     summary = pd.DataFrame(rows)
     if len(study.schedulers) > 1:
         summary = summary.merge(_cross_fitted_errors(study, trace, real_requests, real_iterations), on="scheduler")
@@ -232,6 +285,13 @@ def _real_metrics(summary: dict) -> dict[str, float]:
             "mean_tbt_s", "num_preemptions", "preemption_fraction", "mean_kv_usage", "num_iterations",
             "mean_schedule_time_s")
     return {f"real_{key}": summary.get(key) for key in keys}
+
+
+def _simulated_metrics(result: SimulationResult) -> dict[str, float]:
+    """The simulated run's mean JCT [s] and preemptions (counted from its requests table)."""
+    preemptions = result.requests["num_preemptions"]
+    return {"sim_mean_jct_s": result.summary.get("mean_jct_s"), "sim_num_preemptions": int(preemptions.sum()),
+            "sim_preemption_fraction": float((preemptions > 0).mean())}
 
 
 def _safe(name: str) -> str:

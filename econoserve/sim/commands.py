@@ -14,6 +14,7 @@ from econoserve.errors import UserError
 from econoserve.policy import policy_names
 from econoserve.sim.catalog import GPUS, MODELS
 from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig, simulate
+from econoserve.validation import output_dir, positive_float, positive_int, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,13 +29,13 @@ def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"model from the catalog: {', '.join(MODELS)} (default: opt-13b)")
     group.add_argument("--gpu", default="a100-80gb", metavar="NAME",
                        help=f"GPU from the catalog: {', '.join(GPUS)} (default: a100-80gb)")
-    group.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree [GPUs] (default: 1)")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+    group.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor-parallel degree [GPUs] (default: 1)")
+    group.add_argument("--gpu-memory-utilization", type=positive_float, default=0.9, metavar="F",
                        help="fraction of each GPU's memory the engine uses (default: 0.9)")
-    group.add_argument("--block-size", type=int, default=16, metavar="TOKENS", help="tokens per KV block (default: 16)")
-    group.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+    group.add_argument("--block-size", type=positive_int, default=16, metavar="TOKENS", help="tokens per KV block (default: 16)")
+    group.add_argument("--num-kv-blocks", type=positive_int, default=None, metavar="N",
                        help="override the KV capacity [blocks] (default: from memory, weights and activations)")
-    group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+    group.add_argument("--max-model-len", type=positive_int, default=None, metavar="TOKENS",
                        help="override the model's context length [tokens]")
     group.add_argument("--latency-model", default="roofline", metavar="NAME|PATH",
                        help="step-time model: 'roofline' (default: literature efficiency factors), 'calibrated' (roofline "
@@ -46,9 +47,9 @@ def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
                        help="override a policy configuration field, e.g. token_budget=1024 (repeatable)")
     group.add_argument("--predictions", default="trace", choices=PREDICTION_SOURCES,
                        help="predicted lengths the policy sees: the trace's column, the true lengths, or none (default: trace)")
-    group.add_argument("--slo-scale", type=float, default=5.0, metavar="X",
+    group.add_argument("--slo-scale", type=positive_float, default=5.0, metavar="X",
                        help="SLO: JCT <= X times the request's isolated execution time (default: 5)")
-    group.add_argument("--seed", type=int, default=0, help="seed (recorded; the sweep's traces use it) (default: 0)")
+    group.add_argument("--seed", type=seed, default=0, help="seed (recorded; the sweep's traces use it) (default: 0)")
     group.add_argument("--no-skip-ahead", action="store_true",
                        help="simulate every step one by one (same results, slower; per-step scheduler times are then real)")
 
@@ -105,9 +106,9 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trace", required=True, metavar="PATH", help="trace parquet file ('econoserve trace build')")
     parser.add_argument("--scheduler", required=True, metavar="NAME",
                         help=f"scheduling policy: {' | '.join(policy_names())}")
-    parser.add_argument("--num-requests", type=int, default=None, metavar="N",
+    parser.add_argument("--num-requests", type=positive_int, default=None, metavar="N",
                         help="use only the first N requests of the trace")
-    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("-o", "--output", required=True, type=output_dir, metavar="DIR", help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_deployment_flags(parser)
     parser.set_defaults(handler=_simulate)
@@ -148,17 +149,17 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME",
                         help="datasets (alpaca, sharegpt, qmsum, azure-conv, azure-code, mooncake)")
-    parser.add_argument("--rates", nargs="+", type=float, required=True, metavar="RPS",
+    parser.add_argument("--rates", nargs="+", type=positive_float, required=True, metavar="RPS",
                         help="mean request rates [requests/s]")
     parser.add_argument("--schedulers", nargs="+", default=list(policy_names()), metavar="NAME",
                         help=f"schedulers (default: all: {' '.join(policy_names())})")
-    parser.add_argument("--num-requests", type=int, default=1000, metavar="N", help="requests per trace (default: 1000)")
+    parser.add_argument("--num-requests", type=positive_int, default=1000, metavar="N", help="requests per trace (default: 1000)")
     parser.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"), help="arrival process (default: poisson)")
-    parser.add_argument("--cv", type=float, default=None, help="coefficient of variation of gaps (gamma only)")
+    parser.add_argument("--cv", type=positive_float, default=None, help="coefficient of variation of gaps (gamma only)")
     parser.add_argument("--tokenizer", default="llama2", metavar="NAME", help="tokenizer for text datasets (default: llama2)")
-    parser.add_argument("--jobs", type=int, default=2, metavar="N", help="parallel processes (default: 2)")
+    parser.add_argument("--jobs", type=positive_int, default=2, metavar="N", help="parallel processes (default: 2)")
     parser.add_argument("--save-runs", action="store_true", help="also write each run's directory under DIR/runs/")
-    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("-o", "--output", required=True, type=output_dir, metavar="DIR", help="output directory")
     _add_deployment_flags(parser)
     parser.set_defaults(handler=_sweep)
 

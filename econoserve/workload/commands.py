@@ -8,6 +8,7 @@ import json
 from tqdm.auto import tqdm
 
 from econoserve.errors import DataError, UserError
+from econoserve.validation import non_negative_int, output_file, positive_float, seed
 from econoserve.workload import registry
 from econoserve.workload.arrivals import ARRIVAL_PROCESSES, interarrival_cv
 from econoserve.workload.datasets import (
@@ -144,22 +145,22 @@ def _register_trace(subparsers: argparse._SubParsersAction) -> None:
                        help=f"one of: {', '.join(DATASETS)}")
     build.add_argument("--tokenizer", default="llama2", metavar="NAME",
                        help=f"one of: {', '.join(TOKENIZER_NAMES)} (ignored for datasets without text)")
-    build.add_argument("--num-requests", type=int, default=1000,
+    build.add_argument("--num-requests", type=non_negative_int, default=1000,
                        help="requests in the trace (0 = every usable request)")
     build.add_argument("--arrival", default="poisson", choices=ARRIVAL_PROCESSES,
                        help="arrival process")
-    build.add_argument("--rate", type=float, default=None,
+    build.add_argument("--rate", type=positive_float, default=None,
                        help="mean arrival rate [requests/s]; needed for poisson/gamma, optional "
                             "rescaling for replay")
-    build.add_argument("--cv", type=float, default=None,
+    build.add_argument("--cv", type=positive_float, default=None,
                        help="gamma only: coefficient of variation of inter-arrival gaps (1 = Poisson)")
     build.add_argument("--replay-source", default=None, metavar="NAME",
                        help="replay only: borrow this trace's timestamps for a text dataset")
     build.add_argument("--qmsum-context", default="span", choices=("span", "full"),
                        help="qmsum only: relevant transcript span, or the whole meeting")
     build.add_argument("--no-text", action="store_true", help="leave out the prompt_text column")
-    build.add_argument("--seed", type=int, default=0, help="seed for sampling and arrivals")
-    build.add_argument("-o", "--output", required=True, help="output parquet path")
+    build.add_argument("--seed", type=seed, default=0, help="seed for sampling and arrivals")
+    build.add_argument("-o", "--output", required=True, type=output_file, help="output parquet path")
     build.set_defaults(handler=_trace_build)
 
     info = actions.add_parser("info", help="summary statistics of a trace")

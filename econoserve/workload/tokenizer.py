@@ -26,6 +26,8 @@ _PROGRESS_MIN_TEXTS = 20_000
 class _Backend(Protocol):
     def encode(self, texts: list[str]) -> list[list[int]]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 @dataclass
 class Tokenizer:
@@ -41,6 +43,10 @@ class Tokenizer:
         for start in tqdm(starts, desc=f"tokenize ({self.name})", unit="batch", disable=not show, leave=False):
             ids.extend(self.backend.encode(list(texts[start : start + _ENCODE_BATCH])))
         return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ``ids`` (e.g. a prompt an engine received as ids)."""
+        return self.backend.decode([int(i) for i in ids])
 
     def count(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens per text (int64), no special tokens."""
@@ -60,6 +66,9 @@ class _ByteLevelBPE:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
 
 class _SentencePiece:
     def __init__(self) -> None:
@@ -69,6 +78,9 @@ class _SentencePiece:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._processor.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._processor.decode(ids)
 
 
 def load_tokenizer(name: str) -> Tokenizer:

@@ -8,16 +8,19 @@ column                      type      meaning
 ``request_id``              int64     unique, >= 0
 ``arrival_time_s``          float64   arrival time [s] relative to the trace start, >= 0,
                                       non-decreasing
-``prompt_tokens``           int64     prompt length [tokens], > 0
-``output_tokens``           int64     true response length [tokens], > 0
+``prompt_tokens``           int64     prompt length [tokens], > 0, <= MAX_REQUEST_TOKENS
+``output_tokens``           int64     true response length [tokens], > 0, <= MAX_REQUEST_TOKENS
 ``dataset``                 string    the dataset the request was drawn from
 ``prompt_text``             string    optional: the prompt, where the dataset has text
-``predicted_output_tokens`` int64     optional: a predictor's response length [tokens], > 0
+``predicted_output_tokens`` int64     optional: a predictor's response length [tokens], > 0,
+                                      <= MAX_REQUEST_TOKENS
 ==========================  ========  =========================================================
 
 Every trace is validated when it is built and when it is read. A violation raises
 :class:`~econoserve.errors.TraceError` with one line naming the file and the first offending
 record, e.g. ``trace.parquet: record 17 (request_id=42): output_tokens is 0; must be > 0``.
+Text that is not valid UTF-8 and lengths above :data:`MAX_REQUEST_TOKENS` are refused the same way
+(per-token computations over such a request would exhaust memory before any model could refuse it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 OPTIONAL_COLUMNS: tuple[str, ...] = ("prompt_text", "predicted_output_tokens")
 ALL_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
+#: Longest prompt or response a trace may hold [tokens]: 4 Mi tokens, above the context of every
+#: model in the catalog; per-token work on a longer request (isolated execution time, prompt ids)
+#: would exhaust memory, so it is refused when the trace is read.
+MAX_REQUEST_TOKENS = 2**22
 _POSITIVE_INT_COLUMNS = ("prompt_tokens", "output_tokens", "predicted_output_tokens")
 _STRING_COLUMNS = ("dataset", "prompt_text")
 _METADATA_KEY = b"econoserve.trace"
@@ -89,14 +96,15 @@ class Trace:
             raise TraceError(f"{path}: no such trace file")
         try:
             table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as exc:
+            _check_utf8(table, path)
+            frame = table.to_pandas()
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TraceError(
                 f"{path}: not a readable parquet trace (truncated or corrupt?): {first_line}"
             ) from None
         raw_metadata = (table.schema.metadata or {}).get(_METADATA_KEY)
-        metadata = json.loads(raw_metadata) if raw_metadata else {}
-        return cls.from_frame(table.to_pandas(), metadata, source=str(path))
+        return cls.from_frame(frame, _read_metadata(raw_metadata, path), source=str(path))
 
     # ----------------------------------------------------------------- output
     def to_arrow(self) -> pa.Table:
@@ -144,6 +152,28 @@ class Trace:
         return Trace(self.requests.iloc[:num_requests].reset_index(drop=True), dict(self.metadata))
 
 
+def _check_utf8(table: pa.Table, path: Path) -> None:
+    """Refuse string columns holding bytes that are not UTF-8 (pyarrow reads them unchecked)."""
+    for column in _STRING_COLUMNS:
+        if column in table.column_names:
+            try:
+                table.column(column).validate(full=True)
+            except pa.ArrowInvalid as error:
+                raise TraceError(f"{path}: {column} holds text that is not valid UTF-8 ({error})") from None
+
+
+def _read_metadata(raw: bytes | None, path: Path) -> dict:
+    if not raw:
+        return {}
+    try:
+        metadata = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TraceError(f"{path}: its econoserve.trace metadata is not JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise TraceError(f"{path}: its econoserve.trace metadata is not a JSON object")
+    return metadata
+
+
 # --------------------------------------------------------------------- validation
 def validate_requests(frame: pd.DataFrame, source: str = "<trace>") -> pd.DataFrame:
     """Check ``frame`` against the trace schema; return a normalised copy.
@@ -184,6 +214,8 @@ def validate_requests(frame: pd.DataFrame, source: str = "<trace>") -> pd.DataFr
         if column in frame.columns:
             values = _integer_column(frame, column, source, ids)
             _check(values > 0, frame, ids, source, column, "must be > 0")
+            _check(values <= MAX_REQUEST_TOKENS, frame, ids, source, column,
+                   f"must be <= {MAX_REQUEST_TOKENS} (MAX_REQUEST_TOKENS): longer than any model's context")
             out[column] = values
     for column in _STRING_COLUMNS:
         if column in frame.columns:
