@@ -77,7 +77,6 @@ executor passes the true length as the prediction).
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
 from dataclasses import dataclass, replace
 
@@ -90,8 +89,9 @@ from econoserve.policy.request import Request, RequestStatus
 
 #: How a PT's admission guards the KV its request will need as a GT (see the module docstring).
 PROMPT_ADMISSION_RULES: tuple[str, ...] = ("lookahead", "prompt")
-#: KVCPipe variants: lend idle tails only, or also admit by the predicted occupancy curve.
-KVCPIPE_MODES: tuple[str, ...] = ("tail", "curve")
+#: KVCPipe variants: lend idle tails only; also admit the head GT by the predicted occupancy
+#: curve; or admit every request, prompts included, by the curve with KV allocated as used.
+KVCPIPE_MODES: tuple[str, ...] = ("tail", "curve", "all")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,24 @@ class EconoServeConfig:
         head GT when the predicted KV occupancy curve of all generating GTs, with it, stays
         within the cache at every future step (the generalisation of point 6); its
         allocation is then reserved as far as the free pool allows and the rest allocated as it
-        grows, from space the curve predicts will have been freed.
+        grows, from space the curve predicts will have been freed; ``all``: every request,
+        prompts included, is admitted by the predicted occupancy curve of everything in flight
+        (PTs, queued and generating GTs), and KV is allocated as it is used (no reservation
+        beyond the prompt); a GT generates as soon as its prompt is done.
+    prefill_delay:
+        With ``kvcpipe="all"``, model in the curve that a PT starts to grow only when its prompt
+        is done: ``ceil(prompt tokens ahead of it and its own / (token budget - decodes))`` steps
+        from now. False: every PT is taken to start generating at once.
+    overbooking:
+        With ``kvcpipe="all"``, how far the predicted peak may exceed the cache less the global
+        reserve [fraction]; 0.05 admits up to a peak of 105 %. Preemption is the backstop.
+    ordering_horizon_s:
+        Aging of Ordering [s]: a request is never passed by one that arrived more than this
+        later (its key is capped at ``arrival + ordering_horizon_s``); ``None`` = no cap.
+    late_demotion_s:
+        Ordering under overload [s]: a PT whose key (latest start that meets its estimated
+        deadline) is more than this in the past yields to every PT that can still meet its
+        deadline; ``None`` = strict key order.
     """
 
     rl_bucket: int = 32
@@ -151,6 +168,10 @@ class EconoServeConfig:
     oracle_rl: bool = False
     prompt_admission: str = "prompt"
     kvcpipe: str = "curve"
+    prefill_delay: bool = True
+    overbooking: float = 0.0
+    ordering_horizon_s: float | None = None
+    late_demotion_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -164,6 +185,11 @@ class EconoServeConfig:
             raise ValueError(f"reserve_ratio must be in [0, 1), got {self.reserve_ratio}")
         if self.gt_occupancy_weight < 0:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
+        if self.overbooking < 0:
+            raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
+        require_positive(self, "ordering_horizon_s")
+        if self.late_demotion_s is not None and self.late_demotion_s < 0:
+            raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
 
 
 class EconoServePolicy(Policy):
@@ -226,7 +252,7 @@ class EconoServePolicy(Policy):
 
     def pt_queue(self) -> list[Request]:
         """PTs not started, in priority order."""
-        return [entry[2] for entry in sorted(self._pt_queue)]
+        return [entry[2] for entry in self._pt_queue]
 
     def group_of(self, request_id: int) -> int | None:
         """The time-synced group a GT was admitted in (``None`` if never admitted)."""
@@ -283,7 +309,9 @@ class EconoServePolicy(Policy):
         if self.config.no_ordering:
             return request.arrival_time_s
         deadline = request.arrival_time_s + self.config.slo_scale * self._isolated_estimate_s(request)
-        return deadline - self._remaining_estimate_s(request)
+        key = deadline - self._remaining_estimate_s(request)
+        horizon = self.config.ordering_horizon_s
+        return key if horizon is None else min(key, request.arrival_time_s + horizon)
 
     def gt_key(self, request: Request) -> float:
         """GT queue key [s]: the PT key less the weighted KV it holds (smaller first)."""
@@ -294,7 +322,7 @@ class EconoServePolicy(Policy):
         return self.pt_key(request) - bonus
 
     def _push_pt(self, request: Request) -> None:
-        heapq.heappush(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
+        bisect.insort(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
 
     def _push_gt(self, request: Request) -> None:
         key = self.gt_key(request)
@@ -339,10 +367,7 @@ class EconoServePolicy(Policy):
         """Drop ``request`` for good from the PT queue, the GT queue or the running set; its KV,
         reservation and any KVCPipe loan are released (a lent tail goes back to its host)."""
         rid = request.request_id
-        in_pt_queue = [entry for entry in self._pt_queue if entry[2].request_id != rid]
-        if len(in_pt_queue) != len(self._pt_queue):
-            self._pt_queue = in_pt_queue
-            heapq.heapify(self._pt_queue)
+        self._pt_queue = [entry for entry in self._pt_queue if entry[2].request_id != rid]
         self._gt_queue = [entry for entry in self._gt_queue if entry[2].request_id != rid]
         self.running = [r for r in self.running if r.request_id != rid]
         self.kv_cache.free(rid)
@@ -360,7 +385,7 @@ class EconoServePolicy(Policy):
     # ------------------------------------------------------------------ one step
     def _schedule(self, now_s: float) -> SchedulerDecision:
         if self.config.no_syncdecoupled:
-            return self._schedule_coupled()
+            return self._schedule_coupled(now_s)
         decision = SchedulerDecision()
         invoke = self._event and bool(self._pt_queue or self._gt_queue)
         if invoke:
@@ -371,7 +396,7 @@ class EconoServePolicy(Policy):
         budget = self._schedule_prompt_chunks(budget, decision)
         if self._pt_queue and budget > 0 and (invoke or self._pt_waits_for_budget):
             invoke = True
-            self._admit_prompts(budget, decision)
+            self._admit_prompts(budget, decision, now_s)
         if decision.is_empty and not self.running and self._gt_queue:
             invoke = True
             self._evict_for_head(decision)
@@ -395,7 +420,9 @@ class EconoServePolicy(Policy):
                     break
                 request = entry[2]
                 need = kv.growth_blocks_needed(request.request_id, self.exact_allocation_tokens(request))
-                if need == 0 or (not blocked and need <= kv.num_free_blocks):
+                if self._pipelined:
+                    pass  # counted in the occupancy curve since its PT was admitted; KV as used
+                elif need == 0 or (not blocked and need <= kv.num_free_blocks):
                     if need:
                         decision.kv_reservations[request.request_id] = kv.reserve(
                             request.request_id, self.exact_allocation_tokens(request))
@@ -559,6 +586,8 @@ class EconoServePolicy(Policy):
         """Free blocks a PT admission must leave untouched [blocks]: with ``lookahead``, the
         growth every PT and queued GT still needs for its exact allocation; with ``prompt``,
         only the growth the GT queue's head still needs (so new prompts cannot starve it)."""
+        if self._pipelined:
+            return 0
         if self._lookahead:
             return self._pipeline_growth_blocks()
         if not self._gt_queue:
@@ -567,16 +596,75 @@ class EconoServePolicy(Policy):
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
 
     @property
+    def _pipelined(self) -> bool:
+        """KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)."""
+        cfg = self.config
+        return cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
+
+    def _flight(self) -> list[np.ndarray]:
+        """The predicted occupancy terms of everything in flight (see
+        :meth:`KVCache.occupancy_peak_blocks`): start [steps], base [tokens], lifetime [steps],
+        held [blocks] per GT (generating or queued: start 0, base = cached tokens) and per PT
+        (base = its tokens when its prompt is done, start = the steps until then, from the prompt
+        tokens ahead of it in chunk order and its own over the budget left by decodes)."""
+        kv = self.kv_cache
+        gts = [r for r in self.running if r.request_id in self._generating] + [e[2] for e in self._gt_queue]
+        pts = [r for r in self.running if r.request_id not in self._generating]
+        per_step = max(1, self.token_budget - len(gts))
+        ahead = np.cumsum([r.num_pending_tokens for r in pts], dtype=np.int64)
+        start = [0] * len(gts) + (-(-ahead // per_step)).tolist() if self.config.prefill_delay else [0] * (len(gts) + len(pts))
+        base = [r.num_computed_tokens for r in gts] + [r.num_tokens for r in pts]
+        lifetime = [max(1, self.allocated_output_tokens(r) - r.num_output_tokens) for r in gts + pts]
+        held = [kv.allocated_blocks(r.request_id) + kv.reserved_blocks(r.request_id) for r in gts + pts]
+        return [np.asarray(column, dtype=np.int64) for column in (start, base, lifetime, held)]
+
+    def _flight_admits(self, request: Request, flight: list[np.ndarray]) -> bool:
+        """KVCPipe for every request: would the predicted occupancy of everything in flight and the
+        PT ``request`` (queued behind the PTs in flight) peak, within ``request``'s predicted
+        life, at most at the cache less the global reserve, times ``1 + overbooking``? Appends
+        ``request``'s term to ``flight`` when it would."""
+        kv = self.kv_cache
+        start, base, lifetime, held = flight
+        pending = request.num_pending_tokens
+        if self.config.prefill_delay:
+            num_gts = len(self._generating) + len(self._gt_queue)
+            per_step = max(1, self.token_budget - num_gts)
+            ahead = sum(r.num_pending_tokens for r in self.running if r.request_id not in self._generating)
+            delay = -(-(ahead + pending) // per_step)
+        else:
+            delay = 0
+        life = max(1, self.allocated_output_tokens(request) - request.num_output_tokens)
+        term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, 0))]
+        others = kv.num_committed_blocks - int(held.sum())
+        capacity = int((kv.num_blocks - kv.global_reserve_blocks) * (1.0 + self.config.overbooking))
+        if start.size and others + kv.occupancy_peak_blocks(*term, horizon_steps=delay + life) > capacity:
+            return False
+        flight[:] = term
+        return True
+
+    @property
     def _lookahead(self) -> bool:
         """Look-ahead PT admission (it needs exact allocations: not without SyncDecoupled)."""
         return self.config.prompt_admission == "lookahead" and not self.config.no_syncdecoupled
 
-    def _admit_prompts(self, budget: int, decision: SchedulerDecision) -> None:
-        """Start PTs in priority order while the budget, ``max_num_seqs`` and the KV rule of
-        ``prompt_admission`` allow (see the module docstring); the first chunk runs in this step."""
+    def _next_pt(self, now_s: float) -> int:
+        """Index in the PT queue of the PT to start next: the head, or with ``late_demotion_s``
+        the first whose key is at most that far in the past (late PTs yield to any PT that can
+        still meet its estimated deadline; the head when every PT is late)."""
+        late = self.config.late_demotion_s
+        if late is None or self.config.no_ordering:
+            return 0
+        index = bisect.bisect_left(self._pt_queue, (now_s - late,))
+        return index if index < len(self._pt_queue) else 0
+
+    def _admit_prompts(self, budget: int, decision: SchedulerDecision, now_s: float) -> None:
+        """Start PTs in priority order (see :meth:`_next_pt`) while the budget, ``max_num_seqs``
+        and the KV rule of ``prompt_admission`` allow (see the module docstring); the first chunk
+        runs in this step."""
         kv = self.kv_cache
         lookahead = self._lookahead
         committed = self._kept_free_blocks()
+        flight = self._flight() if self._pipelined else None
         self._pt_waits_for_budget = False
         while self._pt_queue:
             if budget <= 0:
@@ -584,7 +672,8 @@ class EconoServePolicy(Policy):
                 return
             if len(self.running) >= self.config.max_num_seqs:
                 return
-            request = self._pt_queue[0][2]
+            index = self._next_pt(now_s)
+            request = self._pt_queue[index][2]
             rid = request.request_id
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
             own_growth = kv.blocks_for(self.exact_allocation_tokens(request)) - prompt_blocks if lookahead else 0
@@ -593,7 +682,9 @@ class EconoServePolicy(Policy):
             room = kv.num_free_blocks + (kv.num_global_reserve_free if recompute else 0)
             if prompt_blocks + max(0, own_growth) + committed > room:
                 return
-            heapq.heappop(self._pt_queue)
+            if flight is not None and not self._flight_admits(request, flight):
+                return
+            del self._pt_queue[index]
             reserved = kv.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
             if reserved:
                 decision.kv_reservations[rid] = reserved
@@ -632,7 +723,7 @@ class EconoServePolicy(Policy):
         self._event = True
 
     # ------------------------------------------------------------------ ablation: coupled
-    def _schedule_coupled(self) -> SchedulerDecision:
+    def _schedule_coupled(self, now_s: float) -> SchedulerDecision:
         """Without SyncDecoupled: one queue, decodes first, prompt chunks under the budget, KV on
         demand; a preemption takes the lowest-priority running request. Decides every step."""
         decision = SchedulerDecision()
@@ -650,14 +741,24 @@ class EconoServePolicy(Policy):
             decision.kv_allocations.pop(victim.request_id, None)
         budget = self._schedule_prompt_chunks(budget, decision)
         if budget > 0:
-            self._admit_prompts(budget, decision)
+            self._admit_prompts(budget, decision, now_s)
         return decision
 
     # ------------------------------------------------------------------ skip-ahead
+    def steady_decode_steps(self, decision: SchedulerDecision, max_steps: int) -> int:
+        """As :meth:`Policy.steady_decode_steps`; with ``kvcpipe="all"`` growth comes from the
+        free pool, so a bulk stretch may take free blocks, but no GT may pass its allocation
+        target in it (beyond it, growth draws on the global reserve first)."""
+        if self._pipelined:
+            for request in self.running:
+                target = self._allocation_target.get(request.request_id, 0)
+                max_steps = min(max_steps, target - request.num_computed_tokens)
+        return super().steady_decode_steps(decision, max_steps)
+
     def _steady_free_margin(self) -> int:
         # SyncDecoupled: a bulk stretch may not extend any GT beyond what it holds (extensions
         # draw on the global reserve first, which the bulk update does not model).
-        return 0 if self.config.no_syncdecoupled else self.kv_cache.num_free_blocks
+        return 0 if self.config.no_syncdecoupled or self._pipelined else self.kv_cache.num_free_blocks
 
     def describe(self) -> dict[str, object]:
         described = super().describe()
