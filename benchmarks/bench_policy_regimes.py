@@ -28,7 +28,7 @@ runs in a few minutes on a laptop core.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import math
 import sys
 import time
@@ -139,12 +139,28 @@ def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int
 
 
 # --------------------------------------------------------------------- runs
+def parse_scheduler(spec: str) -> tuple[str, dict[str, object]]:
+    """``name`` or ``name[knob=value,...]`` (values as JSON, else strings) -> name, overrides."""
+    name, _, rest = spec.partition("[")
+    options: dict[str, object] = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        knob, _, text = item.partition("=")
+        try:
+            options[knob] = json.loads(text)
+        except json.JSONDecodeError:
+            options[knob] = text
+    return name, options
+
+
 def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: bool = False) -> dict:
-    """One simulation of ``trace`` at ``rate`` [req/s]; the summary (+ step diagnostics)."""
+    """One simulation of ``trace`` at ``rate`` [req/s] by ``scheduler`` (see
+    :func:`parse_scheduler`); the summary (+ step diagnostics)."""
     from econoserve.analysis.experiments import at_rate
     from econoserve.sim import SimulationConfig, simulate
 
-    config = SimulationConfig(scheduler=scheduler, model=regime.model, gpu=regime.gpu, seed=seed, predictions="trace")
+    name, options = parse_scheduler(scheduler)
+    config = SimulationConfig(scheduler=name, policy_config=options, model=regime.model, gpu=regime.gpu, seed=seed,
+                              predictions="trace")
     result = simulate(at_rate(trace, rate), config)
     summary = dict(result.summary)
     if tables:
@@ -256,9 +272,10 @@ def summary_table(cells: pd.DataFrame) -> pd.DataFrame:
         best = g.loc[[s for s in BASELINES if s in g.index], "goodput_rps"].idxmax()
         row = {"regime": regime, "kv_bound": bool(g["kv_bound"].iloc[0]), "best_baseline": best,
                "best_goodput_rps": g.loc[best, "goodput_rps"]}
-        for name in [s for s in (*ECONOSERVE_MAIN, *ECONOSERVE_ABLATIONS) if s in g.index]:
+        ours = [s for s in g.index if s not in BASELINES]
+        for name in ours:
             row[f"{name} / best goodput"] = g.loc[name, "goodput_rps"] / g.loc[best, "goodput_rps"]
-        for name in [s for s in ECONOSERVE_MAIN if s in g.index]:
+        for name in ours:
             row[f"{name} / best p99 JCT"] = g.loc[name, "p99_jct_s"] / g.loc[best, "p99_jct_s"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -278,7 +295,7 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cells.to_csv(RESULTS / "policy_regimes.csv", index=False, float_format="%.4g")
+    cells.to_csv(RESULTS / f"{args.output}.csv", index=False, float_format="%.4g")
     mode = "quick" if args.quick else "full"
     lines = [
         "# Policy scoreboard: EconoServe vs the strongest baseline, per regime",
@@ -301,7 +318,7 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
     for regime, group in mean.groupby("regime", sort=False):
         rate = group["reference_rate_rps"].iloc[0]
         lines += [f"## {regime} (at {rate:.3g} req/s)", "", markdown(group[columns]), ""]
-    (RESULTS / "policy_regimes.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.output}.md").write_text("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -310,7 +327,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="1000 requests, seed 0, the three ShareGPT regimes, main schedulers only")
     parser.add_argument("--regimes", nargs="+", choices=[r.name for r in REGIMES], help="regimes to score")
-    parser.add_argument("--schedulers", nargs="+", help="schedulers to score (default: baselines + EconoServe variants)")
+    parser.add_argument("--schedulers", nargs="+",
+                        help="schedulers to score (default: baselines + EconoServe variants); a name may carry "
+                             "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]'")
+    parser.add_argument("--output", default="policy_regimes",
+                        help="file stem of the tables under benchmarks/results/ (default policy_regimes)")
     parser.add_argument("--num-requests", type=int, help="requests per trace (default 2000; quick 1000)")
     parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
     args = parser.parse_args(argv)
@@ -333,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     from econoserve.policy import policy_names
 
     args = parse_args(argv)
-    unknown = sorted(set(args.schedulers) - set(policy_names()))
+    unknown = sorted({parse_scheduler(s)[0] for s in args.schedulers} - set(policy_names()))
     if unknown:
         print(f"bench_policy_regimes: unknown scheduler(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -347,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"bench_policy_regimes: {exc}", file=sys.stderr)
         return 2
-    print((RESULTS / "policy_regimes.md").read_text())
+    print((RESULTS / f"{args.output}.md").read_text())
     return 0
 
 

@@ -634,7 +634,8 @@ class EconoServePolicy(Policy):
         else:
             delay = 0
         life = max(1, self.allocated_output_tokens(request) - request.num_output_tokens)
-        term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, 0))]
+        prompt_blocks = kv.blocks_for(request.num_tokens)  # what its admission reserves
+        term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, prompt_blocks))]
         others = kv.num_committed_blocks - int(held.sum())
         capacity = int((kv.num_blocks - kv.global_reserve_blocks) * (1.0 + self.config.overbooking))
         if start.size and others + kv.occupancy_peak_blocks(*term, horizon_steps=delay + life) > capacity:
