@@ -156,7 +156,7 @@ class EconoServeConfig:
 
     rl_bucket: int = 32
     rl_padding: float = 0.1
-    reserve_ratio: float = 0.05
+    reserve_ratio: float = 0.02
     token_budget: int | None = None
     max_num_seqs: int = 256
     slo_scale: float = 5.0
@@ -167,7 +167,7 @@ class EconoServeConfig:
     no_syncdecoupled: bool = False
     oracle_rl: bool = False
     prompt_admission: str = "prompt"
-    kvcpipe: str = "curve"
+    kvcpipe: str = "all"
     prefill_delay: bool = True
     overbooking: float = 0.0
     ordering_horizon_s: float | None = None
