@@ -56,7 +56,9 @@ class Regime:
     arrival: ``poisson``, ``gamma`` (with ``cv``) or ``replay`` (the dataset's own timestamps,
     time-compressed to the rate). predictions: ``trained`` (the dataset's LightGBM predictor) or
     ``perturbed`` (true length x (1 +- ``error``), a fair coin per request). ``kv_bound``: the
-    regime where KV, not compute, limits the batch (the 1.10x target applies)."""
+    regime where KV, not compute, limits the batch (the 1.10x target applies): the strongest
+    baseline holds >= 60 % of the cache at its goodput rate (``best_kv_held_share``; QMSum holds
+    41 %, Azure code 7 %, Alpaca 30 %)."""
 
     name: str
     dataset: str
@@ -74,9 +76,10 @@ REGIMES: tuple[Regime, ...] = (
     Regime("sharegpt-a100-40gb", "sharegpt", gpu="a100-40gb"),
     Regime("sharegpt-gamma-cv3", "sharegpt", arrival="gamma", cv=3.0),
     Regime("alpaca-a100-80gb", "alpaca", kv_bound=False),
-    Regime("qmsum-a100-80gb", "qmsum"),
+    Regime("qmsum-a100-80gb", "qmsum", kv_bound=False),
     Regime("azure-conv-llama2-13b", "azure-conv", model="llama-2-13b", arrival="replay", predictions="perturbed"),
-    Regime("azure-code-llama2-13b", "azure-code", model="llama-2-13b", arrival="replay", predictions="perturbed"),
+    Regime("azure-code-llama2-13b", "azure-code", model="llama-2-13b", arrival="replay", predictions="perturbed",
+           kv_bound=False),
 )
 QUICK_REGIMES: tuple[str, ...] = ("sharegpt-a100-80gb", "sharegpt-a100-40gb", "sharegpt-gamma-cv3")
 
@@ -263,15 +266,18 @@ def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int,
 
 # --------------------------------------------------------------------- tables
 def summary_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per regime: EconoServe (trained/perturbed) and oracle goodput over the strongest baseline's,
-    and p99 JCT over the strongest baseline's at its goodput rate (means over seeds)."""
+    """Per regime: every non-baseline scheduler's goodput over the strongest baseline's, and its
+    p99 JCT over the strongest baseline's at that baseline's goodput rate (means over seeds);
+    ``best_kv_held_share``: the KV the strongest baseline holds there (stored + reserved but
+    unused, time-averaged), the measured side of ``kv_bound``."""
     mean = cells.groupby(["regime", "scheduler"], sort=False).mean(numeric_only=True).reset_index()
     rows = []
     for regime, group in mean.groupby("regime", sort=False):
         g = group.set_index("scheduler")
         best = g.loc[[s for s in BASELINES if s in g.index], "goodput_rps"].idxmax()
         row = {"regime": regime, "kv_bound": bool(g["kv_bound"].iloc[0]), "best_baseline": best,
-               "best_goodput_rps": g.loc[best, "goodput_rps"]}
+               "best_goodput_rps": g.loc[best, "goodput_rps"],
+               "best_kv_held_share": g.loc[best, "kv_stored_share"] + g.loc[best, "kv_reserved_unused_share"]}
         ours = [s for s in g.index if s not in BASELINES]
         for name in ours:
             row[f"{name} / best goodput"] = g.loc[name, "goodput_rps"] / g.loc[best, "goodput_rps"]
