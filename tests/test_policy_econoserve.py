@@ -23,6 +23,9 @@ def _limits(num_kv_blocks: int, **kwargs) -> EngineLimits:
 
 
 def _policy(num_kv_blocks: int, name: str = "econoserve", limits: dict | None = None, **config):
+    # exact allocation, tail lending and the GT-only curve (kvcpipe="all", the default, is
+    # covered by test_policy_econoserve_pipeline.py)
+    config.setdefault("kvcpipe", "curve")
     config.setdefault("reserve_ratio", 0.0)
     config.setdefault("rl_padding", 0.0)
     return make_policy(name, _limits(num_kv_blocks, **(limits or {})), config)

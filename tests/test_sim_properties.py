@@ -123,3 +123,33 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
         _deterministic(stepwise.iterations).drop(columns="skipped"),
     )
     assert first.summary["scheduler_invocations"] == stepwise.summary["scheduler_invocations"]
+
+
+#: EconoServe's admission and ordering knobs at settings the defaults do not reach: KVCPipe for
+#: every request with and without the prefill delay, heavy overbooking (preemption is then the
+#: backstop), the tail and curve modes, aging and late demotion.
+ECONOSERVE_VARIANTS = (
+    {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0},
+    {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
+    {"kvcpipe": "curve", "late_demotion_s": 0.01},
+    {"kvcpipe": "tail", "overbooking": 0.2},
+)
+
+
+@pytest.mark.parametrize("options", ECONOSERVE_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads())
+def test_econoserve_variants_never_over_commit_and_finish_every_request_once(options, workload):
+    trace, block_size, num_kv_blocks, budget = workload
+    config = _config("econoserve", block_size, num_kv_blocks, budget)
+    config = SimulationConfig(**{**config.to_dict(), "policy_config": {**config.policy_config, **options}})
+    result = simulate(trace, config)  # check_invariants: the KV accounting after every step
+    requests, iterations = result.requests, result.iterations
+    finished = requests["status"] == "finished"
+    assert (finished ^ (requests["status"] == "rejected")).all()
+    assert (requests.loc[finished, "generated_tokens"] == requests.loc[finished, "output_tokens"]).all()
+    assert (requests.loc[~finished, "rejection_reason"].str.len() > 0).all()
+    if len(iterations):
+        assert (iterations["kv_blocks_allocated"] <= iterations["kv_blocks_capacity"]).all()
+    stepwise = simulate(trace, SimulationConfig(**{**config.to_dict(), "skip_ahead": False}))
+    pd.testing.assert_frame_equal(requests, stepwise.requests)

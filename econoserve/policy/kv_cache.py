@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class KVCacheError(RuntimeError):
     """A caller broke the accounting rules (a bug in a policy, not a user error)."""
@@ -238,6 +240,30 @@ class KVCache:
                 self._reserved[host_id] = self._reserved.get(host_id, 0) + returned
                 self.num_reserved_blocks += returned
         return allocated + reserved
+
+    # ------------------------------------------------------------------ predicted occupancy
+    def occupancy_peak_blocks(self, start_steps: np.ndarray, base_tokens: np.ndarray, lifetime_steps: np.ndarray,
+                              held_blocks: np.ndarray, horizon_steps: int | None = None) -> int:
+        """Peak over future steps ``0 <= t < horizon_steps`` of a predicted occupancy [blocks].
+
+        Request ``i`` holds ``max(held_blocks[i], blocks_for(base_tokens[i] + max(0, t -
+        start_steps[i])))`` for ``t < start_steps[i] + lifetime_steps[i]`` and nothing after: it
+        keeps what it holds, grows one token a step from ``start_steps[i]`` on, and frees
+        everything at its (predicted) end. Each term is nondecreasing until it ends, so the peak
+        is one step before some end (``horizon_steps = None``: no horizon). Arrays are [steps],
+        [tokens], [steps], [blocks]; 0 when empty.
+        """
+        start = np.asarray(start_steps, dtype=np.int64)
+        ends = start + np.asarray(lifetime_steps, dtype=np.int64)
+        if ends.size == 0:
+            return 0
+        steps = np.maximum(ends - 1, 0)
+        if horizon_steps is not None:
+            steps = np.minimum(steps, max(0, horizon_steps - 1))
+        steps = np.unique(steps)[:, None]
+        grown = np.asarray(base_tokens, dtype=np.int64)[None, :] + np.maximum(0, steps - start[None, :])
+        blocks = np.maximum(np.asarray(held_blocks, dtype=np.int64)[None, :], -(-grown // self.block_size))
+        return int(np.where(steps < ends[None, :], blocks, 0).sum(axis=1).max())
 
     # ------------------------------------------------------------------ checks
     def snapshot(self) -> KVCacheSnapshot:

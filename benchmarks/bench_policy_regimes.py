@@ -1,0 +1,382 @@
+"""The policy scoreboard: EconoServe against the strongest baseline, regime by regime.
+
+For each *regime* (a dataset, its arrival process, a model on a GPU, a prediction source) and
+each scheduler this finds the **goodput** (the highest Poisson/Gamma/replay rate at which at
+least 90 % of requests meet their SLO, JCT <= 5 x isolated time) by bisection to 2 %, then runs
+every scheduler at the **strongest baseline's goodput rate** and records SLO attainment, mean
+and p99 JCT, the preempted share, the KV shares (stored / reserved-but-unused / free,
+time-averaged over steps), requests decoding per step, and the *prompt admission stall* share
+(time in steps that ran below the token budget while requests were waiting: what held them
+back was KV, not compute).
+
+Regimes: ShareGPT on OPT-13B with A100-80GB and A100-40GB; ShareGPT with Gamma arrivals (CV 3);
+Alpaca; QMSum; the Azure 2023 conversation and code traces with their real timestamps
+(time-compressed to the rate) on Llama-2-13B. Prediction sources: the trained predictor where the
+dataset has text (the per-dataset LightGBM model of notebook 03, trained on the training part and
+cached under ``results/policy_regimes/predictors/``; QMSum cross-fitted), the true lengths
+perturbed by +-50 % where it has none (Azure), and the true lengths (``econoserve-oracle``)
+everywhere.
+
+Output: ``benchmarks/results/policy_regimes.md`` (one table per regime, plus a summary with
+EconoServe / strongest baseline) and ``policy_regimes.csv`` (one row per regime x scheduler x
+seed). ``--quick`` uses fewer requests, one seed, three regimes and the main schedulers; it
+runs in a few minutes on a laptop core.
+
+    ECONOSERVE_DATA_MIRROR=../shared/data nice -n 10 .venv/bin/python benchmarks/bench_policy_regimes.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / "results" / "policy_regimes"
+
+BASELINES: tuple[str, ...] = ("vllm-chunked", "sarathi", "fastgen")
+ECONOSERVE_MAIN: tuple[str, ...] = ("econoserve", "econoserve-oracle")
+ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no-ordering",
+                                         "econoserve-no-syncdecoupled")
+GOODPUT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One row block of the scoreboard.
+
+    arrival: ``poisson``, ``gamma`` (with ``cv``) or ``replay`` (the dataset's own timestamps,
+    time-compressed to the rate). predictions: ``trained`` (the dataset's LightGBM predictor) or
+    ``perturbed`` (true length x (1 +- ``error``), a fair coin per request). ``kv_bound``: the
+    regime where KV, not compute, limits the batch (the 1.10x target applies): the strongest
+    baseline holds >= 60 % of the cache at its goodput rate (``best_kv_held_share``; QMSum holds
+    41 %, Azure code 7 %, Alpaca 30 %)."""
+
+    name: str
+    dataset: str
+    model: str = "opt-13b"
+    gpu: str = "a100-80gb"
+    arrival: str = "poisson"
+    cv: float = 1.0
+    predictions: str = "trained"
+    error: float = 0.5
+    kv_bound: bool = True
+
+
+REGIMES: tuple[Regime, ...] = (
+    Regime("sharegpt-a100-80gb", "sharegpt"),
+    Regime("sharegpt-a100-40gb", "sharegpt", gpu="a100-40gb"),
+    Regime("sharegpt-gamma-cv3", "sharegpt", arrival="gamma", cv=3.0),
+    Regime("alpaca-a100-80gb", "alpaca", kv_bound=False),
+    Regime("qmsum-a100-80gb", "qmsum", kv_bound=False),
+    Regime("azure-conv-llama2-13b", "azure-conv", model="llama-2-13b", arrival="replay", predictions="perturbed"),
+    Regime("azure-code-llama2-13b", "azure-code", model="llama-2-13b", arrival="replay", predictions="perturbed",
+           kv_bound=False),
+)
+QUICK_REGIMES: tuple[str, ...] = ("sharegpt-a100-80gb", "sharegpt-a100-40gb", "sharegpt-gamma-cv3")
+
+
+# --------------------------------------------------------------------- traces
+def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...]):
+    from econoserve.analysis.experiments import DeploymentSpec, ExperimentPlan
+
+    return ExperimentPlan(datasets=(regime.dataset,), deployments=(DeploymentSpec(regime.model, regime.gpu),),
+                          num_requests=num_requests, seeds=seeds, predictor="train", sensitivity=None, jobs=1)
+
+
+def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...]) -> dict[int, object]:
+    """One trace per seed at a mean rate of 1 request/s, with ``predicted_output_tokens``."""
+    from econoserve.analysis import experiments as ex
+
+    plan = _plan(regime, num_requests, seeds)
+    deployment = plan.deployments[0]
+    if regime.arrival == "replay":
+        return {seed: _replay_trace(regime, plan, deployment, num_requests, seed) for seed in seeds}
+    cross_fit = ex.uses_cross_fit(plan, regime.dataset, deployment)
+    pool = ex.request_pool(regime.dataset, plan, deployment, with_text=True, held_out=False if cross_fit else None)
+    if cross_fit:
+        pool["predicted_output_tokens"] = ex.cross_fit_predictions(plan, regime.dataset, pool, CACHE)
+    traces = {}
+    for seed in seeds:
+        trace = ex.unit_rate_trace(pool, regime.dataset, num_requests, seed, {"regime": regime.name})
+        if not cross_fit:
+            trace = ex.predict_lengths(plan, regime.dataset, trace, CACHE)
+        if regime.arrival == "gamma":
+            trace = _with_gamma_arrivals(trace, regime.cv, seed)
+        traces[seed] = ex.without_text(trace)
+    return traces
+
+
+def _with_gamma_arrivals(trace, cv: float, seed: int):
+    from econoserve.workload.arrivals import gamma_arrivals
+    from econoserve.workload.trace import Trace
+
+    frame = trace.requests.copy()
+    frame["arrival_time_s"] = gamma_arrivals(len(frame), 1.0, cv, np.random.default_rng([seed, 3]))
+    return Trace(frame, dict(trace.metadata))
+
+
+def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int):
+    """Window ``seed`` (requests ``seed * n`` .. ``(seed + 1) * n`` in time order, those that fit
+    the context) of a timestamped trace, time-compressed to 1 request/s, with perturbed lengths."""
+    from econoserve.analysis.experiments import perturb_lengths
+    from econoserve.sim.synthetic import trace_from_lists
+    from econoserve.workload.arrivals import replay_arrivals
+    from econoserve.workload.datasets import load_requests
+
+    frame = load_requests(regime.dataset, plan.tokenizer).sort_values("timestamp_s", kind="stable")
+    frame = frame[frame["prompt_tokens"] + frame["output_tokens"] <= deployment.max_model_len()]
+    window = frame.iloc[seed * num_requests:(seed + 1) * num_requests]
+    arrivals = replay_arrivals(window["timestamp_s"].to_numpy(), 1.0)
+    output = window["output_tokens"].to_numpy(np.int64)
+    trace = trace_from_lists(arrivals, window["prompt_tokens"].to_numpy(np.int64), output, dataset=regime.dataset)
+    return trace.with_predictions(perturb_lengths(output, regime.error, seed))
+
+
+# --------------------------------------------------------------------- runs
+def parse_scheduler(spec: str) -> tuple[str, dict[str, object]]:
+    """``name`` or ``name[knob=value,...]`` (values as JSON, else strings) -> name, overrides."""
+    name, _, rest = spec.partition("[")
+    options: dict[str, object] = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        knob, _, text = item.partition("=")
+        try:
+            options[knob] = json.loads(text)
+        except json.JSONDecodeError:
+            options[knob] = text
+    return name, options
+
+
+def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: bool = False) -> dict:
+    """One simulation of ``trace`` at ``rate`` [req/s] by ``scheduler`` (see
+    :func:`parse_scheduler`); the summary (+ step diagnostics)."""
+    from econoserve.analysis.experiments import at_rate
+    from econoserve.sim import SimulationConfig, simulate
+
+    name, options = parse_scheduler(scheduler)
+    config = SimulationConfig(scheduler=name, policy_config=options, model=regime.model, gpu=regime.gpu, seed=seed,
+                              predictions="trace")
+    result = simulate(at_rate(trace, rate), config)
+    summary = dict(result.summary)
+    if tables:
+        summary.update(step_diagnostics(result.iterations))
+    return summary
+
+
+def step_diagnostics(iterations: pd.DataFrame) -> dict[str, float]:
+    """Time-averaged KV shares [fraction of the cache], requests decoding per step, and the share
+    of time in steps below the token budget while requests waited (prompt admission stalled)."""
+    if iterations.empty:
+        return {}
+    weight = iterations["duration_s"].to_numpy(float)
+    capacity = (iterations["kv_blocks_capacity"] * iterations["block_size"]).to_numpy(float)
+    stored = iterations["kv_tokens_stored"].to_numpy(float) / capacity
+    committed = (iterations["kv_blocks_allocated"] * iterations["block_size"]).to_numpy(float) / capacity
+    tokens = (iterations["num_prefill_tokens"] + iterations["num_decode_tokens"]).to_numpy(float)
+    budget = iterations["token_budget"].to_numpy(float)
+    stalled = (iterations["num_waiting"].to_numpy() > 0) & ((budget <= 0) | (tokens < budget))
+
+    def avg(values: np.ndarray) -> float:
+        return float((values * weight).sum() / weight.sum())
+
+    return {
+        "kv_stored_share": avg(stored),
+        "kv_reserved_unused_share": avg(committed - stored),
+        "kv_free_share": avg(1.0 - committed),
+        "decoding_per_step": avg(iterations["num_decode_tokens"].to_numpy(float)),
+        "waiting_per_step": avg(iterations["num_waiting"].to_numpy(float)),
+        "admission_stall_share": avg(stalled.astype(float)),
+    }
+
+
+def goodput(trace, regime: Regime, scheduler: str, seed: int, guess_rps: float) -> tuple[float, int]:
+    """Highest rate [req/s] with SLO attainment >= 90 %, by bracketing from ``guess_rps`` in
+    steps of x1.25 and bisecting to :data:`GOODPUT_TOLERANCE`; returns it and the runs used."""
+    from econoserve.analysis.metrics import GOODPUT_TARGET
+
+    runs = 0
+
+    def ok(rate: float) -> bool:
+        nonlocal runs
+        runs += 1
+        return run(trace, regime, scheduler, rate, seed)["slo_attainment"] >= GOODPUT_TARGET
+
+    lo = hi = guess_rps
+    if ok(guess_rps):
+        while True:
+            hi = lo * 1.25
+            if not ok(hi):
+                break
+            lo = hi
+    else:
+        while True:
+            lo = hi / 1.25
+            if ok(lo) or lo < guess_rps * 1e-3:
+                break
+            hi = lo
+    while hi - lo > GOODPUT_TOLERANCE * lo:
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, runs
+
+
+def burst_throughput(trace, regime: Regime, seed: int) -> float:
+    """Sarathi's throughput on a burst (every request at once) [req/s]: the bisection's start."""
+    return float(run(trace, regime, "sarathi", 1e6, seed)["throughput_rps"])
+
+
+def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int, seeds: tuple[int, ...],
+                 progress) -> pd.DataFrame:
+    traces = unit_rate_traces(regime, num_requests, seeds)
+    rows = []
+    for seed, trace in traces.items():
+        guess = 0.8 * burst_throughput(trace, regime, seed)
+        found: dict[str, float] = {}
+        for scheduler in schedulers:
+            start = time.perf_counter()
+            rate, runs = goodput(trace, regime, scheduler, seed, found.get("sarathi", guess))
+            found[scheduler] = rate
+            progress(f"{regime.name} seed {seed} {scheduler}: goodput {rate:.3g} req/s ({runs} runs, "
+                     f"{time.perf_counter() - start:.0f} s)")
+        best = max(BASELINES, key=lambda s: found.get(s, -1.0))
+        for scheduler in schedulers:
+            at = run(trace, regime, scheduler, found[best], seed, tables=True)
+            rows.append({
+                "regime": regime.name, "seed": seed, "scheduler": scheduler, "kv_bound": regime.kv_bound,
+                "predictions": regime.predictions if scheduler != "econoserve-oracle" else "oracle",
+                "goodput_rps": found[scheduler], "best_baseline": best, "reference_rate_rps": found[best],
+                "slo_attainment": at["slo_attainment"], "mean_jct_s": at["mean_jct_s"], "p99_jct_s": at["p99_jct_s"],
+                "preempted_fraction": at["preempted_fraction"],
+                **{k: at[k] for k in ("kv_stored_share", "kv_reserved_unused_share", "kv_free_share",
+                                      "decoding_per_step", "waiting_per_step", "admission_stall_share")},
+            })
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------- tables
+def summary_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per regime: every non-baseline scheduler's goodput over the strongest baseline's, and its
+    p99 JCT over the strongest baseline's at that baseline's goodput rate (means over seeds);
+    ``best_kv_held_share``: the KV the strongest baseline holds there (stored + reserved but
+    unused, time-averaged), the measured side of ``kv_bound``."""
+    mean = cells.groupby(["regime", "scheduler"], sort=False).mean(numeric_only=True).reset_index()
+    rows = []
+    for regime, group in mean.groupby("regime", sort=False):
+        g = group.set_index("scheduler")
+        best = g.loc[[s for s in BASELINES if s in g.index], "goodput_rps"].idxmax()
+        row = {"regime": regime, "kv_bound": bool(g["kv_bound"].iloc[0]), "best_baseline": best,
+               "best_goodput_rps": g.loc[best, "goodput_rps"],
+               "best_kv_held_share": g.loc[best, "kv_stored_share"] + g.loc[best, "kv_reserved_unused_share"]}
+        ours = [s for s in g.index if s not in BASELINES]
+        for name in ours:
+            row[f"{name} / best goodput"] = g.loc[name, "goodput_rps"] / g.loc[best, "goodput_rps"]
+        for name in ours:
+            row[f"{name} / best p99 JCT"] = g.loc[name, "p99_jct_s"] / g.loc[best, "p99_jct_s"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A pipe table, numbers to three significant digits (no tabulate dependency)."""
+    def cell(value) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "nan" if math.isnan(value) else f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cells.to_csv(RESULTS / f"{args.output}.csv", index=False, float_format="%.4g")
+    mode = "quick" if args.quick else "full"
+    lines = [
+        "# Policy scoreboard: EconoServe vs the strongest baseline, per regime",
+        "",
+        f"Written by `benchmarks/bench_policy_regimes.py` ({mode} mode: {args.num_requests} requests, "
+        f"seeds {list(args.seeds)}; {elapsed_s / 60:.1f} min on this machine). Goodput = highest rate with "
+        ">= 90 % SLO attainment (JCT <= 5 x isolated time), bisection to 2 %. Per-cell columns are measured "
+        "at the strongest baseline's goodput rate; KV shares are time-averaged fractions of the cache; "
+        "`stall` = share of time in steps below the token budget while requests waited. Means over seeds.",
+        "",
+        "## Summary",
+        "",
+        markdown(summary_table(cells)),
+        "",
+    ]
+    mean = cells.groupby(["regime", "scheduler"], sort=False).mean(numeric_only=True).reset_index()
+    columns = ["scheduler", "goodput_rps", "slo_attainment", "mean_jct_s", "p99_jct_s", "preempted_fraction",
+               "kv_stored_share", "kv_reserved_unused_share", "kv_free_share", "decoding_per_step",
+               "waiting_per_step", "admission_stall_share"]
+    for regime, group in mean.groupby("regime", sort=False):
+        rate = group["reference_rate_rps"].iloc[0]
+        lines += [f"## {regime} (at {rate:.3g} req/s)", "", markdown(group[columns]), ""]
+    (RESULTS / f"{args.output}.md").write_text("\n".join(lines))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="1000 requests, seed 0, the three ShareGPT regimes, main schedulers only")
+    parser.add_argument("--regimes", nargs="+", choices=[r.name for r in REGIMES], help="regimes to score")
+    parser.add_argument("--schedulers", nargs="+",
+                        help="schedulers to score (default: baselines + EconoServe variants); a name may carry "
+                             "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]'")
+    parser.add_argument("--output", default="policy_regimes",
+                        help="file stem of the tables under benchmarks/results/ (default policy_regimes)")
+    parser.add_argument("--num-requests", type=int, help="requests per trace (default 2000; quick 1000)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
+    args = parser.parse_args(argv)
+    args.num_requests = args.num_requests or (1000 if args.quick else 2000)
+    args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
+    if args.num_requests < 2:
+        parser.error("--num-requests must be >= 2")
+    default_schedulers = (*BASELINES, *ECONOSERVE_MAIN) if args.quick else (*BASELINES, *ECONOSERVE_MAIN, *ECONOSERVE_ABLATIONS)
+    args.schedulers = tuple(args.schedulers or default_schedulers)
+    missing = [s for s in BASELINES if s not in args.schedulers]
+    if missing:
+        parser.error(f"--schedulers must include every baseline ({', '.join(BASELINES)})")
+    names = args.regimes or (QUICK_REGIMES if args.quick else [r.name for r in REGIMES])
+    args.regime_list = [r for r in REGIMES if r.name in names]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from econoserve.errors import UserError
+    from econoserve.policy import policy_names
+
+    args = parse_args(argv)
+    unknown = sorted({parse_scheduler(s)[0] for s in args.schedulers} - set(policy_names()))
+    if unknown:
+        print(f"bench_policy_regimes: unknown scheduler(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    frames = []
+    try:
+        for regime in args.regime_list:
+            frames.append(score_regime(regime, args.schedulers, args.num_requests, args.seeds,
+                                       lambda line: print(line, flush=True)))
+            write_tables(pd.concat(frames, ignore_index=True), args, time.perf_counter() - start)
+    except UserError as exc:
+        print(f"bench_policy_regimes: {exc}", file=sys.stderr)
+        return 2
+    print((RESULTS / f"{args.output}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

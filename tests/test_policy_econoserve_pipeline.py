@@ -1,0 +1,153 @@
+"""EconoServe's KVCPipe for every request (``kvcpipe="all"``), its occupancy curve, overbooking
+and Ordering's aging, on hand-built scenarios with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from policy_steps import step
+
+from econoserve.policy import EngineLimits, Request, make_policy
+from econoserve.policy.kv_cache import KVCache
+from econoserve.sim import SimulationConfig, simulate
+from econoserve.sim.synthetic import trace_from_lists
+
+
+def _policy(num_kv_blocks: int, budget: int = 4096, **config):
+    config = {"reserve_ratio": 0.0, "rl_padding": 0.0, "rl_bucket": 16, "kvcpipe": "all", **config}
+    limits = EngineLimits(num_kv_blocks=num_kv_blocks, block_size=16, max_model_len=2048, saturating_token_budget=budget,
+                          prefill_time_per_token_s=1e-3, decode_time_per_step_s=0.05)
+    return make_policy("econoserve", limits, config)
+
+
+def _add(policy, request_id, prompt, predicted, arrival=0.0) -> Request:
+    request = Request(request_id, arrival, prompt, predicted_output_tokens=predicted)
+    assert policy.add_request(request) is None
+    return request
+
+
+def _run(policy, true_output, now: float = 0.0) -> list[int]:
+    """Step until done; returns the preempted request ids."""
+    preempted = []
+    while policy.has_unfinished_requests():
+        preempted += [r.request_id for r in step(policy, true_output, now, check_invariants=True).preempted]
+    return preempted
+
+
+# --------------------------------------------------------------------- the curve
+def test_occupancy_peak_is_the_largest_sum_of_live_terms():
+    kv = KVCache(100, block_size=4)
+    # A: holds 2 blocks, 5 tokens cached, grows from now for 6 steps (5..10 tokens -> 2..3 blocks).
+    # B: starts growing in 3 steps from 8 tokens for 4 steps (8..11 tokens -> 2..3 blocks), holds 2.
+    peak = kv.occupancy_peak_blocks(np.array([0, 3]), np.array([5, 8]), np.array([6, 4]), np.array([2, 2]))
+    by_step = [(-(-(5 + t) // 4) if t < 6 else 0) + (max(2, -(-(8 + max(0, t - 3)) // 4)) if t < 7 else 0)
+               for t in range(10)]
+    assert peak == max(by_step) == 6
+    # within a horizon of 2 steps only t = 0, 1 count
+    assert kv.occupancy_peak_blocks(np.array([0, 3]), np.array([5, 8]), np.array([6, 4]), np.array([2, 2]), 2) == 4
+    assert kv.occupancy_peak_blocks(np.array([]), np.array([]), np.array([]), np.array([])) == 0
+
+
+def test_a_prompt_is_admitted_by_the_curve_not_by_exact_allocations():
+    # 10 blocks. Request 0: prompt 16, predicted 96 -> peaks at 16 + 95 = 111 tokens = 7 blocks.
+    # Request 1: prompt 16, predicted 32 -> 47 tokens = 3 blocks. Exact allocations (7 + 3) fit;
+    # request 2 (same as 1) does not fit them (13 > 10), but by the curve request 1 and 2 finish
+    # long before request 0 grows: 2 + 3 + 3 <= 10 until they end.
+    policy = _policy(10)
+    for rid, predicted in ((0, 96), (1, 32), (2, 32)):
+        _add(policy, rid, 16, predicted)
+    true_output = {0: 96, 1: 32, 2: 32}
+    first = step(policy, true_output, check_invariants=True)
+    assert first.num_prefill_requests == 3  # every prompt admitted at once
+    step(policy, true_output, check_invariants=True)
+    kv = policy.kv_cache
+    for request in policy.running:  # generating, KV allocated as used: no reservation
+        assert kv.reserved_blocks(request.request_id) == 0
+        assert kv.allocated_blocks(request.request_id) == kv.blocks_for(request.num_computed_tokens + 1)
+    assert _run(policy, true_output) == []
+
+
+def test_a_prompt_whose_curve_would_overflow_waits():
+    # 9 blocks. Request 0 as above (7 blocks at its peak, from step ~80 on). Request 1: prompt 16,
+    # predicted 96 too: both would hold 7 blocks near the end, 14 > 9: request 1 waits for 0.
+    policy = _policy(9)
+    _add(policy, 0, 16, 96)
+    _add(policy, 1, 16, 96)
+    true_output = {0: 96, 1: 96}
+    assert step(policy, true_output).num_prefill_requests == 1
+    assert [r.request_id for r in policy.pt_queue()] == [1]
+    while policy.kv_cache.holds(0):
+        assert not any(r.request_id == 1 for r in step(policy, true_output, check_invariants=True).scheduled)
+    assert _run(policy, true_output) == []
+
+
+def test_the_prefill_delay_lets_a_long_prompt_in_while_a_gt_still_grows():
+    # 104 blocks, token budget 101. GT A (prompt 16, predicted 32) has 31 steps left and ends at
+    # 46 tokens = 3 blocks. PT B (prompt 1600 = 100 blocks, predicted 64) needs 16 steps of
+    # prefill (1600 / (101 - 1 decode)): with the delay it holds 1614 tokens = 101 blocks when A
+    # peaks (3 + 101 = 104 fits) and 104 blocks after A is gone; taken to grow at once, it would
+    # hold 1630 tokens = 102 blocks then (105 > 104): it waits.
+    admitted = {}
+    for delay in (True, False):
+        policy = _policy(104, budget=101, prefill_delay=delay)
+        _add(policy, 0, 16, 32)
+        true_output = {0: 32, 1: 64}
+        step(policy, true_output, check_invariants=True)  # A's prompt
+        _add(policy, 1, 1600, 64, arrival=0.1)
+        step(policy, true_output, check_invariants=True)  # A generates; B by the curve or not
+        admitted[delay] = policy.kv_cache.holds(1)
+        assert _run(policy, true_output) == []
+    assert admitted == {True: True, False: False}
+
+
+def test_overbooking_admits_past_the_cache_and_preemption_is_the_backstop():
+    # Every prediction is 8 tokens; the truth is 200. The curve admits by the predictions, so the
+    # requests outgrow the cache: preemption (by recompute) is the backstop, and still every
+    # request finishes exactly once with its tokens, KV never over-committed.
+    n = 12
+    trace = trace_from_lists([0.0] * n, [40] * n, [200] * n, [8] * n)
+    config = SimulationConfig(scheduler="econoserve", num_kv_blocks=60, max_model_len=512, check_invariants=True,
+                              policy_config={"kvcpipe": "all", "overbooking": 0.5, "token_budget": 256})
+    result = simulate(trace, config)
+    assert (result.requests.status == "finished").all()
+    assert (result.requests.generated_tokens == 200).all()
+    assert result.requests.num_preemptions.sum() > 0
+    assert (result.iterations.kv_blocks_allocated <= 60).all()
+
+
+@pytest.mark.parametrize("overbooking", [0.0, 0.5])
+def test_more_overbooking_never_admits_fewer_prompts(overbooking):
+    # 20 blocks, four requests (prompt 16, predicted 64 -> 79 tokens = 5 blocks each): the curve
+    # admits all four at 0 % (4 x 5 = 20), one more at 50 % (up to 30 blocks).
+    policy = _policy(20, overbooking=overbooking)
+    for rid in range(6):
+        _add(policy, rid, 16, 64)
+    admitted = step(policy, {rid: 64 for rid in range(6)}, check_invariants=True).num_prefill_requests
+    assert admitted == (4 if overbooking == 0.0 else 6)
+
+
+# --------------------------------------------------------------------- ordering
+def test_ordering_horizon_bounds_how_far_a_request_can_be_passed():
+    # A long request (predicted 2000 tokens: a key far in the future) arrives at 0; short ones
+    # (predicted 4: keys = arrival + 3.26 s) arrive later. Without a horizon every short one
+    # passes it; with a horizon of 5 s its key is 5 s: the one that arrived 2 s later (key 5.26 s)
+    # no longer passes it.
+    for horizon, passed_by in ((None, [1, 2]), (5.0, [1])):
+        policy = _policy(1000, ordering_horizon_s=horizon)
+        _add(policy, 0, 16, 2000, arrival=0.0)
+        _add(policy, 1, 16, 4, arrival=0.5)
+        _add(policy, 2, 16, 4, arrival=2.0)
+        order = [r.request_id for r in policy.pt_queue()]
+        assert order[: order.index(0)] == passed_by
+
+
+def test_late_demotion_lets_requests_that_can_still_make_their_deadline_go_first():
+    # Request 0's key (latest start meeting its deadline) is already past at t = 10 s; request 1
+    # can still make it: with late_demotion_s = 0 request 1 is started first; the cache has room
+    # for one prompt only.
+    for late, first in ((None, 0), (0.0, 1)):
+        policy = _policy(3, late_demotion_s=late, max_num_seqs=1)
+        _add(policy, 0, 16, 4, arrival=0.0)
+        _add(policy, 1, 16, 4, arrival=9.9)
+        decision = step(policy, {0: 4, 1: 4}, now=10.0, check_invariants=True)
+        assert [r.request_id for r in decision.scheduled] == [first]
