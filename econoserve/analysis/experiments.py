@@ -73,7 +73,8 @@ import pandas as pd
 from econoserve import __version__
 from econoserve.errors import UserError
 from econoserve.policy import make_config, policy_names
-from econoserve.sim.engine import SimulationConfig, simulate
+from econoserve.sim.cluster import simulate
+from econoserve.sim.engine import SimulationConfig
 from econoserve.workload.arrivals import poisson_arrivals
 from econoserve.workload.trace import Trace
 

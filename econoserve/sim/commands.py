@@ -13,7 +13,8 @@ import pandas as pd
 from econoserve.errors import UserError
 from econoserve.policy import policy_names
 from econoserve.sim.catalog import GPUS, MODELS
-from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig, simulate
+from econoserve.sim.cluster import simulate
+from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
