@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve import __version__
-from econoserve.analysis.metrics import summarize
+from econoserve.analysis.metrics import gpu_token_utilization, summarize
 from econoserve.errors import UserError
 from econoserve.sim.engine import SimulationConfig, SimulationError, SimulationResult
 from econoserve.sim.latency import isolated_execution_times_s
@@ -208,10 +208,13 @@ def _result(trace: Trace, cluster: ClusterConfig, ledger: RequestLedger, replica
     iterations_table = pd.concat([_iterations_table(r) for r in replicas], ignore_index=True) if len(replicas) > 1 \
         else _iterations_table(replicas[0])
     budgets = [r.config.reference_token_budget or r.limits.saturating_token_budget for r in replicas]
-    reference_budget = budgets[0] if len(set(budgets)) == 1 else np.repeat(budgets, [len(r.log) for r in replicas])
     stats = [r.policy.stats for r in replicas]
-    summary = summarize(requests_table, iterations_table, reference_budget,
+    summary = summarize(requests_table, iterations_table, budgets[0],
                         sum(s.invocations for s in stats), sum(s.wall_time_s for s in stats))
+    if len(set(budgets)) > 1:  # each step measured against its own replica's budget
+        per_step = np.repeat(budgets, [len(r.log) for r in replicas])
+        summary["mean_gpu_token_utilization"] = gpu_token_utilization(iterations_table, per_step)
+        summary["reference_token_budget"] = None
     summary["scheduler"] = "+".join(dict.fromkeys(r.policy.name for r in replicas))
     summary["skipped_iterations"] = sum(s.skipped_steps for s in stats)
     for s in stats:
