@@ -78,7 +78,8 @@ class ClusterConfig:
                           {"count": 1, "scheduler": "vllm", "gpu": "h100-80gb"}]}
 
         Every replica entry takes the fields of :class:`SimulationConfig` (over ``defaults``,
-        over ``base``) plus ``count`` (default 1).
+        over ``base``) plus ``count`` (default 1). Without ``base`` every replica must name its
+        ``scheduler`` (in its entry or in ``defaults``).
         """
         path = Path(path)
         try:
@@ -87,10 +88,12 @@ class ClusterConfig:
             raise UserError(f"{path}: cannot read the cluster description ({error.strerror})") from None
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-        return cls.from_mapping(data, base or SimulationConfig(), source=str(path))
+        return cls.from_mapping(data, base, source=str(path))
 
     @classmethod
-    def from_mapping(cls, data: object, base: SimulationConfig, source: str = "cluster") -> "ClusterConfig":
+    def from_mapping(cls, data: object, base: SimulationConfig | None = None,
+                     source: str = "cluster") -> "ClusterConfig":
+        """The cluster a parsed description gives (see :meth:`from_file`)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("replicas"), list):
             raise UserError(f"{source}: expected an object with a 'replicas' list")
         unknown = sorted(set(data) - {"router", "defaults", "replicas"})
@@ -104,8 +107,10 @@ class ClusterConfig:
             count = fields.pop("count", 1)
             if not isinstance(count, int) or count < 0:
                 raise UserError(f"{where}: count must be an integer >= 0, got {count!r}")
+            if base is None and "scheduler" not in {**defaults, **fields}:
+                raise UserError(f"{where}: no scheduler (name one in the entry, in 'defaults' or with --scheduler)")
             try:
-                config = SimulationConfig(**{**base.to_dict(), **defaults, **fields})
+                config = SimulationConfig(**{**(base or SimulationConfig()).to_dict(), **defaults, **fields})
             except TypeError as error:
                 raise UserError(f"{where}: {error}") from None
             except UserError as error:
