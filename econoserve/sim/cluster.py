@@ -210,8 +210,7 @@ def _result(trace: Trace, cluster: ClusterConfig, ledger: RequestLedger, replica
     iteration_ends = [np.asarray(r.log.start_time_s, dtype=float) + np.asarray(r.log.duration_s, dtype=float)
                       for r in replicas]
     requests_table = _requests_table(ledger, replicas, iteration_ends)
-    iterations_table = pd.concat([_iterations_table(r) for r in replicas], ignore_index=True) if len(replicas) > 1 \
-        else _iterations_table(replicas[0])
+    iterations_table = _iterations_table(replicas)
     budgets = [r.config.reference_token_budget or r.limits.saturating_token_budget for r in replicas]
     stats = [r.policy.stats for r in replicas]
     summary = summarize(requests_table, iterations_table, budgets[0],
@@ -380,31 +379,38 @@ def _tbt_chunk(token_runs, iteration_end, run_offset, first, stop, mean, p99) ->
     p99[where] = low_value + (high_value - low_value) * (position - lo)
 
 
-def _iterations_table(replica: Replica) -> pd.DataFrame:
-    log, limits = replica.log, replica.limits
-    steps = len(log)
+def _iterations_table(replicas: Sequence[Replica]) -> pd.DataFrame:
+    """Every replica's steps, replica by replica (``iteration`` counts each replica's steps)."""
+    lengths = [len(r.log) for r in replicas]
+
+    def column(name: str, dtype) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(r.log, name), dtype=dtype) for r in replicas])
+
+    def per_replica(values: list[int]) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=np.int64), lengths)
+
     table = pd.DataFrame(
         {
-            "iteration": np.arange(steps, dtype=np.int64),
-            "start_time_s": np.asarray(log.start_time_s, dtype=float),
-            "duration_s": np.asarray(log.duration_s, dtype=float),
-            "num_prefill_tokens": np.asarray(log.num_prefill_tokens, dtype=np.int64),
-            "num_decode_tokens": np.asarray(log.num_decode_tokens, dtype=np.int64),
-            "num_context_tokens": np.asarray(log.num_context_tokens, dtype=np.int64),
-            "num_prefill_requests": np.asarray(log.num_prefill_requests, dtype=np.int64),
-            "num_preempted": np.asarray(log.num_preempted, dtype=np.int64),
-            "kv_blocks_used": np.asarray(log.kv_blocks_used, dtype=np.int64),
-            "kv_blocks_reserved": np.asarray(log.kv_blocks_reserved, dtype=np.int64),
-            "kv_blocks_capacity": np.full(steps, limits.num_kv_blocks, dtype=np.int64),
-            "kv_tokens_stored": np.asarray(log.kv_tokens_stored, dtype=np.int64),
-            "block_size": np.full(steps, limits.block_size, dtype=np.int64),
-            "num_running": np.asarray(log.num_running, dtype=np.int64),
-            "num_waiting": np.asarray(log.num_waiting, dtype=np.int64),
-            "token_budget": np.full(steps, replica.policy.token_budget or 0, dtype=np.int64),
-            "skipped": np.asarray(log.skipped, dtype=bool),
-            "scheduler_wall_time_s": np.asarray(log.scheduler_wall_time_s, dtype=float),
+            "iteration": np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]),
+            "start_time_s": column("start_time_s", float),
+            "duration_s": column("duration_s", float),
+            "num_prefill_tokens": column("num_prefill_tokens", np.int64),
+            "num_decode_tokens": column("num_decode_tokens", np.int64),
+            "num_context_tokens": column("num_context_tokens", np.int64),
+            "num_prefill_requests": column("num_prefill_requests", np.int64),
+            "num_preempted": column("num_preempted", np.int64),
+            "kv_blocks_used": column("kv_blocks_used", np.int64),
+            "kv_blocks_reserved": column("kv_blocks_reserved", np.int64),
+            "kv_blocks_capacity": per_replica([r.limits.num_kv_blocks for r in replicas]),
+            "kv_tokens_stored": column("kv_tokens_stored", np.int64),
+            "block_size": per_replica([r.limits.block_size for r in replicas]),
+            "num_running": column("num_running", np.int64),
+            "num_waiting": column("num_waiting", np.int64),
+            "token_budget": per_replica([r.policy.token_budget or 0 for r in replicas]),
+            "skipped": column("skipped", bool),
+            "scheduler_wall_time_s": column("scheduler_wall_time_s", float),
         }
     )
     table["kv_blocks_allocated"] = table["kv_blocks_used"] + table["kv_blocks_reserved"]
-    table["replica"] = np.full(steps, replica.replica_id, dtype=np.int64)
+    table["replica"] = per_replica([r.replica_id for r in replicas])
     return table
