@@ -233,13 +233,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE_COMMIT, help="commit to compare one replica against")
     parser.add_argument("--skip-scale", action="store_true", help="only the one-replica comparison")
+    parser.add_argument("--source", type=Path, default=ROOT, metavar="DIR",
+                        help="the tree to measure (default: this one; a snapshot lets you edit meanwhile)")
     args = parser.parse_args()
     sizes = args.sizes or ([10_000, 50_000] if args.quick else [100_000, 1_000_000])
     single_requests = args.single_requests or (3_000 if args.quick else 10_000)
 
     single = []
     with tempfile.TemporaryDirectory() as scratch:
-        trees = {"before": _baseline_tree(args.baseline, Path(scratch)), "after": ROOT}
+        trees = {"before": _baseline_tree(args.baseline, Path(scratch)), "after": args.source.resolve()}
         for policy in SINGLE_POLICIES:
             for repeat in range(args.repeats):
                 for tree, source in trees.items():
@@ -254,7 +256,7 @@ def main() -> None:
         for size in sizes:
             job = {"policy": "vllm", "replicas": args.replicas, "router": args.router, "num_requests": size,
                    "rate_rps": args.rate_per_replica * args.replicas, "seed": 0, "progress": True}
-            row = _run(job, ROOT)
+            row = _run(job, args.source.resolve())
             scale.append(row)
             print(f"{args.replicas} replicas, {size:,} requests: {row['wall_s']:.1f} s, "
                   f"{row['requests_per_wall_s']:,.0f} req/s, peak {row['peak_rss_mib']:,.0f} MiB, "
