@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "econoserve.predictor.commands",
     "econoserve.sim.commands",
     "econoserve.serving.commands",
+    "econoserve.profiling.commands",
 )
 
 

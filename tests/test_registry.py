@@ -22,7 +22,7 @@ def mirror() -> Path:
 
 
 def test_every_mirror_file_is_registered_with_the_readme_sha256():
-    entries = {entry.file: entry for entry in registry.load_registry().values()}
+    entries = {entry.file: entry for entry in registry.load_registry().values() if entry.mirror == "data"}
     on_disk = {path.name for path in mirror().iterdir() if path.name != "README.md"}
     assert on_disk == set(entries)
     readme = (mirror() / "README.md").read_text()
@@ -34,7 +34,8 @@ def test_every_mirror_file_is_registered_with_the_readme_sha256():
 
 def test_every_entry_is_complete():
     for entry in registry.load_registry().values():
-        assert entry.kind in {"dataset", "labels", "tokenizer"}
+        assert entry.kind in {"dataset", "labels", "tokenizer", "profile"}
+        assert entry.mirror == ("peers" if entry.kind == "profile" else "data")
         assert entry.url.startswith("https://")
         assert entry.license and entry.parser and entry.origin
         assert entry.size_bytes > 0 and entry.records > 0
@@ -43,8 +44,37 @@ def test_every_entry_is_complete():
 def test_mirror_files_verify_and_have_registered_sizes():
     for name, entry in registry.load_registry().items():
         path = registry.verify(name)
-        assert path.parent == mirror()
+        assert path == registry.mirror_dir(entry.mirror) / entry.file
         assert path.stat().st_size == entry.size_bytes
+
+
+def test_peer_profiles_are_registered_with_their_readme_sha256():
+    """Every measured profile in the peers mirror (beside the data mirror) is registered with the
+    sha256 its README (DistServe) or SHA256SUMS (Vidur) states."""
+    peers = registry.mirror_dir("peers")
+    assert peers == mirror().parent / "peers"
+    listed = dict(re.findall(r"^([0-9a-f]{64})  (\S+)$", (peers / "distserve" / "README.md").read_text(), flags=re.MULTILINE))
+    listed = {f"distserve/{file}": sha for sha, file in listed.items()}
+    for line in (peers / "vidur" / "SHA256SUMS").read_text().splitlines():
+        sha, file = line.split()
+        listed[f"vidur/{file}"] = sha
+    entries = {entry.file: entry.sha256 for entry in registry.load_registry().values() if entry.mirror == "peers"}
+    assert entries == listed
+
+
+def test_peers_mirror_variable_overrides_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECONOSERVE_PEERS_MIRROR", str(tmp_path))
+    monkeypatch.setenv("ECONOSERVE_DATA_CACHE", str(tmp_path / "cache"))
+    assert registry.mirror_dir("peers") == tmp_path
+    with pytest.raises(DataError, match="ECONOSERVE_PEERS_MIRROR"):
+        registry.dataset_path("distserve-a100-fits")
+
+
+def test_fetch_of_a_peer_file_lands_in_its_subfolder_of_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECONOSERVE_DATA_CACHE", str(tmp_path / "cache"))
+    path = registry.fetch("distserve-a100-fits", progress=False)
+    assert path == tmp_path / "cache" / "distserve" / "profiler-a100-80g.distserve.json"
+    assert list(path.parent.iterdir()) == [path]
 
 
 def test_fetch_copies_from_mirror_into_cache_and_verifies(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ element (2 for fp16/bf16).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
 
 from econoserve.errors import UserError
 
@@ -83,6 +84,42 @@ GPUS: dict[str, GPUSpec] = {
         GPUSpec("a100-80gb", 312e12, 2039e9, 80 * GIB, 300e9),
         # NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s; NVLink 4: 900 GB/s bidir.
         GPUSpec("h100-80gb", 989e12, 3350e9, 80 * GIB, 450e9),
+        # NVIDIA H200 SXM datasheet: 989 TFLOP/s bf16 dense (the H100's compute), 4.8 TB/s HBM3e,
+        # 141 GB (143,771 MiB as the driver reports it); NVLink 4: 900 GB/s bidirectional.
+        GPUSpec("h200-141gb", 989e12, 4800e9, 143_771 * 1024**2, 450e9),
+    )
+}
+
+
+@dataclass(frozen=True)
+class RooflineCalibration:
+    """Roofline factors (:class:`~econoserve.sim.latency.RooflineParams` fields) fitted to
+    real measurements of one GPU at one tensor-parallel degree.
+
+    factors:
+        The fitted fields and values (efficiencies [fraction], fixed costs [s], overlap exponent).
+    source:
+        The registered profile they were fitted to (``data/registry.toml``).
+    """
+
+    gpu: str
+    tensor_parallel: int
+    factors: Mapping[str, float] = field(default_factory=dict)
+    source: str = ""
+
+
+# Measured: fitted by benchmarks/bench_latency_calibration.py to DistServe's A100-80GB SXM step
+# times of its own engine (OPT-13B and OPT-66B pooled per TP; the error of each fit is in
+# benchmarks/results/latency_calibration.md). GPUs and TPs absent here get an estimate from the
+# nearest measured entry (econoserve.sim.calibration.calibrated_params), marked as such.
+ROOFLINE_CALIBRATIONS: dict[tuple[str, int], RooflineCalibration] = {
+    (c.gpu, c.tensor_parallel): c
+    for c in (
+        RooflineCalibration("a100-80gb", 1, {"compute_efficiency": 0.6567, "attention_compute_efficiency": 1.0, "memory_efficiency": 0.7022, "interconnect_efficiency": 0.7, "allreduce_latency_s": 1e-05, "step_overhead_s": 0.002147, "overlap_exponent": 1.478}, "distserve-a100-fits"),
+        RooflineCalibration("a100-80gb", 2, {"compute_efficiency": 1.0, "attention_compute_efficiency": 1.0, "memory_efficiency": 0.7463, "interconnect_efficiency": 0.06966, "allreduce_latency_s": 0.0, "step_overhead_s": 0.005346, "overlap_exponent": 1.246}, "distserve-a100-fits"),
+        RooflineCalibration("a100-80gb", 3, {"compute_efficiency": 0.9894, "attention_compute_efficiency": 1.0, "memory_efficiency": 0.8359, "interconnect_efficiency": 0.1153, "allreduce_latency_s": 3.676e-05, "step_overhead_s": 0.005708, "overlap_exponent": 2.004}, "distserve-a100-fits"),
+        RooflineCalibration("a100-80gb", 4, {"compute_efficiency": 1.0, "attention_compute_efficiency": 1.0, "memory_efficiency": 0.6541, "interconnect_efficiency": 0.1553, "allreduce_latency_s": 0.0, "step_overhead_s": 0.005962, "overlap_exponent": 1.605}, "distserve-a100-fits"),
+        RooflineCalibration("a100-80gb", 8, {"compute_efficiency": 0.4776, "attention_compute_efficiency": 1.0, "memory_efficiency": 0.4826, "interconnect_efficiency": 1.0, "allreduce_latency_s": 2.13e-05, "step_overhead_s": 0.003377, "overlap_exponent": 1.209}, "distserve-a100-fits"),
     )
 }
 

@@ -38,8 +38,12 @@ def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
                        help="override the KV capacity [blocks] (default: from memory, weights and activations)")
     group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
                        help="override the model's context length [tokens]")
-    group.add_argument("--latency-model", default="roofline", metavar="roofline|PATH",
-                       help="'roofline' (default), or a fitted model (.json) or measured steps (.csv/.parquet/.jsonl) to fit")
+    group.add_argument("--latency-model", default="roofline", metavar="NAME|PATH",
+                       help="step-time model: 'roofline' (default: literature efficiency factors), 'calibrated' (roofline "
+                            "factors fitted to real A100 measurements; other GPUs/TPs get an estimate), 'distserve' / "
+                            "'distserve-vllm' (DistServe's measured A100 fits: OPT-13B TP 1,2,4, OPT-66B TP 2,3,4,8), "
+                            "'vidur' (Vidur's Llama-2-70B A100 operator profiles, TP 1,2,4), or a fitted model (.json) "
+                            "or measured steps (.csv/.parquet/.jsonl) to fit")
     group.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                        help="override a policy configuration field, e.g. token_budget=1024 (repeatable)")
     group.add_argument("--predictions", default="trace", choices=PREDICTION_SOURCES,

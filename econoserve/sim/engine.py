@@ -23,8 +23,6 @@ from econoserve.policy import EngineLimits, make_config
 from econoserve.sim.catalog import GIB, Deployment, get_gpu, get_model
 from econoserve.sim.latency import (
     LatencyModel,
-    RooflineLatencyModel,
-    RooflineParams,
     make_latency_model,
     saturating_token_budget,
     typical_step_times_s,
@@ -58,10 +56,12 @@ class SimulationConfig:
     max_model_len:
         Override of the context length [tokens]; ``None`` = the model's.
     latency_model:
-        ``"roofline"`` or a path to a fitted model (JSON) or a measured step table
-        (CSV/parquet/JSON-lines) to fit.
+        A name (``roofline``, ``calibrated``, ``distserve``, ``distserve-vllm``, ``vidur``: see
+        :func:`~econoserve.sim.latency.make_latency_model`) or a path to a fitted model (JSON) or
+        a measured step table (CSV/parquet/JSON-lines) to fit.
     roofline:
-        Overrides of :class:`~econoserve.sim.latency.RooflineParams` fields.
+        Overrides of :class:`~econoserve.sim.latency.RooflineParams` fields (``roofline`` and
+        ``calibrated`` only).
     slo_scale:
         A request's SLO: JCT <= ``slo_scale`` x its isolated execution time.
     seed:
@@ -189,14 +189,7 @@ def _jsonable(value):
 def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, EngineLimits]:
     """The deployment, latency model and engine limits a configuration describes."""
     deployment = config.deployment()
-    if config.latency_model == "roofline":
-        try:
-            params = RooflineParams(**dict(config.roofline))
-        except TypeError as error:
-            raise UserError(f"roofline: {error}") from None
-        latency: LatencyModel = RooflineLatencyModel(deployment, params)
-    else:
-        latency = make_latency_model(config.latency_model, deployment)
+    latency: LatencyModel = make_latency_model(config.latency_model, deployment, config.roofline)
     num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else deployment.num_kv_blocks
     max_model_len = config.max_model_len or deployment.model.max_context_tokens
     budget = saturating_token_budget(latency, fraction=config.saturation_fraction)

@@ -14,9 +14,10 @@ execution times, skipped steps) and give the same value either way.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,12 @@ class RooflineParams:
     step_overhead_s:
         Fixed cost of a step outside the kernels: scheduling, input preparation, sampling,
         kernel launches [s].
+    overlap_exponent:
+        How the compute time ``c`` and memory time ``m`` of the linear layers (and of attention)
+        combine: ``(c**k + m**k) ** (1 / k)``. ``inf`` (default) is the classic roofline,
+        ``max(c, m)`` (perfect overlap); ``1`` is no overlap, ``c + m``. Measured A100 steps lie
+        in between (k of 1.2-1.7, see :mod:`econoserve.sim.calibration`): a small prefill
+        already costs more than the weight read alone.
     """
 
     compute_efficiency: float = 0.65
@@ -63,6 +70,7 @@ class RooflineParams:
     interconnect_efficiency: float = 0.7
     allreduce_latency_s: float = 10e-6
     step_overhead_s: float = 3e-3
+    overlap_exponent: float = math.inf
 
     def __post_init__(self) -> None:
         for name in ("compute_efficiency", "attention_compute_efficiency", "memory_efficiency", "interconnect_efficiency"):
@@ -71,6 +79,8 @@ class RooflineParams:
                 raise UserError(f"roofline {name} must be in (0, 1], got {value}")
         if self.allreduce_latency_s < 0 or self.step_overhead_s < 0:
             raise UserError("roofline fixed costs must be >= 0")
+        if not self.overlap_exponent >= 1:
+            raise UserError(f"roofline overlap_exponent must be >= 1 (inf = max), got {self.overlap_exponent}")
 
 
 class RooflineLatencyModel:
@@ -80,11 +90,16 @@ class RooflineLatencyModel:
       per GPU (parameters and weights split over the TP group);
     * attention: ``max(4 x layers x hidden x pairs / attention compute, KV bytes read / bandwidth)``;
     * all-reduce: 2 per layer of ``tokens x hidden x 2`` bytes, ring algorithm over NVLink.
+
+    The ``max`` of compute and memory time is the overlap combination of
+    :attr:`RooflineParams.overlap_exponent` (``max`` itself by default). ``provenance`` says
+    where the parameters come from (recorded by :meth:`describe`).
     """
 
-    def __init__(self, deployment: Deployment, params: RooflineParams | None = None) -> None:
+    def __init__(self, deployment: Deployment, params: RooflineParams | None = None, provenance: str = "defaults") -> None:
         self.deployment = deployment
         self.params = params or RooflineParams()
+        self.provenance = provenance
         model, gpu, tp, p = deployment.model, deployment.gpu, deployment.tensor_parallel, self.params
         compute = gpu.peak_bf16_flops * tp
         bandwidth = gpu.hbm_bandwidth_bytes_per_s * tp * p.memory_efficiency
@@ -103,19 +118,27 @@ class RooflineLatencyModel:
             self._allreduce_s_per_token = 0.0
             self._allreduce_fixed_s = 0.0
         self._overhead_s = p.step_overhead_s + self._allreduce_fixed_s
+        self._k = p.overlap_exponent
+
+    def _combine(self, compute_s, memory_s):
+        """``max`` (k = inf) or the k-norm of the two times."""
+        if isinstance(compute_s, np.ndarray) or isinstance(memory_s, np.ndarray):
+            if math.isinf(self._k):
+                return np.maximum(compute_s, memory_s)
+            return (np.asarray(compute_s) ** self._k + np.asarray(memory_s) ** self._k) ** (1.0 / self._k)
+        if math.isinf(self._k):
+            return max(compute_s, memory_s)
+        return (compute_s**self._k + memory_s**self._k) ** (1.0 / self._k)
 
     def iteration_time_s(self, prefill_tokens, decode_tokens, context_tokens, attention_pairs):
         tokens = prefill_tokens + decode_tokens
-        if isinstance(tokens, np.ndarray):
-            maximum = np.maximum
-        else:
-            maximum = max
-        linear = maximum(tokens * self._linear_s_per_token, self._weights_s)
-        attention = maximum(attention_pairs * self._attention_s_per_pair, context_tokens * self._kv_s_per_token)
+        linear = self._combine(tokens * self._linear_s_per_token, self._weights_s)
+        attention = self._combine(attention_pairs * self._attention_s_per_pair, context_tokens * self._kv_s_per_token)
         return self._overhead_s + linear + attention + tokens * self._allreduce_s_per_token
 
     def describe(self) -> dict[str, object]:
-        return {"kind": "roofline", "params": asdict(self.params)}
+        params = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self.params).items()}
+        return {"kind": "roofline", "params": params, "provenance": self.provenance}
 
 
 @dataclass
@@ -290,16 +313,53 @@ def typical_step_times_s(model: LatencyModel, token_budget: int, prompt_tokens: 
     return float(np.asarray(prefill)[0]), float(np.asarray(decode)[0])
 
 
-def make_latency_model(spec: str | None, deployment: Deployment) -> LatencyModel:
-    """``"roofline"`` (default) or a path to a fitted JSON or a measured step table."""
-    if spec is None or spec == "roofline":
-        return RooflineLatencyModel(deployment)
+LATENCY_MODEL_NAMES: tuple[str, ...] = ("roofline", "calibrated", "distserve", "distserve-vllm", "vidur")
+"""Names :func:`make_latency_model` accepts besides a file path."""
+
+
+def make_latency_model(spec: str | None, deployment: Deployment,
+                       roofline_overrides: Mapping[str, float] | None = None) -> LatencyModel:
+    """The latency model ``spec`` names, for ``deployment``:
+
+    * ``roofline`` (default): :class:`RooflineLatencyModel` with the literature's factors;
+    * ``calibrated``: the roofline with factors fitted to real GPU measurements for the
+      deployment's GPU and TP (:func:`econoserve.sim.calibration.calibrated_params`: measured
+      where a profile exists, else an estimate, which the model's ``describe()`` says);
+    * ``distserve`` / ``distserve-vllm``: DistServe's A100 step-time fits (its engine's / vLLM's),
+      ``vidur``: Vidur's Llama-2-70B A100 operator profiles (:mod:`econoserve.sim.profiles`);
+    * a path: a fitted model (``.json``) or a measured step table to fit.
+
+    ``roofline_overrides`` (:class:`RooflineParams` fields) apply on top of ``roofline`` or
+    ``calibrated``; with any other model they are an error.
+    """
+    spec = spec or "roofline"
+    overrides = dict(roofline_overrides or {})
+    if spec in ("roofline", "calibrated"):
+        if spec == "roofline":
+            params, provenance = RooflineParams(), "defaults"
+        else:
+            from econoserve.sim.calibration import calibrated_params
+
+            params, provenance = calibrated_params(deployment.gpu.name, deployment.tensor_parallel)
+        try:
+            params = replace(params, **overrides)
+        except TypeError as error:
+            raise UserError(f"roofline: {error}") from None
+        return RooflineLatencyModel(deployment, params, provenance + (" + overrides" if overrides else ""))
+    if overrides:
+        raise UserError(f"roofline overrides ({', '.join(overrides)}) apply to the roofline or calibrated "
+                        f"latency model, not {spec!r}")
+    if spec in LATENCY_MODEL_NAMES:
+        from econoserve.sim.profiles import profile_latency_model
+
+        return profile_latency_model(spec, deployment)
     return FittedLatencyModel.load(spec)
 
 
 __all__ = [
     "FEATURES",
     "FittedLatencyModel",
+    "LATENCY_MODEL_NAMES",
     "LatencyModel",
     "RooflineLatencyModel",
     "RooflineParams",

@@ -5,7 +5,10 @@ overrides the path). Files are looked up, in order, in
 
 1. the cache directory ``data/cache/`` (``ECONOSERVE_DATA_CACHE`` overrides), where
    :func:`fetch` puts downloads and copies, checked against their sha256;
-2. the local mirror directory named by ``ECONOSERVE_DATA_MIRROR`` (read in place).
+2. the local mirror directory of the entry's ``mirror``, read in place: ``data`` entries in
+   ``ECONOSERVE_DATA_MIRROR``; ``peers`` entries (measured GPU profiles from other projects,
+   e.g. ``distserve/profiler-a100-80g.distserve.json``) in ``ECONOSERVE_PEERS_MIRROR``, which
+   defaults to the folder ``peers`` beside the data mirror (``$ECONOSERVE_DATA_MIRROR/../peers``).
 
 Nothing here downloads implicitly: :func:`dataset_path` only resolves local files and says how
 to get a missing one. :func:`fetch` prefers the mirror (offline, fast) and falls back to the
@@ -33,6 +36,8 @@ _DEFAULT_REGISTRY = REPOSITORY_ROOT / "data" / "registry.toml"
 _DEFAULT_CACHE = REPOSITORY_ROOT / "data" / "cache"
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
 _DOWNLOAD_TIMEOUT_S = 60.0
+MIRRORS: tuple[str, ...] = ("data", "peers")
+_MIRROR_VARIABLES = {"data": "ECONOSERVE_DATA_MIRROR", "peers": "ECONOSERVE_PEERS_MIRROR (or ECONOSERVE_DATA_MIRROR)"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class DatasetEntry:
     parser: str
     records: int
     origin: str
+    mirror: str = "data"
+    """Which mirror holds the file: ``data`` or ``peers`` (see :func:`mirror_dir`)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,15 @@ def load_registry(path: Path | None = None) -> dict[str, DatasetEntry]:
         raise DataError(f"{path}: dataset registry not found (set ECONOSERVE_REGISTRY)") from None
     except tomllib.TOMLDecodeError as exc:
         raise DataError(f"{path}: malformed dataset registry: {exc}") from None
-    return {name: DatasetEntry(name=name, **fields) for name, fields in raw.items()}
+    entries = {}
+    for name, fields in raw.items():
+        try:
+            entries[name] = DatasetEntry(name=name, **fields)
+        except TypeError as exc:
+            raise DataError(f"{path}: entry [{name}]: {exc}") from None
+        if entries[name].mirror not in MIRRORS:
+            raise DataError(f"{path}: entry [{name}]: mirror must be one of {', '.join(MIRRORS)}")
+    return entries
 
 
 def get_entry(name: str) -> DatasetEntry:
@@ -90,16 +105,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ECONOSERVE_DATA_CACHE", _DEFAULT_CACHE))
 
 
-def mirror_dir() -> Path | None:
-    mirror = os.environ.get("ECONOSERVE_DATA_MIRROR")
-    return Path(mirror) if mirror else None
+def mirror_dir(mirror: str = "data") -> Path | None:
+    """The local mirror folder of ``data`` entries (``ECONOSERVE_DATA_MIRROR``) or ``peers``
+    entries (``ECONOSERVE_PEERS_MIRROR``, else ``peers`` beside the data mirror); None if unset."""
+    data = os.environ.get("ECONOSERVE_DATA_MIRROR")
+    if mirror == "data":
+        return Path(data) if data else None
+    peers = os.environ.get("ECONOSERVE_PEERS_MIRROR")
+    if peers:
+        return Path(peers)
+    return Path(data).parent / "peers" if data else None
 
 
 def local_status(entry: DatasetEntry) -> LocalStatus:
     cached = cache_dir() / entry.file
     if cached.is_file():
         return LocalStatus(entry, cached, "cache")
-    mirror = mirror_dir()
+    mirror = mirror_dir(entry.mirror)
     if mirror is not None and (mirror / entry.file).is_file():
         return LocalStatus(entry, mirror / entry.file, "mirror")
     return LocalStatus(entry, None, "missing")
@@ -111,7 +133,7 @@ def dataset_path(name: str) -> Path:
     if status.path is None:
         raise DataError(
             f"{name}: {status.entry.file} is not available locally; run 'econoserve data fetch {name}' "
-            f"or set ECONOSERVE_DATA_MIRROR to a directory that holds it"
+            f"or set {_MIRROR_VARIABLES[status.entry.mirror]} to a directory that holds it"
         )
     return status.path
 
@@ -150,8 +172,8 @@ def fetch(name: str, progress: bool = True) -> Path:
     if target.is_file() and file_sha256(target) == entry.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    mirror = mirror_dir()
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{entry.file}.", delete=False) as tmp:
+    mirror = mirror_dir(entry.mirror)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
         if mirror is not None and (mirror / entry.file).is_file():
@@ -163,7 +185,7 @@ def fetch(name: str, progress: bool = True) -> Path:
         else:
             raise DataError(
                 f"{name}: {entry.file} is a re-packaging of {entry.url} ({entry.origin}); it cannot be "
-                f"downloaded byte for byte, so set ECONOSERVE_DATA_MIRROR to a directory that holds it"
+                f"downloaded byte for byte, so set {_MIRROR_VARIABLES[entry.mirror]} to a directory that holds it"
             )
         actual = file_sha256(tmp_path)
         if actual != entry.sha256:
@@ -190,5 +212,5 @@ def _download(entry: DatasetEntry, destination: Path, progress: bool) -> None:
         reason = getattr(exc, "reason", exc)
         raise DataError(
             f"{entry.name}: cannot download {entry.url} ({reason}) and no mirror holds {entry.file}; "
-            f"set ECONOSERVE_DATA_MIRROR to a directory that holds it"
+            f"set {_MIRROR_VARIABLES[entry.mirror]} to a directory that holds it"
         ) from None
