@@ -10,8 +10,14 @@ idle (or can run nothing until a new request comes) has no event until the route
 
 Replicas may differ (policy, deployment, latency model): a :class:`ClusterConfig` lists one
 :class:`~econoserve.sim.engine.SimulationConfig` per replica. Prefill/decode disaggregation is
-meant to be replicas of two kinds with a KV hand-over between them (a later step), not another
-simulator.
+replicas of two kinds (``role`` ``prefill`` / ``decode``) with a KV hand-over between them
+(:mod:`econoserve.sim.disaggregation`): arrivals are routed to the prefill (and colocated)
+replicas, finished prompts to a decode replica by ``decode_router``, and hand-over events
+(prompt finished, transfer done) join the event heap (at equal times: arrivals, then hand-overs,
+then replica steps). In such a cluster a replica's skip-ahead stops before the next event of any
+other replica or hand-over (a prompt finishing elsewhere may send it a request), and a
+request's ``mean_tbt_s`` is (finish - first token) / (output tokens - 1), its tokens having come
+from two replicas (equal to the mean gap); ``p99_tbt_s`` covers the decode replica's tokens.
 
 Tables: ``requests`` gains a ``replica`` column (the replica that served the request), and
 ``iterations`` holds every replica's steps (``replica``, and ``iteration`` counted per replica),
@@ -32,6 +38,8 @@ import pandas as pd
 from econoserve import __version__
 from econoserve.analysis.metrics import gpu_token_utilization, summarize
 from econoserve.errors import UserError
+from econoserve.sim.catalog import DEFAULT_NETWORK, get_network
+from econoserve.sim.disaggregation import KVTransfers, check_roles
 from econoserve.sim.engine import SimulationConfig, SimulationError, SimulationResult
 from econoserve.sim.latency import isolated_execution_times_s
 from econoserve.sim.replica import Replica, RequestLedger
@@ -47,19 +55,33 @@ class ClusterConfig:
     """A cluster: one simulation configuration per replica, and the router's name.
 
     replicas:
-        The replicas' configurations (policy, deployment, latency model, knobs), at least one.
+        The replicas' configurations (policy, deployment, latency model, knobs, role, node), at
+        least one.
     router:
-        A registered router (:data:`econoserve.sim.routers.ROUTERS`).
+        A registered router (:data:`econoserve.sim.routers.ROUTERS`) for arriving requests.
+    decode_router:
+        The router that picks a decode replica for a finished prompt (``None`` = ``router``).
+    network:
+        The link between nodes (:data:`econoserve.sim.catalog.NETWORK_LINKS`) for KV transfers.
     """
 
     replicas: tuple[SimulationConfig, ...]
     router: str = DEFAULT_ROUTER
+    decode_router: str | None = None
+    network: str = DEFAULT_NETWORK
 
     def __post_init__(self) -> None:
         if len(self.replicas) == 0:
             raise UserError("a cluster needs at least one replica, got 0")
-        if self.router not in ROUTERS:
-            raise UserError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        for name in (self.router, self.decode_router or self.router):
+            if name not in ROUTERS:
+                raise UserError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")
+        check_roles([c.role for c in self.replicas])
+        get_network(self.network)
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(c.role == "decode" for c in self.replicas)
 
     @classmethod
     def uniform(cls, config: SimulationConfig, num_replicas: int, router: str = DEFAULT_ROUTER) -> "ClusterConfig":
@@ -96,9 +118,10 @@ class ClusterConfig:
         """The cluster a parsed description gives (see :meth:`from_file`)."""
         if not isinstance(data, Mapping) or not isinstance(data.get("replicas"), list):
             raise UserError(f"{source}: expected an object with a 'replicas' list")
-        unknown = sorted(set(data) - {"router", "defaults", "replicas"})
+        unknown = sorted(set(data) - {"router", "decode_router", "network", "defaults", "replicas"})
         if unknown:
-            raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; expected router, defaults, replicas")
+            raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; "
+                            "expected router, decode_router, network, defaults, replicas")
         defaults = _config_fields(data.get("defaults", {}), f"{source}: defaults")
         replicas: list[SimulationConfig] = []
         for number, entry in enumerate(data["replicas"]):
@@ -116,10 +139,12 @@ class ClusterConfig:
             except UserError as error:
                 raise UserError(f"{where}: {error}") from None
             replicas.extend([config] * count)
-        return cls(tuple(replicas), data.get("router", DEFAULT_ROUTER))
+        return cls(tuple(replicas), data.get("router", DEFAULT_ROUTER), data.get("decode_router"),
+                   data.get("network", DEFAULT_NETWORK))
 
     def to_dict(self) -> dict[str, object]:
-        return {"router": self.router, "replicas": [config.to_dict() for config in self.replicas]}
+        return {"router": self.router, "decode_router": self.decode_router, "network": self.network,
+                "replicas": [config.to_dict() for config in self.replicas]}
 
 
 def _config_fields(entry: object, where: str) -> dict[str, object]:
@@ -143,6 +168,11 @@ def simulate_cluster(trace: Trace, cluster: ClusterConfig, progress: bool = Fals
     ledger = RequestLedger(trace)
     replicas = _build_replicas(cluster, ledger)
     router = make_router(cluster.router)
+    entry = [i for i, r in enumerate(replicas) if r.role != "decode"]  # where arrivals go
+    entry_replicas = [replicas[i] for i in entry]
+    transfers = (KVTransfers(replicas, make_router(cluster.decode_router or cluster.router), cluster.network)
+                 if cluster.disaggregated else None)
+    check_transfers = transfers is not None and any(c.check_invariants for c in cluster.replicas)
     n = ledger.num_requests
     arrivals = ledger.arrival_time_s
     events: list[tuple[float, int]] = []  # (time [s], replica index) of each replica's next step
@@ -150,25 +180,46 @@ def simulate_cluster(trace: Trace, cluster: ClusterConfig, progress: bool = Fals
     bar = _progress_bar(n, progress, cluster)
     bar_step = max(1, n // 200)
     next_row = 0
+
+    def wake(index: int, time: float) -> None:
+        if not scheduled[index] and replicas[index].has_work:
+            scheduled[index] = True
+            heapq.heappush(events, (time, index))
+
     while True:
         next_arrival = arrivals[next_row] if next_row < n else float("inf")
-        if events and events[0][0] < next_arrival:
+        next_handover = transfers.next_time() if transfers is not None else float("inf")
+        if events and events[0][0] < min(next_arrival, next_handover):
             now, index = heapq.heappop(events)
-            when = replicas[index].step(now, next_arrival)
+            replica = replicas[index]
+            horizon = next_arrival
+            if transfers is not None:  # another replica's step may send this one a request
+                horizon = min(next_arrival, next_handover, events[0][0] if events else float("inf"))
+                if horizon == float("inf") and transfers.pending:
+                    horizon = now  # pulls wait for memory only this replica can free
+            when = replica.step(now, horizon)
             scheduled[index] = when is not None
             if when is not None:
                 heapq.heappush(events, (when, index))
-        elif next_row < n:
+            if transfers is not None:
+                if replica.role == "prefill":
+                    transfers.collect(index)
+                elif replica.role == "decode":
+                    transfers.start_pulls(index, when if when is not None else now)
+        elif next_row < n and next_arrival <= next_handover:
             row = next_row
             next_row += 1
-            index = router.route(row, replicas)
-            replica = replicas[index]
-            replica.add_request(row)
-            if not scheduled[index] and replica.has_work:
-                scheduled[index] = True
-                heapq.heappush(events, (arrivals[row], index))
+            index = entry[router.route(row, entry_replicas)]
+            replicas[index].add_request(row)
+            wake(index, arrivals[row])
+        elif next_handover != float("inf"):
+            now, woken = transfers.pop()
+            for index in woken:
+                wake(index, now)
         else:
             break
+        if check_transfers:
+            transfers.check_invariants()
         if bar is not None and ledger.num_done - bar.n >= bar_step:
             bar.update(ledger.num_done - bar.n)
     if bar is not None:
@@ -226,6 +277,9 @@ def _result(trace: Trace, cluster: ClusterConfig, ledger: RequestLedger, replica
             summary[f"policy_{key}"] = summary.get(f"policy_{key}", 0) + value
     summary["num_replicas"] = len(replicas)
     summary["router"] = cluster.router
+    if cluster.disaggregated:
+        summary["num_prefill_replicas"] = sum(r.role == "prefill" for r in replicas)
+        summary["num_decode_replicas"] = sum(r.role == "decode" for r in replicas)
     first = replicas[0]
     full_config = {
         "simulation": first.config.to_dict(),
@@ -240,6 +294,8 @@ def _result(trace: Trace, cluster: ClusterConfig, ledger: RequestLedger, replica
     if len(replicas) > 1:
         full_config["cluster"] = {
             "router": cluster.router,
+            "decode_router": cluster.decode_router,
+            "network": cluster.network,
             "replicas": [{"simulation": r.config.to_dict(), "policy": r.policy.describe(), "limits": asdict(r.limits),
                           "reference_token_budget": b} for r, b in zip(replicas, budgets)],
         }
@@ -262,8 +318,13 @@ def _requests_table(ledger: RequestLedger, replicas: Sequence[Replica], iteratio
     objects = ledger.requests
     preemptions = np.fromiter((r.num_preemptions if r is not None else 0 for r in objects), dtype=np.int64, count=n)
     generated = np.fromiter((r.num_output_tokens if r is not None else 0 for r in objects), dtype=np.int64, count=n)
+    if ledger.received:  # the first token came from a prefill replica
+        generated[list(ledger.received)] += 1
     offsets = np.cumsum([0] + [len(end) for end in iteration_ends])[:-1]
     mean_tbt, p99_tbt = _tbt_stats(ledger.token_runs, np.concatenate(iteration_ends), offsets[replica_of], n)
+    if any(r.role == "decode" for r in replicas):  # tokens from two replicas: the mean gap
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_tbt = np.where(output > 1, (finish - first) / (output - 1), np.nan)
     predicted, isolated, slo_scale = _per_replica_columns(ledger, replicas, replica_of, prompt, output)
     jct = finish - arrival
     deadline = arrival + slo_scale * isolated

@@ -29,6 +29,8 @@ from econoserve.sim.latency import (
 )
 
 PREDICTION_SOURCES: tuple[str, ...] = ("trace", "oracle", "none")
+#: Replica roles: an ordinary engine, or one side of prefill/decode disaggregation.
+ROLES: tuple[str, ...] = ("colocated", "prefill", "decode")
 
 
 class SimulationError(RuntimeError):
@@ -84,6 +86,14 @@ class SimulationConfig:
         Most steps advanced in one bulk move [steps].
     check_invariants:
         After every step, check the KV accounting and the clock (slow; for tests and debugging).
+    role:
+        ``colocated`` (an ordinary engine: prompts and decoding), or, for prefill/decode
+        disaggregation (:mod:`econoserve.sim.disaggregation`), ``prefill`` (prompts only; a
+        request leaves after its first token and its KV is handed to a decode replica) or
+        ``decode`` (receives requests whose KV was transferred, and decodes them).
+    node:
+        The node the replica's GPUs sit on; a KV transfer within a node goes over NVLink, between
+        nodes over the cluster's network (:class:`~econoserve.sim.cluster.ClusterConfig`).
     """
 
     scheduler: str = "vllm"
@@ -106,8 +116,14 @@ class SimulationConfig:
     skip_ahead: bool = True
     max_skip_steps: int = 4096
     check_invariants: bool = False
+    role: str = "colocated"
+    node: int = 0
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise UserError(f"unknown replica role {self.role!r}; choose one of {', '.join(ROLES)}")
+        if self.node < 0:
+            raise UserError(f"node must be >= 0, got {self.node}")
         if self.slo_scale <= 0:
             raise UserError(f"--slo-scale must be > 0, got {self.slo_scale}")
         if self.predictions not in PREDICTION_SOURCES:

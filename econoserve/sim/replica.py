@@ -22,6 +22,21 @@ whatever the policy refuses (its reason).
 
 Per-request outcomes go to a :class:`RequestLedger` shared by every replica of a run (a request
 runs on exactly one replica, so its token runs index that replica's steps).
+
+**Roles** (``SimulationConfig.role``; prefill/decode disaggregation as DistServe, OSDI'24, runs
+it). A ``prefill`` replica ends a request at its first token (its TTFT), frees it in the policy
+and at once holds the same KV again under the request's id (:meth:`Replica.hold_handoff`) until
+the transfer to a decode replica completes (:meth:`Replica.release_handoff`); its finished
+prompts wait in :attr:`Replica.handoffs` for the cluster driver. A ``decode`` replica reserves
+the prompt's KV under the request's id when a transfer starts (:meth:`Replica.reserve_transfer`;
+KV is then held on both sides while in flight) and receives the request when it completes
+(:meth:`Replica.receive`): its policy finds the KV already allocated, and the step that "admits
+the prompt" costs one decode token with the prompt as context (the KV arrived; nothing is
+recomputed). A request preempted on a decode replica recomputes there at prefill cost; waiting
+requests that hold their transferred KV are admitted before it (they always fit). The
+decode replica produces tokens 2..n (its requests' target length is the true length - 1), so the
+request's TTFT comes from the prefill replica and its finish from the decode replica; the
+``replica`` column names the decode replica.
 """
 
 from __future__ import annotations
@@ -65,6 +80,7 @@ class RequestLedger:
         self.requests: list[Request | None] = [None] * n
         self.replica = array("q", [-1]) * n
         self.num_done = 0
+        self.received: set[int] = set()  # rows a decode replica received (one token made before)
         self._predictions: dict[str, list[int | None]] = {}
 
     def predictions(self, source: str) -> list[int | None]:
@@ -128,6 +144,14 @@ class Replica:
                                           make_config(config.scheduler, policy_overrides(config)))
         source = "oracle" if self.policy.wants_oracle_predictions else config.predictions
         self.predicted = ledger.predictions(source)
+        self.role = config.role
+        if self.role == "colocated":
+            self.targets = ledger.output_tokens  # tokens each request produces here [tokens]
+        elif self.role == "prefill":
+            self.targets = [1] * ledger.num_requests
+        else:
+            self.targets = [o - 1 for o in ledger.output_tokens]
+        self.handoffs: list[tuple[float, int]] = []  # (time [s], row) of prompts done, KV held
         self.log = IterationLog()
         self.expected_tokens = 0  # sum of prompt + expected output of the unfinished requests
         self._empty_decisions = 0
@@ -140,7 +164,10 @@ class Replica:
         (without one) the rest of the model's context, as the policies fall back to."""
         predicted = self.predicted[row]
         prompt = self.ledger.prompt_tokens[row]
-        return prompt + (predicted if predicted is not None else max(0, self.limits.max_model_len - prompt))
+        if self.role == "prefill":
+            return prompt + 1
+        offset = 1 if self.role == "decode" else 0
+        return prompt + (predicted - offset if predicted is not None else max(0, self.limits.max_model_len - prompt))
 
     @property
     def outstanding_tokens(self) -> int:
@@ -176,16 +203,56 @@ class Replica:
                 "or use predictions='oracle'",
                 stacklevel=4,
             )
+        if predicted is not None and self.role != "colocated":
+            predicted = 1 if self.role == "prefill" else max(1, predicted - 1)
         request = Request(ledger.request_ids[row], ledger.arrival_time_s[row], ledger.prompt_tokens[row],
                           predicted, index=row)
         ledger.requests[row] = request
-        reason = engine_rejection(ledger.prompt_tokens[row], ledger.output_tokens[row], self.limits)
+        reason = self.rejection(row)
         if reason is None:
             reason = self.policy.add_request(request)
         if reason is not None:
+            self.policy.kv_cache.free(request.request_id)  # a decode replica's transferred KV
             ledger.reject(row, reason)
         else:
             self.expected_tokens += self.expected_request_tokens(row)
+
+    def rejection(self, row: int) -> str | None:
+        """Why this replica's engine can never serve the request in ``row`` (``None`` if it can):
+        the model's context holds the whole request, and the KV this replica keeps of it (the
+        prompt on a prefill replica) fits the cache."""
+        ledger = self.ledger
+        prompt, output = ledger.prompt_tokens[row], ledger.output_tokens[row]
+        kv_output = {"colocated": output, "prefill": 1, "decode": output - 1}[self.role]
+        return engine_rejection(prompt, output, self.limits, kv_tokens=prompt + kv_output)
+
+    # ------------------------------------------------------------------ KV hand-over (disaggregation)
+    def hold_handoff(self, row: int) -> None:
+        """Prefill side: hold the prompt's KV of the request in ``row`` (just freed by the
+        policy, so it fits) until :meth:`release_handoff`."""
+        kv = self.policy.kv_cache
+        if kv.allocate_slots(self.ledger.request_ids[row], self.ledger.prompt_tokens[row]) is None:
+            raise SimulationError(f"replica {self.replica_id}: cannot hold the KV it just freed (simulator bug)")
+
+    def release_handoff(self, row: int) -> None:
+        """Prefill side: the transfer of ``row``'s KV completed; free it."""
+        self.policy.kv_cache.free(self.ledger.request_ids[row])
+
+    def reserve_transfer(self, row: int) -> bool:
+        """Decode side: allocate the prompt's KV of ``row`` for an incoming transfer; False (and
+        nothing changes) when it does not fit now."""
+        kv = self.policy.kv_cache
+        return kv.allocate_slots(self.ledger.request_ids[row], self.ledger.prompt_tokens[row]) is not None
+
+    def expect_transfer(self, row: int) -> None:
+        """Decode side: ``row`` was routed here (its KV is still to come); routers count it."""
+        self.expected_tokens += self.expected_request_tokens(row)
+
+    def receive(self, row: int) -> None:
+        """Decode side: the KV of ``row`` arrived; queue the request (it holds its KV)."""
+        self.expected_tokens -= self.expected_request_tokens(row)
+        self.ledger.received.add(row)
+        self.add_request(row)
 
     # ------------------------------------------------------------------ one step
     def step(self, now: float, next_arrival_s: float) -> float | None:
@@ -199,6 +266,8 @@ class Replica:
         ledger = self.ledger
         stats = policy.stats
         wall_before = stats.wall_time_s
+        if self.role == "decode":
+            self._received_first()
         decision = policy.schedule(now)
         for request, reason in decision.rejected:
             ledger.reject(request.index, reason or "rejected by the policy")
@@ -214,49 +283,101 @@ class Replica:
                 f"{policy.num_running} running requests, no arrivals left; KV {policy.kv_cache.snapshot()}"
             )
         self._empty_decisions = 0
-        duration = self.latency.iteration_time_s(decision.num_prefill_tokens, decision.num_decode_tokens,
-                                                 decision.num_context_tokens, decision.num_attention_pairs)
+        shape = self._step_shape(decision)
+        duration = self.latency.iteration_time_s(*shape[:4])
         end = now + duration
         iteration = len(self.log)
-        output_tokens = ledger.output_tokens
+        targets = self.targets
+        records_tokens = self.role != "prefill"
+        sets_first_token = self.role != "decode"
         finished = []
         for request, num_new in zip(decision.scheduled, decision.num_scheduled_tokens):
             if request.num_computed_tokens + num_new == request.num_prompt_tokens + request.num_output_tokens:
                 i = request.index
-                runs = ledger.token_runs[i]
-                if runs and runs[-1] == iteration:
-                    runs[-1] = iteration + 1
-                else:
-                    runs.append(iteration)
-                    runs.append(iteration + 1)
+                if records_tokens:
+                    runs = ledger.token_runs[i]
+                    if runs and runs[-1] == iteration:
+                        runs[-1] = iteration + 1
+                    else:
+                        runs.append(iteration)
+                        runs.append(iteration + 1)
                 produced = request.num_output_tokens + 1
-                if produced == 1:
+                if produced == 1 and sets_first_token:
                     ledger.first_token_time_s[i] = end
-                if produced == output_tokens[i]:
-                    ledger.finish_time_s[i] = end
+                if produced == targets[i]:
                     finished.append(request)
         policy.update_from_output(decision, finished)
-        self._record(now, duration, decision, stats.wall_time_s - wall_before)
+        self._record(now, duration, decision, shape, stats.wall_time_s - wall_before)
+        if finished:
+            self._finish(finished, end)
         if self.config.check_invariants:
             check_step(policy, now, end)
         if finished:
-            ledger.num_done += len(finished)
-            for request in finished:
-                self.expected_tokens -= self.expected_request_tokens(request.index)
             return end
         if self.config.skip_ahead and decision.num_prefill_tokens == 0 and policy.running and end < next_arrival_s:
             return self._skip_ahead(decision, end, next_arrival_s)
         return end
 
-    def _record(self, now: float, duration: float, decision, wall_s: float) -> None:
+    def _received_first(self) -> None:
+        """Decode side: waiting requests that hold their transferred KV go before those that must
+        recompute (preempted here), in their order, so KV held for a waiting request never blocks
+        the queue's head (it can always be admitted)."""
+        waiting = self.policy.waiting
+        kv = self.policy.kv_cache
+        if not waiting or kv.holds(waiting[0].request_id):
+            return
+        held = [r for r in waiting if kv.holds(r.request_id)]
+        if held:
+            rest = [r for r in waiting if not kv.holds(r.request_id)]
+            waiting.clear()
+            waiting.extend(held + rest)
+
+    def _finish(self, finished: list[Request], end: float) -> None:
+        """Retire the requests that produced their last token here at ``end`` [s]: finished for
+        good, or (prefill replica, more tokens to come) handed off with their KV held."""
+        ledger = self.ledger
+        for request in finished:
+            i = request.index
+            self.expected_tokens -= self.expected_request_tokens(i)
+            if self.role == "prefill" and ledger.output_tokens[i] > 1:
+                self.hold_handoff(i)
+                self.handoffs.append((end, i))
+            else:
+                ledger.finish_time_s[i] = end
+                ledger.num_done += 1
+
+    def _step_shape(self, decision) -> tuple[float, float, float, float, int]:
+        """The step's prefill, decode, context tokens, attention pairs and prefill requests, as
+        the latency model and the log see them. On a decode replica a transferred prompt (never
+        computed here, not preempted) costs one decode token reading the prompt's KV."""
+        shape = (decision.num_prefill_tokens, decision.num_decode_tokens, decision.num_context_tokens,
+                 decision.num_attention_pairs, decision.num_prefill_requests)
+        if self.role != "decode" or not decision.num_prefill_tokens:
+            return shape
+        prefill, decode, context, pairs, requests = shape
+        for request, num_new in zip(decision.scheduled, decision.num_scheduled_tokens):
+            if request.num_computed_tokens or request.num_preemptions or request.num_output_tokens:
+                continue
+            prompt = request.num_prompt_tokens
+            if num_new != prompt:
+                raise SimulationError(
+                    f"decode replica {self.replica_id} split a transferred prompt ({num_new} of {prompt} tokens); "
+                    "give its policy a token budget above any prompt"
+                )
+            prefill, decode, requests = prefill - prompt, decode + 1, requests - 1
+            context += 1
+            pairs += (prompt + 1) - prompt * (prompt + 1) * 0.5
+        return prefill, decode, context, pairs, requests
+
+    def _record(self, now: float, duration: float, decision, shape, wall_s: float) -> None:
         log = self.log
         kv = self.policy.kv_cache
         log.start_time_s.append(now)
         log.duration_s.append(duration)
-        log.num_prefill_tokens.append(decision.num_prefill_tokens)
-        log.num_decode_tokens.append(decision.num_decode_tokens)
-        log.num_context_tokens.append(decision.num_context_tokens)
-        log.num_prefill_requests.append(decision.num_prefill_requests)
+        log.num_prefill_tokens.append(shape[0])
+        log.num_decode_tokens.append(shape[1])
+        log.num_context_tokens.append(shape[2])
+        log.num_prefill_requests.append(shape[4])
         log.num_preempted.append(len(decision.preempted))
         log.kv_blocks_used.append(kv.num_allocated_blocks)
         log.kv_blocks_reserved.append(kv.num_reserved_blocks)
@@ -271,8 +392,8 @@ class Replica:
         """Advance steady decode-only steps in bulk from ``now`` (see the module docstring);
         returns the replica's clock after them."""
         policy = self.policy
-        output_tokens = self.ledger.output_tokens
-        steps_to_finish = min(output_tokens[r.index] - r.num_output_tokens for r in policy.running) - 1
+        targets = self.targets
+        steps_to_finish = min(targets[r.index] - r.num_output_tokens for r in policy.running) - 1
         max_steps = min(steps_to_finish, self.config.max_skip_steps)
         if max_steps < 2:
             return now
@@ -345,15 +466,16 @@ def check_step(policy: Policy, start: float, end: float) -> None:
             raise SimulationError(f"request {request.request_id} computed more tokens than its blocks hold")
 
 
-def engine_rejection(prompt: int, output: int, limits) -> str | None:
+def engine_rejection(prompt: int, output: int, limits, kv_tokens: int | None = None) -> str | None:
     """Why no engine with ``limits`` could serve a request of ``prompt`` + ``output`` tokens
-    (``None`` if one could)."""
+    (``None`` if one could); ``kv_tokens``: the tokens whose KV the engine keeps of it (default
+    ``prompt + output``; a prefill instance keeps only the prompt's)."""
     context = limits.max_model_len
     if prompt > context:
         return f"prompt of {prompt} tokens exceeds the model's context of {context} tokens"
     if prompt + output > context:
         return f"prompt + output of {prompt + output} tokens exceeds the model's context of {context} tokens"
-    peak_blocks = -(-(prompt + output - 1) // limits.block_size)
+    peak_blocks = -(-((prompt + output if kv_tokens is None else kv_tokens) - 1) // limits.block_size)
     if peak_blocks > limits.num_kv_blocks:
         return f"needs {peak_blocks} KV blocks at full length; the cache has {limits.num_kv_blocks}"
     return None
