@@ -24,14 +24,14 @@ def test_simulate_writes_a_run_directory(trace_file, tmp_path, capsys):
     out = tmp_path / "run"
     status = main(["simulate", "--trace", str(trace_file), "--scheduler", "vllm-chunked", "--model", "llama-2-7b",
                    "--gpu", "h100-80gb", "--slo-scale", "3", "--seed", "4", "--no-progress",
-                   "--policy-option", "max_num_batched_tokens=1024", "-o", str(out)])
+                   "--policy-option", "token_budget=1024", "-o", str(out)])
     assert status == 0
     assert "60/60 finished" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert summary["completed"] == 60
     assert config["simulation"]["slo_scale"] == 3 and config["simulation"]["model"] == "llama-2-7b"
-    assert config["policy"]["config"]["max_num_batched_tokens"] == 1024
+    assert config["policy"]["config"]["token_budget"] == 1024
     assert len(pd.read_parquet(out / "requests.parquet")) == 60
 
 

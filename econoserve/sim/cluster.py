@@ -40,7 +40,7 @@ from econoserve.analysis.metrics import gpu_token_utilization, summarize
 from econoserve.errors import UserError
 from econoserve.sim.catalog import DEFAULT_NETWORK, get_network
 from econoserve.sim.disaggregation import KVTransfers, check_roles
-from econoserve.sim.engine import SimulationConfig, SimulationError, SimulationResult
+from econoserve.sim.engine import SimulationConfig, SimulationError, SimulationResult, reference_token_budget
 from econoserve.sim.latency import isolated_execution_times_s
 from econoserve.sim.replica import Replica, RequestLedger
 from econoserve.sim.routers import ROUTERS, make_router
@@ -262,7 +262,7 @@ def _result(trace: Trace, cluster: ClusterConfig, ledger: RequestLedger, replica
                       for r in replicas]
     requests_table = _requests_table(ledger, replicas, iteration_ends)
     iterations_table = _iterations_table(replicas)
-    budgets = [r.config.reference_token_budget or r.limits.saturating_token_budget for r in replicas]
+    budgets = [reference_token_budget(r.config, r.latency, r.limits) for r in replicas]
     stats = [r.policy.stats for r in replicas]
     summary = summarize(requests_table, iterations_table, budgets[0],
                         sum(s.invocations for s in stats), sum(s.wall_time_s for s in stats))

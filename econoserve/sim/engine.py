@@ -86,6 +86,15 @@ class SimulationConfig:
         Most steps advanced in one bulk move [steps].
     check_invariants:
         After every step, check the KV accounting and the clock (slow; for tests and debugging).
+    max_tokens_per_step, max_seqs_per_step:
+        The executor's hard caps [tokens, sequences] per step (a simulated copy of a real
+        engine's ``max_num_batched_tokens`` / ``max_num_seqs``); every policy takes the smaller of
+        its own knob and the cap. ``None`` = no cap.
+    saturating_token_budget:
+        Override of the saturating token budget [tokens] the engine limits report (policies with a
+        derived budget use it, as inside vLLM, where it is the engine's step budget); ``None`` = from
+        the latency model. The policies' time estimates and the reference budget for GPU token
+        utilization stay those of the latency model.
     role:
         ``colocated`` (an ordinary engine: prompts and decoding), or, for prefill/decode
         disaggregation (:mod:`econoserve.sim.disaggregation`), ``prefill`` (prompts only; a
@@ -116,6 +125,9 @@ class SimulationConfig:
     skip_ahead: bool = True
     max_skip_steps: int = 4096
     check_invariants: bool = False
+    max_tokens_per_step: int | None = None
+    max_seqs_per_step: int | None = None
+    saturating_token_budget: int | None = None
     role: str = "colocated"
     node: int = 0
 
@@ -140,6 +152,10 @@ class SimulationConfig:
             raise UserError(f"max_skip_steps must be >= 1, got {self.max_skip_steps}")
         if self.activation_reserve_gib_per_gpu < 0:
             raise UserError("activation reserve must be >= 0")
+        for name in ("max_tokens_per_step", "max_seqs_per_step", "saturating_token_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
 
     def deployment(self) -> Deployment:
         return Deployment(
@@ -214,11 +230,23 @@ def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, Eng
         num_kv_blocks=num_blocks,
         block_size=config.block_size,
         max_model_len=max_model_len,
-        saturating_token_budget=budget,
+        saturating_token_budget=config.saturating_token_budget or budget,
         prefill_time_per_token_s=prefill_step_s / budget,
         decode_time_per_step_s=decode_step_s,
+        max_tokens_per_step=config.max_tokens_per_step,
+        max_seqs_per_step=config.max_seqs_per_step,
     )
     return deployment, latency, limits
+
+
+def reference_token_budget(config: SimulationConfig, latency: LatencyModel, limits: EngineLimits) -> int:
+    """Tokens per step that count as a fully used GPU [tokens] (GPU token utilization): the
+    configured one, else the latency model's saturating budget."""
+    if config.reference_token_budget is not None:
+        return config.reference_token_budget
+    if config.saturating_token_budget is not None:
+        return saturating_token_budget(latency, fraction=config.saturation_fraction)
+    return limits.saturating_token_budget
 
 
 def policy_overrides(config: SimulationConfig) -> dict[str, object]:
