@@ -15,7 +15,7 @@ from econoserve.sim.catalog import get_model, get_network
 from econoserve.sim.synthetic import synthetic_trace, trace_from_lists
 
 MAX_MODEL_LEN = 512
-DECODE_POLICY = {"max_num_batched_tokens": 1 << 20}
+DECODE_POLICY = {"token_budget": 1 << 20}
 
 
 def prefill(**fields) -> SimulationConfig:
