@@ -29,8 +29,11 @@ then copies are added until the cluster meets the objective at the target rate a
 while it still does (each step a simulation at the target rate). No cluster within
 ``max_gpus`` -> a row with ``reachable = False`` and the reason, never an error or a hang.
 
-Same requests at every rate: one unit-rate trace is rescaled (see
-:func:`econoserve.analysis.experiments.at_rate`).
+**Trace length.** A search is given one unit-rate trace and rescales it to every rate (see
+:func:`econoserve.analysis.experiments.at_rate`). A fixed number of requests at a high rate
+is a short burst that a large cluster drains before any queue builds, so a rate ``r`` uses the
+first ``max(min_requests, ceil(r x min_duration_s))`` requests of the trace (all of them when the
+trace is shorter): at least ``min_duration_s`` of arrivals where the trace allows.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from econoserve.analysis.experiments import at_rate
+from econoserve.analysis.experiments import BURST_RATE_RPS, at_rate
 from econoserve.analysis.metrics import GOODPUT_TARGET, goodput_search, ttft_tpot_slo_attainment
 from econoserve.errors import UserError
 from econoserve.sim.catalog import DEFAULT_NETWORK, get_gpu, get_model, get_network
@@ -159,27 +162,42 @@ class SearchSettings:
 
     relative_tolerance, max_evaluations:
         The goodput bisection's stopping rule [fraction of the rate] and budget [simulations].
-    start_rps_per_gpu:
-        The bisection's first bracket, per GPU of the unit [requests/s]: ``(low, high)``.
+    bracket_fractions:
+        The bisection's first bracket as fractions of the unit's burst throughput (the first
+        ``min_requests``, or every request, of the trace at once; a small burst's makespan is set
+        by its longest request, so this underestimates capacity) [fraction]: ``(low, high)``;
+        ``high`` doubles while it still meets the objective; if ``low`` misses, ``low / 16`` to
+        ``low`` is searched.
     max_instances:
         The most instances of one phase in a DistServe placement.
     placements_to_scale:
-        How many of the best placements (by goodput per GPU) the GPU-count search scales.
+        How many of the best units per system (by goodput per GPU) the GPU-count search scales.
     router:
         The router in front of every cluster (arrivals; also the choice of decode instance).
+    min_requests, min_duration_s:
+        Requests simulated at a rate: at least ``min_requests`` [requests] and ``min_duration_s``
+        [s] of arrivals, within the trace given (see the module docstring); ``min_requests`` 0 =
+        the whole trace at every rate.
+    max_tp:
+        The largest tensor-parallel degree searched [GPUs] (``None``: up to a node).
     """
 
     relative_tolerance: float = 0.05
     max_evaluations: int = 12
-    start_rps_per_gpu: tuple[float, float] = (0.1, 1.0)
+    bracket_fractions: tuple[float, float] = (0.5, 2.0)
     max_instances: int = 2
     placements_to_scale: int = 2
     router: str = "least-outstanding-tokens"
+    min_requests: int = 0
+    min_duration_s: float = 0.0
+    max_tp: int | None = None
 
     def __post_init__(self) -> None:
-        low, high = self.start_rps_per_gpu
+        if self.min_requests < 0 or self.min_duration_s < 0:
+            raise UserError("min_requests and min_duration_s must be >= 0")
+        low, high = self.bracket_fractions
         if not 0 < low < high:
-            raise UserError(f"start rates must satisfy 0 < low < high, got {self.start_rps_per_gpu}")
+            raise UserError(f"bracket fractions must satisfy 0 < low < high, got {self.bracket_fractions}")
         if self.max_instances < 1 or self.placements_to_scale < 1 or self.max_evaluations < 2:
             raise UserError("max_instances and placements_to_scale must be >= 1, max_evaluations >= 2")
         if self.router not in ROUTERS:
@@ -264,7 +282,7 @@ def placements(hardware: Hardware, settings: SearchSettings, affinities: Sequenc
     for affinity in affinities:
         if affinity not in AFFINITIES:
             raise UserError(f"unknown affinity {affinity!r}; choose one of {', '.join(AFFINITIES)}")
-    degrees = hardware.parallel_degrees()
+    degrees = hardware.parallel_degrees(settings.max_tp)
     units = []
     for affinity in affinities:
         for tp_p in degrees:
@@ -281,25 +299,42 @@ def placements(hardware: Hardware, settings: SearchSettings, affinities: Sequenc
 
 
 # --------------------------------------------------------------------- evaluation
-def attainment_at(trace: Trace, rate_rps: float, cluster: ClusterConfig, objective: ServiceObjective) -> float:
+def trace_at(trace: Trace, rate_rps: float, settings: SearchSettings) -> Trace:
+    """The requests simulated at ``rate_rps`` (see "Trace length"), arriving at that rate."""
+    if settings.min_requests:
+        count = max(settings.min_requests, math.ceil(rate_rps * settings.min_duration_s))
+        if count < len(trace.requests):
+            trace = Trace(trace.requests.iloc[:count].reset_index(drop=True), trace.metadata)
+    return at_rate(trace, rate_rps)
+
+
+def attainment_at(trace: Trace, rate_rps: float, cluster: ClusterConfig, objective: ServiceObjective,
+                  settings: SearchSettings) -> float:
     """The objective's attainment when ``trace`` (built at rate 1) arrives at ``rate_rps``."""
-    return objective.attainment(simulate_cluster(at_rate(trace, rate_rps), cluster).requests)
+    return objective.attainment(simulate_cluster(trace_at(trace, rate_rps, settings), cluster).requests)
 
 
 def unit_goodput(unit, trace: Trace, hardware: Hardware, objective: ServiceObjective,
                  settings: SearchSettings) -> dict[str, object]:
-    """Goodput [requests/s] of one copy of ``unit``, by bisection over rates."""
+    """Goodput [requests/s] of one copy of ``unit``, by bisection over rates (bracketed by its
+    burst throughput, see :class:`SearchSettings`)."""
     cluster = unit.cluster(hardware, objective, settings)
-    low, high = (r * unit.num_gpus for r in settings.start_rps_per_gpu)
-    found = goodput_search(lambda rate: attainment_at(trace, rate, cluster, objective), low, high,
+    burst_trace = Trace(trace.requests.iloc[: settings.min_requests or None].reset_index(drop=True), trace.metadata)
+    burst = simulate_cluster(at_rate(burst_trace, BURST_RATE_RPS), cluster).summary["throughput_rps"]
+    if not burst > 0:
+        return {**unit_columns(unit), "goodput_rps": 0.0, "goodput_per_gpu_rps": 0.0, "evaluations": 1,
+                "burst_throughput_rps": burst}
+    low, high = (f * burst for f in settings.bracket_fractions)
+    found = goodput_search(lambda rate: attainment_at(trace, rate, cluster, objective, settings), low, high,
                            target=objective.target, relative_tolerance=settings.relative_tolerance,
                            max_evaluations=settings.max_evaluations)
     if found["goodput_rps"] == 0.0:  # even the low start missed: look lower once
-        found = goodput_search(lambda rate: attainment_at(trace, rate, cluster, objective), low / 16, low,
+        found = goodput_search(lambda rate: attainment_at(trace, rate, cluster, objective, settings), low / 16, low,
                                target=objective.target, relative_tolerance=settings.relative_tolerance,
                                max_evaluations=settings.max_evaluations)
     return {**unit_columns(unit), "goodput_rps": found["goodput_rps"],
-            "goodput_per_gpu_rps": found["goodput_rps"] / unit.num_gpus, "evaluations": len(found["evaluations"])}
+            "goodput_per_gpu_rps": found["goodput_rps"] / unit.num_gpus, "evaluations": 1 + len(found["evaluations"]),
+            "burst_throughput_rps": burst}
 
 
 def unit_columns(unit) -> dict[str, object]:
@@ -332,7 +367,7 @@ def placement_search(trace: Trace, hardware: Hardware, objective: ServiceObjecti
 def colocated_search(trace: Trace, scheduler: str, hardware: Hardware, objective: ServiceObjective,
                      settings: SearchSettings = SearchSettings(), progress: bool = False) -> pd.DataFrame:
     """One replica of ``scheduler`` at each TP: its goodput and goodput per GPU, best first."""
-    units = [ColocatedUnit(scheduler, tp) for tp in hardware.parallel_degrees()]
+    units = [ColocatedUnit(scheduler, tp) for tp in hardware.parallel_degrees(settings.max_tp)]
     rows = [unit_goodput(u, trace, hardware, objective, settings)
             for u in _progress(units, progress, f"{scheduler} {hardware.model}", len(units))]
     return pd.DataFrame(rows).sort_values(["goodput_per_gpu_rps", "num_gpus_per_unit"], ascending=[False, True],
@@ -352,7 +387,7 @@ def copies_needed(unit, goodput_rps: float, target_rps: float, trace: Trace, har
     def meets(copies: int) -> bool:
         if copies not in cache:
             cluster = unit.cluster(hardware, objective, settings, copies)
-            cache[copies] = attainment_at(trace, target_rps, cluster, objective) >= objective.target
+            cache[copies] = attainment_at(trace, target_rps, cluster, objective, settings) >= objective.target
         return cache[copies]
 
     guess = max(1, math.ceil(target_rps / goodput_rps)) if goodput_rps > 0 else max_copies
@@ -382,7 +417,9 @@ def gpus_needed(units: pd.DataFrame, target_rates_rps: Sequence[float], trace: T
     for row, rate in _progress(work, progress, f"gpus-needed {hardware.model}", len(work)):
         unit = unit_from_row(row)
         copies, reason = copies_needed(unit, row["goodput_rps"], rate, trace, hardware, objective, settings)
+        simulated = len(trace_at(trace, rate, settings).requests)
         rows.append({"system": unit.system, "target_rate_rps": rate, "unit": unit.describe(),
+                     "num_requests_simulated": simulated, "arrival_span_s": simulated / rate,
                      "num_gpus_per_unit": unit.num_gpus, "copies": copies,
                      "num_gpus": copies * unit.num_gpus if copies else math.nan,
                      "reachable": copies is not None, "reason": reason})
