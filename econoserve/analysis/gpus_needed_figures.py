@@ -89,3 +89,18 @@ def _claim_row(group: pd.DataFrame, baseline: str, model: str, dataset: str, slo
             "paper": PAPER_GPU_REDUCTION, "measured": measured, "unit": "%",
             "at_rate_rps": float(best["target_rate_rps"]), "detail": detail,
             "met": bool(measured >= PAPER_GPU_REDUCTION)}
+
+
+def merge_claims(path, rows: pd.DataFrame) -> pd.DataFrame:
+    """``headline_claims.csv`` at ``path`` (notebook 03 writes it) with this claim's rows replaced
+    by ``rows``; written back and returned. A missing file starts empty."""
+    from pathlib import Path
+
+    path = Path(path)
+    existing = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if "claim" in existing.columns:
+        existing = existing[existing["claim"] != CLAIM]
+    merged = pd.concat([existing, rows], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged.to_csv(path, index=False)
+    return merged
