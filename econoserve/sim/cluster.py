@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +11,7 @@ import pandas as pd
 from econoserve.errors import UserError
 from econoserve.policy import policy_names
 from econoserve.sim.catalog import GPUS, MODELS
-from econoserve.sim.cluster import DEFAULT_ROUTER, ClusterConfig, simulate, simulate_cluster
+from econoserve.sim.cluster import DEFAULT_ROUTER, ClusterConfig, simulate_cluster
 from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig
 from econoserve.sim.routers import router_names
 
@@ -193,24 +191,10 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_sweep)
 
 
-def _sweep_job(job: dict) -> dict:
-    """One (dataset, rate, scheduler) run in a worker process; returns its tidy row."""
-    from econoserve.workload.datasets import TraceSpec, build_trace
-
-    spec = TraceSpec(
-        dataset=job["dataset"], tokenizer=job["tokenizer"], num_requests=job["num_requests"],
-        arrival=job["arrival"], rate_rps=job["rate"], cv=job["cv"], seed=job["config"].seed, include_text=False,
-    )
-    result = simulate(build_trace(spec), job["config"])
-    if job["run_dir"]:
-        result.write(job["run_dir"])
-    return {"dataset": job["dataset"], "rate_rps": job["rate"], **result.summary}
-
-
 def _sweep(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from econoserve.analysis.metrics import goodput_from_table
+    from econoserve.experiments import Job, run_jobs
+    from econoserve.workload.datasets import TraceSpec, build_trace
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
@@ -222,27 +206,22 @@ def _sweep(args: argparse.Namespace) -> int:
     for config in configs.values():
         config.deployment().num_kv_blocks  # noqa: B018 - raises UserError if the model does not fit
     output = Path(args.output)
+    # One trace per dataset at rate 1, rescaled to each rate (the same requests at every rate);
+    # building it here surfaces unknown names or missing data as one-line errors.
+    traces = {
+        dataset: build_trace(TraceSpec(dataset=dataset, tokenizer=args.tokenizer, num_requests=args.num_requests,
+                                       arrival=args.arrival, rate_rps=1.0, cv=args.cv, seed=args.seed,
+                                       include_text=False))
+        for dataset in args.datasets
+    }
     jobs = [
-        {
-            "dataset": dataset, "rate": rate, "tokenizer": args.tokenizer, "num_requests": args.num_requests,
-            "arrival": args.arrival, "cv": args.cv, "config": config,
-            "run_dir": str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None,
-        }
+        Job({"dataset": dataset, "scheduler": name}, traces[dataset], rate, config,
+            run_dir=str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None)
         for dataset in args.datasets
         for rate in args.rates
         for name, config in configs.items()
     ]
-    # Load each dataset once here: fills the tokenized-request cache before the workers read it,
-    # and surfaces unknown names or missing data as one-line errors.
-    from econoserve.workload.datasets import load_requests
-
-    for dataset in args.datasets:
-        load_requests(dataset, args.tokenizer)
-    rows = []
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs), os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(_sweep_job, job) for job in jobs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="sweep", unit="run"):
-            rows.append(future.result())
+    rows, _, _ = run_jobs(jobs, args.jobs, desc="sweep")
     table = pd.DataFrame(rows).sort_values(["dataset", "scheduler", "rate_rps"], kind="stable").reset_index(drop=True)
     output.mkdir(parents=True, exist_ok=True)
     table.to_parquet(output / "sweep.parquet", index=False)
