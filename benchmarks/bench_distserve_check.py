@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from econoserve.analysis.experiments import unit_rate_trace
+from econoserve.experiments import unit_rate_trace
 from econoserve.experiments.placement import Hardware, SearchSettings, ServiceObjective, placement_search
 from econoserve.workload.datasets import load_distserve_sharegpt
 

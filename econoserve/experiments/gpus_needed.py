@@ -44,7 +44,7 @@ from typing import Sequence
 import pandas as pd
 
 from econoserve import __version__
-from econoserve.analysis import experiments as exp
+from econoserve import experiments as exp
 from econoserve.errors import UserError
 from econoserve.experiments.placement import (
     DISTSERVE,

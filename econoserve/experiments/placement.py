@@ -30,7 +30,7 @@ while it still does (each step a simulation at the target rate). No cluster with
 ``max_gpus`` -> a row with ``reachable = False`` and the reason, never an error or a hang.
 
 **Trace length.** A search is given one unit-rate trace and rescales it to every rate (see
-:func:`econoserve.analysis.experiments.at_rate`). A fixed number of requests at a high rate
+:func:`econoserve.experiments.workloads.at_rate`). A fixed number of requests at a high rate
 is a short burst that a large cluster drains before any queue builds, so a rate ``r`` uses the
 first ``max(min_requests, ceil(r x min_duration_s))`` requests of the trace (all of them when the
 trace is shorter): at least ``min_duration_s`` of arrivals where the trace allows.
@@ -44,7 +44,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from econoserve.analysis.experiments import BURST_RATE_RPS, at_rate
+from econoserve.experiments.plan import BURST_RATE_RPS
+from econoserve.experiments.workloads import at_rate
 from econoserve.analysis.metrics import GOODPUT_TARGET, goodput_search, ttft_tpot_slo_attainment
 from econoserve.errors import UserError
 from econoserve.sim.catalog import DEFAULT_NETWORK, get_gpu, get_model, get_network

@@ -112,7 +112,7 @@ def _trace(args) -> Trace:
             raise UserError(f"{args.trace}: needs at least two requests at different times to rescale its arrivals")
         frame["arrival_time_s"] = (frame["arrival_time_s"] - frame["arrival_time_s"].min()) * (len(frame) - 1) / span
         return Trace(frame, dict(trace.metadata))
-    from econoserve.analysis.experiments import REQUEST_FAMILIES, unit_rate_trace
+    from econoserve.experiments import REQUEST_FAMILIES, unit_rate_trace
     from econoserve.experiments.gpus_needed import make_gpus_needed_plan, workload_trace
 
     if args.dataset == DISTSERVE_SHAREGPT:
