@@ -93,6 +93,12 @@ def run(seeds, variants, rules) -> pd.DataFrame:
     return table
 
 
+def markdown_table(table: pd.DataFrame) -> list[str]:
+    rows = [[str(v) for v in row] for row in table.itertuples(index=False)]
+    return ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns),
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
 def write(table: pd.DataFrame, name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     table.to_csv(RESULTS / f"{name}.csv", index=False)
@@ -102,7 +108,7 @@ def write(table: pd.DataFrame, name: str) -> None:
              f"{NUM_REQUESTS} requests, one prefill + one decode instance. DistServe's simulator: "
              f"{PEER_PUBLISHED_PER_GPU_RPS} req/s per GPU published (prefill TP 2, decode TP 1); "
              "1.88 / 1.72 / 1.25 rerun for seeds 0 / 1 / 2.", "",
-             shown.to_markdown(index=False), "", "Every placement (goodput per GPU, req/s):", ""]
+             *markdown_table(shown), "", "Every placement (goodput per GPU, req/s):", ""]
     lines += [f"- {r.latency_model}, {r.rule}, seed {r.seed}: {r.all_placements}" for r in table.itertuples()]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
