@@ -102,12 +102,17 @@ def test_gpu_claim_is_the_largest_saving_over_rates_both_reach():
     for system, gpus in (("econoserve", [2, 3, math.nan]), ("distserve", [4, 12, 16])):
         for rate, n in zip((1.0, 2.0, 4.0), gpus):
             rows.append({"model": "opt-13b", "dataset": "sharegpt", "slo": "jct", "slo_label": "JCT", "system": system,
-                         "target_rate_rps": rate, "num_gpus": n, "reachable": not math.isnan(n)})
+                         "target_rate_rps": rate, "num_gpus": n, "reachable": not math.isnan(n), "steady": rate < 4})
     claims = gpu_claim(pd.DataFrame(rows))
     assert list(claims["dataset"]) == ["sharegpt", "all"]
     assert claims["measured"].iloc[0] == pytest.approx(75.0) and claims["at_rate_rps"].iloc[0] == 2.0
     assert not claims["met"].iloc[0]  # 75% < the paper's 78%
     assert list(table12(pd.DataFrame(rows))["system"].unique()) == ["econoserve", "distserve"]
+    for row in rows:
+        row["steady"] = row["target_rate_rps"] < 2  # the best case is now a short burst: left out
+    claims = gpu_claim(pd.DataFrame(rows))
+    assert claims["measured"].iloc[0] == pytest.approx(50.0) and claims["at_rate_rps"].iloc[0] == 1.0
+    assert gpu_claim(pd.DataFrame(rows), steady_only=False)["measured"].iloc[0] == pytest.approx(75.0)
 
 
 @pytest.mark.parametrize("argv, message", [

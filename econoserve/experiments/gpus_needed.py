@@ -235,11 +235,14 @@ def run_gpus_needed(plan: GPUsNeededPlan, output_dir: str | Path, progress: bool
 
 
 def gpu_savings(gpus: pd.DataFrame, system: str = "econoserve", baseline: str = DISTSERVE) -> pd.DataFrame:
-    """Per panel and target rate where both reach it: GPUs of ``system`` and ``baseline`` and the
-    saving ``1 - system / baseline`` [fraction]."""
+    """Per panel and target rate where both reach it: GPUs of ``system`` and ``baseline``, the
+    saving ``1 - system / baseline`` [fraction], and ``steady`` (the rate's run covered the
+    plan's minimum duration of arrivals)."""
     keys = ["model", "dataset", "slo", "target_rate_rps"]
-    ours = gpus[gpus["system"] == system].set_index(keys)["num_gpus"]
+    ours = gpus[gpus["system"] == system].set_index(keys)
     theirs = gpus[gpus["system"] == baseline].set_index(keys)["num_gpus"]
-    both = pd.concat({"gpus": ours, "baseline_gpus": theirs}, axis=1).dropna().reset_index()
+    both = pd.concat({"gpus": ours["num_gpus"], "baseline_gpus": theirs, "steady": ours["steady"].astype(float)},
+                     axis=1).dropna().reset_index()
+    both["steady"] = both["steady"].astype(bool)
     both["saving"] = 1 - both["gpus"] / both["baseline_gpus"]
     return both

@@ -408,7 +408,9 @@ def gpus_needed(units: pd.DataFrame, target_rates_rps: Sequence[float], trace: T
     """Per system and target rate: the fewest GPUs meeting the objective, over the units in
     ``units`` (rows of :func:`placement_search` / :func:`colocated_search`; the
     ``placements_to_scale`` best per system are scaled). A target no cluster within the cap
-    reaches gets ``num_gpus`` NaN, ``reachable`` False and the reason."""
+    reaches gets ``num_gpus`` NaN, ``reachable`` False and the reason. ``steady`` says whether the
+    requests simulated at the rate span at least ``min_duration_s`` of arrivals (else the trace
+    ran out: a short burst, which a cluster drains more easily than a steady load)."""
     for rate in target_rates_rps:
         if not (rate > 0 and math.isfinite(rate)):
             raise UserError(f"target rates must be positive numbers, got {rate}")
@@ -421,6 +423,7 @@ def gpus_needed(units: pd.DataFrame, target_rates_rps: Sequence[float], trace: T
         simulated = len(trace_at(trace, rate, settings).requests)
         rows.append({"system": unit.system, "target_rate_rps": rate, "unit": unit.describe(),
                      "num_requests_simulated": simulated, "arrival_span_s": simulated / rate,
+                     "steady": simulated / rate >= settings.min_duration_s,
                      "num_gpus_per_unit": unit.num_gpus, "copies": copies,
                      "num_gpus": copies * unit.num_gpus if copies else math.nan,
                      "reachable": copies is not None, "reason": reason})
