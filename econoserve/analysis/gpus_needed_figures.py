@@ -83,6 +83,11 @@ def gpu_claim(gpus: pd.DataFrame, system: str = "econoserve", baseline: str = "d
         rows.append(_claim_row(group, baseline, model, dataset, slo))
     if len(savings):
         rows.append(_claim_row(savings, baseline, "all", "all", "all"))
+    else:
+        rows.append({"claim": CLAIM, "baseline": baseline, "deployment": "all", "dataset": "all", "slo": "all",
+                     "paper": PAPER_GPU_REDUCTION, "measured": np.nan, "unit": "%", "at_rate_rps": np.nan,
+                     "detail": "no target rate that both reach" + (" in a steady run" if steady_only else ""),
+                     "met": False})
     return pd.DataFrame(rows)
 
 
