@@ -129,3 +129,14 @@ def test_disaggregated_runs_are_deterministic():
     a, b = simulate_cluster(trace, cluster), simulate_cluster(trace, cluster)
     columns = [c for c in a.requests.columns if c != "scheduler_wall_time_s"]
     assert a.requests[columns].equals(b.requests[columns])
+
+
+def test_kv_held_for_handover_is_not_counted_as_work_done_by_the_load_router():
+    # a slow network keeps many prompts' KV held on the prefill side; the least-loaded router must
+    # still spread arrivals over both prefill replicas (held KV is no request's remaining work)
+    trace = synthetic_trace(80, 40.0, prompt_tokens=(200, 400), output_tokens=(20, 40), seed=5)
+    cluster = ClusterConfig((prefill(), prefill(), decode(node=1, num_kv_blocks=80)), "least-outstanding-tokens",
+                            network="ethernet-25g")
+    steps = simulate_cluster(trace, cluster).iterations
+    per_prefill = steps[steps["replica"] < 2].groupby("replica")["num_prefill_requests"].sum()
+    assert per_prefill.min() >= 0.25 * per_prefill.sum()

@@ -152,6 +152,7 @@ class Replica:
         else:
             self.targets = [o - 1 for o in ledger.output_tokens]
         self.handoffs: list[tuple[float, int]] = []  # (time [s], row) of prompts done, KV held
+        self.held_tokens = 0  # prefill side: KV held for hand-overs [tokens] (no work left here)
         self.log = IterationLog()
         self.expected_tokens = 0  # sum of prompt + expected output of the unfinished requests
         self._empty_decisions = 0
@@ -172,8 +173,9 @@ class Replica:
     @property
     def outstanding_tokens(self) -> int:
         """Estimated tokens still to compute for the unfinished requests: their prompt +
-        expected output tokens minus what they hold in the KV cache [tokens]."""
-        return self.expected_tokens - self.policy.kv_cache.num_stored_tokens
+        expected output tokens minus what they hold in the KV cache [tokens] (KV held for a
+        hand-over is no request's work here)."""
+        return self.expected_tokens - (self.policy.kv_cache.num_stored_tokens - self.held_tokens)
 
     @property
     def predicted_kv_tokens(self) -> int:
@@ -233,10 +235,12 @@ class Replica:
         kv = self.policy.kv_cache
         if kv.allocate_slots(self.ledger.request_ids[row], self.ledger.prompt_tokens[row]) is None:
             raise SimulationError(f"replica {self.replica_id}: cannot hold the KV it just freed (simulator bug)")
+        self.held_tokens += self.ledger.prompt_tokens[row]
 
     def release_handoff(self, row: int) -> None:
         """Prefill side: the transfer of ``row``'s KV completed; free it."""
         self.policy.kv_cache.free(self.ledger.request_ids[row])
+        self.held_tokens -= self.ledger.prompt_tokens[row]
 
     def reserve_transfer(self, row: int) -> bool:
         """Decode side: allocate the prompt's KV of ``row`` for an incoming transfer; False (and
