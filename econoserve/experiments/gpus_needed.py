@@ -22,7 +22,7 @@ Documented choices:
   of notebook 03's experiments, in OPT's tokenizer, fitted to the model's context), with the
   plan's predictor (EconoServe sees predicted lengths; the baselines ignore them), rescaled to
   every rate.
-* **Quick profile**: OPT-13B and OPT-66B on A100-80GB nodes of 8 GPUs, TP up to 2, one seed,
+* **Quick profile**: OPT-13B and OPT-66B on A100-80GB nodes of 8 GPUs, TP up to 4, one seed,
   one instance per phase in a placement (as DistServe's simulator searches), the best unit per
   system scaled, target multiples 1, 2, 4, a coarse bisection (20%); at each rate at least 200
   requests and 20 s of arrivals (a 2000-request trace). ``full``: also Llama-2-70B, up to two
@@ -90,7 +90,7 @@ class GPUsNeededPlan:
     latency_model: str = "roofline"
     search: SearchSettings = field(default_factory=lambda: SearchSettings(
         relative_tolerance=0.2, max_evaluations=7, max_instances=1, placements_to_scale=1, min_requests=200,
-        min_duration_s=20.0, max_tp=2))
+        min_duration_s=20.0, max_tp=4))
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
