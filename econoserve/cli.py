@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "econoserve.sim.commands",
     "econoserve.serving.commands",
     "econoserve.profiling.commands",
+    "econoserve.experiments.placement_commands",
 )
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from econoserve.analysis.experiments import (
+from econoserve.errors import UserError
+from econoserve.experiments import (
     ABLATIONS,
     MAIN_SCHEDULERS,
     REQUEST_FAMILIES,
@@ -26,7 +27,6 @@ from econoserve.analysis.experiments import (
     unit_rate_trace,
     without_schedulers,
 )
-from econoserve.errors import UserError
 from econoserve.sim import WALL_CLOCK_SUMMARY_KEYS
 
 
@@ -255,7 +255,7 @@ def test_prediction_error_changes_what_econoserve_does(small_run):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_trained_predictor_is_cached(tmp_path):
-    from econoserve.analysis.experiments import (
+    from econoserve.experiments import (
         PredictorTraining,
         ensure_predictor,
         predictor_directory,
@@ -277,7 +277,7 @@ def test_trained_predictor_is_cached(tmp_path):
 
 # --------------------------------------------------------------------- cross-fitted predictions
 def test_cross_fit_folds_keep_records_together_and_balance():
-    from econoserve.analysis.experiments import cross_fit_folds
+    from econoserve.experiments import cross_fit_folds
 
     source = np.repeat(np.arange(50), np.arange(50) % 4 + 1)  # records with 1-4 requests each
     folds = cross_fit_folds(source, 5, seed=3)
@@ -293,7 +293,7 @@ def test_cross_fit_folds_keep_records_together_and_balance():
 
 @pytest.mark.realdata
 def test_cross_fit_is_chosen_where_the_held_out_part_is_too_small():
-    from econoserve.analysis.experiments import PredictorTraining, uses_cross_fit
+    from econoserve.experiments import PredictorTraining, uses_cross_fit
 
     deployment = DeploymentSpec()
     plan = make_plan("quick", predictor="train", num_requests=2000)
@@ -307,7 +307,7 @@ def test_cross_fit_is_chosen_where_the_held_out_part_is_too_small():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_cross_fit_predictions_are_out_of_fold(tmp_path):
-    from econoserve.analysis.experiments import (
+    from econoserve.experiments import (
         PredictorTraining,
         cross_fit_folds,
         cross_fit_predictions,
@@ -338,3 +338,20 @@ def test_cross_fit_predictions_are_out_of_fold(tmp_path):
     trace = unit_rate_trace(pool.assign(predicted_output_tokens=predictions), "qmsum", 300, seed=0)
     assert trace.has_predictions and trace.metadata["spec"]["sampled_with_replacement"]
     assert set(trace.requests["predicted_output_tokens"]) <= set(predictions)
+
+
+def test_policy_knobs_per_scheduler_reach_every_run_of_that_scheduler():
+    plan = make_plan("quick", schedulers=["vllm", "sarathi"], ablations=[], sensitivity=False,
+                     policy_configs={"sarathi": {"token_budget": 1024, "max_num_seqs": 32}})
+    deployment = plan.deployments[0]
+    sarathi = simulation_config(plan, deployment, "sarathi", 0)
+    assert dict(sarathi.policy_config) == {"token_budget": 1024, "max_num_seqs": 32}
+    assert dict(simulation_config(plan, deployment, "vllm", 0).policy_config) == {}
+    # a run's own options (a sensitivity knob) go over the plan's
+    assert simulation_config(plan, deployment, "sarathi", 0, {"token_budget": 64}).policy_config["token_budget"] == 64
+    assert plan.to_dict()["policy_configs"] == {"sarathi": {"token_budget": 1024, "max_num_seqs": 32}}
+    with pytest.raises(UserError, match="'orca' is not a scheduler of the plan"):
+        make_plan("quick", schedulers=["vllm"], ablations=[], sensitivity=False, policy_configs={"orca": {}})
+    with pytest.raises(UserError, match="sarathi: unknown option"):
+        make_plan("quick", schedulers=["sarathi"], ablations=[], sensitivity=False,
+                  policy_configs={"sarathi": {"chunk": 3}})

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from econoserve.analysis import figures as F
 from econoserve.analysis.claims import headline_claims, throughput_at_latency
-from econoserve.analysis.experiments import (
+from econoserve.experiments import (
     RateGrid,
     SensitivityPlan,
     make_plan,
@@ -224,3 +224,17 @@ def test_claims_on_the_small_sweep(results):
     assert set(per_dataset["dataset"]) == {"alpaca", "qmsum"}
     assert set(claims.loc[claims["claim"] == "sustained_rate", "baseline"]) == {"vllm", "orca"}  # no fastgen run
     assert (claims.loc[claims["dataset"] == "all", "deployment"] == "all").all()
+
+
+def test_figures_draw_every_scheduler_the_plan_names():
+    """A scheduler the built-in lists do not know is drawn when the plan names it (never dropped)."""
+    sweep = _sweep().replace({"scheduler": {"orca": "my-scheduler"}}).assign(
+        output_tokens_per_s=100.0, p99_jct_s=9.0, mean_kvc_utilization=0.5, kvc_allocation_efficiency=0.9,
+        mean_gpu_token_utilization=0.7, preempted_fraction=0.1, num_preemptions=3, num_requests=30,
+        scheduler_time_per_request_s=1e-4, scheduler_invocations=50, num_iterations=40, completed=30)
+    plan = {"schedulers": ["vllm", "my-scheduler", "econoserve"], "ablations": ["econoserve"]}
+    assert "my-scheduler" not in set(F.table7(sweep)["scheduler"])  # the fixed default list
+    for number in (7, 8, 9, 10, 11):
+        table = F.FIGURES[number][1](sweep, **F.plan_selection(plan, number))
+        assert set(table["scheduler"]) == {"vllm", "my-scheduler", "econoserve"}, number
+    assert set(F.table3(sweep, **F.plan_selection(plan, 3))["scheduler"]) == {"vllm", "my-scheduler"}

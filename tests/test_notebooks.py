@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -72,7 +73,8 @@ def test_simulated_serving_notebook(tmp_path):
         str(tmp_path / "03.ipynb"),
         parameters={"datasets": ["alpaca", "qmsum"], "schedulers": ["vllm", "orca", "econoserve"],
                     "ablations": ["econoserve", "econoserve-no-kvcpipe"], "predictor": "oracle",
-                    "num_requests": 120, "seed": 1, "output_dir": str(results), "figures_dir": str(figures)},
+                    "num_requests": 120, "seed": 1, "output_dir": str(results), "figures_dir": str(figures),
+                    "policy_configs": {"orca": {"max_num_seqs": 32}}},
         kernel_name="python3",
         progress_bar=False,
     )
@@ -83,6 +85,8 @@ def test_simulated_serving_notebook(tmp_path):
     sweep = pd.read_parquet(results / "sweep.parquet")
     assert set(sweep["scheduler"]) == {"vllm", "orca", "econoserve", "econoserve-no-kvcpipe"}
     assert (sweep["num_requests"] == 120).all() and (sweep["seed"] == 1).all()
+    plan = json.loads((results / "experiments.json").read_text())["plan"]
+    assert plan["policy_configs"] == {"orca": {"max_num_seqs": 32}}
     claims = pd.read_csv(figures / "headline_claims.csv")
     assert {"jct_reduction", "sustained_rate"} <= set(claims["claim"])
     assert set(claims["dataset"]) == {"alpaca", "qmsum", "all"}
@@ -126,3 +130,27 @@ def test_vllm_serving_notebook(tmp_path):
     assert (table["real_completed"] == 24).all() and (table["compared"] == 24).all()
     assert table["median_jct_error"].notna().all() and table["crossfit_median_jct_error"].notna().all()
     assert (figures / "fig15_vllm_serving.png").stat().st_size > 10_000
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_gpus_needed_notebook(tmp_path):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    pd.DataFrame([{"claim": "jct_reduction", "dataset": "all", "measured": 1.0}]).to_csv(
+        figures / "headline_claims.csv", index=False)  # notebook 03's rows stay
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "05_gpus_needed.ipynb"),
+        str(tmp_path / "05.ipynb"),
+        parameters={"datasets": ["sharegpt"], "models": ["opt-13b"], "slo_kinds": ["jct"], "predictor": "oracle",
+                    "target_multiples": [1.0, 2.0], "distserve_check": False,
+                    "output_dir": str(tmp_path / "out"), "figures_dir": str(figures)},
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    table = pd.read_csv(figures / "fig12_gpus_needed.csv")
+    assert set(table["system"]) == {"econoserve", "vllm", "sarathi", "distserve"}
+    assert (table.loc[table["reachable"], "num_gpus"] >= 1).all()
+    claims = pd.read_csv(figures / "headline_claims.csv")
+    assert "jct_reduction" in set(claims["claim"])
+    assert (figures / "fig12_gpus_needed.png").stat().st_size > 10_000

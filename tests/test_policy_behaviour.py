@@ -75,9 +75,9 @@ def test_vllm_preempts_most_recently_admitted_when_blocks_run_out():
         assert not policy.kv_cache.holds(victim.request_id)
 
 
-def test_vllm_chunked_respects_max_num_batched_tokens_and_chunks_long_prompts():
+def test_vllm_chunked_respects_its_token_budget_and_chunks_long_prompts():
     trace = trace_from_lists([0.0, 0.0], [1000, 300], [5, 5])
-    iterations = _run("vllm-chunked", trace, policy_config={"max_num_batched_tokens": 256}).iterations
+    iterations = _run("vllm-chunked", trace, policy_config={"token_budget": 256}).iterations
     tokens = iterations.num_prefill_tokens + iterations.num_decode_tokens
     assert tokens.max() <= 256
     assert iterations.num_prefill_tokens.iloc[0] == 256  # the long prompt is chunked

@@ -8,7 +8,8 @@ import pytest
 
 from econoserve.errors import UserError
 from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
-from econoserve.sim import simulate
+from econoserve.policy import make_policy
+from econoserve.sim import build_setup, simulate
 from econoserve.sim.synthetic import synthetic_trace
 
 
@@ -19,10 +20,15 @@ def test_engine_shape_keeps_vllms_null_block_and_budgets():
     assert shape.num_kv_blocks == 8192 // 32 - 1
     vllm = simulation_config(shape, "vllm", "roofline")
     assert vllm.scheduler == "vllm-chunked" and vllm.num_kv_blocks == 255 and vllm.block_size == 32
-    assert dict(vllm.policy_config) == {"max_num_batched_tokens": 2048, "max_num_seqs": 64}
+    assert (vllm.max_tokens_per_step, vllm.max_seqs_per_step) == (2048, 64)
     econoserve = simulation_config(shape, "econoserve", "roofline", predictions="oracle")
-    assert dict(econoserve.policy_config) == {"token_budget": 2048, "max_num_seqs": 64}
     assert econoserve.predictions == "oracle"
+    # every policy runs under the engine's caps, as inside vLLM
+    for config in (vllm, econoserve, simulation_config(shape, "sarathi", "roofline")):
+        _, _, limits = build_setup(config)
+        policy = make_policy(config.scheduler, limits)
+        assert policy.max_num_seqs == 64
+        assert policy.token_budget == (512 if config.scheduler == "sarathi" else 2048)
     with pytest.raises(UserError, match="engine field"):
         EngineShape.from_run_config({"engine": {"max_num_seqs": 64}})
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from econoserve.policy import policy_names
 from econoserve.serving.decisions import (
     ArrivalRecord,
     StepRecord,
@@ -163,8 +164,8 @@ def test_bad_options_and_vllm_releases_are_refused(model_dir, monkeypatch):
         _stepped_scheduler(model_dir, "sarathi", options={"polcy": "x"})
     with pytest.raises(UnsupportedConfigError, match="num_kv_blocks"):
         _stepped_scheduler(model_dir, "sarathi", options={"limits": {"num_kv_blocks": 4}})
-    with pytest.raises(UnsupportedConfigError, match="token budget of 4096 tokens"):
-        _stepped_scheduler(model_dir, "sarathi", options={"policy_config": {"token_budget": 4096}})
+    with pytest.raises(UnsupportedConfigError, match="max_tokens_per_step"):
+        _stepped_scheduler(model_dir, "sarathi", options={"limits": {"max_tokens_per_step": 4096}})
     with pytest.raises(UnsupportedConfigError, match="runs the econoserve policies, not 'sarathi'"):
         _stepped_scheduler(model_dir, "sarathi", scheduler="EconoServeScheduler")
 
@@ -182,15 +183,21 @@ def test_engine_limits_and_budgets_come_from_the_engine(model_dir):
     assert policy.limits.num_kv_blocks == 16  # 17 less vLLM's null block
     assert policy.limits.block_size == BLOCK_SIZE and policy.limits.max_model_len == 1024
     assert policy.limits.saturating_token_budget == 256
-    assert policy.config.token_budget == 256 and policy.config.max_num_seqs == 8
+    assert (policy.limits.max_tokens_per_step, policy.limits.max_seqs_per_step) == (256, 8)
+    # every policy takes the smaller of its own knob and the engine's cap
+    assert policy.config.token_budget == 512 and policy.token_budget == 256 and policy.max_num_seqs == 8
     overridden = _stepped_scheduler(model_dir, "sarathi", options={"policy_config": {"token_budget": 64}})
-    assert overridden.econoserve_policy.config.token_budget == 64
-    # vLLM v0's budget rule, max(max_model_len, 2048), is capped by the engine's buffers
+    assert overridden.econoserve_policy.token_budget == 64
+    larger = _stepped_scheduler(model_dir, "sarathi", options={"policy_config": {"token_budget": 4096}})
+    assert larger.econoserve_policy.token_budget == 256
+    # vLLM v0's budget rule, max(max_model_len, 2048), and Orca's missing one are capped alike
     assert _stepped_scheduler(model_dir, "vllm").econoserve_policy.token_budget == 256
+    orca = _stepped_scheduler(model_dir, "orca").econoserve_policy
+    assert (orca.token_budget, orca.max_num_seqs) == (256, 8)
     if _policy_registered("econoserve"):  # EconoServe derives its budget from the limits
         econoserve = _stepped_scheduler(model_dir, "econoserve", options={"limits": {"saturating_token_budget": 128}})
         assert econoserve.econoserve_policy.token_budget == 128
-        assert econoserve.econoserve_policy.config.max_num_seqs == 8
+        assert econoserve.econoserve_policy.max_num_seqs == 8
 
 
 def test_structured_output_and_policy_rejections_finish_with_an_error(model_dir):
@@ -380,6 +387,39 @@ def test_econoserve_oracle_never_preempts_when_each_request_fits(model_dir, tmp_
     assert records[0].predictions == "oracle"
     assert all(r.predicted_output_tokens == r.max_tokens for r in records if isinstance(r, ArrivalRecord))
     assert all(not r.preempted for r in records if isinstance(r, StepRecord))
+    report = replay_decision_log(records)
+    assert report.equivalent, report.mismatch
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_registered_policy_serves_a_trace_that_fills_the_kv_cache(model_dir, tmp_path, policy):
+    """Each registered policy inside real vLLM (``policy:NAME``) under the engine's caps (256
+    tokens and 4 sequences a step): a trace whose KV at full length is twice the cache completes
+    with exact lengths, no step exceeds either cap, and the decisions replay."""
+    trace = _synthetic_trace(16, seed=8, rate_rps=64, max_prompt=160, max_output=64, prediction_error=0.3)
+    kv_cache_tokens = 768
+    assert (trace.requests["prompt_tokens"] + trace.requests["output_tokens"]).sum() > 2 * kv_cache_tokens
+    from dataclasses import replace
+
+    from econoserve.serving.engine import EngineConfig
+    from econoserve.serving.run import ServeSpec, scheduler_class, scheduler_options, serve_trace
+
+    log = tmp_path / "decisions.jsonl"
+    options = {**scheduler_options(f"policy:{policy}"), "decision_log": str(log)}
+    engine = EngineConfig(model=str(model_dir), scheduler_cls=scheduler_class(f"policy:{policy}"),
+                          kv_cache_tokens=kv_cache_tokens, max_model_len=448, max_num_batched_tokens=256,
+                          max_num_seqs=4)
+    spec = ServeSpec(engine=replace(engine, extra_options=options), scheduler=f"policy:{policy}", time_scale=0.25,
+                     timeout_s=300)
+    result = serve_trace(trace, spec, tmp_path / "run")
+    records = read_decision_log(log)
+    requests = result.requests
+    assert requests["completed"].all()
+    assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
+    steps = [r for r in records if isinstance(r, StepRecord)]
+    assert max(sum(n for _, n in r.scheduled) for r in steps) <= 256
+    assert max(len(r.scheduled) for r in steps) <= 4
+    assert (result.iterations["kv_blocks_used"] <= result.iterations["kv_blocks_total"]).all()
     report = replay_decision_log(records)
     assert report.equivalent, report.mismatch
 

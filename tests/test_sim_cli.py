@@ -24,14 +24,14 @@ def test_simulate_writes_a_run_directory(trace_file, tmp_path, capsys):
     out = tmp_path / "run"
     status = main(["simulate", "--trace", str(trace_file), "--scheduler", "vllm-chunked", "--model", "llama-2-7b",
                    "--gpu", "h100-80gb", "--slo-scale", "3", "--seed", "4", "--no-progress",
-                   "--policy-option", "max_num_batched_tokens=1024", "-o", str(out)])
+                   "--policy-option", "token_budget=1024", "-o", str(out)])
     assert status == 0
     assert "60/60 finished" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert summary["completed"] == 60
     assert config["simulation"]["slo_scale"] == 3 and config["simulation"]["model"] == "llama-2-7b"
-    assert config["policy"]["config"]["max_num_batched_tokens"] == 1024
+    assert config["policy"]["config"]["token_budget"] == 1024
     assert len(pd.read_parquet(out / "requests.parquet")) == 60
 
 
@@ -95,3 +95,56 @@ def test_every_policy_serves_real_azure_conversation_lengths():
     # admits fewer requests at once and queues longer than vLLM's on-demand blocks
     assert summaries["orca"]["mean_ttft_s"] > summaries["vllm"]["mean_ttft_s"]
     assert summaries["orca"]["preempted_fraction"] == 0
+
+
+def test_simulate_a_cluster_of_replicas_behind_a_router(trace_file, tmp_path, capsys):
+    out = tmp_path / "cluster"
+    status = main(["simulate", "--trace", str(trace_file), "--scheduler", "econoserve", "--predictions", "oracle",
+                   "--replicas", "3", "--router", "least-outstanding-tokens", "--no-progress", "-o", str(out)])
+    assert status == 0
+    assert "on 3 replicas (least-outstanding-tokens)" in capsys.readouterr().out
+    requests = pd.read_parquet(out / "requests.parquet")
+    iterations = pd.read_parquet(out / "iterations.parquet")
+    assert set(requests["replica"]) == set(iterations["replica"]) == {0, 1, 2}
+    config = json.loads((out / "config.json").read_text())
+    assert config["cluster"]["router"] == "least-outstanding-tokens" and len(config["cluster"]["replicas"]) == 3
+
+
+def test_simulate_a_cluster_description_file(trace_file, tmp_path, capsys):
+    description = tmp_path / "cluster.json"
+    description.write_text(json.dumps({"router": "kv-aware", "replicas": [
+        {"scheduler": "sarathi", "policy_config": {"token_budget": 256}}, {"scheduler": "vllm", "count": 2}]}))
+    out = tmp_path / "run"
+    assert main(["simulate", "--trace", str(trace_file), "--cluster", str(description), "--no-progress",
+                 "-o", str(out)]) == 0
+    assert "sarathi+vllm on 3 replicas (kv-aware)" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert [r["policy"]["name"] for r in config["cluster"]["replicas"]] == ["sarathi", "vllm", "vllm"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scheduler", "vllm", "--replicas", "0"], "--replicas must be >= 1, got 0"),
+        (["--scheduler", "vllm", "--replicas", "2", "--router", "nearest"], "unknown router 'nearest'"),
+        (["--scheduler", "vllm", "--replicas", "2", "--model", "llama-2-70b", "--gpu", "a100-40gb"],
+         "replica 0: llama-2-70b"),
+        (["--replicas", "2"], "--scheduler is required"),
+        (["--cluster", "missing.json"], "cannot read the cluster description"),
+    ],
+)
+def test_simulate_bad_cluster_flags_give_one_line_errors(trace_file, tmp_path, capsys, flags, message):
+    status = main(["simulate", "--trace", str(trace_file), "--no-progress", "-o", str(tmp_path / "x"), *flags])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cluster_file_without_schedulers_needs_the_flag(trace_file, tmp_path, capsys):
+    description = tmp_path / "cluster.json"
+    description.write_text(json.dumps({"replicas": [{"count": 2}]}))
+    args = ["simulate", "--trace", str(trace_file), "--cluster", str(description), "--no-progress",
+            "-o", str(tmp_path / "x")]
+    assert main(args) == 2
+    assert "replicas[0]: no scheduler" in capsys.readouterr().err
+    assert main([*args, "--scheduler", "orca"]) == 0

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from econoserve.policy import policy_names
+from econoserve.policy import EngineLimits, make_policy, policy_names
 from econoserve.sim import WALL_CLOCK_COLUMNS, SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
 
@@ -36,12 +36,8 @@ def workloads(draw):
 
 
 def _policy_config(name: str, budget: int) -> dict:
-    if name == "vllm-chunked":
-        return {"max_num_batched_tokens": budget, "max_num_seqs": 8}
-    if name in ("sarathi", "fastgen") or name.startswith("econoserve"):
+    if name in ("vllm-chunked", "sarathi", "fastgen") or name.startswith("econoserve"):
         return {"token_budget": budget, "max_num_seqs": 8}
-    if name == "orca":
-        return {"max_batch_size": 8}
     return {"max_num_seqs": 8}
 
 
@@ -153,3 +149,25 @@ def test_econoserve_variants_never_over_commit_and_finish_every_request_once(opt
         assert (iterations["kv_blocks_allocated"] <= iterations["kv_blocks_capacity"]).all()
     stepwise = simulate(trace, SimulationConfig(**{**config.to_dict(), "skip_ahead": False}))
     pd.testing.assert_frame_equal(requests, stepwise.requests)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads(), token_cap=st.integers(16, 400), seq_cap=st.integers(1, 16))
+def test_every_policy_keeps_within_the_executors_caps(name, workload, token_cap, seq_cap):
+    """EngineLimits' hard caps bound every policy: its token budget and batch cap are the smaller
+    of its own knob and the cap, and no step exceeds either."""
+    trace, block_size, num_kv_blocks, budget = workload
+    seq_cap = min(seq_cap, token_cap)  # an engine's sequences per step never exceed its tokens per step
+    config = SimulationConfig(scheduler=name, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                              max_model_len=MAX_MODEL_LEN, check_invariants=True,
+                              max_tokens_per_step=token_cap, max_seqs_per_step=seq_cap)
+    result = simulate(trace, config)
+    policy = result.config["policy"]
+    own_budget = make_policy(name, EngineLimits(num_kv_blocks, block_size, MAX_MODEL_LEN,
+                                                result.config["limits"]["saturating_token_budget"])).token_budget
+    assert policy["token_budget"] == min(own_budget or token_cap, token_cap)
+    iterations = result.iterations
+    assert (iterations["num_prefill_tokens"] + iterations["num_decode_tokens"] <= token_cap).all()
+    assert (iterations["num_running"] <= seq_cap).all()
+    assert (iterations["token_budget"] <= token_cap).all()

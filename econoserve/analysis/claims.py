@@ -1,7 +1,7 @@
 """The paper's headline claims (PAPER.md, "What the paper says"), measured on a sweep table.
 
 :func:`headline_claims` compares a system (EconoServe) with baselines on the tidy sweep table of
-:mod:`econoserve.analysis.experiments` (mean over seeds first) and returns one row per claim and
+:mod:`econoserve.experiments` (mean over seeds first) and returns one row per claim and
 deployment x dataset, plus an ``all`` row per claim and baseline: the best case for the "up to"
 claims, the worst case for ``sustained_rate*`` (a claim about every workload):
 

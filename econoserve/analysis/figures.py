@@ -1,5 +1,5 @@
 """Figures 2-5, 7-11, 13 and 14 of PAPER.md, as pure functions of the tidy tables of
-:mod:`econoserve.analysis.experiments`.
+:mod:`econoserve.experiments`.
 
 For each figure ``N`` there is ``tableN(...) -> DataFrame`` (the numbers drawn, written as the
 figure's CSV) and ``figureN(...) -> Figure`` (which draws ``tableN``). Inputs:
@@ -24,7 +24,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from econoserve.analysis.experiments import (
+from econoserve.experiments import (
     ABLATIONS,
     ECONOSERVE,
     MAIN_SCHEDULERS,
@@ -537,19 +537,37 @@ FIGURES: dict[int, tuple[str, object, object, str]] = {
 }
 
 
+def plan_selection(plan: dict, number: int) -> dict[str, list[str]]:
+    """Which schedulers figure ``number`` draws for an experiment plan (its ``to_dict()``), as
+    keyword arguments of the figure's functions: the plan's main schedulers (Figures 7-11), its
+    ablation variants (13), its main schedulers that are not variants (the observation Figures 2
+    and 3); the other figures draw what their tables hold (4) or a fixed comparison (5, 14)."""
+    main, variants = list(plan["schedulers"]), list(plan["ablations"])
+    if number in (7, 8, 9, 10, 11):
+        return {"schedulers": main}
+    if number == 13:
+        return {"variants": variants}
+    if number in (2, 3):
+        return {"schedulers": [s for s in main if s not in variants]}
+    return {}
+
+
 def render(number: int, results, directory: str | Path) -> Figure:
-    """Draw figure ``number`` from an :class:`~econoserve.analysis.experiments.ExperimentResults`,
-    write ``figNN_*.png`` and ``.csv`` into ``directory``, and return the figure."""
+    """Draw figure ``number`` from an :class:`~econoserve.experiments.ExperimentResults` (the
+    schedulers its plan names, :func:`plan_selection`), write ``figNN_*.png`` and ``.csv`` into
+    ``directory``, and return the figure."""
     stem, table_function, figure_function, source = FIGURES[number]
     data = getattr(results, source)
-    fig = figure_function(data)
-    save_figure(fig, table_function(data), directory, stem)
+    selection = plan_selection(results.plan, number)
+    fig = figure_function(data, **selection)
+    save_figure(fig, table_function(data, **selection), directory, stem)
     return fig
 
 
 __all__ = [
     "ALLOCATION_SCHEDULERS", "FIGURES", "OBSERVED", "PALETTE", "SCHEDULER_ORDER", "figure2", "figure3", "figure4",
-    "figure5", "figure7", "figure8", "figure9", "figure10", "figure11", "figure13", "figure14", "rate_table", "render",
+    "figure5", "figure7", "figure8", "figure9", "figure10", "figure11", "figure13", "figure14", "plan_selection",
+    "rate_table", "render",
     "save_figure", "table2", "table3", "table4", "table5", "table7", "table8", "table9", "table10", "table11",
     "table13", "table14",
 ]

@@ -55,6 +55,14 @@ class EngineLimits:
         estimate remaining time (SLO slack); from the executor's latency model.
     decode_time_per_step_s:
         Estimated time of one decode step [s], likewise.
+    max_tokens_per_step:
+        The executor's hard cap on the tokens computed in one step [tokens] (vLLM's
+        ``max_num_batched_tokens``); ``None`` = no cap (the simulator). Every policy's
+        :attr:`Policy.token_budget` is the smaller of its own budget and this.
+    max_seqs_per_step:
+        The executor's hard cap on the sequences in one step [sequences] (vLLM's
+        ``max_num_seqs``); ``None`` = no cap. Every policy's :attr:`Policy.max_num_seqs` is the
+        smaller of its own cap and this.
     """
 
     num_kv_blocks: int
@@ -63,6 +71,8 @@ class EngineLimits:
     saturating_token_budget: int = 512
     prefill_time_per_token_s: float = 1e-4
     decode_time_per_step_s: float = 0.02
+    max_tokens_per_step: int | None = None
+    max_seqs_per_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks <= 0 or self.block_size <= 0 or self.max_model_len <= 0:
@@ -71,14 +81,25 @@ class EngineLimits:
             raise ValueError(f"saturating_token_budget must be > 0, got {self.saturating_token_budget}")
         if self.prefill_time_per_token_s <= 0 or self.decode_time_per_step_s <= 0:
             raise ValueError(f"time estimates must be > 0: {self}")
+        require_positive(self, "max_tokens_per_step", "max_seqs_per_step")
+
+
+def smaller_cap(own: int | None, cap: int | None) -> int | None:
+    """The smaller of a policy's own limit and the executor's cap (``None`` = no limit)."""
+    if own is None:
+        return cap
+    return own if cap is None else min(own, cap)
 
 
 class Policy(ABC):
     """Base class of every scheduling policy.
 
     Subclasses implement :meth:`_schedule` (one pass that fills a decision) and set ``name`` and
-    ``config_class``. ``waiting`` is a deque in the policy's queue order; ``running`` lists the
-    admitted requests in admission order (the last one is the most recently admitted).
+    ``config_class``; a policy with a per-step token budget or a batch cap returns its own value
+    from :meth:`_own_token_budget` / :meth:`_own_max_num_seqs` and reads the effective one
+    (capped by the executor's :class:`EngineLimits`) from :attr:`token_budget` /
+    :attr:`max_num_seqs`. ``waiting`` is a deque in the policy's queue order; ``running`` lists
+    the admitted requests in admission order (the last one is the most recently admitted).
     """
 
     name: ClassVar[str] = "base"
@@ -91,6 +112,8 @@ class Policy(ABC):
     def __init__(self, limits: EngineLimits, config: object | None = None) -> None:
         self.limits = limits
         self.config = config if config is not None else self.config_class()
+        self._token_budget = smaller_cap(self._own_token_budget(), limits.max_tokens_per_step)
+        self._max_num_seqs = smaller_cap(self._own_max_num_seqs(), limits.max_seqs_per_step)
         self.kv_cache = self._make_kv_cache()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -186,7 +209,22 @@ class Policy(ABC):
 
     @property
     def token_budget(self) -> int | None:
-        """Most tokens one step may compute [tokens], or ``None`` if the policy has no such cap."""
+        """Most tokens one step may compute [tokens]: the smaller of the policy's own budget and the
+        executor's ``max_tokens_per_step``; ``None`` if neither caps it."""
+        return self._token_budget
+
+    @property
+    def max_num_seqs(self) -> int | None:
+        """Most sequences in a step (or running) [sequences]: the smaller of the policy's own cap and
+        the executor's ``max_seqs_per_step``; ``None`` if neither caps it."""
+        return self._max_num_seqs
+
+    def _own_token_budget(self) -> int | None:
+        """The policy's own per-step token budget [tokens] from its configuration (``None``: none)."""
+        return None
+
+    def _own_max_num_seqs(self) -> int | None:
+        """The policy's own cap on sequences per step [sequences] (``None``: none)."""
         return None
 
     # ------------------------------------------------------------------ skip-ahead support

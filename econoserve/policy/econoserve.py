@@ -261,9 +261,11 @@ class EconoServePolicy(Policy):
         return KVCache(self.limits.num_kv_blocks, self.limits.block_size, global_reserve_blocks=reserve)
 
     # ------------------------------------------------------------------ views
-    @property
-    def token_budget(self) -> int:
+    def _own_token_budget(self) -> int:
         return self.config.token_budget or self.limits.saturating_token_budget
+
+    def _own_max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     @property
     def wants_oracle_predictions(self) -> bool:
@@ -447,7 +449,7 @@ class EconoServePolicy(Policy):
             group = next(self._groups)
             grouped = 0
             for entry in members:
-                if len(self.running) >= self.config.max_num_seqs:
+                if len(self.running) >= self.max_num_seqs:
                     break
                 request = entry[2]
                 need = kv.growth_blocks_needed(request.request_id, self.exact_allocation_tokens(request))
@@ -702,7 +704,7 @@ class EconoServePolicy(Policy):
             if budget <= 0:
                 self._pt_waits_for_budget = True
                 return
-            if len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.max_num_seqs:
                 return
             index = self._next_pt(now_s)
             request = self._pt_queue[index][2]

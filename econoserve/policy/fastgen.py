@@ -31,7 +31,7 @@ class FastGenConfig:
     token_budget:
         The fixed forward size: tokens per step, decodes + prompt pieces [tokens].
     max_num_seqs:
-        Most requests in a step [requests].
+        Most requests in a step [sequences].
     """
 
     token_budget: int = 768
@@ -47,13 +47,15 @@ class FastGenPolicy(Policy):
     name = "fastgen"
     config_class = FastGenConfig
 
-    @property
-    def token_budget(self) -> int:
+    def _own_token_budget(self) -> int:
         return self.config.token_budget
+
+    def _own_max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     def _schedule(self, now_s: float) -> SchedulerDecision:
         decision = SchedulerDecision()
-        budget = self.config.token_budget
+        budget = self.token_budget
         budget, prefilling = self._schedule_decodes_first(budget, decision)
         for request in prefilling:
             if budget <= 0:
@@ -68,7 +70,8 @@ class FastGenPolicy(Policy):
         if decision.preempted:
             return decision
         waiting = self.waiting
-        while waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_seqs = self.max_num_seqs
+        while waiting and budget > 0 and len(self.running) < max_seqs:
             request = waiting[0]
             num_new = min(request.num_pending_tokens, budget)
             if not self._allocate(request, num_new, decision):

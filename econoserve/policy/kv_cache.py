@@ -23,6 +23,7 @@ Every count is in blocks unless the name says tokens. Requests are keyed by ``re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -264,6 +265,26 @@ class KVCache:
         grown = np.asarray(base_tokens, dtype=np.int64)[None, :] + np.maximum(0, steps - start[None, :])
         blocks = np.maximum(np.asarray(held_blocks, dtype=np.int64)[None, :], -(-grown // self.block_size))
         return int(np.where(steps < ends[None, :], blocks, 0).sum(axis=1).max())
+
+    # ------------------------------------------------------------------ bulk decode (skip-ahead)
+    def decode_growth(self, request_ids: Sequence[int], computed_tokens: np.ndarray,
+                      num_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Totals after each of the next ``num_steps`` decode steps of ``request_ids`` (one token
+        each per step, the requests holding ``computed_tokens`` tokens now), without changing
+        anything: allocated blocks, reserved blocks and stored tokens, each an array of
+        ``num_steps`` values. Growth is drawn from each request's own reservation first, as
+        :meth:`allocate_slots` draws it (the simulator's skip-ahead logs these instead of stepping).
+        """
+        steps = np.arange(1, num_steps + 1, dtype=np.int64)
+        count = len(request_ids)
+        allocated = np.fromiter((self._allocated.get(r, 0) for r in request_ids), dtype=np.int64, count=count)
+        reserved = np.fromiter((self._reserved.get(r, 0) for r in request_ids), dtype=np.int64, count=count)
+        needed = -(-(np.asarray(computed_tokens, dtype=np.int64)[None, :] + steps[:, None]) // self.block_size)
+        drawn = np.maximum(needed, allocated[None, :]) - allocated[None, :]
+        used = self.num_allocated_blocks + drawn.sum(axis=1)
+        reserved_total = self.num_reserved_blocks - np.minimum(drawn, reserved[None, :]).sum(axis=1)
+        stored = self.num_stored_tokens + count * steps
+        return used, reserved_total, stored
 
     # ------------------------------------------------------------------ checks
     def snapshot(self) -> KVCacheSnapshot:

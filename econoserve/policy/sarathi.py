@@ -35,7 +35,7 @@ class SarathiConfig:
     token_budget:
         Most tokens in a step, decodes + prefill chunks [tokens] (the paper's chunk size).
     max_num_seqs:
-        Most running requests [requests].
+        Most running requests [sequences].
     watermark_ratio:
         Fraction of the KV cache a prompt admission must leave free [fraction of blocks].
     """
@@ -60,9 +60,11 @@ class SarathiPolicy(Policy):
         super().__init__(limits, config)
         self.watermark_blocks = int(self.config.watermark_ratio * limits.num_kv_blocks)
 
-    @property
-    def token_budget(self) -> int:
+    def _own_token_budget(self) -> int:
         return self.config.token_budget
+
+    def _own_max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     def admission_check(self, request: Request) -> str | None:
         kv = self.kv_cache
@@ -75,7 +77,7 @@ class SarathiPolicy(Policy):
 
     def _schedule(self, now_s: float) -> SchedulerDecision:
         decision = SchedulerDecision()
-        budget = self.config.token_budget
+        budget = self.token_budget
         # 1. decodes first
         budget, prefilling = self._schedule_decodes_first(budget, decision)
         # 2. ongoing prompt chunks (their blocks are reserved; a preempted one is gone)
@@ -92,7 +94,8 @@ class SarathiPolicy(Policy):
         # 3. new prompts, whole-prompt KV reserved
         waiting = self.waiting
         kv = self.kv_cache
-        while waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_seqs = self.max_num_seqs
+        while waiting and budget > 0 and len(self.running) < max_seqs:
             request = waiting[0]
             prompt = request.num_pending_tokens  # prompt, plus generated tokens after a preemption
             need = kv.blocks_for(prompt)

@@ -4,7 +4,7 @@ Rules, from vLLM's source:
 
 * **prefill-first** (``vllm/core/scheduler.py``, ``Scheduler._schedule_default``, v0.6): FCFS.
   Waiting prompts are admitted whole, in order, while the step's prompt tokens stay within
-  ``max_num_batched_tokens``, the running count within ``max_num_seqs``, and the block manager
+  ``token_budget`` (vLLM's ``max_num_batched_tokens``), the running count within ``max_num_seqs``, and the block manager
   ``can_allocate`` the prompt's blocks keeping a watermark of ``watermark_ratio`` of the cache
   free (``BlockSpaceManager.can_allocate``). If any prompt was admitted the step is prefill-only;
   otherwise every running request decodes one token, in FCFS order, each appending a slot
@@ -13,17 +13,17 @@ Rules, from vLLM's source:
   is the request itself, it is preempted and the pass stops. Preempted requests go to the front
   of the waiting queue. A prompt that can never be allocated (more blocks than the cache less
   the watermark) is ignored with a warning (``AllocStatus.NEVER``); here it is rejected.
-  Defaults: ``max_num_batched_tokens = max(max_model_len, 2048)`` and ``max_num_seqs = 256``
+  Defaults: ``token_budget = max(max_model_len, 2048)`` and ``max_num_seqs = 256``
   (``SchedulerConfig``), ``watermark = 0.01`` (``CacheConfig``), 16-token blocks.
 * **chunked prefill** (``vllm/v1/core/sched/scheduler.py``, ``Scheduler.schedule``, v0.8-0.11):
-  one pass under a token budget ``max_num_batched_tokens``. First the running requests, in
+  one pass under a token budget ``token_budget`` (vLLM's ``max_num_batched_tokens``). First the running requests, in
   order: each gets ``min(pending tokens, budget left)`` tokens (a decode, or the next chunk of a
   prompt); ``KVCacheManager.allocate_slots`` allocates blocks on demand, and on failure the
   scheduler preempts ``self.running.pop()`` (the most recently admitted) until it fits or it
   preempted the request itself. Then, only if nothing was preempted this step, waiting requests
   in FCFS order are admitted with a chunk of ``min(pending, budget left)`` tokens while the
   budget, ``max_num_seqs`` and the KV cache allow. No watermark. Defaults:
-  ``max_num_batched_tokens = 8192`` (v1's default for online serving on GPU, ``vllm serve``)
+  ``token_budget = 8192`` (v1's default for online serving on GPU, ``vllm serve``)
   and ``max_num_seqs = 256``.
 """
 
@@ -40,20 +40,21 @@ from econoserve.policy.request import Request
 class VLLMConfig:
     """Knobs of vLLM's prefill-first (v0) scheduler.
 
-    max_num_batched_tokens:
-        Most prompt tokens in one step [tokens]; ``None`` = ``max(max_model_len, 2048)``.
+    token_budget:
+        Most prompt tokens in one step [tokens] (vLLM's ``max_num_batched_tokens``); ``None`` =
+        ``max(max_model_len, 2048)``.
     max_num_seqs:
-        Most running requests [requests].
+        Most running requests [sequences].
     watermark_ratio:
         Fraction of the KV cache a prompt admission must leave free [fraction of blocks].
     """
 
-    max_num_batched_tokens: int | None = None
+    token_budget: int | None = None
     max_num_seqs: int = 256
     watermark_ratio: float = 0.01
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_num_batched_tokens", "max_num_seqs")
+        require_positive(self, "token_budget", "max_num_seqs")
         if not 0 <= self.watermark_ratio < 1:
             raise ValueError(f"watermark_ratio must be in [0, 1), got {self.watermark_ratio}")
 
@@ -62,17 +63,17 @@ class VLLMConfig:
 class VLLMChunkedConfig:
     """Knobs of vLLM v1's chunked-prefill scheduler.
 
-    max_num_batched_tokens:
-        Token budget of one step [tokens] (decodes + prefill chunks).
+    token_budget:
+        Tokens of one step [tokens], decodes + prefill chunks (vLLM's ``max_num_batched_tokens``).
     max_num_seqs:
-        Most running requests [requests].
+        Most running requests [sequences].
     """
 
-    max_num_batched_tokens: int = 8192
+    token_budget: int = 8192
     max_num_seqs: int = 256
 
     def __post_init__(self) -> None:
-        require_positive(self, "max_num_batched_tokens", "max_num_seqs")
+        require_positive(self, "token_budget", "max_num_seqs")
 
 
 class VLLMPolicy(Policy):
@@ -83,18 +84,19 @@ class VLLMPolicy(Policy):
 
     def __init__(self, limits, config: VLLMConfig | None = None) -> None:
         super().__init__(limits, config)
-        self.max_num_batched_tokens = self.config.max_num_batched_tokens or max(limits.max_model_len, 2048)
         self.watermark_blocks = int(self.config.watermark_ratio * limits.num_kv_blocks)
 
-    @property
-    def token_budget(self) -> int:
-        return self.max_num_batched_tokens
+    def _own_token_budget(self) -> int:
+        return self.config.token_budget or max(self.limits.max_model_len, 2048)
+
+    def _own_max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     def admission_check(self, request: Request) -> str | None:
-        if request.num_prompt_tokens > self.max_num_batched_tokens:
+        if request.num_prompt_tokens > self.token_budget:
             return (
-                f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens "
-                f"{self.max_num_batched_tokens} (vLLM ignores such prompts)"
+                f"prompt of {request.num_prompt_tokens} tokens exceeds the token budget "
+                f"{self.token_budget} (vLLM ignores such prompts)"
             )
         return self._never_fits(request.num_prompt_tokens)
 
@@ -114,15 +116,15 @@ class VLLMPolicy(Policy):
         decision = SchedulerDecision()
         kv = self.kv_cache
         waiting = self.waiting
-        budget = self.max_num_batched_tokens
-        max_seqs = self.config.max_num_seqs
+        budget = self.token_budget
+        max_seqs = self.max_num_seqs
         while waiting and len(self.running) < max_seqs:
             request = waiting[0]
             num_new = request.num_pending_tokens
             if num_new > budget:
-                if num_new > self.max_num_batched_tokens:  # a long recompute: never schedulable
+                if num_new > self.token_budget:  # a long recompute: never schedulable
                     waiting.popleft()
-                    self._reject(request, f"recompute of {num_new} tokens exceeds max_num_batched_tokens", decision)
+                    self._reject(request, f"recompute of {num_new} tokens exceeds the token budget", decision)
                     continue
                 break
             need = kv.blocks_for(request.num_computed_tokens + num_new)
@@ -163,13 +165,15 @@ class VLLMChunkedPolicy(Policy):
     name = "vllm-chunked"
     config_class = VLLMChunkedConfig
 
-    @property
-    def token_budget(self) -> int:
-        return self.config.max_num_batched_tokens
+    def _own_token_budget(self) -> int:
+        return self.config.token_budget
+
+    def _own_max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     def _schedule(self, now_s: float) -> SchedulerDecision:
         decision = SchedulerDecision()
-        budget = self.config.max_num_batched_tokens
+        budget = self.token_budget
         running = self.running
         i = 0
         while i < len(running) and budget > 0:
@@ -185,7 +189,7 @@ class VLLMChunkedPolicy(Policy):
         if decision.preempted:
             return decision
         waiting = self.waiting
-        max_seqs = self.config.max_num_seqs
+        max_seqs = self.max_num_seqs
         while waiting and budget > 0 and len(running) < max_seqs:
             request = waiting[0]
             num_new = request.num_pending_tokens

@@ -4,8 +4,9 @@ The real side is a run directory written by ``econoserve serve`` (vLLM on this m
 simulated side replays the same trace through the same policy with:
 
 * the engine's limits: KV capacity ``kv_cache_tokens // block_size - 1`` blocks (vLLM keeps one
-  null block), its block size, ``max_model_len``, ``max_num_seqs`` and token budget
-  ``max_num_batched_tokens``;
+  null block), its block size, ``max_model_len``, and ``max_num_batched_tokens`` /
+  ``max_num_seqs`` as the hard caps of every policy (and the saturating budget, as the vLLM
+  adapter sets it);
 * a latency model fitted to step times measured on that engine
   (``econoserve profile-engine``; :class:`~econoserve.sim.latency.FittedLatencyModel`).
 
@@ -65,16 +66,11 @@ class EngineShape:
 
 def simulation_config(shape: EngineShape, scheduler: str, latency_model: str, **overrides: Any) -> SimulationConfig:
     """The simulation of ``scheduler`` (a real scheduler name or a policy name) on that engine."""
-    policy = SIMULATED_POLICY.get(scheduler, scheduler)
-    if policy == "vllm-chunked":
-        policy_config = {"max_num_batched_tokens": shape.max_num_batched_tokens, "max_num_seqs": shape.max_num_seqs}
-    elif policy.startswith("econoserve"):
-        policy_config = {"token_budget": shape.max_num_batched_tokens, "max_num_seqs": shape.max_num_seqs}
-    else:
-        policy_config = {}
     return SimulationConfig(
-        scheduler=policy,
-        policy_config={**policy_config, **overrides.pop("policy_config", {})},
+        scheduler=SIMULATED_POLICY.get(scheduler, scheduler),
+        max_tokens_per_step=shape.max_num_batched_tokens,
+        max_seqs_per_step=shape.max_num_seqs,
+        saturating_token_budget=shape.max_num_batched_tokens,
         block_size=shape.block_size,
         num_kv_blocks=shape.num_kv_blocks,
         max_model_len=shape.max_model_len,

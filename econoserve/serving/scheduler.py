@@ -34,9 +34,10 @@ recording reads)::
         --additional-config '{"econoserve": {"policy": "sarathi"}}'
 
 Options of the section (:class:`PolicySchedulerOptions`): ``policy`` (a registered policy name;
-default ``econoserve``), ``policy_config`` (overrides of the policy's configuration fields; token
-budget and ``max_num_seqs`` fields default to the engine's ``max_num_batched_tokens`` and
-``max_num_seqs``), ``predictions`` (``request``: ``SamplingParams.extra_args
+default ``econoserve``), ``policy_config`` (overrides of the policy's configuration fields; the
+engine's ``max_num_batched_tokens`` and ``max_num_seqs`` reach every policy as the hard caps of
+:class:`~econoserve.policy.EngineLimits`, and each policy uses the smaller of its own token budget
+/ ``max_num_seqs`` and those), ``predictions`` (``request``: ``SamplingParams.extra_args
 ["predicted_output_tokens"]``; ``oracle``: ``max_tokens``; ``none``; default ``request``, and
 always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-oracle``), ``limits`` (overrides of the
 :class:`~econoserve.policy.EngineLimits` time estimates), ``decision_log`` (a JSON-lines file
@@ -103,11 +104,10 @@ ALLOW_UNSUPPORTED_VLLM_ENV = "ECONOSERVE_ALLOW_UNSUPPORTED_VLLM"
 PREDICTED_LENGTH_KEY = "predicted_output_tokens"
 #: Where a policy's predicted lengths come from.
 PREDICTION_SOURCES: tuple[str, ...] = ("request", "oracle", "none")
-#: Policy configuration fields that default to the engine's step token budget / batch size.
-TOKEN_BUDGET_FIELDS: tuple[str, ...] = ("token_budget", "max_num_batched_tokens")
-BATCH_SIZE_FIELDS: tuple[str, ...] = ("max_num_seqs",)
 #: EngineLimits fields that come from the engine and may not be overridden.
-ENGINE_OWNED_LIMITS: tuple[str, ...] = ("num_kv_blocks", "block_size", "max_model_len")
+ENGINE_OWNED_LIMITS: tuple[str, ...] = (
+    "num_kv_blocks", "block_size", "max_model_len", "max_tokens_per_step", "max_seqs_per_step",
+)
 
 
 class PolicySchedulerError(RuntimeError):
@@ -240,11 +240,6 @@ def unsupported_features(vllm_config: Any, kv_cache_config: Any) -> list[str]:
     return problems
 
 
-def _config_fields(policy_name: str) -> set[str]:
-    config_class = POLICIES[policy_name].config_class
-    return {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
-
-
 # --------------------------------------------------------------------- the scheduler
 @dataclass
 class _Mirror:
@@ -315,26 +310,12 @@ class PolicySchedulerCore(Scheduler):
                 f"{type(self).__name__} runs the {self.policy_family} policies, not {name!r}; "
                 "use econoserve.serving.scheduler.PolicyScheduler for any policy"
             )
-        limits = self.engine_limits()
-        overrides = self._policy_config_overrides(name)
-        policy = make_policy(name, limits, make_config(name, overrides))
-        engine_budget = self.max_num_scheduled_tokens
-        if policy.token_budget is not None and policy.token_budget > engine_budget:
-            derived = [f for f in _config_fields(name) & set(TOKEN_BUDGET_FIELDS) if f not in self.options.policy_config]
-            if not derived:
-                raise UnsupportedConfigError(
-                    f"policy {name!r} has a token budget of {policy.token_budget} tokens per step, more than the "
-                    f"engine's max_num_batched_tokens {engine_budget}; raise the engine's or lower the policy's"
-                )
-            # A budget the policy derives by its own rule (e.g. vLLM v0's max(max_model_len, 2048))
-            # is capped by what the engine's buffers hold.
-            overrides.update(dict.fromkeys(derived, engine_budget))
-            policy = make_policy(name, limits, make_config(name, overrides))
-        return policy
+        return make_policy(name, self.engine_limits(), make_config(name, self.options.policy_config))
 
     def engine_limits(self) -> EngineLimits:
         """The policy's view of this engine: vLLM's real KV pool less its null block, its block size,
-        context length, and the step token budget as the saturating budget."""
+        context length, the step token budget as the saturating budget, and the engine's
+        ``max_num_batched_tokens`` / ``max_num_seqs`` as hard caps."""
         num_usable_blocks = self.kv_cache_config.num_blocks - 1  # vLLM keeps one null block
         block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         if block_size != self.block_size:
@@ -349,24 +330,10 @@ class PolicySchedulerCore(Scheduler):
             )
         try:
             return EngineLimits(num_kv_blocks=num_usable_blocks, block_size=block_size,
-                                max_model_len=self.max_model_len, **values)
+                                max_model_len=self.max_model_len, max_tokens_per_step=self.max_num_scheduled_tokens,
+                                max_seqs_per_step=self.max_num_running_reqs, **values)
         except TypeError as error:
             raise UnsupportedConfigError(f"econoserve.limits: {error}") from None
-
-    def _policy_config_overrides(self, name: str) -> dict[str, Any]:
-        """The user's overrides, plus the engine's ``max_num_batched_tokens`` / ``max_num_seqs`` for
-        budget fields the user left out whose default is a constant (a ``None`` default means the
-        policy derives the value, e.g. EconoServe from ``limits.saturating_token_budget``)."""
-        overrides = dict(self.options.policy_config)
-        defaults = POLICIES[name].config_class()
-        engine_values = {
-            **dict.fromkeys(TOKEN_BUDGET_FIELDS, self.max_num_scheduled_tokens),
-            **dict.fromkeys(BATCH_SIZE_FIELDS, self.max_num_running_reqs),
-        }
-        for field_name in _config_fields(name) & set(engine_values):
-            if getattr(defaults, field_name) is not None:
-                overrides.setdefault(field_name, engine_values[field_name])
-        return overrides
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, request: EngineRequest) -> None:

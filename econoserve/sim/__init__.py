@@ -1,6 +1,7 @@
-"""The serving simulator: event loop, latency models, hardware/model catalogs.
+"""The serving simulator: replicas under a cluster driver, routers, latency models, catalogs.
 
-``simulate(trace, SimulationConfig(...)) -> SimulationResult`` (tables, summary, configuration);
+``simulate(trace, SimulationConfig(...)) -> SimulationResult`` (tables, summary, configuration)
+runs one replica; ``simulate_cluster(trace, ClusterConfig(...))`` runs many behind a router;
 ``SimulationResult.write(directory)``.
 """
 
@@ -13,6 +14,7 @@ from econoserve.sim.catalog import (
     get_gpu,
     get_model,
 )
+from econoserve.sim.cluster import ClusterConfig, simulate, simulate_cluster
 from econoserve.sim.engine import (
     WALL_CLOCK_COLUMNS,
     WALL_CLOCK_SUMMARY_KEYS,
@@ -20,8 +22,8 @@ from econoserve.sim.engine import (
     SimulationError,
     SimulationResult,
     build_setup,
-    simulate,
 )
+from econoserve.sim.routers import ROUTERS, Router, make_router, register_router, router_names
 from econoserve.sim.latency import (
     FittedLatencyModel,
     RooflineLatencyModel,
@@ -29,6 +31,13 @@ from econoserve.sim.latency import (
 )
 
 __all__ = [
+    "ClusterConfig",
+    "ROUTERS",
+    "Router",
+    "make_router",
+    "register_router",
+    "router_names",
+    "simulate_cluster",
     "Deployment",
     "FittedLatencyModel",
     "GPUS",

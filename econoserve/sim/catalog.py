@@ -92,6 +92,54 @@ GPUS: dict[str, GPUSpec] = {
 
 
 @dataclass(frozen=True)
+class LinkSpec:
+    """A link a KV cache crosses between a prefill and a decode instance (disaggregation).
+
+    bandwidth_bytes_per_s:
+        One direction, per GPU pair [bytes/s]; a transfer between instances of tensor-parallel
+        degrees ``a`` and ``b`` moves its shards over ``min(a, b)`` such links at once.
+    latency_s:
+        Fixed cost of one transfer [s] (connection set-up, the first byte).
+    """
+
+    name: str
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+    def transfer_time_s(self, num_bytes: float, num_parallel_links: int = 1) -> float:
+        """Time to move ``num_bytes`` [bytes] over ``num_parallel_links`` links at once [s]."""
+        return self.latency_s + num_bytes / (self.bandwidth_bytes_per_s * max(1, num_parallel_links))
+
+
+#: Links between nodes (a prefill and a decode instance on different nodes). DistServe's
+#: testbed (OSDI'24, section 6.1): 25 Gbps between nodes; InfiniBand HDR (200 Gbps) and NDR (400
+#: Gbps) per GPU are the usual A100 / H100 cluster fabrics.
+NETWORK_LINKS: dict[str, LinkSpec] = {
+    link.name: link
+    for link in (
+        LinkSpec("ethernet-25g", 25e9 / 8, 50e-6),
+        LinkSpec("infiniband-200g", 200e9 / 8, 10e-6),
+        LinkSpec("infiniband-400g", 400e9 / 8, 10e-6),
+    )
+}
+DEFAULT_NETWORK = "ethernet-25g"
+#: Fixed cost of a transfer over NVLink within a node [s].
+NVLINK_LATENCY_S = 5e-6
+
+
+def nvlink(gpu: GPUSpec) -> LinkSpec:
+    """The NVLink between two GPUs of one node (the GPU's per-GPU interconnect bandwidth)."""
+    return LinkSpec(f"nvlink-{gpu.name}", gpu.interconnect_bandwidth_bytes_per_s, NVLINK_LATENCY_S)
+
+
+def get_network(name: str) -> LinkSpec:
+    try:
+        return NETWORK_LINKS[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown network link {name!r}; choose one of {', '.join(NETWORK_LINKS)}") from None
+
+
+@dataclass(frozen=True)
 class RooflineCalibration:
     """Roofline factors (:class:`~econoserve.sim.latency.RooflineParams` fields) fitted to
     real measurements of one GPU at one tensor-parallel degree.

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +11,9 @@ import pandas as pd
 from econoserve.errors import UserError
 from econoserve.policy import policy_names
 from econoserve.sim.catalog import GPUS, MODELS
-from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig, simulate
+from econoserve.sim.cluster import DEFAULT_ROUTER, ClusterConfig, simulate_cluster
+from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig
+from econoserve.sim.routers import router_names
 from econoserve.validation import output_dir, positive_float, positive_int, seed
 
 
@@ -96,39 +96,67 @@ def _config(args: argparse.Namespace, scheduler: str) -> SimulationConfig:
 def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "simulate",
-        help="run one trace through one scheduler in the simulator",
+        help="run one trace through a scheduler (or a cluster of replicas behind a router) in the simulator",
         description=(
-            "Replay a trace against a scheduling policy on a simulated deployment. Writes "
-            "requests.parquet, iterations.parquet, summary.json and config.json to the output "
+            "Replay a trace against a scheduling policy on a simulated deployment: one replica, "
+            "--replicas N identical replicas behind --router, or the replicas of a --cluster "
+            "description file. Writes requests.parquet, iterations.parquet (a 'replica' column "
+            "says which replica served or stepped), summary.json and config.json to the output "
             "directory. Requests that can never fit are rejected and recorded with a reason."
         ),
     )
     parser.add_argument("--trace", required=True, metavar="PATH", help="trace parquet file ('econoserve trace build')")
-    parser.add_argument("--scheduler", required=True, metavar="NAME",
-                        help=f"scheduling policy: {' | '.join(policy_names())}")
+    parser.add_argument("--scheduler", default=None, metavar="NAME",
+                        help=f"scheduling policy: {' | '.join(policy_names())} (required unless --cluster names "
+                             "every replica's)")
     parser.add_argument("--num-requests", type=positive_int, default=None, metavar="N",
                         help="use only the first N requests of the trace")
+    group = parser.add_argument_group("cluster")
+    group.add_argument("--replicas", type=int, default=1, metavar="N",
+                       help="identical replicas of the deployment below (default: 1)")
+    group.add_argument("--router", default=None, metavar="NAME",
+                       help=f"which replica serves each arriving request: {' | '.join(router_names())} "
+                            f"(default: {DEFAULT_ROUTER}, or the --cluster file's)")
+    group.add_argument("--cluster", default=None, metavar="PATH",
+                       help="cluster description (JSON): {\"router\": NAME, \"defaults\": {FIELD: VALUE}, "
+                            "\"replicas\": [{\"count\": N, \"scheduler\": NAME, FIELD: VALUE}, ...]}, fields as "
+                            "in SimulationConfig (model, gpu, tensor_parallel, policy_config, ...); the flags "
+                            "below are the defaults")
     parser.add_argument("-o", "--output", required=True, type=output_dir, metavar="DIR", help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_deployment_flags(parser)
     parser.set_defaults(handler=_simulate)
 
 
+def _cluster(args: argparse.Namespace) -> ClusterConfig:
+    """The cluster the flags describe (one replica by default)."""
+    if args.cluster is not None:
+        if args.replicas != 1:
+            raise UserError("--replicas and --cluster are exclusive (the file lists the replicas)")
+        base = _config(args, args.scheduler) if args.scheduler is not None else None
+        cluster = ClusterConfig.from_file(args.cluster, base)
+        return ClusterConfig(cluster.replicas, args.router or cluster.router)
+    if args.scheduler is None:
+        raise UserError("--scheduler is required (or a --cluster file that names every replica's)")
+    return ClusterConfig.uniform(_config(args, args.scheduler), args.replicas, args.router or DEFAULT_ROUTER)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from econoserve.workload.trace import Trace
 
-    config = _config(args, args.scheduler)
+    cluster = _cluster(args)
     trace = Trace.read(args.trace)
     if args.num_requests is not None:
         if args.num_requests <= 0:
             raise UserError(f"--num-requests must be > 0, got {args.num_requests}")
         trace = trace.head(args.num_requests)
-    result = simulate(trace, config, progress=not args.no_progress)
+    result = simulate_cluster(trace, cluster, progress=not args.no_progress)
     result.config["trace"]["path"] = str(args.trace)
     directory = result.write(args.output)
     s = result.summary
+    where = f" on {s['num_replicas']} replicas ({s['router']})" if s["num_replicas"] > 1 else ""
     print(
-        f"{config.scheduler}: {s['completed']}/{s['num_requests']} finished, {s['rejected']} rejected; "
+        f"{s['scheduler']}{where}: {s['completed']}/{s['num_requests']} finished, {s['rejected']} rejected; "
         f"{s['throughput_rps']:.3f} req/s, mean JCT {s['mean_jct_s']:.3f} s, "
         f"SLO attainment {s['slo_attainment']:.3f}, preempted {s['preempted_fraction']:.3f} -> {directory}"
     )
@@ -164,24 +192,10 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_sweep)
 
 
-def _sweep_job(job: dict) -> dict:
-    """One (dataset, rate, scheduler) run in a worker process; returns its tidy row."""
-    from econoserve.workload.datasets import TraceSpec, build_trace
-
-    spec = TraceSpec(
-        dataset=job["dataset"], tokenizer=job["tokenizer"], num_requests=job["num_requests"],
-        arrival=job["arrival"], rate_rps=job["rate"], cv=job["cv"], seed=job["config"].seed, include_text=False,
-    )
-    result = simulate(build_trace(spec), job["config"])
-    if job["run_dir"]:
-        result.write(job["run_dir"])
-    return {"dataset": job["dataset"], "rate_rps": job["rate"], **result.summary}
-
-
 def _sweep(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from econoserve.analysis.metrics import goodput_from_table
+    from econoserve.experiments import Job, run_jobs
+    from econoserve.workload.datasets import TraceSpec, build_trace
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
@@ -193,27 +207,22 @@ def _sweep(args: argparse.Namespace) -> int:
     for config in configs.values():
         config.deployment().num_kv_blocks  # noqa: B018 - raises UserError if the model does not fit
     output = Path(args.output)
+    # One trace per dataset at rate 1, rescaled to each rate (the same requests at every rate);
+    # building it here surfaces unknown names or missing data as one-line errors.
+    traces = {
+        dataset: build_trace(TraceSpec(dataset=dataset, tokenizer=args.tokenizer, num_requests=args.num_requests,
+                                       arrival=args.arrival, rate_rps=1.0, cv=args.cv, seed=args.seed,
+                                       include_text=False))
+        for dataset in args.datasets
+    }
     jobs = [
-        {
-            "dataset": dataset, "rate": rate, "tokenizer": args.tokenizer, "num_requests": args.num_requests,
-            "arrival": args.arrival, "cv": args.cv, "config": config,
-            "run_dir": str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None,
-        }
+        Job({"dataset": dataset, "scheduler": name}, traces[dataset], rate, config,
+            run_dir=str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None)
         for dataset in args.datasets
         for rate in args.rates
         for name, config in configs.items()
     ]
-    # Load each dataset once here: fills the tokenized-request cache before the workers read it,
-    # and surfaces unknown names or missing data as one-line errors.
-    from econoserve.workload.datasets import load_requests
-
-    for dataset in args.datasets:
-        load_requests(dataset, args.tokenizer)
-    rows = []
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs), os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(_sweep_job, job) for job in jobs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="sweep", unit="run"):
-            rows.append(future.result())
+    rows, _, _ = run_jobs(jobs, args.jobs, desc="sweep")
     table = pd.DataFrame(rows).sort_values(["dataset", "scheduler", "rate_rps"], kind="stable").reset_index(drop=True)
     output.mkdir(parents=True, exist_ok=True)
     table.to_parquet(output / "sweep.parquet", index=False)

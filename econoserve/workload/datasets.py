@@ -160,6 +160,45 @@ def _load_sharegpt(path: Path, dataset: str, tokenizer: str, options: LoadOption
     return frame[keep].reset_index(drop=True)
 
 
+#: Added to each length by DistServe's ShareGPT preparation: Hugging Face's OPT tokenizer puts
+#: a ``</s>`` (BOS) token before every text it encodes [tokens].
+DISTSERVE_OPT_BOS_TOKENS = 1
+
+
+def load_distserve_sharegpt(seed: int = 0, use_cache: bool = True) -> pd.DataFrame:
+    """ShareGPT as DistServe prepares it (``evaluation/2-benchmark-serving/0-prepare-dataset.py``,
+    defaults), for comparing with DistServe's own results; columns as :func:`load_requests`.
+
+    Conversations of at least 3 turns; prompt = the first ``k`` turns joined by newlines, ``k``
+    drawn by Python's ``random.randint(1, min(turns - 1, 1000))`` (seeded ``seed``, one draw per
+    kept conversation, in file order, as DistServe draws it); response = turn ``k + 1``. Lengths
+    in OPT's tokenizer (GPT-2's BPE plus its BOS token, :data:`DISTSERVE_OPT_BOS_TOKENS`); drops
+    pairs where both lengths are below 4 or prompt + response >= 2048 tokens.
+    """
+    import random
+
+    cache_path = cache_dir() / "requests" / f"sharegpt-distserve-{get_entry('sharegpt').sha256[:16]}-{seed}-v{LOADER_VERSION}.parquet"
+    if use_cache and cache_path.is_file():
+        return pq.read_table(cache_path).to_pandas()
+    draw = random.Random(seed)
+    rows = []
+    for index, conversation in enumerate(_read_json(dataset_path("sharegpt"))):
+        turns = [turn["value"] for turn in conversation.get("conversations", [])]
+        if len(turns) < 3:
+            continue
+        k = draw.randint(1, min(len(turns) - 1, 1000))
+        rows.append((index, "\n".join(turns[:k]), turns[k]))
+    frame = _tokenize(pd.DataFrame(rows, columns=["source_index", "prompt_text", "response_text"]), "opt", "sharegpt")
+    frame["prompt_tokens"] += DISTSERVE_OPT_BOS_TOKENS
+    frame["output_tokens"] += DISTSERVE_OPT_BOS_TOKENS
+    prompt, output = frame["prompt_tokens"], frame["output_tokens"]
+    frame = frame[~((prompt < 4) & (output < 4)) & (prompt + output < 2048)].reset_index(drop=True)
+    if use_cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), cache_path)
+    return frame
+
+
 def _load_qmsum(path: Path, dataset: str, tokenizer: str, options: LoadOptions) -> pd.DataFrame:
     if options.qmsum_context not in ("span", "full"):
         raise UserError(f"qmsum context must be 'span' or 'full', got {options.qmsum_context!r}")

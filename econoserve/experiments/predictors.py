@@ -1,0 +1,145 @@
+"""The response-length predictor of an experiment: trained once per dataset and cached under the
+output directory, or cross-fitted where the held-out part is smaller than a trace."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from econoserve.errors import UserError
+from econoserve.experiments.plan import DeploymentSpec, ExperimentPlan
+from econoserve.experiments.workloads import request_pool
+from econoserve.workload.trace import Trace
+
+
+def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Path) -> Path:
+    """Where ``predictor="train"`` caches its model for ``dataset`` (keyed by what determines it)."""
+    key = json.dumps([dataset, plan.tokenizer, asdict(plan.predictor_training)], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(output_dir) / "predictors" / f"{dataset}-{plan.tokenizer}-{digest}"
+
+
+def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path):
+    """The per-dataset predictor of ``predictor="train"``: loaded from the cache, else trained on
+    the dataset's training part (capped at ``max_train`` prompts) and saved there."""
+    from econoserve.errors import PredictorError
+    from econoserve.predictor import (
+        LengthPredictor,
+        PredictorConfig,
+        SplitSpec,
+        load_labeled_prompts,
+        train_predictor,
+    )
+
+    directory = predictor_directory(plan, dataset, output_dir)
+    if (directory / "metadata.json").is_file():
+        try:
+            return LengthPredictor.load(directory)
+        except PredictorError:
+            pass  # stale or torn: train again
+    training = plan.predictor_training
+    split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
+    data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
+    data = data.sample(training.max_train, seed=training.split_seed)
+    config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed,
+                             num_threads=training.num_threads)
+    model = train_predictor(data, config, split=asdict(split))
+    model.save(directory)
+    return model
+
+
+def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir: str | Path) -> Trace:
+    """``trace`` with ``predicted_output_tokens`` from the plan's predictor (``none``: unchanged)."""
+    source = plan.predictor
+    if source == "none":
+        return trace
+    if source == "oracle":
+        return trace.with_predictions(trace.requests["output_tokens"].to_numpy(np.int64))
+    if source == "train":
+        model = ensure_predictor(plan, dataset, output_dir)
+    else:
+        from econoserve.predictor import LengthPredictor
+
+        model = LengthPredictor.load(source)
+    return model.predict_trace(trace)
+
+
+def cross_fit_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold (0 .. ``folds`` - 1) of each row: whole source records are assigned to folds by a
+    seeded permutation, round robin, so every fold holds about the same number of records."""
+    groups = np.unique(source_index)
+    if len(groups) < folds:
+        raise UserError(f"too few source records ({len(groups)}) for {folds} folds")
+    permuted = np.random.default_rng(seed).permutation(groups)
+    fold_of = dict(zip(permuted.tolist(), (np.arange(len(permuted)) % folds).tolist()))
+    return np.fromiter((fold_of[g] for g in source_index.tolist()), dtype=np.int64, count=len(source_index))
+
+
+def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, output_dir: str | Path) -> np.ndarray:
+    """Out-of-fold predicted lengths [tokens] for every row of ``pool`` (which must hold
+    ``source_index`` and ``prompt_text``): fold ``k``'s model is trained on every request of the
+    dataset in the other folds (capped at ``max_train``) and cached under the predictor directory
+    as ``fold-k``."""
+    from econoserve.errors import PredictorError
+    from econoserve.predictor import (
+        LabeledPrompts,
+        LengthPredictor,
+        PredictorConfig,
+        train_predictor,
+    )
+    from econoserve.workload.datasets import load_requests
+    from econoserve.workload.registry import get_entry
+
+    training = plan.predictor_training
+    folds = training.folds
+    everything = load_requests(dataset, plan.tokenizer)
+    source = everything["source_index"].to_numpy()
+    fold = cross_fit_folds(source, folds, training.split_seed)
+    fold_of_record = dict(zip(source.tolist(), fold.tolist()))
+    pool_fold = np.fromiter((fold_of_record[g] for g in pool["source_index"].tolist()), dtype=np.int64, count=len(pool))
+    predictions = np.zeros(len(pool), dtype=np.int64)
+    base = predictor_directory(plan, dataset, output_dir)
+    for k in range(folds):
+        rows = np.flatnonzero(pool_fold == k)
+        if not rows.size:
+            continue
+        directory = base / f"fold-{k}"
+        model = None
+        if (directory / "metadata.json").is_file():
+            try:
+                model = LengthPredictor.load(directory)
+            except PredictorError:
+                model = None
+        if model is None:
+            train_rows = everything[fold != k]
+            data = LabeledPrompts(
+                dataset=dataset, part=f"cross-fit fold {k} of {folds} (train)", tokenizer=plan.tokenizer,
+                prompts=train_rows["prompt_text"].tolist(),
+                prompt_tokens=train_rows["prompt_tokens"].to_numpy(np.int64),
+                source_index=train_rows["source_index"].to_numpy(np.int64),
+                targets={"reference": train_rows["output_tokens"].to_numpy(np.int64)},
+                source_sha256={dataset: get_entry(dataset).sha256},
+            ).sample(training.max_train, seed=training.split_seed)
+            config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed,
+                                     num_threads=training.num_threads)
+            model = train_predictor(data, config, split={"cross_fit_folds": folds, "fold": k,
+                                                          "seed": training.split_seed})
+            model.save(directory)
+        predictions[rows] = model.predict(pool["prompt_text"].iloc[rows].tolist())
+    return predictions
+
+
+def uses_cross_fit(plan: ExperimentPlan, dataset: str, deployment: DeploymentSpec) -> bool:
+    """Whether ``predictor="train"`` cross-fits ``dataset`` (see :class:`PredictorTraining`)."""
+    if plan.predictor != "train":
+        return False
+    if plan.predictor_training.cross_fit is not None:
+        return plan.predictor_training.cross_fit
+    return len(request_pool(dataset, plan, deployment, with_text=False, held_out=True)) < plan.num_requests
+
+

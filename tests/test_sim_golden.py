@@ -1,0 +1,28 @@
+"""A one-replica run reproduces, column for column, the tables the simulator wrote before the
+cluster refactor (issue 11): frozen in ``tests/golden/`` by ``tests/golden/make_golden.py``."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from econoserve.policy import policy_names
+from golden.make_golden import HERE, frozen_tables, golden_path, table_sha256, workloads
+
+FROZEN_HASHES = json.loads((HERE / "sha256.json").read_text())
+
+
+@pytest.mark.parametrize("workload", sorted(workloads()))
+@pytest.mark.parametrize("scheduler", policy_names())
+def test_one_replica_reproduces_every_frozen_column(workload, scheduler):
+    key = f"{workload}/{scheduler}"
+    if f"{key}/requests" not in FROZEN_HASHES:
+        pytest.skip(f"{scheduler} was registered after the tables were frozen")
+    for name, table in frozen_tables(workload, scheduler).items():
+        frozen = pd.read_parquet(golden_path(workload, scheduler, name))
+        assert table_sha256(frozen) == FROZEN_HASHES[f"{key}/{name}"], "the frozen file itself changed"
+        missing = sorted(set(frozen.columns) - set(table.columns))
+        assert not missing, f"{name}: columns gone: {missing}"
+        pd.testing.assert_frame_equal(table[list(frozen.columns)], frozen, check_exact=True, check_dtype=False)
