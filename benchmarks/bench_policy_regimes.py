@@ -86,7 +86,7 @@ QUICK_REGIMES: tuple[str, ...] = ("sharegpt-a100-80gb", "sharegpt-a100-40gb", "s
 
 # --------------------------------------------------------------------- traces
 def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...]):
-    from econoserve.analysis.experiments import DeploymentSpec, ExperimentPlan
+    from econoserve.experiments import DeploymentSpec, ExperimentPlan
 
     return ExperimentPlan(datasets=(regime.dataset,), deployments=(DeploymentSpec(regime.model, regime.gpu),),
                           num_requests=num_requests, seeds=seeds, predictor="train", sensitivity=None, jobs=1)
@@ -94,7 +94,7 @@ def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...]):
 
 def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...]) -> dict[int, object]:
     """One trace per seed at a mean rate of 1 request/s, with ``predicted_output_tokens``."""
-    from econoserve.analysis import experiments as ex
+    import econoserve.experiments as ex
 
     plan = _plan(regime, num_requests, seeds)
     deployment = plan.deployments[0]
@@ -127,7 +127,7 @@ def _with_gamma_arrivals(trace, cv: float, seed: int):
 def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int):
     """Window ``seed`` (requests ``seed * n`` .. ``(seed + 1) * n`` in time order, those that fit
     the context) of a timestamped trace, time-compressed to 1 request/s, with perturbed lengths."""
-    from econoserve.analysis.experiments import perturb_lengths
+    from econoserve.experiments import perturb_lengths
     from econoserve.sim.synthetic import trace_from_lists
     from econoserve.workload.arrivals import replay_arrivals
     from econoserve.workload.datasets import load_requests
@@ -158,7 +158,7 @@ def parse_scheduler(spec: str) -> tuple[str, dict[str, object]]:
 def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: bool = False) -> dict:
     """One simulation of ``trace`` at ``rate`` [req/s] by ``scheduler`` (see
     :func:`parse_scheduler`); the summary (+ step diagnostics)."""
-    from econoserve.analysis.experiments import at_rate
+    from econoserve.experiments import at_rate
     from econoserve.sim import SimulationConfig, simulate
 
     name, options = parse_scheduler(scheduler)

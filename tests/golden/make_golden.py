@@ -52,6 +52,16 @@ def workloads() -> dict[str, tuple[Trace, dict[str, object]]]:
     }
 
 
+#: Policy configuration the tables were frozen with, where a policy's defaults changed since on
+#: purpose (EconoServe's admission, issue 10: the frozen tables are the earlier exact-allocation
+#: defaults, so they still pin the simulator's mechanics rather than the policy's tuning).
+FROZEN_POLICY_CONFIG: dict[str, dict[str, object]] = {
+    **{name: {"kvcpipe": "curve", "reserve_ratio": 0.05}
+       for name in ("econoserve", "econoserve-no-ordering", "econoserve-no-syncdecoupled", "econoserve-oracle")},
+    "econoserve-no-kvcpipe": {"reserve_ratio": 0.05},
+}
+
+
 def golden_path(workload: str, scheduler: str, table: str) -> Path:
     return HERE / f"{workload}--{scheduler}--{table}.parquet"
 
@@ -59,7 +69,8 @@ def golden_path(workload: str, scheduler: str, table: str) -> Path:
 def frozen_tables(workload: str, scheduler: str) -> dict[str, pd.DataFrame]:
     """The requests and iterations tables of one run, wall-clock columns dropped."""
     trace, overrides = workloads()[workload]
-    result = simulate(trace, SimulationConfig(scheduler=scheduler, **overrides))
+    policy_config = FROZEN_POLICY_CONFIG.get(scheduler, {})
+    result = simulate(trace, SimulationConfig(scheduler=scheduler, policy_config=policy_config, **overrides))
     return {
         "requests": result.requests,
         "iterations": result.iterations.drop(columns=list(WALL_CLOCK_COLUMNS)),
