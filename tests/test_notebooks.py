@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -72,7 +73,8 @@ def test_simulated_serving_notebook(tmp_path):
         str(tmp_path / "03.ipynb"),
         parameters={"datasets": ["alpaca", "qmsum"], "schedulers": ["vllm", "orca", "econoserve"],
                     "ablations": ["econoserve", "econoserve-no-kvcpipe"], "predictor": "oracle",
-                    "num_requests": 120, "seed": 1, "output_dir": str(results), "figures_dir": str(figures)},
+                    "num_requests": 120, "seed": 1, "output_dir": str(results), "figures_dir": str(figures),
+                    "policy_configs": {"orca": {"max_num_seqs": 32}}},
         kernel_name="python3",
         progress_bar=False,
     )
@@ -83,6 +85,8 @@ def test_simulated_serving_notebook(tmp_path):
     sweep = pd.read_parquet(results / "sweep.parquet")
     assert set(sweep["scheduler"]) == {"vllm", "orca", "econoserve", "econoserve-no-kvcpipe"}
     assert (sweep["num_requests"] == 120).all() and (sweep["seed"] == 1).all()
+    plan = json.loads((results / "experiments.json").read_text())["plan"]
+    assert plan["policy_configs"] == {"orca": {"max_num_seqs": 32}}
     claims = pd.read_csv(figures / "headline_claims.csv")
     assert {"jct_reduction", "sustained_rate"} <= set(claims["claim"])
     assert set(claims["dataset"]) == {"alpaca", "qmsum", "all"}

@@ -22,23 +22,20 @@ from econoserve.sim import (
     simulate_cluster,
 )
 from econoserve.sim.synthetic import synthetic_trace, trace_from_lists
+from test_sim_properties import MAX_MODEL_LEN, workloads
 
-MAX_MODEL_LEN = 512
 
 
 @st.composite
 def clusters(draw):
-    n = draw(st.integers(1, 30))
-    gaps = draw(st.lists(st.floats(0.0, 0.05, allow_nan=False), min_size=n, max_size=n))
-    prompts = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
-    outputs = draw(st.lists(st.integers(1, 150), min_size=n, max_size=n))
-    predicted = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
-    trace = trace_from_lists(np.cumsum(gaps), prompts, outputs, predicted)
+    """A random workload (``test_sim_properties.workloads``) over 1-4 replicas of random policies
+    and cache sizes, behind a random router."""
+    trace, block_size, _, _ = draw(workloads())
     replicas = tuple(
         SimulationConfig(
             scheduler=draw(st.sampled_from(policy_names())),
-            block_size=16,
-            num_kv_blocks=draw(st.integers(4, 60)),
+            block_size=block_size,
+            num_kv_blocks=draw(st.integers(4, 60)) * (16 // block_size),
             max_model_len=MAX_MODEL_LEN,
             check_invariants=True,
         )
