@@ -241,3 +241,30 @@ def test_a_plan_gives_the_same_tables_on_either_backend_and_resumes(ray_backend,
     assert sorted(changed["rate_rps"].tolist()) == sorted(row["rate_rps"] for row in lost.values())
     pd.testing.assert_frame_equal(again.sensitivity, on_ray.sensitivity)
     pd.testing.assert_frame_equal(_without_wall(again.sweep), _without_wall(on_ray.sweep))
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.ray
+def test_notebook_03_runs_on_a_ray_cluster_given_its_address(ray_backend, tmp_path):
+    """``papermill ... -p backend ray -p address HOST:PORT``: the notebook's kernel joins the
+    running Ray head as a driver, runs the plan there, and leaves the cluster running."""
+    import papermill
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    papermill.execute_notebook(
+        str(REPOSITORY / "notebooks" / "03_simulated_serving.ipynb"), str(tmp_path / "03.ipynb"),
+        parameters={"backend": "ray", "address": address, "datasets": ["qmsum"], "schedulers": ["vllm", "econoserve"],
+                    "ablations": ["econoserve", "econoserve-no-kvcpipe"], "predictor": "oracle",
+                    "num_requests": 60, "sensitivity": False, "output_dir": str(results),
+                    "figures_dir": str(figures)},
+        kernel_name="python3", progress_bar=False, cwd=str(REPOSITORY),
+    )
+    sweep = pd.read_parquet(results / "sweep.parquet")
+    assert set(sweep["scheduler"]) == {"vllm", "econoserve", "econoserve-no-kvcpipe"}
+    saturation = pd.read_parquet(results / "saturation.parquet")
+    assert len(TaskStore(results / "tasks").keys()) == len(sweep) + len(saturation)
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == address  # still up
+    assert (figures / "headline_claims.csv").is_file()

@@ -26,6 +26,17 @@ retried (Ray: ``max_retries``; the pool: a broken pool is rebuilt, at most ``max
 and the unfinished tasks are submitted again); a result is recorded once per key, so a retried
 task is never counted twice. An exception raised *by* a task is not retried: it stops the map
 and is raised in the caller (results already stored are kept).
+
+A search that is sequential inside (a goodput bisection) is parallel across its independent
+instances: make one task per instance (a module-level function of ``(item, trace)``, the item
+holding everything else it needs), e.g.::
+
+    shared = backend.share(trace, trace_digest(trace))
+    tasks = [Task(content_key("unit_goodput", unit_columns(u), settings, objective, hardware, shared.digest),
+                  (u, hardware, objective, settings), (shared,)) for u in units]
+    rows = backend.map(_unit_goodput, tasks, store=TaskStore(output_dir / "tasks"), desc="placement")
+
+Plain simulations go through :func:`~econoserve.experiments.runner.run_jobs` (jobs -> rows).
 """
 
 from __future__ import annotations
