@@ -2,8 +2,9 @@
 tasks are stored atomically and a rerun computes only the missing ones; a task whose worker is
 killed is retried and recorded once; the default path never imports Ray.
 
-The Ray tests start a local Ray head on loopback (2 CPUs) once for the module and shut it down
-afterwards; every test here is bounded by a hard deadline."""
+The Ray tests start a local Ray head (2 CPUs, no dashboard) once for the module and shut it down
+afterwards; every test here is bounded by a hard deadline. (Ray cannot be held to loopback: it
+maps 127.0.0.1 to the machine's address; its token authentication keeps other hosts out.)"""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def deadline():
 
 @pytest.fixture(scope="module")
 def ray_backend():
-    """A Ray instance started on this machine by the backend (loopback, 2 CPUs), stopped afterwards."""
+    """A Ray instance started on this machine by the backend (2 CPUs), stopped afterwards."""
     pytest.importorskip("ray")
     import ray.cloudpickle
 

@@ -8,8 +8,8 @@ itself. Two implementations:
 ``pool``  :class:`PoolBackend`: ``jobs`` worker processes on this machine (one job: in this
           process). Needs nothing beyond the core install.
 ``ray``   :class:`RayBackend`: tasks on a Ray cluster (``address="auto"`` or ``HOST:PORT``), or on
-          a Ray instance it starts on this machine (``address=None``: ``jobs`` CPUs, loopback
-          only). Needs the ``ray`` extra (``pip install econoserve[ray]``); ``ray`` is imported
+          a Ray instance it starts on this machine (``address=None``: ``jobs`` CPUs, no
+          dashboard). Needs the ``ray`` extra (``pip install econoserve[ray]``); ``ray`` is imported
           only when this backend is made, so the default path never imports it.
 
 Shipping inputs once: :meth:`Backend.share` returns a :class:`Shared` handle for a large input (a
@@ -60,8 +60,6 @@ from econoserve.errors import UserError
 BACKENDS: tuple[str, ...] = ("pool", "ray")
 #: Times a task is retried after its worker died (Ray's ``max_retries``; pool rebuilds).
 DEFAULT_MAX_RETRIES = 3
-#: Host a Ray instance started by :class:`RayBackend` listens on (never an outside interface).
-LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -279,9 +277,13 @@ def _completed(pool: ProcessPoolExecutor, fn, tasks: Sequence[Task]) -> Iterator
 # --------------------------------------------------------------------- ray
 class RayBackend:
     """Tasks on Ray: a cluster at ``address`` (``auto``, ``HOST:PORT``), a Ray instance already
-    initialised in this process, or one started here (``address=None``: ``jobs`` CPUs, loopback,
-    no dashboard; shut down by :meth:`close`). Each task asks for one CPU; a task whose worker
-    dies is retried up to ``max_retries`` times by Ray.
+    initialised in this process, or one started here (``address=None``: ``jobs`` CPUs, no
+    dashboard; shut down by :meth:`close`). Each task asks for one CPU; a task whose worker dies
+    is retried up to ``max_retries`` times by Ray.
+
+    Network: Ray cannot be confined to loopback (it maps 127.0.0.1 to the machine's address, and
+    its gRPC servers listen on every interface); Ray's token authentication (on by default in Ray
+    2.60, the version tested here) is what keeps other hosts out, so keep it on.
 
     On a multi-node cluster every node needs this package installed (same version): tasks are
     pickled functions of ``econoserve``."""
@@ -300,8 +302,7 @@ class RayBackend:
             if address is None:
                 if jobs < 1:
                     raise UserError(f"jobs must be >= 1, got {jobs}")
-                ray.init(num_cpus=jobs, include_dashboard=False, _node_ip_address=LOOPBACK,
-                         logging_level="WARNING", log_to_driver=False)
+                ray.init(num_cpus=jobs, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
             else:
                 try:
                     ray.init(address=address, logging_level="WARNING")
