@@ -210,22 +210,22 @@ def _sweep(args: argparse.Namespace) -> int:
     for config in configs.values():
         config.deployment().num_kv_blocks  # noqa: B018 - raises UserError if the model does not fit
     output = Path(args.output)
-    # One trace per dataset at rate 1, rescaled to each rate (the same requests at every rate);
-    # building it here surfaces unknown names or missing data as one-line errors.
-    traces = {
-        dataset: build_trace(TraceSpec(dataset=dataset, tokenizer=args.tokenizer, num_requests=args.num_requests,
-                                       arrival=args.arrival, rate_rps=1.0, cv=args.cv, seed=args.seed,
-                                       include_text=False))
-        for dataset in args.datasets
-    }
-    jobs = [
-        Job({"dataset": dataset, "scheduler": name}, traces[dataset], rate, config,
-            run_dir=str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None)
-        for dataset in args.datasets
-        for rate in args.rates
-        for name, config in configs.items()
-    ]
-    with make_backend(args.backend, args.jobs, args.address) as backend:
+    with make_backend(args.backend, args.jobs, args.address) as backend:  # a bad choice fails before any work
+        # One trace per dataset at rate 1, rescaled to each rate (the same requests at every rate);
+        # building it here surfaces unknown names or missing data as one-line errors.
+        traces = {
+            dataset: build_trace(TraceSpec(dataset=dataset, tokenizer=args.tokenizer, num_requests=args.num_requests,
+                                           arrival=args.arrival, rate_rps=1.0, cv=args.cv, seed=args.seed,
+                                           include_text=False))
+            for dataset in args.datasets
+        }
+        jobs = [
+            Job({"dataset": dataset, "scheduler": name}, traces[dataset], rate, config,
+                run_dir=str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None)
+            for dataset in args.datasets
+            for rate in args.rates
+            for name, config in configs.items()
+        ]
         rows, _, _ = run_jobs(jobs, backend, desc="sweep", store=TaskStore(output / TASKS_DIRECTORY))
     table = pd.DataFrame(rows).sort_values(["dataset", "scheduler", "rate_rps"], kind="stable").reset_index(drop=True)
     output.mkdir(parents=True, exist_ok=True)
