@@ -52,7 +52,7 @@ def _measure(backend_name: str, workers: int, profile: str, quick: bool, predict
 
     plan = replace(_plan(profile, quick), jobs=workers)
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as out:
-        if Path(predictors).is_dir():  # trained once before the timed runs; not what is measured
+        if predictors and Path(predictors).is_dir():  # trained once before the timed runs; not what is measured
             os.symlink(predictors, Path(out) / "predictors")
         clock = time.perf_counter()
         backend = make_backend(backend_name, workers)
@@ -125,6 +125,10 @@ def _markdown(summary: list[dict], meta: dict) -> str:
         f"(load average {meta['load_before']} before, {meta['load_after']} after). Median of {meta['repeats']} "
         "interleaved repeat(s), each a fresh process. Produced by `benchmarks/bench_backends.py"
         f"{' --quick' if meta['quick'] else ''}`.",
+        "",
+        "start: making the backend (Ray: a local instance; the pool starts its processes inside run); run: "
+        "the whole plan into an empty results directory (the pool with 1 worker runs in the calling "
+        "process); rerun: the same plan on the same directory, every task loaded from the store.",
         "",
         "| backend | workers | tasks | start [s] | run [s] | rerun, all stored [s] | close [s] | start+run+close [s] |",
         "|---|---|---|---|---|---|---|---|",
