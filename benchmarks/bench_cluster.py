@@ -95,6 +95,7 @@ def _child(job: dict) -> dict:
     from econoserve.sim import SimulationConfig, simulate
 
     config = SimulationConfig(scheduler=job["policy"], model="llama-2-13b", gpu="a100-80gb")
+    cpu_start = time.process_time()
     start = time.perf_counter()
     if job["replicas"] == 1:
         result = simulate(trace, config)
@@ -104,6 +105,7 @@ def _child(job: dict) -> dict:
         result = simulate_cluster(trace, ClusterConfig.uniform(config, job["replicas"], job["router"]),
                                   progress=job.get("progress", False))
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = result.summary
     row = {
@@ -111,6 +113,8 @@ def _child(job: dict) -> dict:
         "wall_s": wall,
         "requests_per_wall_s": job["num_requests"] / wall,
         "wall_us_per_request": 1e6 * wall / job["num_requests"],
+        "cpu_s": cpu,
+        "requests_per_cpu_s": job["num_requests"] / cpu,
         "iterations": s["num_iterations"],
         "iterations_per_wall_s": s["num_iterations"] / wall,
         "completed": s["completed"],
@@ -199,19 +203,23 @@ def write_report(scale: list[dict], single: list[dict], args) -> Path:
         "",
         f"Llama-2-13B on A100-80GB, {single[0]['num_requests']:,} ShareGPT-like requests, Poisson "
         f"{single[0]['rate_rps']:g} requests/s, skip-ahead on; median of {args.repeats} runs each, old and new "
-        "interleaved.",
+        "interleaved. CPU seconds (the process's own) are less disturbed by other load than wall seconds.",
         "",
-        "| policy | before: requests / wall-s | after: requests / wall-s | after / before | before: peak RSS [MiB] | "
+        "| policy | before: requests / wall-s | after: requests / wall-s | after / before (wall) | "
+        "before: requests / CPU-s | after: requests / CPU-s | after / before (CPU) | before: peak RSS [MiB] | "
         "after: peak RSS [MiB] |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for policy in dict.fromkeys(r["policy"] for r in single):
         old = [r for r in single if r["policy"] == policy and r["tree"] == "before"]
         new = [r for r in single if r["policy"] == policy and r["tree"] == "after"]
         old_rate = statistics.median(r["requests_per_wall_s"] for r in old)
         new_rate = statistics.median(r["requests_per_wall_s"] for r in new)
+        old_cpu = statistics.median(r["requests_per_cpu_s"] for r in old)
+        new_cpu = statistics.median(r["requests_per_cpu_s"] for r in new)
         lines.append(
             f"| {policy} | {old_rate:,.0f} | {new_rate:,.0f} | {new_rate / old_rate:.2f} | "
+            f"{old_cpu:,.0f} | {new_cpu:,.0f} | {new_cpu / old_cpu:.2f} | "
             f"{statistics.median(r['peak_rss_mib'] for r in old):.0f} | "
             f"{statistics.median(r['peak_rss_mib'] for r in new):.0f} |"
         )
@@ -232,7 +240,8 @@ def main() -> None:
                         help="one-replica trace size (default: 10000; quick: 3000)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE_COMMIT, help="commit to compare one replica against")
-    parser.add_argument("--skip-scale", action="store_true", help="only the one-replica comparison")
+    parser.add_argument("--skip-scale", action="store_true",
+                        help="only the one-replica comparison (the cluster rows are kept from results/cluster.json)")
     parser.add_argument("--source", type=Path, default=ROOT, metavar="DIR",
                         help="the tree to measure (default: this one; a snapshot lets you edit meanwhile)")
     args = parser.parse_args()
@@ -252,6 +261,8 @@ def main() -> None:
                     print(f"one replica {policy:>11} {tree:>6}: {row['requests_per_wall_s']:8,.0f} req/s  "
                           f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
     scale = []
+    if args.skip_scale and (RESULTS / "cluster.json").is_file():
+        scale = json.loads((RESULTS / "cluster.json").read_text())["scale"]
     if not args.skip_scale:
         for size in sizes:
             job = {"policy": "vllm", "replicas": args.replicas, "router": args.router, "num_requests": size,
