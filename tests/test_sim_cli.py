@@ -148,3 +148,14 @@ def test_a_cluster_file_without_schedulers_needs_the_flag(trace_file, tmp_path, 
     assert main(args) == 2
     assert "replicas[0]: no scheduler" in capsys.readouterr().err
     assert main([*args, "--scheduler", "orca"]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--address", "auto"], "--address 'auto' is for the ray backend"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+])
+def test_sweep_bad_backend_flags_give_one_line_errors(tmp_path, capsys, flags, message):
+    status = main(["sweep", "--datasets", "alpaca", "--rates", "2", "--schedulers", "vllm", "-o", str(tmp_path / "x"),
+                   *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -2,8 +2,9 @@
 
 Modules: :mod:`~econoserve.experiments.plan` (what to run), :mod:`~econoserve.experiments.workloads`
 (request pools and traces), :mod:`~econoserve.experiments.predictors` (trained and cached or
-cross-fitted length predictors), :mod:`~econoserve.experiments.runner` (jobs in worker processes,
-:func:`run_experiments`). Figures are drawn from the tables by :mod:`econoserve.analysis.figures`.
+cross-fitted length predictors), :mod:`~econoserve.experiments.backends` (where runs execute: a
+local process pool or Ray; stored results for resumption), :mod:`~econoserve.experiments.runner`
+(jobs on a backend, :func:`run_experiments`). Figures are drawn from the tables by :mod:`econoserve.analysis.figures`.
 
 An :class:`ExperimentPlan` names everything a run of notebook 03 does. :func:`make_plan` builds
 one for a ``profile``:
@@ -59,6 +60,17 @@ Documented choices:
   whose configuration has a ``slo_scale`` field (EconoServe's Ordering), theirs too.
 """
 
+from econoserve.experiments.backends import (
+    BACKENDS,
+    Backend,
+    PoolBackend,
+    RayBackend,
+    Shared,
+    Task,
+    TaskStore,
+    content_key,
+    make_backend,
+)
 from econoserve.experiments.plan import (
     ABLATIONS,
     BASELINES,
@@ -86,17 +98,32 @@ from econoserve.experiments.predictors import (
     uses_cross_fit,
 )
 from econoserve.experiments.runner import (
+    TASKS_DIRECTORY,
     ExperimentResults,
     Job,
+    job_tasks,
     run_experiments,
     run_jobs,
     sensitivity_jobs,
     simulation_config,
+    trace_digest,
 )
 from econoserve.experiments.workloads import at_rate, perturb_lengths, request_pool, unit_rate_trace, without_text
 
 __all__ = [
     "ABLATIONS",
+    "BACKENDS",
+    "TASKS_DIRECTORY",
+    "Backend",
+    "PoolBackend",
+    "RayBackend",
+    "Shared",
+    "Task",
+    "TaskStore",
+    "content_key",
+    "job_tasks",
+    "make_backend",
+    "trace_digest",
     "BASELINES",
     "ECONOSERVE",
     "MAIN_SCHEDULERS",

@@ -5,12 +5,11 @@ sweep and sensitivity runs, and the tidy tables they produce. ``econoserve sweep
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pandas as pd
 
 from econoserve import __version__
 from econoserve.policy import make_config
+from econoserve.experiments.backends import Backend, PoolBackend, Task, TaskStore, content_key, make_backend
 from econoserve.experiments.plan import (
     BURST_RATE_RPS,
     SENSITIVITY_KNOBS,
@@ -61,12 +61,12 @@ class Job:
     rate_rps: float
     config: SimulationConfig
     keep_tables: bool = False
-    run_dir: str | None = None  # also write the run's directory here
+    run_dir: str | None = None  # also write the run's directory here (on the worker's machine)
 
 
-def _run_job(job: Job) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
+def _run_job(job: Job, trace: Trace) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
     start = time.perf_counter()
-    result = simulate(at_rate(job.trace, job.rate_rps), job.config)
+    result = simulate(at_rate(trace, job.rate_rps), job.config)
     if job.run_dir is not None:
         result.write(job.run_dir)
     row = {**job.keys, "rate_rps": job.rate_rps, "skip_ahead": job.config.skip_ahead, **result.summary,
@@ -79,20 +79,35 @@ def _run_job(job: Job) -> tuple[dict, pd.DataFrame | None, pd.DataFrame | None]:
     return row, iterations, requests
 
 
-def run_jobs(jobs: Sequence[Job], num_workers: int = 2, progress: bool = True, desc: str = "simulate"):
-    """Run ``jobs`` in ``num_workers`` processes (in order); returns ``(rows, iterations,
-    requests)`` with the tables of jobs that keep them concatenated (None if none do)."""
-    from tqdm.auto import tqdm
+def trace_digest(trace: Trace) -> str:
+    """SHA-256 of a trace's content (columns, values, metadata): part of its runs' task keys."""
+    digest = hashlib.sha256(json.dumps([list(trace.requests.columns), trace.metadata], sort_keys=True,
+                                       default=str).encode())
+    digest.update(pd.util.hash_pandas_object(trace.requests, index=True).to_numpy().tobytes())
+    return digest.hexdigest()
 
-    outputs = []
-    workers = min(num_workers, len(jobs), os.cpu_count() or 1)
-    if workers <= 1:
-        outputs = [_run_job(job) for job in tqdm(jobs, desc=desc, unit="run", disable=not progress)]
-    elif jobs:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            chunks = max(1, len(jobs) // (8 * workers))
-            outputs = list(tqdm(pool.map(_run_job, jobs, chunksize=chunks), total=len(jobs), desc=desc,
-                                unit="run", disable=not progress))
+
+def job_tasks(jobs: Sequence[Job], backend: Backend) -> list[Task]:
+    """``jobs`` as backend tasks: each distinct trace shared once, the key naming the row keys,
+    rate, configuration, tables kept, run directory and the trace's content."""
+    tasks, shared_traces = [], {}
+    for job in jobs:
+        if id(job.trace) not in shared_traces:
+            shared_traces[id(job.trace)] = backend.share(job.trace, trace_digest(job.trace))
+        shared = shared_traces[id(job.trace)]
+        key = content_key("simulate", job.keys, job.rate_rps, job.config.to_dict(), job.keep_tables, job.run_dir,
+                          shared.digest)
+        tasks.append(Task(key, dataclasses.replace(job, trace=None), (shared,)))
+    return tasks
+
+
+def run_jobs(jobs: Sequence[Job], backend: Backend | None = None, progress: bool = True, desc: str = "simulate",
+             store: TaskStore | None = None):
+    """Run ``jobs`` on ``backend`` (default: in this process); returns ``(rows, iterations,
+    requests)`` in job order, with the tables of jobs that keep them concatenated (None if none
+    do). With a ``store``, finished runs are kept there and only missing ones are computed."""
+    backend = backend or PoolBackend(jobs=1)
+    outputs = backend.map(_run_job, job_tasks(jobs, backend), store=store, desc=desc, progress=progress)
     rows = [o[0] for o in outputs]
     iterations = [o[1] for o in outputs if o[1] is not None]
     requests = [o[2] for o in outputs if o[2] is not None]
@@ -143,17 +158,31 @@ class ExperimentResults:
         return goodput_from_table(mean, by=["deployment", "dataset", "scheduler"])
 
 
+#: Subdirectory of an experiment's output directory holding each finished run (resumption).
+TASKS_DIRECTORY = "tasks"
+
+
 def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool = True,
-                    allow_missing: bool = False) -> ExperimentResults:
+                    allow_missing: bool = False, backend: Backend | None = None) -> ExperimentResults:
     """Run ``plan``: saturation bursts, the rate sweep (main schedulers and ablations; iteration
     tables at the reference rate), the sensitivity runs; write everything under ``output_dir``.
 
+    Runs go to ``backend`` (default: a process pool of ``plan.jobs`` workers, closed at the end;
+    a backend passed in stays open). Each finished run is stored under
+    ``output_dir/tasks/`` at once, so rerunning the same plan on the same directory (after an
+    interruption, or to redraw) computes only the runs that are missing; a run's key covers its
+    trace, configuration and the package's code, so results of other code are never reused.
+
     Schedulers the registry lacks raise :class:`UserError`, unless ``allow_missing`` (then they
     are dropped and listed in ``missing_schedulers``)."""
+    if backend is None:
+        with make_backend("pool", plan.jobs) as owned:
+            return run_experiments(plan, output_dir, progress, allow_missing, owned)
     missing = check_schedulers(plan, allow_missing)
     run_plan = without_schedulers(plan, missing) if missing else plan
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    store = TaskStore(output_dir / TASKS_DIRECTORY)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -188,7 +217,7 @@ def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool
             for scheduler in run_plan.schedulers:
                 keys = {"deployment": name, "dataset": dataset, "scheduler": scheduler, "seed": seed0}
                 burst_jobs.append(Job(keys, trace, BURST_RATE_RPS, simulation_config(run_plan, deployment, scheduler, seed0)))
-    rows, _, _ = run_jobs(burst_jobs, run_plan.jobs, progress, desc="saturation")
+    rows, _, _ = run_jobs(burst_jobs, backend, progress, desc="saturation", store=store)
     saturation = pd.DataFrame(rows)[["deployment", "dataset", "scheduler", "throughput_rps", "output_tokens_per_s",
                                      "mean_kvc_utilization", "mean_gpu_token_utilization", "preempted_fraction"]]
     saturation = saturation.rename(columns={"throughput_rps": "burst_throughput_rps"})
@@ -220,7 +249,7 @@ def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool
                     keys = {"deployment": name, "dataset": dataset, "scheduler": scheduler, "seed": seed,
                             "reference": reference}
                     jobs.append(Job(keys, trace, rate, config, keep_tables=reference))
-    rows, iterations, requests = run_jobs(jobs, run_plan.jobs, progress, desc="sweep")
+    rows, iterations, requests = run_jobs(jobs, backend, progress, desc="sweep", store=store)
     iterations = None if iterations is None else _in_plan_order(iterations, run_plan, ["seed", "iteration"])
     requests = None if requests is None else _in_plan_order(requests, run_plan, ["seed", "request_id"])
     sweep = _in_plan_order(pd.DataFrame(rows), run_plan, ["seed", "rate_rps"])
@@ -230,7 +259,7 @@ def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool
     clock = time.perf_counter()
     sensitivity = pd.DataFrame()
     if run_plan.sensitivity is not None:
-        sensitivity = _run_sensitivity(run_plan, traces, deployments, grid, progress)
+        sensitivity = _run_sensitivity(run_plan, traces, deployments, grid, progress, backend, store)
     timings["sensitivity"] = time.perf_counter() - clock
 
     results = ExperimentResults(
@@ -283,9 +312,9 @@ def sensitivity_jobs(plan: ExperimentPlan, traces: Mapping[tuple[str, str, int],
     return jobs
 
 
-def _run_sensitivity(plan, traces, deployments, grid, progress) -> pd.DataFrame:
+def _run_sensitivity(plan, traces, deployments, grid, progress, backend, store) -> pd.DataFrame:
     jobs = sensitivity_jobs(plan, traces, deployments, grid)
-    rows, _, _ = run_jobs(jobs, plan.jobs, progress, desc="sensitivity")
+    rows, _, _ = run_jobs(jobs, backend, progress, desc="sensitivity", store=store)
     return pd.DataFrame(rows)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.experiments.backends import BACKENDS
 from econoserve.policy import policy_names
 from econoserve.sim.catalog import GPUS, MODELS
 from econoserve.sim.cluster import DEFAULT_ROUTER, ClusterConfig, simulate_cluster
@@ -172,7 +173,8 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
             "For every dataset and rate, build a trace ('econoserve trace build' semantics), run it "
             "through every scheduler, and write one row per run (the run's summary plus dataset, "
             "rate and scheduler) to DIR/sweep.parquet and DIR/sweep.csv, with each scheduler's "
-            "goodput (highest swept rate with SLO attainment >= 0.9) in DIR/goodput.csv."
+            "goodput (highest swept rate with SLO attainment >= 0.9) in DIR/goodput.csv. Every finished "
+            "run is kept in DIR/tasks/, so rerunning the same command on DIR computes only the missing runs."
         ),
     )
     parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME",
@@ -185,7 +187,13 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"), help="arrival process (default: poisson)")
     parser.add_argument("--cv", type=positive_float, default=None, help="coefficient of variation of gaps (gamma only)")
     parser.add_argument("--tokenizer", default="llama2", metavar="NAME", help="tokenizer for text datasets (default: llama2)")
-    parser.add_argument("--jobs", type=positive_int, default=2, metavar="N", help="parallel processes (default: 2)")
+    parser.add_argument("--jobs", type=positive_int, default=2, metavar="N",
+                        help="parallel workers on this machine (default: 2; ray: CPUs of the Ray instance it starts)")
+    parser.add_argument("--backend", default="pool", choices=BACKENDS,
+                        help="where runs execute: a local process pool (default) or Ray (pip install 'econoserve[ray]')")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="Ray cluster to run on ('auto': the one this machine belongs to); default: start a "
+                             "local Ray instance (ray backend only)")
     parser.add_argument("--save-runs", action="store_true", help="also write each run's directory under DIR/runs/")
     parser.add_argument("-o", "--output", required=True, type=output_dir, metavar="DIR", help="output directory")
     _add_deployment_flags(parser)
@@ -194,7 +202,7 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from econoserve.analysis.metrics import goodput_from_table
-    from econoserve.experiments import Job, run_jobs
+    from econoserve.experiments import TASKS_DIRECTORY, Job, TaskStore, make_backend, run_jobs
     from econoserve.workload.datasets import TraceSpec, build_trace
 
     if args.jobs < 1:
@@ -207,22 +215,23 @@ def _sweep(args: argparse.Namespace) -> int:
     for config in configs.values():
         config.deployment().num_kv_blocks  # noqa: B018 - raises UserError if the model does not fit
     output = Path(args.output)
-    # One trace per dataset at rate 1, rescaled to each rate (the same requests at every rate);
-    # building it here surfaces unknown names or missing data as one-line errors.
-    traces = {
-        dataset: build_trace(TraceSpec(dataset=dataset, tokenizer=args.tokenizer, num_requests=args.num_requests,
-                                       arrival=args.arrival, rate_rps=1.0, cv=args.cv, seed=args.seed,
-                                       include_text=False))
-        for dataset in args.datasets
-    }
-    jobs = [
-        Job({"dataset": dataset, "scheduler": name}, traces[dataset], rate, config,
-            run_dir=str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None)
-        for dataset in args.datasets
-        for rate in args.rates
-        for name, config in configs.items()
-    ]
-    rows, _, _ = run_jobs(jobs, args.jobs, desc="sweep")
+    with make_backend(args.backend, args.jobs, args.address) as backend:  # a bad choice fails before any work
+        # One trace per dataset at rate 1, rescaled to each rate (the same requests at every rate);
+        # building it here surfaces unknown names or missing data as one-line errors.
+        traces = {
+            dataset: build_trace(TraceSpec(dataset=dataset, tokenizer=args.tokenizer, num_requests=args.num_requests,
+                                           arrival=args.arrival, rate_rps=1.0, cv=args.cv, seed=args.seed,
+                                           include_text=False))
+            for dataset in args.datasets
+        }
+        jobs = [
+            Job({"dataset": dataset, "scheduler": name}, traces[dataset], rate, config,
+                run_dir=str(output / "runs" / f"{dataset}_{rate:g}rps_{name}") if args.save_runs else None)
+            for dataset in args.datasets
+            for rate in args.rates
+            for name, config in configs.items()
+        ]
+        rows, _, _ = run_jobs(jobs, backend, desc="sweep", store=TaskStore(output / TASKS_DIRECTORY))
     table = pd.DataFrame(rows).sort_values(["dataset", "scheduler", "rate_rps"], kind="stable").reset_index(drop=True)
     output.mkdir(parents=True, exist_ok=True)
     table.to_parquet(output / "sweep.parquet", index=False)
