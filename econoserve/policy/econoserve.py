@@ -183,6 +183,12 @@ class EconoServeConfig:
         Ordering under overload [s]: a PT whose key (latest start that meets its estimated
         deadline) is more than this in the past yields to every PT that can still meet its
         deadline; ``None`` = strict key order.
+    ordering_length_weight:
+        Shrinkage ``w`` of the predicted response length in Ordering's keys [fraction]: the keys
+        use ``w * A`` output tokens instead of ``A`` (allocation and KVCPipe still use ``A``).
+        ``w`` is the slope of a linear calibration ``E[true | A] = c + w * A`` (the offset ``c``
+        cancels in the key order), so ``w < 1`` trusts a noisy predictor's ranking less; 0 is
+        (nearly) FCFS. Allocation is unaffected.
     """
 
     rl_bucket: int = 32
@@ -203,6 +209,7 @@ class EconoServeConfig:
     overbooking: float = 0.0
     ordering_horizon_s: float | None = None
     late_demotion_s: float | None = None
+    ordering_length_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -221,6 +228,8 @@ class EconoServeConfig:
         require_positive(self, "ordering_horizon_s")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
+        if self.ordering_length_weight < 0:
+            raise ValueError(f"ordering_length_weight must be >= 0, got {self.ordering_length_weight}")
 
 
 class EconoServePolicy(Policy):
@@ -323,14 +332,18 @@ class EconoServePolicy(Policy):
         return max(request.num_tokens - 1, min(tokens, self.limits.max_model_len, cap))
 
     # ------------------------------------------------------------------ ordering
+    def _ordering_output_tokens(self, request: Request) -> float:
+        """The response length Ordering's keys use: ``ordering_length_weight`` x allocation [tokens]."""
+        return self.config.ordering_length_weight * self.allocated_output_tokens(request)
+
     def _isolated_estimate_s(self, request: Request) -> float:
         limits = self.limits
         return (request.num_prompt_tokens * limits.prefill_time_per_token_s
-                + self.allocated_output_tokens(request) * limits.decode_time_per_step_s)
+                + self._ordering_output_tokens(request) * limits.decode_time_per_step_s)
 
     def _remaining_estimate_s(self, request: Request) -> float:
         limits = self.limits
-        remaining_output = self.allocated_output_tokens(request) - request.num_output_tokens
+        remaining_output = self._ordering_output_tokens(request) - request.num_output_tokens
         pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
         return (pending_prompt * limits.prefill_time_per_token_s
                 + max(0, remaining_output) * limits.decode_time_per_step_s)
