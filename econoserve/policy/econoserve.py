@@ -189,6 +189,11 @@ class EconoServeConfig:
         ``w`` is the slope of a linear calibration ``E[true | A] = c + w * A`` (the offset ``c``
         cancels in the key order), so ``w < 1`` trusts a noisy predictor's ranking less; 0 is
         (nearly) FCFS. Allocation is unaffected.
+    backfill_output_tokens:
+        Backfill past a refused PT [tokens]: with ``kvcpipe="all"``, once the occupancy curve
+        refuses a PT, later PTs whose allocation ``A`` is at most this may still start (in queue
+        order, each by the same curve and free-pool test), so short requests do not wait behind
+        a long one (head-of-line blocking); ``None`` = stop at the first refused PT.
     """
 
     rl_bucket: int = 32
@@ -210,6 +215,7 @@ class EconoServeConfig:
     ordering_horizon_s: float | None = None
     late_demotion_s: float | None = None
     ordering_length_weight: float = 1.0
+    backfill_output_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -225,7 +231,7 @@ class EconoServeConfig:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
-        require_positive(self, "ordering_horizon_s")
+        require_positive(self, "ordering_horizon_s", "backfill_output_tokens")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         if self.ordering_length_weight < 0:
@@ -262,7 +268,7 @@ class EconoServePolicy(Policy):
         self._pt_waits_for_budget = False
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
-                        "gt_evictions"):
+                        "gt_evictions", "backfills"):
             self.stats.extra[counter] = 0
 
     def _make_kv_cache(self) -> KVCache:
@@ -702,6 +708,15 @@ class EconoServePolicy(Policy):
         index = bisect.bisect_left(self._pt_queue, (now_s - late,))
         return index if index < len(self._pt_queue) else 0
 
+    def _next_backfill(self, start: int) -> int | None:
+        """Index of the first PT from ``start`` on whose allocation is at most
+        ``backfill_output_tokens`` (``None`` if there is none)."""
+        limit = self.config.backfill_output_tokens
+        for index in range(start, len(self._pt_queue)):
+            if self.allocated_output_tokens(self._pt_queue[index][2]) <= limit:
+                return index
+        return None
+
     def _admit_prompts(self, budget: int, decision: SchedulerDecision, now_s: float) -> None:
         """Start PTs in priority order (see :meth:`_next_pt`) while the budget, ``max_num_seqs``
         and the KV rule of ``prompt_admission`` allow (see the module docstring); the first chunk
@@ -711,13 +726,16 @@ class EconoServePolicy(Policy):
         committed = self._kept_free_blocks()
         flight = self._flight() if self._pipelined else None
         self._pt_waits_for_budget = False
+        backfill_from = None  # set once the curve refused a PT: only short PTs behind it may start
         while self._pt_queue:
             if budget <= 0:
                 self._pt_waits_for_budget = True
                 return
             if len(self.running) >= self.config.max_num_seqs:
                 return
-            index = self._next_pt(now_s)
+            index = self._next_pt(now_s) if backfill_from is None else self._next_backfill(backfill_from)
+            if index is None:
+                return
             request = self._pt_queue[index][2]
             rid = request.request_id
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
@@ -726,9 +744,18 @@ class EconoServePolicy(Policy):
             recompute = request.num_output_tokens > 0
             room = kv.num_free_blocks + (kv.num_global_reserve_free if recompute else 0)
             if prompt_blocks + max(0, own_growth) + committed > room:
-                return
+                if backfill_from is None:
+                    return
+                backfill_from = index + 1
+                continue
             if flight is not None and not self._flight_admits(request, flight):
-                return
+                if self.config.backfill_output_tokens is None:
+                    return
+                backfill_from = index + 1
+                continue
+            if backfill_from is not None:
+                backfill_from = index
+                self.stats.extra["backfills"] += 1
             del self._pt_queue[index]
             reserved = kv.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
             if reserved:
