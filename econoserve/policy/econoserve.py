@@ -90,7 +90,14 @@ both queues are FCFS. Aging (``ordering_horizon_s = H``): the PT key is capped a
 demotion (``late_demotion_s = D``): a PT whose key is more than ``D`` in the past (it can no
 longer meet its estimated deadline) yields to the first PT that still can. Both are off by
 default: on the scoreboard neither raised goodput (aging at 30 s cut the p99 JCT of true-length
-Ordering by 12 % on ShareGPT at 80 GB but cost 2-8 % goodput at 40 GB).
+Ordering by 12 % on ShareGPT at 80 GB but cost 2-8 % goodput at 40 GB). Shrunk length
+(``ordering_length_weight = w``): the keys use ``w * A`` output tokens instead of ``A``, i.e.
+``key = arrival + (slo_scale - 1) * (prompt * T_p + w * A * T_d)`` for a PT not started (a
+linear calibration ``c + w * A`` of the prediction; ``c`` cancels in the order). Default 1:
+measured (``benchmarks/results/policy_ordering_weight*.md``, quick mode, ShareGPT, goodput /
+Sarathi's at 80 / 40 GB) 1.03 / 1.07 with ``w = 1``, 1.01-1.03 / 1.04-1.06 with ``w`` 0.25-0.5
+(trusting the ranking less loses), 1.03-1.04 / 1.06-1.07 with ``w`` 2-4 (within the 2 %
+bisection step; in full mode ``w = 4`` equal goodput and p99 JCT 1.08x Sarathi's at 40 GB).
 
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
