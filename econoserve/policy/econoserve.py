@@ -99,6 +99,16 @@ Sarathi's at 80 / 40 GB) 1.03 / 1.07 with ``w = 1``, 1.01-1.03 / 1.04-1.06 with 
 (trusting the ranking less loses), 1.03-1.04 / 1.06-1.07 with ``w`` 2-4 (within the 2 %
 bisection step; in full mode ``w = 4`` equal goodput and p99 JCT 1.08x Sarathi's at 40 GB).
 
+**Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
+first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
+allocation ``A <= B`` may still start, in queue order, each by the same free-pool and curve
+tests (the refused PT keeps its place and its term is not in the curve). Off by default:
+measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.md``,
+``policy_backfill_more.md``) with ``B = 64`` goodput / Sarathi's 1.01 / 1.10 / 1.03 / 1.05
+(ShareGPT 80 GB / 40 GB / Gamma CV 3 / Azure conv; default 1.01 / 1.09 / 1.03 / 1.05), p99 JCT
+0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
+goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
+
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
 a preemption the lowest-priority running request; decided every step) and ``oracle_rl`` (the
