@@ -151,3 +151,32 @@ def test_late_demotion_lets_requests_that_can_still_make_their_deadline_go_first
         _add(policy, 1, 16, 4, arrival=9.9)
         decision = step(policy, {0: 4, 1: 4}, now=10.0, check_invariants=True)
         assert [r.request_id for r in decision.scheduled] == [first]
+
+
+def test_ordering_length_weight_shrinks_how_far_a_short_prediction_passes_earlier_arrivals():
+    # Keys = arrival + (slo_scale - 1) * (prompt * T_p + w * A * T_d). Request 0 (arrival 0,
+    # predicted 96) vs request 1 (arrival 10 s, predicted 16): with w = 1 request 1's key is
+    # 10 + 4 * (0.016 + 0.8) = 13.26 s < 4 * (0.016 + 4.8) = 19.26 s, so it goes first; with
+    # w = 0.25 the keys are 4 * (0.016 + 1.2) = 4.86 s and 10 + 4 * (0.016 + 0.2) = 10.86 s.
+    for weight, order in ((1.0, [1, 0]), (0.25, [0, 1])):
+        policy = _policy(1000, ordering_length_weight=weight)
+        _add(policy, 0, 16, 96, arrival=0.0)
+        _add(policy, 1, 16, 16, arrival=10.0)
+        assert [r.request_id for r in policy.pt_queue()] == order
+        assert policy.allocated_output_tokens(policy.pt_queue()[order.index(0)]) == 96  # allocation unchanged
+
+
+def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
+    # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
+    # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2
+    # (arrived later, predicted 16: 31 tokens = 2 blocks) fits beside request 0. Without backfill
+    # it waits behind request 1; with backfill_output_tokens = 16 it starts in the same step.
+    for backfill, started in ((None, [0]), (16, [0, 2])):
+        policy = _policy(10, backfill_output_tokens=backfill)
+        _add(policy, 0, 16, 96, arrival=0.0)
+        _add(policy, 1, 16, 96, arrival=0.0)
+        _add(policy, 2, 16, 16, arrival=20.0)
+        decision = step(policy, {0: 96, 1: 96, 2: 16}, now=20.0, check_invariants=True)
+        assert [r.request_id for r in decision.scheduled] == started
+        assert [r.request_id for r in policy.pt_queue()][0] == 1  # the refused PT keeps its place
+        assert not _run(policy, {0: 96, 1: 96, 2: 16}, now=20.0)

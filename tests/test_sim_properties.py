@@ -123,11 +123,11 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 
 #: EconoServe's admission and ordering knobs at settings the defaults do not reach: KVCPipe for
 #: every request with and without the prefill delay, heavy overbooking (preemption is then the
-#: backstop), the tail and curve modes, aging and late demotion.
+#: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length and backfill.
 ECONOSERVE_VARIANTS = (
-    {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0},
+    {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
-    {"kvcpipe": "curve", "late_demotion_s": 0.01},
+    {"kvcpipe": "curve", "late_demotion_s": 0.01, "ordering_length_weight": 0.25},
     {"kvcpipe": "tail", "overbooking": 0.2},
 )
 

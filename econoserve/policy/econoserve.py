@@ -90,7 +90,24 @@ both queues are FCFS. Aging (``ordering_horizon_s = H``): the PT key is capped a
 demotion (``late_demotion_s = D``): a PT whose key is more than ``D`` in the past (it can no
 longer meet its estimated deadline) yields to the first PT that still can. Both are off by
 default: on the scoreboard neither raised goodput (aging at 30 s cut the p99 JCT of true-length
-Ordering by 12 % on ShareGPT at 80 GB but cost 2-8 % goodput at 40 GB).
+Ordering by 12 % on ShareGPT at 80 GB but cost 2-8 % goodput at 40 GB). Shrunk length
+(``ordering_length_weight = w``): the keys use ``w * A`` output tokens instead of ``A``, i.e.
+``key = arrival + (slo_scale - 1) * (prompt * T_p + w * A * T_d)`` for a PT not started (a
+linear calibration ``c + w * A`` of the prediction; ``c`` cancels in the order). Default 1:
+measured (``benchmarks/results/policy_ordering_weight*.md``, quick mode, ShareGPT, goodput /
+Sarathi's at 80 / 40 GB) 1.03 / 1.07 with ``w = 1``, 1.01-1.03 / 1.04-1.06 with ``w`` 0.25-0.5
+(trusting the ranking less loses), 1.03-1.04 / 1.06-1.07 with ``w`` 2-4 (within the 2 %
+bisection step; in full mode ``w = 4`` equal goodput and p99 JCT 1.08x Sarathi's at 40 GB).
+
+**Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
+first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
+allocation ``A <= B`` may still start, in queue order, each by the same free-pool and curve
+tests (the refused PT keeps its place and its term is not in the curve). Off by default:
+measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.md``,
+``policy_backfill_more.md``) with ``B = 64`` goodput / Sarathi's 1.01 / 1.10 / 1.03 / 1.05
+(ShareGPT 80 GB / 40 GB / Gamma CV 3 / Azure conv; default 1.01 / 1.09 / 1.03 / 1.05), p99 JCT
+0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
+goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
@@ -183,6 +200,17 @@ class EconoServeConfig:
         Ordering under overload [s]: a PT whose key (latest start that meets its estimated
         deadline) is more than this in the past yields to every PT that can still meet its
         deadline; ``None`` = strict key order.
+    ordering_length_weight:
+        Shrinkage ``w`` of the predicted response length in Ordering's keys [fraction]: the keys
+        use ``w * A`` output tokens instead of ``A`` (allocation and KVCPipe still use ``A``).
+        ``w`` is the slope of a linear calibration ``E[true | A] = c + w * A`` (the offset ``c``
+        cancels in the key order), so ``w < 1`` trusts a noisy predictor's ranking less; 0 is
+        (nearly) FCFS. Allocation is unaffected.
+    backfill_output_tokens:
+        Backfill past a refused PT [tokens]: with ``kvcpipe="all"``, once the occupancy curve
+        refuses a PT, later PTs whose allocation ``A`` is at most this may still start (in queue
+        order, each by the same curve and free-pool test), so short requests do not wait behind
+        a long one (head-of-line blocking); ``None`` = stop at the first refused PT.
     """
 
     rl_bucket: int = 32
@@ -203,6 +231,8 @@ class EconoServeConfig:
     overbooking: float = 0.0
     ordering_horizon_s: float | None = None
     late_demotion_s: float | None = None
+    ordering_length_weight: float = 1.0
+    backfill_output_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -218,9 +248,11 @@ class EconoServeConfig:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
-        require_positive(self, "ordering_horizon_s")
+        require_positive(self, "ordering_horizon_s", "backfill_output_tokens")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
+        if self.ordering_length_weight < 0:
+            raise ValueError(f"ordering_length_weight must be >= 0, got {self.ordering_length_weight}")
 
 
 class EconoServePolicy(Policy):
@@ -253,7 +285,7 @@ class EconoServePolicy(Policy):
         self._pt_waits_for_budget = False
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
-                        "gt_evictions"):
+                        "gt_evictions", "backfills"):
             self.stats.extra[counter] = 0
 
     def _make_kv_cache(self) -> KVCache:
@@ -325,14 +357,18 @@ class EconoServePolicy(Policy):
         return max(request.num_tokens - 1, min(tokens, self.limits.max_model_len, cap))
 
     # ------------------------------------------------------------------ ordering
+    def _ordering_output_tokens(self, request: Request) -> float:
+        """The response length Ordering's keys use: ``ordering_length_weight`` x allocation [tokens]."""
+        return self.config.ordering_length_weight * self.allocated_output_tokens(request)
+
     def _isolated_estimate_s(self, request: Request) -> float:
         limits = self.limits
         return (request.num_prompt_tokens * limits.prefill_time_per_token_s
-                + self.allocated_output_tokens(request) * limits.decode_time_per_step_s)
+                + self._ordering_output_tokens(request) * limits.decode_time_per_step_s)
 
     def _remaining_estimate_s(self, request: Request) -> float:
         limits = self.limits
-        remaining_output = self.allocated_output_tokens(request) - request.num_output_tokens
+        remaining_output = self._ordering_output_tokens(request) - request.num_output_tokens
         pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
         return (pending_prompt * limits.prefill_time_per_token_s
                 + max(0, remaining_output) * limits.decode_time_per_step_s)
@@ -691,6 +727,15 @@ class EconoServePolicy(Policy):
         index = bisect.bisect_left(self._pt_queue, (now_s - late,))
         return index if index < len(self._pt_queue) else 0
 
+    def _next_backfill(self, start: int) -> int | None:
+        """Index of the first PT from ``start`` on whose allocation is at most
+        ``backfill_output_tokens`` (``None`` if there is none)."""
+        limit = self.config.backfill_output_tokens
+        for index in range(start, len(self._pt_queue)):
+            if self.allocated_output_tokens(self._pt_queue[index][2]) <= limit:
+                return index
+        return None
+
     def _admit_prompts(self, budget: int, decision: SchedulerDecision, now_s: float) -> None:
         """Start PTs in priority order (see :meth:`_next_pt`) while the budget, ``max_num_seqs``
         and the KV rule of ``prompt_admission`` allow (see the module docstring); the first chunk
@@ -700,13 +745,16 @@ class EconoServePolicy(Policy):
         committed = self._kept_free_blocks()
         flight = self._flight() if self._pipelined else None
         self._pt_waits_for_budget = False
+        backfill_from = None  # set once the curve refused a PT: only short PTs behind it may start
         while self._pt_queue:
             if budget <= 0:
                 self._pt_waits_for_budget = True
                 return
             if len(self.running) >= self.max_num_seqs:
                 return
-            index = self._next_pt(now_s)
+            index = self._next_pt(now_s) if backfill_from is None else self._next_backfill(backfill_from)
+            if index is None:
+                return
             request = self._pt_queue[index][2]
             rid = request.request_id
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
@@ -715,9 +763,18 @@ class EconoServePolicy(Policy):
             recompute = request.num_output_tokens > 0
             room = kv.num_free_blocks + (kv.num_global_reserve_free if recompute else 0)
             if prompt_blocks + max(0, own_growth) + committed > room:
-                return
+                if backfill_from is None:
+                    return
+                backfill_from = index + 1
+                continue
             if flight is not None and not self._flight_admits(request, flight):
-                return
+                if self.config.backfill_output_tokens is None:
+                    return
+                backfill_from = index + 1
+                continue
+            if backfill_from is not None:
+                backfill_from = index
+                self.stats.extra["backfills"] += 1
             del self._pt_queue[index]
             reserved = kv.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
             if reserved:
