@@ -19,46 +19,24 @@ measured value under each latency model and the change), and the goodput per sch
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from econoserve.analysis import experiments
+from econoserve import experiments
 from econoserve.analysis.claims import headline_claims
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_MODELS = ("roofline", "calibrated")
 
 
-@contextlib.contextmanager
-def latency_model(name: str):
-    """Every simulation the experiment runner configures uses latency model ``name``.
-
-    The runner's plan has no latency-model field yet, so its one configuration function is
-    wrapped for the duration (this process only; the runner's worker processes are forked from
-    it, or the runs are in-process with ``--jobs 1``)."""
-    original = experiments.simulation_config
-
-    def configured(*args, **kwargs):
-        return dataclasses.replace(original(*args, **kwargs), latency_model=name)
-
-    experiments.simulation_config = configured
-    try:
-        yield
-    finally:
-        experiments.simulation_config = original
-
-
 def run(name: str, args: argparse.Namespace, output_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     overrides = {"num_requests": 600, "rate_grid": experiments.RateGrid(num_rates=6)} if args.quick else {}
-    plan = experiments.make_plan("quick", jobs=args.jobs, sensitivity=False, **overrides)
+    plan = experiments.make_plan("quick", jobs=args.jobs, sensitivity=False, latency_model=name, **overrides)
     started = time.perf_counter()
-    with latency_model(name):
-        results = experiments.run_experiments(plan, output_dir / name, progress=not args.no_progress)
+    results = experiments.run_experiments(plan, output_dir / name, progress=not args.no_progress)
     claims = headline_claims(results.sweep, saturation=results.saturation)
     goodput = results.goodput(plan.schedulers)
     return claims.assign(latency_model=name), goodput.assign(latency_model=name), time.perf_counter() - started

@@ -141,6 +141,7 @@ class ExperimentPlan:
     sensitivity: SensitivityPlan | None = SensitivityPlan()
     jobs: int = 2
     policy_configs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    latency_model: str = "roofline"  # every run's latency model (SimulationConfig.latency_model)
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:

@@ -47,8 +47,8 @@ def simulation_config(plan: ExperimentPlan, deployment: DeploymentSpec, schedule
         options.setdefault("slo_scale", plan.slo_scale)
     return SimulationConfig(
         scheduler=scheduler, policy_config=options, model=deployment.model, gpu=deployment.gpu,
-        tensor_parallel=deployment.tp, slo_scale=plan.slo_scale, seed=seed, predictions="trace",
-        skip_ahead=skip_ahead,
+        tensor_parallel=deployment.tp, latency_model=plan.latency_model, slo_scale=plan.slo_scale, seed=seed,
+        predictions="trace", skip_ahead=skip_ahead,
     )
 
 
