@@ -100,6 +100,15 @@ ITERATION_SCHEMA: dict[str, Column] = {
 }
 
 
+#: Step features of a latency model (:data:`econoserve.sim.latency.FEATURES`, the names of
+#: a step-time profile and of vLLM's step records) -> their column in :data:`ITERATION_SCHEMA`.
+STEP_FEATURE_COLUMNS: dict[str, str] = {
+    "prefill_tokens": "num_prefill_tokens",
+    "decode_tokens": "num_decode_tokens",
+    "context_tokens": "num_context_tokens",
+}
+
+
 # --------------------------------------------------------------------- tables
 def conform(frame: pd.DataFrame, schema: Mapping[str, Column], where: str = "table") -> pd.DataFrame:
     """``frame``'s schema columns, in schema order, cast to the schema's dtypes.

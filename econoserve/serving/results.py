@@ -24,6 +24,7 @@ from econoserve.results import (
     FINISHED,
     ITERATION_SCHEMA,
     REQUEST_SCHEMA,
+    STEP_FEATURE_COLUMNS,
     conform,
     summarize,
     write_run,
@@ -89,9 +90,7 @@ def _request_row(timer: RequestTimer, num_preemptions: int) -> dict[str, Any]:
 
 #: :class:`~econoserve.serving.recording.IterationRecord` field -> results column, where they differ.
 _RECORD_COLUMNS = {
-    "prefill_tokens": "num_prefill_tokens",
-    "decode_tokens": "num_decode_tokens",
-    "context_tokens": "num_context_tokens",
+    **STEP_FEATURE_COLUMNS,
     "kv_blocks_total": "kv_blocks_capacity",
     "schedule_time_s": "scheduler_wall_time_s",
 }
