@@ -34,7 +34,7 @@ def _served_requests() -> pd.DataFrame:
     done.finished(0.3)
     failed = RequestTimer(ReplayRequest(1, 0.1, (5,), 4))
     failed.failed("HTTP 500: boom", 0.5)
-    return requests_table([done, failed], {})
+    return requests_table([done, failed], {}, {0: "alpaca"})
 
 
 def test_simulated_and_served_requests_have_one_set_of_columns_and_dtypes(tmp_path):
@@ -44,7 +44,7 @@ def test_simulated_and_served_requests_have_one_set_of_columns_and_dtypes(tmp_pa
     sim_requests, sim_steps = read_requests(simulated), read_iterations(simulated)  # validated on reading
     assert served.dtypes.equals(sim_requests.dtypes)
     assert list(sim_steps.columns) == list(ITERATION_SCHEMA) and (sim_steps["replica"] == 0).all()
-    assert served["status"].tolist() == ["finished", "failed"]
+    assert served["status"].tolist() == ["finished", "failed"] and served["dataset"].tolist() == ["alpaca", ""]
     assert (sim_requests["submit_time_s"] == sim_requests["arrival_time_s"]).all()
     decoding = sim_steps[~sim_steps["skipped"]]
     assert (decoding["num_decode_requests"] == decoding["num_decode_tokens"]).all()

@@ -47,14 +47,18 @@ class ReplayResult:
 
 
 # --------------------------------------------------------------------- tables
-def requests_table(timers: Iterable[RequestTimer], preemptions_by_request: Mapping[int, int]) -> pd.DataFrame:
-    """One row per request from the timers, in trace order."""
-    rows = [_request_row(timer, preemptions_by_request.get(timer.request.request_id, 0)) for timer in timers]
+def requests_table(timers: Iterable[RequestTimer], preemptions_by_request: Mapping[int, int],
+                   dataset_by_request: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """One row per request from the timers, in trace order (``dataset`` from
+    ``dataset_by_request``, by trace request id; '' where absent)."""
+    datasets = dataset_by_request or {}
+    rows = [_request_row(timer, preemptions_by_request.get(timer.request.request_id, 0),
+                         datasets.get(timer.request.request_id, "")) for timer in timers]
     frame = pd.DataFrame(rows, columns=list(REQUEST_SCHEMA))
     return conform(frame, REQUEST_SCHEMA, "served requests")
 
 
-def _request_row(timer: RequestTimer, num_preemptions: int) -> dict[str, Any]:
+def _request_row(timer: RequestTimer, num_preemptions: int, dataset: str) -> dict[str, Any]:
     request = timer.request
     times = np.asarray(timer.token_times_s, dtype=float)
     gaps = np.diff(times)
@@ -64,7 +68,7 @@ def _request_row(timer: RequestTimer, num_preemptions: int) -> dict[str, Any]:
     done = timer.completed and timer.generated_tokens == request.max_tokens
     return {
         "request_id": request.request_id,
-        "dataset": "",
+        "dataset": dataset,
         "status": FINISHED if done else FAILED,
         "rejection_reason": "" if done else (timer.error or "incomplete"),
         "arrival_time_s": request.arrival_time_s,

@@ -144,7 +144,8 @@ def serve_trace(trace: Trace, spec: ServeSpec, run_dir: str | Path) -> ReplayRes
     from econoserve.serving.recording import read_iteration_log
 
     iteration_records, preemption_records = read_iteration_log(log_path)
-    requests_frame = requests_table(timers, preemption_counts(preemption_records))
+    datasets = dict(zip(trace.requests["request_id"].tolist(), trace.requests["dataset"].tolist()))
+    requests_frame = requests_table(timers, preemption_counts(preemption_records), datasets)
     iterations_frame = iterations_table(iteration_records, start)
     config = run_config(
         engine_config,
