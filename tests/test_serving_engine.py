@@ -100,6 +100,7 @@ def test_small_kv_cache_preempts_and_still_completes(model_dir, tmp_path):
     result = serve_trace(trace, ServeSpec(engine=engine, time_scale=0), tmp_path / "run")
     requests, steps = read_requests(tmp_path / "run"), read_iterations(tmp_path / "run")
     assert (requests["status"] == "finished").all() and (requests["replica"] == 0).all()
+    assert (requests["dataset"] == "synthetic").all()
     assert (requests["generated_tokens"] == requests["output_tokens"]).all()
     assert requests["num_preemptions"].sum() > 0
     assert steps["num_preempted"].sum() == requests["num_preemptions"].sum()
