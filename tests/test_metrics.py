@@ -66,10 +66,15 @@ def test_iteration_metrics_are_time_weighted():
 
 
 def test_summary_has_every_field():
-    summary = metrics.summarize(_requests(), _iterations(), 64, scheduler_invocations=7, scheduler_time_s=0.5)
-    assert summary["completed"] == 3 and summary["rejected"] == 1
+    from econoserve.results import summarize
+
+    summary = summarize(_requests(), _iterations(), 64, scheduler_invocations=7, scheduler_time_s=0.5)
+    assert summary["completed"] == 3 and summary["rejected"] == 1 and summary["failed"] == 0
     assert summary["scheduler_invocations"] == 7
     assert summary["scheduler_time_per_iteration_s"] == 0.25
+    # used blocks / capacity, time-weighted: 10/40 for 1 s, 20/40 for 3 s
+    assert summary["mean_kv_block_usage"] == pytest.approx((0.25 * 1 + 0.5 * 3) / 4)
+    assert summary["max_kv_block_usage"] == 0.5 and summary["mean_iteration_time_s"] == 2.0
 
 
 def test_goodput_search_finds_the_threshold_rate():

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from econoserve.results import read_iterations, read_requests
+
 pytestmark = [
     pytest.mark.serving,
 ]
@@ -54,7 +56,6 @@ def test_tiny_model_is_deterministic_and_cached(tmp_path):
 @pytest.mark.realdata
 def test_alpaca_trace_completes_with_exact_lengths_under_vllm_default_scheduler(model_dir, tmp_path):
     from econoserve.serving.engine import EngineConfig
-    from econoserve.serving.results import ITERATION_COLUMNS, REQUEST_COLUMNS
     from econoserve.serving.run import ServeSpec, serve_trace
     from econoserve.workload.datasets import TraceSpec, build_trace
 
@@ -63,7 +64,7 @@ def test_alpaca_trace_completes_with_exact_lengths_under_vllm_default_scheduler(
     result = serve_trace(trace, spec, tmp_path / "run")
 
     requests = result.requests
-    assert len(requests) == 32 and requests["completed"].all()
+    assert len(requests) == 32 and (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
     assert (requests["jct_s"] >= requests["ttft_s"]).all() and (requests["ttft_s"] > 0).all()
 
@@ -71,34 +72,51 @@ def test_alpaca_trace_completes_with_exact_lengths_under_vllm_default_scheduler(
     assert len(iterations) > 0 and (iterations["duration_s"] > 0).all()
     # Every prompt token is prefilled once and every later token decoded once (no preemption here).
     assert requests["num_preemptions"].sum() == 0
-    assert iterations["prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()
-    assert iterations["decode_tokens"].sum() == (trace.requests["output_tokens"] - 1).sum()
-    assert (iterations["kv_blocks_used"] <= iterations["kv_blocks_total"]).all()
+    assert iterations["num_prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()
+    assert iterations["num_decode_tokens"].sum() == (trace.requests["output_tokens"] - 1).sum()
+    assert (iterations["kv_blocks_used"] <= iterations["kv_blocks_capacity"]).all()
 
     run = tmp_path / "run"
-    assert tuple(pd.read_parquet(run / "requests.parquet").columns) == REQUEST_COLUMNS
-    assert tuple(pd.read_parquet(run / "iterations.parquet").columns) == ITERATION_COLUMNS
+    assert read_requests(run).equals(requests) and read_iterations(run).equals(iterations)
     summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
     assert summary["completed"] == 32 and summary["throughput_rps"] > 0
-    assert summary["config"]["engine"]["scheduler_cls"].endswith("RecordingScheduler")
-    assert summary["config"]["trace"]["spec"]["dataset"] == "alpaca"
+    assert config["engine"]["scheduler_cls"].endswith("RecordingScheduler")
+    assert config["trace"]["spec"]["dataset"] == "alpaca"
     assert not (run / "engine_steps.jsonl").exists()
 
 
 def test_small_kv_cache_preempts_and_still_completes(model_dir, tmp_path):
-    """With 4 blocks of KV for 12 concurrent requests vLLM must preempt; nothing is lost."""
+    """With 4 blocks of KV for 12 concurrent requests vLLM must preempt; nothing is lost. The
+    run's tables and the simulator's of the same trace on the same engine shape are one format."""
+    from econoserve.results import ITERATION_SCHEMA, REQUEST_SCHEMA
     from econoserve.serving.engine import EngineConfig
+    from econoserve.serving.fidelity import EngineShape, simulation_config
     from econoserve.serving.run import ServeSpec, serve_trace
+    from econoserve.sim import simulate
 
     trace = _synthetic_trace(12, seed=1, max_output=120)
     engine = EngineConfig(model=str(model_dir), kv_cache_tokens=512, max_model_len=448)
     result = serve_trace(trace, ServeSpec(engine=engine, time_scale=0), tmp_path / "run")
-    requests = result.requests
-    assert requests["completed"].all()
+    requests, steps = read_requests(tmp_path / "run"), read_iterations(tmp_path / "run")
+    assert (requests["status"] == "finished").all() and (requests["replica"] == 0).all()
+    assert (requests["dataset"] == "synthetic").all()
     assert (requests["generated_tokens"] == requests["output_tokens"]).all()
     assert requests["num_preemptions"].sum() > 0
-    assert result.iterations["num_preempted"].sum() == requests["num_preemptions"].sum()
-    assert (result.iterations["kv_blocks_total"] == 512 // 32 - 1).all()  # vLLM keeps one null block
+    assert steps["num_preempted"].sum() == requests["num_preemptions"].sum()
+    assert (steps["kv_blocks_capacity"] == 512 // 32 - 1).all()  # vLLM keeps one null block
+    assert (steps["kv_tokens_stored"] <= steps["kv_blocks_used"] * steps["block_size"]).all()
+    assert (steps["kv_tokens_stored"] > (steps["kv_blocks_used"] - steps["num_running"]) * steps["block_size"]).all()
+    assert (steps["token_budget"] == engine.max_num_batched_tokens).all() and (steps["replica"] == 0).all()
+
+    shape = EngineShape.from_run_config(result.config)
+    simulated = simulate(trace, simulation_config(shape, "vllm", "roofline")).write(tmp_path / "sim")
+    for read, schema in ((read_requests, REQUEST_SCHEMA), (read_iterations, ITERATION_SCHEMA)):
+        real, sim = read(tmp_path / "run"), read(simulated)  # both validated against the schema
+        assert list(real.columns) == list(sim.columns) == list(schema)
+        assert real.dtypes.equals(sim.dtypes)
+    real_summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(real_summary) <= set(json.loads((simulated / "summary.json").read_text()))
 
 
 def test_aborting_in_flight_requests_frees_their_kv_blocks(model_dir):
@@ -182,7 +200,7 @@ def test_cli_serve_and_profile_engine_end_to_end(tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_requests"] == 6 and summary["completed"] == 6
-    assert summary["config"]["engine"]["model"].endswith(tuple("0123456789abcdef"))  # the built tiny model
+    assert json.loads((run / "config.json").read_text())["engine"]["model"].endswith(tuple("0123456789abcdef"))  # the built tiny model
 
     table = tmp_path / "steps.parquet"
     status = main(["profile-engine", "-o", str(table), "--prefill-tokens", "0,32", "--decode-batch-sizes", "0,2",
@@ -190,5 +208,5 @@ def test_cli_serve_and_profile_engine_end_to_end(tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     steps = pd.read_parquet(table)
     assert len(steps) == 3 * 4
-    error = step_model_error(pd.read_parquet(run / "iterations.parquet"), fit_linear_step_model(steps))
+    error = step_model_error(read_iterations(run), fit_linear_step_model(steps))
     assert error["num_steps"] > 0 and error["median_relative_error"] >= 0

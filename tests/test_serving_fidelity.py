@@ -35,7 +35,7 @@ def test_engine_shape_keeps_vllms_null_block_and_budgets():
 
 def test_errors_are_relative_per_request_and_only_over_requests_done_in_both():
     real = pd.DataFrame({"request_id": [0, 1, 2, 3], "jct_s": [1.0, 2.0, 4.0, 9.0], "ttft_s": [0.1, 0.2, 0.4, 0.9],
-                         "completed": [True, True, True, False]})
+                         "status": ["finished", "finished", "finished", "failed"]})
     simulated = pd.DataFrame({"request_id": [0, 1, 2, 3], "jct_s": [1.1, 1.0, 4.0, 9.0], "ttft_s": [0.1, 0.3, 0.2, 0.9],
                               "status": ["finished"] * 4})
     errors = request_errors(real, simulated)

@@ -331,11 +331,11 @@ def test_econoserve_serves_a_trace_with_exact_lengths_and_its_decisions_replay(m
     result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=2048)
 
     requests = result.requests
-    assert len(requests) == 32 and requests["completed"].all()
+    assert len(requests) == 32 and (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
     iterations = result.iterations
-    assert len(iterations) > 0 and (iterations["kv_blocks_used"] <= iterations["kv_blocks_total"]).all()
-    recomputed = iterations["prefill_tokens"].sum() - trace.requests["prompt_tokens"].sum()
+    assert len(iterations) > 0 and (iterations["kv_blocks_used"] <= iterations["kv_blocks_capacity"]).all()
+    recomputed = iterations["num_prefill_tokens"].sum() - trace.requests["prompt_tokens"].sum()
     assert recomputed >= 0 and (recomputed == 0) == (requests["num_preemptions"].sum() == 0)
 
     header = records[0]
@@ -344,7 +344,7 @@ def test_econoserve_serves_a_trace_with_exact_lengths_and_its_decisions_replay(m
     arrivals = [r for r in records if isinstance(r, ArrivalRecord)]
     assert sorted(r.predicted_output_tokens for r in arrivals) == sorted(trace.requests["predicted_output_tokens"])
     steps = [r for r in records if isinstance(r, StepRecord)]
-    assert sum(n for r in steps for _, n in r.scheduled) == iterations["prefill_tokens"].sum() + iterations["decode_tokens"].sum()
+    assert sum(n for r in steps for _, n in r.scheduled) == iterations["num_prefill_tokens"].sum() + iterations["num_decode_tokens"].sum()
     report = replay_decision_log(records)
     assert report.equivalent, report.mismatch
     assert report.num_steps == len(steps) and report.num_finished == 32
@@ -362,7 +362,7 @@ def test_alpaca_trace_under_econoserve_has_exact_lengths_and_replays(model_dir, 
     trace = trace.with_predictions(np.maximum(1, np.round(output * noise)).astype(int))
     result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=4096, max_model_len=2048)
     requests = result.requests
-    assert len(requests) == 32 and requests["completed"].all()
+    assert len(requests) == 32 and (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == output).all()
     report = replay_decision_log(records)
     assert report.equivalent, report.mismatch
@@ -380,10 +380,10 @@ def test_econoserve_oracle_never_preempts_when_each_request_fits(model_dir, tmp_
     result, records = _serve(model_dir, tmp_path, trace, "policy:econoserve-oracle", kv_cache_tokens=kv_cache_tokens)
 
     requests = result.requests
-    assert requests["completed"].all()
+    assert (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
     assert requests["num_preemptions"].sum() == 0 and result.iterations["num_preempted"].sum() == 0
-    assert result.iterations["prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()  # nothing recomputed
+    assert result.iterations["num_prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()  # nothing recomputed
     assert records[0].predictions == "oracle"
     assert all(r.predicted_output_tokens == r.max_tokens for r in records if isinstance(r, ArrivalRecord))
     assert all(not r.preempted for r in records if isinstance(r, StepRecord))
@@ -414,12 +414,12 @@ def test_every_registered_policy_serves_a_trace_that_fills_the_kv_cache(model_di
     result = serve_trace(trace, spec, tmp_path / "run")
     records = read_decision_log(log)
     requests = result.requests
-    assert requests["completed"].all()
+    assert (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
     steps = [r for r in records if isinstance(r, StepRecord)]
     assert max(sum(n for _, n in r.scheduled) for r in steps) <= 256
     assert max(len(r.scheduled) for r in steps) <= 4
-    assert (result.iterations["kv_blocks_used"] <= result.iterations["kv_blocks_total"]).all()
+    assert (result.iterations["kv_blocks_used"] <= result.iterations["kv_blocks_capacity"]).all()
     report = replay_decision_log(records)
     assert report.equivalent, report.mismatch
 
@@ -428,7 +428,7 @@ def test_sarathi_preempts_under_a_small_kv_cache_and_replays(model_dir, tmp_path
     trace = _synthetic_trace(10, seed=7, max_prompt=160, max_output=64)
     result, records = _serve(model_dir, tmp_path, trace, "policy:sarathi", kv_cache_tokens=512, max_model_len=448)
     requests = result.requests
-    assert requests["completed"].all()
+    assert (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
     assert requests["num_preemptions"].sum() > 0
     assert result.iterations["num_preempted"].sum() == sum(len(r.preempted) for r in records if isinstance(r, StepRecord))

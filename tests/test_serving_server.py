@@ -69,12 +69,12 @@ def test_server_replay_streams_exact_lengths_and_stops_cleanly(model_dir, tmp_pa
     result = serve_trace(trace, spec, tmp_path / "run")
 
     requests = result.requests
-    assert requests["completed"].all(), requests["error"].dropna().tolist()
+    assert (requests["status"] == "finished").all(), requests["rejection_reason"].tolist()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
     assert (requests["ttft_s"] > 0).all()
     # Per-step records come back from vLLM's engine-core process.
-    assert result.iterations["prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["mode"] == "server"
+    assert result.iterations["num_prefill_tokens"].sum() == trace.requests["prompt_tokens"].sum()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mode"] == "server"
     assert (tmp_path / "run" / "server.log").is_file()
     assert len(started_groups) == 1 and live_group_members(started_groups[0]) == []
 

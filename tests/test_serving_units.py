@@ -16,7 +16,8 @@ from econoserve.cli import main
 from econoserve.errors import UserError
 from econoserve.serving.engine import EngineConfig, kv_bytes_per_token
 from econoserve.serving.replay import ReplayRequest, RequestTimer, make_replay_requests, trace_request_id
-from econoserve.serving.results import ITERATION_COLUMNS, REQUEST_COLUMNS, requests_table, summarize
+from econoserve.results import ITERATION_SCHEMA, REQUEST_SCHEMA, empty_table, summarize, validate
+from econoserve.serving.results import requests_table
 from econoserve.serving.run import ServeSpec, scheduler_class, scheduler_options
 from econoserve.serving.server import live_group_members
 from econoserve.workload.trace import Trace
@@ -95,20 +96,22 @@ def test_request_table_latencies():
     failed.failed("HTTP 500: boom", 1.5)
 
     table = requests_table([timer, failed], {1: 2})
-    assert tuple(table.columns) == REQUEST_COLUMNS
+    validate(table, REQUEST_SCHEMA)
     ok = table.iloc[0]
     assert ok.ttft_s == pytest.approx(0.5)
     assert ok.jct_s == pytest.approx(0.9)
-    assert ok.tbt_mean_s == pytest.approx(0.2)
+    assert ok.mean_tbt_s == pytest.approx(0.2)
     assert ok.normalized_latency_s == pytest.approx(0.3)
-    assert ok.num_preemptions == 2 and ok.completed
+    assert ok.num_preemptions == 2 and ok.status == "finished" and ok.rejection_reason == ""
+    assert ok.replica == 0 and ok.submit_time_s == pytest.approx(1.01)
     bad = table.iloc[1]
-    assert not bad.completed and bad.error == "HTTP 500: boom" and bad.generated_tokens == 1
+    assert bad.status == "failed" and bad.rejection_reason == "HTTP 500: boom" and bad.generated_tokens == 1
 
-    summary = summarize(table, pd.DataFrame(columns=list(ITERATION_COLUMNS)))
+    summary = summarize(table, empty_table(ITERATION_SCHEMA), 64)
     assert summary["num_requests"] == 2 and summary["completed"] == 1 and summary["failed"] == 1
+    assert summary["rejected"] == 0
     assert summary["mean_jct_s"] == pytest.approx(0.9)
-    assert summary["preemption_fraction"] == pytest.approx(0.5)
+    assert summary["preempted_fraction"] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------- engine configuration
@@ -208,10 +211,12 @@ def test_summary_json_is_strict_json_even_with_nothing_completed(tmp_path):
     timer = RequestTimer(ReplayRequest(0, 0.0, (5,), 2))
     timer.failed("HTTP 500: boom", 0.0)
     table = requests_table([timer], {})
-    empty = pd.DataFrame(columns=list(ITERATION_COLUMNS))
-    ReplayResult(table, empty, summarize(table, empty), {"x": float("nan")}).write(tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
-    assert summary["completed"] == 0 and summary["throughput_rps"] is None and summary["config"]["x"] is None
+    empty = empty_table(ITERATION_SCHEMA)
+    ReplayResult(table, empty, summarize(table, empty, 64), {"x": float("nan")}).write(tmp_path)
+    strict = {"parse_constant": lambda c: pytest.fail(f"non-JSON {c}")}
+    summary = json.loads((tmp_path / "summary.json").read_text(), **strict)
+    config = json.loads((tmp_path / "config.json").read_text(), **strict)
+    assert summary["completed"] == 0 and summary["mean_jct_s"] is None and config["x"] is None
 
 
 # --------------------------------------------------------------------- notebook 04's regimes and Figure 15
@@ -235,12 +240,13 @@ def test_figure15_shows_kv_reservations_and_preemptions():
     import matplotlib
 
     matplotlib.use("Agg")
-    from econoserve.analysis.serving_figures import figure15, kv_reserved_fraction
+    from econoserve.analysis.serving_figures import figure15
+    from econoserve.results import kv_reserved_fraction
 
-    requests = pd.DataFrame({"request_id": [0, 1], "completed": True, "jct_s": [1.0, 2.0], "ttft_s": [0.1, 0.3],
+    requests = pd.DataFrame({"request_id": [0, 1], "status": "finished", "jct_s": [1.0, 2.0], "ttft_s": [0.1, 0.3],
                              "num_preemptions": [2, 0]})
-    steps = pd.DataFrame({"start_time_s": [0.0, 0.5, 1.0], "kv_usage": [0.2, 0.5, 0.4], "num_preempted": [0, 1, 1],
-                          "kv_blocks_reserved": [10, 20, 0], "kv_blocks_total": [100, 100, 100]})
+    steps = pd.DataFrame({"start_time_s": [0.0, 0.5, 1.0], "kv_blocks_used": [20, 50, 40], "num_preempted": [0, 1, 1],
+                          "kv_blocks_reserved": [10, 20, 0], "kv_blocks_capacity": [100, 100, 100]})
     errors = pd.DataFrame({"scheduler": "econoserve", "request_id": [0, 1], "jct_s_real": [1.0, 2.0],
                            "jct_s_sim": [1.1, 1.8]})
     summary = pd.DataFrame({"scheduler": ["econoserve"], "sim_num_preemptions": [1]})

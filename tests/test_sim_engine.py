@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from econoserve.errors import UserError
+from econoserve.results import ITERATION_SCHEMA, REQUEST_SCHEMA, validate
 from econoserve.sim import (
     Deployment,
     FittedLatencyModel,
@@ -22,15 +23,6 @@ from econoserve.sim import (
 from econoserve.sim.latency import isolated_execution_times_s, saturating_token_budget
 from econoserve.sim.synthetic import synthetic_trace, trace_from_lists
 
-REQUEST_COLUMNS = {
-    "request_id", "arrival_time_s", "first_token_time_s", "finish_time_s", "prompt_tokens", "output_tokens",
-    "predicted_output_tokens", "num_preemptions", "ttft_s", "mean_tbt_s", "p99_tbt_s", "jct_s",
-    "normalized_latency_s", "slo_deadline_s", "slo_met", "status", "rejection_reason",
-}
-ITERATION_COLUMNS = {
-    "start_time_s", "duration_s", "num_prefill_tokens", "num_decode_tokens", "kv_blocks_used",
-    "kv_blocks_allocated", "kv_blocks_capacity", "num_running", "num_waiting", "scheduler_wall_time_s",
-}
 SUMMARY_KEYS = {
     "num_requests", "completed", "rejected", "throughput_rps", "output_tokens_per_s", "mean_jct_s", "p50_jct_s",
     "p99_jct_s", "mean_ttft_s", "mean_normalized_latency_s", "slo_attainment", "preempted_fraction",
@@ -85,8 +77,8 @@ def test_outputs_round_trip_with_the_issue_columns(tmp_path):
     directory = result.write(tmp_path / "run")
     for name in ("requests.parquet", "iterations.parquet", "summary.json", "config.json"):
         assert (directory / name).is_file()
-    assert REQUEST_COLUMNS <= set(result.requests.columns)
-    assert ITERATION_COLUMNS <= set(result.iterations.columns)
+    validate(result.requests, REQUEST_SCHEMA)
+    validate(result.iterations, ITERATION_SCHEMA)
     assert SUMMARY_KEYS <= set(result.summary)
     back = SimulationResult.read(directory)
     pd.testing.assert_frame_equal(back.requests, result.requests)

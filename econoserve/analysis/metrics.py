@@ -1,13 +1,7 @@
 """Every serving metric of PAPER.md, as pure functions of a run's tables.
 
-Inputs are the simulator's (or a real engine run's) tables:
-
-* ``requests``: one row per request, with at least ``status`` (``"finished"`` / ``"rejected"``),
-  ``arrival_time_s``, ``finish_time_s``, ``output_tokens``, ``jct_s``, ``ttft_s``,
-  ``mean_tbt_s``, ``p99_tbt_s``, ``normalized_latency_s``, ``slo_met``, ``num_preemptions``;
-* ``iterations``: one row per step, with ``duration_s``, ``num_prefill_tokens``,
-  ``num_decode_tokens``, ``kv_tokens_stored``, ``kv_blocks_used``, ``kv_blocks_reserved``,
-  ``kv_blocks_capacity``, ``block_size`` and optionally ``scheduler_wall_time_s``.
+Inputs are a run's ``requests`` and ``iterations`` tables in the one results format of both
+executors (:mod:`econoserve.results`, which also holds the run's summary function).
 
 Conventions (documented choices):
 
@@ -157,34 +151,6 @@ def scheduling_stats(iterations: pd.DataFrame, requests: pd.DataFrame, invocatio
             scheduler_time_s / float(iterations["duration_s"].sum()) if num_iterations else float("nan")
         ),
     }
-
-
-def summarize(
-    requests: pd.DataFrame,
-    iterations: pd.DataFrame,
-    reference_token_budget: int,
-    scheduler_invocations: int,
-    scheduler_time_s: float,
-) -> dict[str, float]:
-    """The run's summary: counts, throughput, latency, SLO, preemption, utilization, scheduling."""
-    summary: dict[str, float] = {
-        "num_requests": int(len(requests)),
-        "completed": int((requests["status"] == "finished").sum()),
-        "rejected": int((requests["status"] == "rejected").sum()),
-        "num_iterations": int(len(iterations)),
-        "makespan_s": makespan_s(requests),
-    }
-    summary.update(throughput(requests))
-    summary.update(latency_stats(requests))
-    summary["slo_attainment"] = slo_attainment(requests)
-    summary["preempted_fraction"] = preempted_fraction(requests)
-    summary["num_preemptions"] = int(requests["num_preemptions"].sum())
-    summary["mean_kvc_utilization"] = kvc_utilization(iterations)
-    summary["kvc_allocation_efficiency"] = kvc_allocation_efficiency(iterations)
-    summary["mean_gpu_token_utilization"] = gpu_token_utilization(iterations, reference_token_budget)
-    summary["reference_token_budget"] = int(reference_token_budget)
-    summary.update(scheduling_stats(iterations, requests, scheduler_invocations, scheduler_time_s))
-    return summary
 
 
 # --------------------------------------------------------------------- goodput

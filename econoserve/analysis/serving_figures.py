@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from econoserve.results import finished, kv_block_usage, kv_reserved_fraction
+
 
 def table15(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per scheduler: the real run's metrics and the simulator's per-request errors."""
@@ -32,15 +34,16 @@ def figure15(real_requests: Mapping[str, pd.DataFrame], real_iterations: Mapping
     colours = dict(zip(real_requests, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for scheduler, requests in real_requests.items():
         colour = colours[scheduler]
-        done = requests[requests["completed"]]
+        done = finished(requests)
         for ax, column in ((jct_ax, "jct_s"), (ttft_ax, "ttft_s")):
             values = np.sort(done[column].to_numpy(float))
             ax.plot(values, np.arange(1, len(values) + 1) / max(len(values), 1), label=scheduler, color=colour)
         steps = real_iterations[scheduler]
-        kv_ax.plot(steps["start_time_s"], steps["kv_usage"], label=f"{scheduler}: used", color=colour, lw=0.8)
+        usage = kv_block_usage(steps)
+        kv_ax.plot(steps["start_time_s"], usage, label=f"{scheduler}: used", color=colour, lw=0.8)
         reserved = kv_reserved_fraction(steps)
-        if reserved is not None and (reserved > 0).any():
-            kv_ax.plot(steps["start_time_s"], steps["kv_usage"] + reserved, label=f"{scheduler}: used + reserved",
+        if (reserved > 0).any():
+            kv_ax.plot(steps["start_time_s"], usage + reserved, label=f"{scheduler}: used + reserved",
                        color=colour, lw=0.8, ls="--")
         preempt_time_ax.step(steps["start_time_s"], steps["num_preempted"].cumsum(), where="post", label=scheduler,
                              color=colour)
@@ -58,13 +61,6 @@ def figure15(real_requests: Mapping[str, pd.DataFrame], real_iterations: Mapping
         ax.legend(fontsize=8)
     fig.suptitle("Figure 15: real vLLM serving — EconoServe's scheduler beside vLLM's default")
     return fig
-
-
-def kv_reserved_fraction(steps: pd.DataFrame) -> pd.Series | None:
-    """Blocks reserved for future tokens / usable blocks, per step (``None`` if not recorded)."""
-    if "kv_blocks_reserved" not in steps:
-        return None
-    return steps["kv_blocks_reserved"] / steps["kv_blocks_total"].where(steps["kv_blocks_total"] > 0)
 
 
 def _preemption_bars(ax, real_requests: Mapping[str, pd.DataFrame], summary: pd.DataFrame | None,

@@ -17,7 +17,7 @@ vLLM's scheduler and are imported by vLLM itself through ``scheduler_cls``):
   (imports vLLM; named through ``scheduler_cls``); :mod:`.decisions` — its decision log and a
   pure-Python replay that checks the engine executed exactly the policy's decisions.
 * :mod:`.replay` / :mod:`.results` — requests sent, timings kept, and the run directory
-  (``requests.parquet``, ``iterations.parquet``, ``summary.json``).
+  in the one results format of both executors (:mod:`econoserve.results`).
 * :mod:`.run` — :func:`~.run.serve_trace`, one run end to end; :mod:`.commands` — the CLI.
 * :mod:`.profiler` — :func:`~.profiler.profile_step_times`, measured step times per batch
   composition for the simulator's latency model.

@@ -100,7 +100,7 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Replay a trace through a vLLM engine at its arrival times (token-id prompts of the "
             "trace's lengths, ignore_eos, max_tokens = the trace's response length) and write "
-            "requests.parquet, iterations.parquet and summary.json into the output directory. "
+            "requests.parquet, iterations.parquet, summary.json and config.json into the output directory. "
             "--mode offline runs vLLM in this process; --mode server starts vLLM's OpenAI server "
             "on 127.0.0.1 and streams over HTTP. Needs the serving extra (scripts/install_serving.sh)."
         ),
@@ -157,9 +157,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     result = serve_trace(trace, spec, args.output)
     keys = ("num_requests", "completed", "throughput_rps", "output_tokens_per_s", "mean_jct_s", "p99_jct_s",
-            "mean_ttft_s", "mean_tbt_s", "num_iterations", "mean_schedule_time_s", "mean_kv_usage", "num_preemptions")
+            "mean_ttft_s", "mean_tbt_s", "num_iterations", "scheduler_time_per_iteration_s", "mean_kv_block_usage",
+            "num_preemptions")
     print(json.dumps({k: result.summary.get(k) for k in keys}, indent=2))
-    print(f"wrote {args.output}/requests.parquet, iterations.parquet, summary.json")
+    print(f"wrote {args.output}/requests.parquet, iterations.parquet, summary.json, config.json")
     return 0 if result.summary["failed"] == 0 else 1
 
 

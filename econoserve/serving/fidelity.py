@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.results import finished
 from econoserve.sim.engine import SimulationConfig
 
 #: Real scheduler name (``econoserve serve --scheduler``) -> simulated policy.
@@ -80,15 +81,14 @@ def simulation_config(shape: EngineShape, scheduler: str, latency_model: str, **
 
 
 def request_errors(real: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:
-    """Per request: real and simulated JCT and TTFT [s] and their relative errors.
+    """Per request: real and simulated JCT and TTFT [s] and their relative errors, from two
+    requests tables in the one results format (:mod:`econoserve.results`).
 
     Only requests that completed in both runs are compared; the others are counted by
     :func:`error_summary` through ``compared``.
     """
-    real_done = real[real["completed"]] if "completed" in real else real[real["status"] == "finished"]
-    sim_done = simulated[simulated["status"] == "finished"] if "status" in simulated else simulated[simulated["completed"]]
-    merged = real_done[["request_id", "jct_s", "ttft_s"]].merge(
-        sim_done[["request_id", "jct_s", "ttft_s"]], on="request_id", suffixes=("_real", "_sim"))
+    merged = finished(real)[["request_id", "jct_s", "ttft_s"]].merge(
+        finished(simulated)[["request_id", "jct_s", "ttft_s"]], on="request_id", suffixes=("_real", "_sim"))
     for metric in ("jct", "ttft"):
         real_values = merged[f"{metric}_s_real"].to_numpy(float)
         merged[f"{metric}_error"] = np.abs(merged[f"{metric}_s_sim"].to_numpy(float) - real_values) / np.maximum(real_values, 1e-9)

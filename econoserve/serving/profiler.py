@@ -270,7 +270,8 @@ def fit_linear_step_model(table: pd.DataFrame) -> LinearStepModel:
 
 
 def step_model_error(iterations: pd.DataFrame, model: LinearStepModel) -> dict[str, float]:
-    """How well ``model`` predicts the steps of a real run (``iterations.parquet``).
+    """How well ``model`` predicts the steps of a real run (an ``iterations.parquet`` table,
+    :mod:`econoserve.results`).
 
     Relative error ``|predicted - measured| / measured`` per step, summarised; and the ratio of
     predicted to measured busy time (the sum over steps), which is what a simulated makespan sees.
@@ -278,7 +279,8 @@ def step_model_error(iterations: pd.DataFrame, model: LinearStepModel) -> dict[s
     if iterations.empty:
         raise UserError("iterations table is empty: nothing to compare")
     measured = iterations["duration_s"].to_numpy(dtype=float)
-    predicted = model.predict(iterations["prefill_tokens"], iterations["decode_tokens"], iterations["context_tokens"])
+    predicted = model.predict(iterations["num_prefill_tokens"], iterations["num_decode_tokens"],
+                              iterations["num_context_tokens"])
     relative = np.abs(predicted - measured) / measured
     return {
         "num_steps": int(len(measured)),

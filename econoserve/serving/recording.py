@@ -76,6 +76,10 @@ class IterationRecord:
     """KV blocks the scheduler has set aside for requests' future tokens, not yet holding any
     [blocks]: a policy scheduler's ``policy_kv_blocks_reserved()`` (EconoServe's up-front
     reservations); 0 under vLLM's on-demand allocation."""
+    kv_tokens_stored: int = 0
+    """Tokens whose KV the running requests hold once the step ran (their computed tokens) [tokens]."""
+    token_budget: int = 0
+    """The engine's per-step token cap, ``max_num_batched_tokens`` [tokens]."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,8 @@ class IterationRecordingMixin:
             "kv_blocks_total": usable_blocks,
             "block_size": int(self.block_size),
             "kv_blocks_reserved": int(getattr(self, "policy_kv_blocks_reserved", lambda: 0)()),
+            "kv_tokens_stored": sum(r.num_computed_tokens for r in self.running),
+            "token_budget": int(self.max_num_scheduled_tokens),
         }
 
 

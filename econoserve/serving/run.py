@@ -5,8 +5,8 @@
     spec = ServeSpec(engine=EngineConfig(model=str(resolve_model("tiny-opt"))), mode="offline")
     result = serve_trace(Trace.read("trace.parquet"), spec, "results/serve/run1")
 
-writes ``requests.parquet``, ``iterations.parquet`` and ``summary.json`` (see
-:mod:`econoserve.serving.results`) and, in server mode, ``server.log``.
+writes ``requests.parquet``, ``iterations.parquet``, ``summary.json`` and ``config.json`` (the
+format of :mod:`econoserve.results`) and, in server mode, ``server.log``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from econoserve.serving.results import (
     preemption_counts,
     requests_table,
     run_config,
-    summarize,
 )
+from econoserve.results import summarize
 from econoserve.workload.trace import Trace
 
 MODES: tuple[str, ...] = ("offline", "server")
@@ -144,7 +144,8 @@ def serve_trace(trace: Trace, spec: ServeSpec, run_dir: str | Path) -> ReplayRes
     from econoserve.serving.recording import read_iteration_log
 
     iteration_records, preemption_records = read_iteration_log(log_path)
-    requests_frame = requests_table(timers, preemption_counts(preemption_records))
+    datasets = dict(zip(trace.requests["request_id"].tolist(), trace.requests["dataset"].tolist()))
+    requests_frame = requests_table(timers, preemption_counts(preemption_records), datasets)
     iterations_frame = iterations_table(iteration_records, start)
     config = run_config(
         engine_config,
@@ -154,7 +155,8 @@ def serve_trace(trace: Trace, spec: ServeSpec, run_dir: str | Path) -> ReplayRes
         time_scale=spec.time_scale,
         prompt_seed=spec.prompt_seed,
     )
-    result = ReplayResult(requests_frame, iterations_frame, summarize(requests_frame, iterations_frame), config)
+    result = ReplayResult(requests_frame, iterations_frame,
+                          summarize(requests_frame, iterations_frame, engine_config.max_num_batched_tokens), config)
     result.write(run_dir)
     log_path.unlink(missing_ok=True)
     return result

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.results import read_iterations, read_requests
 from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
 from econoserve.serving.profiler import ProfileGrid
 from econoserve.sim import SimulationResult, simulate
@@ -184,8 +185,8 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
     real_requests, real_iterations, real_summaries, simulated, error_tables, rows = {}, {}, {}, {}, [], []
     for scheduler in study.schedulers:
         run_dir = serve(study, scheduler, log)
-        real_requests[scheduler] = pd.read_parquet(run_dir / "requests.parquet")
-        real_iterations[scheduler] = pd.read_parquet(run_dir / "iterations.parquet")
+        real_requests[scheduler] = read_requests(run_dir)
+        real_iterations[scheduler] = read_iterations(run_dir)
         real_summaries[scheduler] = json.loads((run_dir / "summary.json").read_text())
         config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(latency_path))
         simulated[scheduler] = simulate(trace, config)
@@ -282,8 +283,8 @@ def _serving_python(path: str) -> str:
 
 def _real_metrics(summary: dict) -> dict[str, float]:
     keys = ("completed", "throughput_rps", "mean_jct_s", "p99_jct_s", "mean_ttft_s", "p99_ttft_s",
-            "mean_tbt_s", "num_preemptions", "preemption_fraction", "mean_kv_usage", "num_iterations",
-            "mean_schedule_time_s")
+            "mean_tbt_s", "num_preemptions", "preempted_fraction", "mean_kv_block_usage", "num_iterations",
+            "scheduler_time_per_iteration_s")
     return {f"real_{key}": summary.get(key) for key in keys}
 
 
@@ -291,7 +292,7 @@ def _simulated_metrics(result: SimulationResult) -> dict[str, float]:
     """The simulated run's mean JCT [s] and preemptions (counted from its requests table)."""
     preemptions = result.requests["num_preemptions"]
     return {"sim_mean_jct_s": result.summary.get("mean_jct_s"), "sim_num_preemptions": int(preemptions.sum()),
-            "sim_preemption_fraction": float((preemptions > 0).mean())}
+            "sim_preempted_fraction": float((preemptions > 0).mean())}
 
 
 def _safe(name: str) -> str:

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from econoserve import __version__
-from econoserve.analysis.metrics import gpu_token_utilization, summarize
 from econoserve.errors import UserError
+from econoserve.results import ITERATION_SCHEMA, REQUEST_SCHEMA, conform, summarize
 from econoserve.sim.catalog import DEFAULT_NETWORK, get_network
 from econoserve.sim.disaggregation import KVTransfers, check_roles
 from econoserve.sim.engine import SimulationConfig, SimulationError, SimulationResult, reference_token_budget
@@ -264,12 +264,10 @@ def _result(trace: Trace, cluster: ClusterConfig, ledger: RequestLedger, replica
     iterations_table = _iterations_table(replicas)
     budgets = [reference_token_budget(r.config, r.latency, r.limits) for r in replicas]
     stats = [r.policy.stats for r in replicas]
-    summary = summarize(requests_table, iterations_table, budgets[0],
+    # each step measured against its own replica's budget where they differ
+    budget = budgets[0] if len(set(budgets)) == 1 else np.repeat(budgets, [len(r.log) for r in replicas])
+    summary = summarize(requests_table, iterations_table, budget,
                         sum(s.invocations for s in stats), sum(s.wall_time_s for s in stats))
-    if len(set(budgets)) > 1:  # each step measured against its own replica's budget
-        per_step = np.repeat(budgets, [len(r.log) for r in replicas])
-        summary["mean_gpu_token_utilization"] = gpu_token_utilization(iterations_table, per_step)
-        summary["reference_token_budget"] = None
     summary["scheduler"] = "+".join(dict.fromkeys(r.policy.name for r in replicas))
     summary["skipped_iterations"] = sum(s.skipped_steps for s in stats)
     for s in stats:
@@ -328,13 +326,14 @@ def _requests_table(ledger: RequestLedger, replicas: Sequence[Replica], iteratio
     predicted, isolated, slo_scale = _per_replica_columns(ledger, replicas, replica_of, prompt, output)
     jct = finish - arrival
     deadline = arrival + slo_scale * isolated
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "request_id": frame["request_id"].to_numpy(np.int64),
             "dataset": frame["dataset"].to_numpy(object),
             "status": status,
             "rejection_reason": np.asarray(ledger.reasons, dtype=object),
             "arrival_time_s": arrival,
+            "submit_time_s": arrival,
             "first_token_time_s": first,
             "finish_time_s": finish,
             "prompt_tokens": prompt,
@@ -353,6 +352,7 @@ def _requests_table(ledger: RequestLedger, replicas: Sequence[Replica], iteratio
             "replica": replica_of.copy(),
         }
     )
+    return conform(table, REQUEST_SCHEMA, "simulated requests")
 
 
 def _per_replica_columns(ledger, replicas, replica_of, prompt, output):
@@ -472,6 +472,7 @@ def _iterations_table(replicas: Sequence[Replica]) -> pd.DataFrame:
             "scheduler_wall_time_s": column("scheduler_wall_time_s", float),
         }
     )
+    table["num_decode_requests"] = table["num_decode_tokens"]  # one token per decoding request and step
     table["kv_blocks_allocated"] = table["kv_blocks_used"] + table["kv_blocks_reserved"]
     table["replica"] = per_replica([r.replica_id for r in replicas])
-    return table
+    return conform(table, ITERATION_SCHEMA, "simulated iterations")

@@ -103,7 +103,7 @@ def _register_simulate(subparsers: argparse._SubParsersAction) -> None:
             "--replicas N identical replicas behind --router, or the replicas of a --cluster "
             "description file. Writes requests.parquet, iterations.parquet (a 'replica' column "
             "says which replica served or stepped), summary.json and config.json to the output "
-            "directory. Requests that can never fit are rejected and recorded with a reason."
+            "directory, in the results format a real vLLM run also writes (README). Requests that can never fit are rejected and recorded with a reason."
         ),
     )
     parser.add_argument("--trace", required=True, metavar="PATH", help="trace parquet file ('econoserve trace build')")

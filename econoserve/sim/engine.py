@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.results import read_iterations, read_requests, write_run
 from econoserve.policy import EngineLimits, make_config
 from econoserve.sim.catalog import GIB, Deployment, get_gpu, get_model
 from econoserve.sim.latency import (
@@ -184,37 +185,16 @@ class SimulationResult:
     config: dict[str, object]
 
     def write(self, directory: str | Path) -> Path:
-        """Write ``requests.parquet``, ``iterations.parquet``, ``summary.json``, ``config.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.requests.to_parquet(directory / "requests.parquet", index=False)
-        self.iterations.to_parquet(directory / "iterations.parquet", index=False)
-        (directory / "summary.json").write_text(json.dumps(_jsonable(self.summary), indent=2, sort_keys=True) + "\n")
-        (directory / "config.json").write_text(json.dumps(_jsonable(self.config), indent=2, sort_keys=True) + "\n")
-        return directory
+        """Write ``requests.parquet``, ``iterations.parquet``, ``summary.json``, ``config.json``
+        (the format of :mod:`econoserve.results`)."""
+        return write_run(directory, self.requests, self.iterations, self.summary, self.config)
 
     @classmethod
     def read(cls, directory: str | Path) -> "SimulationResult":
         directory = Path(directory)
-        return cls(
-            pd.read_parquet(directory / "requests.parquet"),
-            pd.read_parquet(directory / "iterations.parquet"),
-            json.loads((directory / "summary.json").read_text()),
-            json.loads((directory / "config.json").read_text()),
-        )
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if np.isfinite(value) else None
-    return value
+        return cls(read_requests(directory), read_iterations(directory),
+                   json.loads((directory / "summary.json").read_text()),
+                   json.loads((directory / "config.json").read_text()))
 
 
 # --------------------------------------------------------------------- set-up

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.results import STEP_FEATURE_COLUMNS
 from econoserve.sim.catalog import Deployment
 
 FEATURES: tuple[str, ...] = ("prefill_tokens", "decode_tokens", "context_tokens", "attention_pairs")
@@ -173,7 +174,8 @@ class FittedLatencyModel:
     def fit(cls, steps: pd.DataFrame, source: str = "<table>", outlier_threshold: float = 5.0,
             max_rounds: int = 5) -> "FittedLatencyModel":
         """Fit to a table with a ``duration_s`` (or ``step_time_s``) column and any of
-        :data:`FEATURES` (also accepted with a ``num_`` prefix, as in ``iterations.parquet``).
+        :data:`FEATURES` (or their columns in a run's ``iterations.parquet``,
+        :data:`econoserve.results.STEP_FEATURE_COLUMNS`).
 
         Least squares on *relative* error (each step weighted by 1 / its duration, so 2 ms and
         50 ms steps count alike), non-negative coefficients. Steps measured on a shared machine
@@ -256,7 +258,8 @@ class FittedLatencyModel:
 
 
 def _normalise_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    renames = {f"num_{f}": f for f in FEATURES if f"num_{f}" in frame and f not in frame}
+    """A results ``iterations`` table's feature columns under the feature names."""
+    renames = {column: feature for feature, column in STEP_FEATURE_COLUMNS.items() if column in frame and feature not in frame}
     return frame.rename(columns=renames)
 
 
