@@ -152,7 +152,7 @@ def test_a_cluster_file_without_schedulers_needs_the_flag(trace_file, tmp_path, 
 
 @pytest.mark.parametrize("flags, message", [
     (["--address", "auto"], "--address 'auto' is for the ray backend"),
-    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--jobs", "0"], "argument --jobs: expected an integer >= 1"),
 ])
 def test_sweep_bad_backend_flags_give_one_line_errors(tmp_path, capsys, flags, message):
     status = main(["sweep", "--datasets", "alpaca", "--rates", "2", "--schedulers", "vllm", "-o", str(tmp_path / "x"),

@@ -205,8 +205,6 @@ def _sweep(args: argparse.Namespace) -> int:
     from econoserve.experiments import TASKS_DIRECTORY, Job, TaskStore, make_backend, run_jobs
     from econoserve.workload.datasets import TraceSpec, build_trace
 
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     if any(rate <= 0 for rate in args.rates):
         raise UserError("--rates must all be > 0")
     if args.num_requests <= 0:
