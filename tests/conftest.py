@@ -72,6 +72,7 @@ def length_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_predictor(data, config).save(tmp_path_factory.mktemp("length-model") / "model")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` deselection: gate only the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _gate(items, "realdata", mirror_available(), bool(os.environ.get("CI")),
           "no dataset mirror (set ECONOSERVE_DATA_MIRROR to ../shared/data)")
