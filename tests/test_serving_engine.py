@@ -152,7 +152,7 @@ def test_aborting_in_flight_requests_frees_their_kv_blocks(model_dir):
 
 def test_profiler_measures_the_compositions_it_asks_for(model_dir, tmp_path):
     from econoserve.serving.engine import EngineConfig
-    from econoserve.serving.profiler import ProfileGrid, fit_linear_step_model, profile_step_times
+    from econoserve.serving.profiler import ProfileGrid, profile_step_times
 
     grid = ProfileGrid(prefill_tokens=(0, 64), decode_batch_sizes=(0, 4), context_lengths=(32, 128), repeats=2)
     profile = profile_step_times(EngineConfig(model=str(model_dir)), grid)
@@ -163,8 +163,7 @@ def test_profiler_measures_the_compositions_it_asks_for(model_dir, tmp_path):
     assert (table["decode_tokens"] == table["cell_decode_batch"]).all()
     decoding = table[table.cell_decode_batch > 0]
     assert (decoding["context_tokens"] >= decoding["cell_decode_batch"] * decoding["cell_context_length"]).all()
-    assert (table["step_time_s"] > 0).all()
-    assert fit_linear_step_model(table).intercept_s > 0
+    assert (table["step_time_s"] > 0).all()  # measured values themselves are not asserted: they depend on load
     written = profile.write(tmp_path / "steps.csv")
     assert list(pd.read_csv(written).columns[:4]) == ["prefill_tokens", "decode_tokens", "context_tokens", "step_time_s"]
 

@@ -255,3 +255,19 @@ def test_figure15_shows_kv_reservations_and_preemptions():
     kv_axis, preemption_axis = figure.axes[2], figure.axes[3]
     assert [line.get_label() for line in kv_axis.get_lines()] == ["econoserve: used", "econoserve: used + reserved"]
     assert [bar.get_height() for bar in preemption_axis.patches] == [2, 1]  # real, simulated
+
+
+def test_linear_step_model_recovers_the_coefficients_of_a_linear_table():
+    """The fit is checked on a table built from known coefficients, not on measured times."""
+    from econoserve.serving.profiler import fit_linear_step_model
+
+    rng = np.random.default_rng(0)
+    prefill, decode, context = rng.integers(0, 512, 40), rng.integers(0, 64, 40), rng.integers(0, 8192, 40)
+    table = pd.DataFrame({"prefill_tokens": prefill, "decode_tokens": decode, "context_tokens": context,
+                          "step_time_s": 0.004 + 2e-5 * prefill + 1e-4 * decode + 3e-7 * context})
+    model = fit_linear_step_model(table)
+    assert np.allclose([model.intercept_s, model.per_prefill_token_s, model.per_decode_token_s, model.per_context_token_s],
+                       [0.004, 2e-5, 1e-4, 3e-7], rtol=1e-6)
+    assert model.r2 == pytest.approx(1.0) and model.median_relative_error < 1e-9
+    with pytest.raises(UserError, match="at least 4"):
+        fit_linear_step_model(table.head(3))
