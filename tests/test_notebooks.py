@@ -120,7 +120,7 @@ def test_vllm_serving_notebook(tmp_path):
     papermill.execute_notebook(
         str(NOTEBOOKS / "04_vllm_serving.ipynb"),
         str(tmp_path / "04.ipynb"),
-        parameters={"num_requests": 24, "rate": 20.0, "predictor": "oracle", "profile": "quick",
+        parameters={"num_requests": 24, "rate": 20.0, "predictor": "oracle", "profile": "quick", "repeats": 2,
                     "output_dir": str(results), "figures_dir": str(figures)},
         kernel_name="python3",
         progress_bar=False,
@@ -129,6 +129,10 @@ def test_vllm_serving_notebook(tmp_path):
     assert table["scheduler"].tolist() == ["vllm", "econoserve"]
     assert (table["real_completed"] == 24).all() and (table["compared"] == 24).all()
     assert table["median_jct_error"].notna().all() and table["crossfit_median_jct_error"].notna().all()
+    assert (table["rounds"] == 2).all() and (table.loc[0, ["median_mean_jct_ratio", "min_mean_jct_ratio"]] == 1.0).all()
+    rounds = pd.read_csv(figures / "fig15_vllm_serving_rounds.csv")
+    assert sorted(zip(rounds["scheduler"], rounds["round"])) == sorted(
+        (s, r) for s in ("vllm", "econoserve") for r in (0, 1))  # interleaved rounds, each run once
     assert (figures / "fig15_vllm_serving.png").stat().st_size > 10_000
 
 

@@ -236,6 +236,31 @@ def test_scaled_lengths_fit_the_context_and_keep_their_order():
         scale_lengths(Trace.from_frame(frame), 0, max_model_len=1024)
 
 
+def test_rounds_are_compared_side_by_side_and_the_median_round_is_kept(tmp_path):
+    """Each round's ratio is taken against the first scheduler of the *same* round, so a round
+    that ran slow for everyone does not move the ratios; the kept round is the median one."""
+    from econoserve.serving.study import ServingStudy, median_round, rounds_table
+
+    jct = {"vllm": [2.0, 6.0, 3.0], "econoserve": [1.8, 5.4, 3.3]}  # round 1 ran 3x slower for both
+    run_dirs = {}
+    for scheduler, values in jct.items():
+        run_dirs[scheduler] = []
+        for round_index, mean_jct in enumerate(values):
+            run_dir = tmp_path / scheduler / f"round-{round_index}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"completed": 10, "mean_jct_s": mean_jct, "p99_jct_s": 2 * mean_jct, "throughput_rps": 1.0}))
+            run_dirs[scheduler].append(run_dir)
+    rounds = rounds_table(run_dirs)
+    assert len(rounds) == 6 and set(rounds["round"]) == {0, 1, 2}
+    mine = rounds[rounds["scheduler"] == "econoserve"].sort_values("round")
+    assert np.allclose(mine["mean_jct_ratio"], [0.9, 0.9, 1.1]) and np.allclose(mine["throughput_ratio"], 1.0)
+    assert (rounds.loc[rounds["scheduler"] == "vllm", "mean_jct_ratio"] == 1.0).all()
+    assert median_round(rounds, "vllm") == 2 and median_round(rounds, "econoserve") == 2  # JCTs 3.0 / 3.3
+    with pytest.raises(UserError, match="repeats"):
+        ServingStudy(trace_path=tmp_path / "t.parquet", output_dir=tmp_path, repeats=0)
+
+
 def test_figure15_shows_kv_reservations_and_preemptions():
     import matplotlib
 

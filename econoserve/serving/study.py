@@ -5,7 +5,10 @@ checked against each run.
    and fit the simulator's latency model to it
    (:meth:`~econoserve.sim.latency.FittedLatencyModel.fit`, relative error, outliers dropped);
 2. **serve** the trace under each scheduler (``econoserve serve``: ``vllm`` is vLLM's own
-   scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy);
+   scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy), in
+   ``repeats`` interleaved rounds (round 1 serves every scheduler once, then round 2, ...), so a
+   change in the machine's load reaches every scheduler alike; the comparison is the median over
+   rounds of each round's side-by-side ratio;
 3. **simulate** the same trace on the same engine shape with the fitted latency model and
    compare per request (:mod:`econoserve.serving.fidelity`).
 
@@ -59,11 +62,12 @@ class StudyRegime:
 
 
 #: The regimes notebook 04 offers. ``kv-bound`` (the default): ShareGPT's conversational lengths
-#: scaled to a 1024-token context, a KV cache of a few dozen such requests, and a rate near what
-#: the engine sustains, so vLLM's own scheduler preempts. ``light-load``: Alpaca's short answers
-#: on a large cache at a moderate rate (both schedulers serve alike, nothing is preempted).
+#: scaled to a 1024-token context, a KV cache of a few dozen such requests, and a rate past what
+#: vLLM's scheduler serves without preempting on the one-thread CPU engine (simulated with the
+#: engine's fitted step times, vLLM preempts about a third of the requests). ``light-load``: Alpaca's short answers on a large cache at a moderate rate (both schedulers
+#: serve alike, nothing is preempted).
 REGIMES: dict[str, StudyRegime] = {
-    "kv-bound": StudyRegime("sharegpt", num_requests=100, rate_rps=2.5, kv_cache_tokens=2048, max_model_len=1024,
+    "kv-bound": StudyRegime("sharegpt", num_requests=160, rate_rps=3.0, kv_cache_tokens=2048, max_model_len=1024,
                             length_scale=0.5, description="ShareGPT lengths x0.5, 2048-token KV cache"),
     "light-load": StudyRegime("alpaca", num_requests=160, rate_rps=20.0, kv_cache_tokens=8192, max_model_len=2048,
                               description="Alpaca lengths, 8192-token KV cache, at most ~14% KV use"),
@@ -90,6 +94,42 @@ def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
         frame["predicted_output_tokens"] = np.minimum(scaled("predicted_output_tokens"), room)
     metadata = {**trace.metadata, "length_scale": {"factor": factor, "max_model_len": max_model_len}}
     return Trace.from_frame(frame, metadata, source="<scaled trace>")
+
+
+def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str = "llama2", seed: int = 0,
+                cache_dir: str | Path = "results/04_vllm_serving") -> Trace:
+    """The study's trace: ``setting.num_requests`` requests of ``setting.dataset`` with seeded
+    Poisson arrivals at ``setting.rate_rps``, predicted lengths, and lengths scaled to the engine
+    (:func:`scale_lengths`).
+
+    ``predictor``: ``train`` (default) = the dataset's own predictor, trained as notebook 03 trains
+    it (quick profile: the dataset's training part, cached under ``cache_dir/predictors``), with
+    the trace drawn from the held-out part, so no request was seen in training; ``oracle`` = the
+    true lengths; otherwise a saved model directory (notebook 02's), the trace drawn from the
+    whole dataset.
+    """
+    if predictor == "train":
+        from econoserve.experiments.plan import make_plan
+        from econoserve.experiments.predictors import predict_lengths
+        from econoserve.experiments.workloads import at_rate, request_pool, unit_rate_trace
+
+        plan = make_plan("quick", datasets=[setting.dataset], predictor="train", num_requests=setting.num_requests,
+                         seed=seed, sensitivity=False, tokenizer=tokenizer)
+        pool = request_pool(setting.dataset, plan, plan.deployments[0], with_text=True)
+        trace = at_rate(unit_rate_trace(pool, setting.dataset, setting.num_requests, seed), setting.rate_rps)
+        trace = predict_lengths(plan, setting.dataset, trace, cache_dir)
+    else:
+        from econoserve.workload.datasets import TraceSpec, build_trace
+
+        trace = build_trace(TraceSpec(dataset=setting.dataset, tokenizer=tokenizer, num_requests=setting.num_requests,
+                                      rate_rps=setting.rate_rps, seed=seed))
+        if predictor == "oracle":
+            trace = trace.with_predictions(trace.requests["output_tokens"])
+        else:
+            from econoserve.predictor import LengthPredictor
+
+            trace = LengthPredictor.load(predictor).predict_trace(trace)
+    return scale_lengths(trace, setting.length_scale, setting.max_model_len)
 
 
 @dataclass(frozen=True)
@@ -154,17 +194,28 @@ class ServingStudy:
     serving_python: str = DEFAULT_SERVING_PYTHON
     reuse: bool = True
     timeout_s: float = 900.0
+    repeats: int = 1
+    """Interleaved rounds of real runs (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if not self.schedulers:
             raise UserError("a serving study needs at least one scheduler")
+        if self.repeats < 1:
+            raise UserError(f"repeats must be >= 1, got {self.repeats}")
         if self.mode not in ("offline", "server"):
             raise UserError(f"mode {self.mode!r}: choose offline or server")
 
 
 @dataclass
 class StudyResult:
-    """Real and simulated tables per scheduler, the per-request errors and a summary table."""
+    """Real and simulated tables per scheduler, the per-request errors and a summary table.
+
+    ``real_*`` hold each scheduler's *median round* (the round of the median mean JCT; the one
+    the simulator is compared with); ``rounds`` has one row per scheduler and round with the real
+    run's metrics and ``mean_jct_ratio`` / ``p99_jct_ratio`` / ``throughput_ratio``: the run's
+    value over the first scheduler's in the same round. ``summary`` has the real metrics of the
+    median round, the medians over rounds of the ratios (``median_mean_jct_ratio``, ...), and the
+    simulator's errors."""
 
     real_requests: dict[str, pd.DataFrame]
     real_iterations: dict[str, pd.DataFrame]
@@ -173,6 +224,7 @@ class StudyResult:
     errors: pd.DataFrame
     summary: pd.DataFrame
     latency_model: FittedLatencyModel
+    rounds: pd.DataFrame
 
 
 def run_study(study: ServingStudy, log=print) -> StudyResult:
@@ -182,9 +234,14 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
     trace = Trace.read(study.trace_path)
     latency = fit_profile(study, log)
     latency_path = latency.save(out / "latency_model.json")
+    run_dirs: dict[str, list[Path]] = {scheduler: [] for scheduler in study.schedulers}
+    for round_index in range(study.repeats):
+        for scheduler in study.schedulers:
+            run_dirs[scheduler].append(serve(study, scheduler, round_index, log))
+    rounds = rounds_table(run_dirs)
     real_requests, real_iterations, real_summaries, simulated, error_tables, rows = {}, {}, {}, {}, [], []
     for scheduler in study.schedulers:
-        run_dir = serve(study, scheduler, log)
+        run_dir = run_dirs[scheduler][median_round(rounds, scheduler)]
         real_requests[scheduler] = read_requests(run_dir)
         real_iterations[scheduler] = read_iterations(run_dir)
         real_summaries[scheduler] = json.loads((run_dir / "summary.json").read_text())
@@ -194,12 +251,55 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
         errors = request_errors(real_requests[scheduler], simulated[scheduler].requests)
         error_tables.append(errors.assign(scheduler=scheduler))
         rows.append({"scheduler": scheduler, **_real_metrics(real_summaries[scheduler]),
+                     **_round_ratios(rounds, scheduler),
                      **_simulated_metrics(simulated[scheduler]), **error_summary(errors, len(trace))})
     summary = pd.DataFrame(rows)
     if len(study.schedulers) > 1:
         summary = summary.merge(_cross_fitted_errors(study, trace, real_requests, real_iterations), on="scheduler")
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
-                       pd.concat(error_tables, ignore_index=True), summary, latency)
+                       pd.concat(error_tables, ignore_index=True), summary, latency, rounds)
+
+
+#: Real-run metrics compared round by round against the first scheduler's (``rounds_table``).
+RATIO_METRICS: tuple[str, ...] = ("mean_jct_s", "p99_jct_s", "throughput_rps")
+
+
+def rounds_table(run_dirs: dict[str, list[Path]]) -> pd.DataFrame:
+    """One row per scheduler and round: the run's summary metrics and, for :data:`RATIO_METRICS`,
+    ``<metric without _s/_rps>_ratio`` = the run's value / the first scheduler's in the same round."""
+    rows = []
+    for scheduler, dirs in run_dirs.items():
+        for round_index, run_dir in enumerate(dirs):
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows.append({"scheduler": scheduler, "round": round_index,
+                         **{key.removeprefix("real_"): value for key, value in _real_metrics(summary).items()}})
+    table = pd.DataFrame(rows)
+    first = table[table["scheduler"] == next(iter(run_dirs))].set_index("round")
+    for metric in RATIO_METRICS:
+        table[_ratio_name(metric)] = table[metric].to_numpy(float) / first.loc[table["round"], metric].to_numpy(float)
+    return table
+
+
+def median_round(rounds: pd.DataFrame, scheduler: str) -> int:
+    """The round of ``scheduler`` whose mean JCT is the median of its rounds (the lower middle
+    one for an even count)."""
+    mine = rounds[rounds["scheduler"] == scheduler].sort_values(["mean_jct_s", "round"])
+    return int(mine["round"].iloc[(len(mine) - 1) // 2])
+
+
+def _round_ratios(rounds: pd.DataFrame, scheduler: str) -> dict[str, float]:
+    mine = rounds[rounds["scheduler"] == scheduler]
+    values = {"rounds": len(mine)}
+    for metric in RATIO_METRICS:
+        ratios = mine[_ratio_name(metric)]
+        values.update({f"median_{_ratio_name(metric)}": float(ratios.median()),
+                       f"min_{_ratio_name(metric)}": float(ratios.min()),
+                       f"max_{_ratio_name(metric)}": float(ratios.max())})
+    return values
+
+
+def _ratio_name(metric: str) -> str:
+    return f"{metric.removesuffix('_s').removesuffix('_rps')}_ratio"
 
 
 def _cross_fitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str, pd.DataFrame],
@@ -236,13 +336,14 @@ def fit_profile(study: ServingStudy, log=print) -> FittedLatencyModel:
     return FittedLatencyModel.fit(steps, source=str(path))
 
 
-def serve(study: ServingStudy, scheduler: str, log=print) -> Path:
-    """Replay the trace under ``scheduler`` (or reuse the run); returns the run directory."""
-    run_dir = Path(study.output_dir) / "real" / _safe(scheduler)
-    inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode,
+def serve(study: ServingStudy, scheduler: str, round_index: int = 0, log=print) -> Path:
+    """Replay the trace under ``scheduler`` in round ``round_index`` (or reuse that run); returns
+    the run directory, ``real/<scheduler>/round-<k>``."""
+    run_dir = Path(study.output_dir) / "real" / _safe(scheduler) / f"round-{round_index}"
+    inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode, "round": round_index,
               "trace_sha256": _sha256(Path(study.trace_path))}
     if not _reusable(study, run_dir / "summary.json", inputs):
-        log(f"serving the trace with scheduler {scheduler} ({study.mode}) ...")
+        log(f"serving the trace with scheduler {scheduler} ({study.mode}, round {round_index + 1} of {study.repeats}) ...")
         run_econoserve(study, ["serve", "--trace", str(study.trace_path), "-o", str(run_dir),
                                "--scheduler", scheduler, "--mode", study.mode, *study.engine.flags()])
         _stamp(run_dir / "summary.json", inputs)
