@@ -24,12 +24,10 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from econoserve.results import FINISHED, finished
+
 #: Fraction of requests that must meet their SLO for a rate to count toward goodput.
 GOODPUT_TARGET = 0.9
-
-
-def _finished(requests: pd.DataFrame) -> pd.DataFrame:
-    return requests[requests["status"] == "finished"]
 
 
 def _nanmean(values) -> float:
@@ -46,37 +44,37 @@ def _nanquantile(values, q: float) -> float:
 
 def makespan_s(requests: pd.DataFrame) -> float:
     """First arrival to last finish [s] (0 if nothing finished)."""
-    finished = _finished(requests)
-    if finished.empty:
+    done = finished(requests)
+    if done.empty:
         return 0.0
-    return float(finished["finish_time_s"].max() - requests["arrival_time_s"].min())
+    return float(done["finish_time_s"].max() - requests["arrival_time_s"].min())
 
 
 def throughput(requests: pd.DataFrame) -> dict[str, float]:
     """Finished requests per second and output tokens per second over the makespan."""
     span = makespan_s(requests)
-    finished = _finished(requests)
+    done = finished(requests)
     if span <= 0:
         return {"throughput_rps": 0.0, "output_tokens_per_s": 0.0}
     return {
-        "throughput_rps": len(finished) / span,
-        "output_tokens_per_s": float(finished["output_tokens"].sum()) / span,
+        "throughput_rps": len(done) / span,
+        "output_tokens_per_s": float(done["output_tokens"].sum()) / span,
     }
 
 
 def latency_stats(requests: pd.DataFrame) -> dict[str, float]:
     """JCT, TTFT, TBT and normalized latency statistics over finished requests [s]."""
-    finished = _finished(requests)
-    jct = finished["jct_s"].to_numpy(dtype=float)
+    done = finished(requests)
+    jct = done["jct_s"].to_numpy(dtype=float)
     return {
         "mean_jct_s": _nanmean(jct),
         "p50_jct_s": _nanquantile(jct, 0.5),
         "p99_jct_s": _nanquantile(jct, 0.99),
-        "mean_ttft_s": _nanmean(finished["ttft_s"]),
-        "p99_ttft_s": _nanquantile(finished["ttft_s"], 0.99),
-        "mean_tbt_s": _nanmean(finished["mean_tbt_s"]),
-        "p99_tbt_s": _nanquantile(finished["p99_tbt_s"], 0.99),
-        "mean_normalized_latency_s": _nanmean(finished["normalized_latency_s"]),
+        "mean_ttft_s": _nanmean(done["ttft_s"]),
+        "p99_ttft_s": _nanquantile(done["ttft_s"], 0.99),
+        "mean_tbt_s": _nanmean(done["mean_tbt_s"]),
+        "p99_tbt_s": _nanquantile(done["p99_tbt_s"], 0.99),
+        "mean_normalized_latency_s": _nanmean(done["normalized_latency_s"]),
     }
 
 
@@ -93,11 +91,11 @@ def ttft_tpot_slo_attainment(requests: pd.DataFrame, ttft_slo_s: float, tpot_slo
     with a single output token has no TPOT and is judged on TTFT alone."""
     if len(requests) == 0:
         return float("nan")
-    finished = requests["status"] == "finished"
+    is_finished = requests["status"] == FINISHED
     ttft_ok = requests["ttft_s"] <= ttft_slo_s
     tpot = requests["mean_tbt_s"]
     tpot_ok = tpot.isna() | (tpot <= tpot_slo_s)
-    return float((finished & ttft_ok & tpot_ok).sum()) / len(requests)
+    return float((is_finished & ttft_ok & tpot_ok).sum()) / len(requests)
 
 
 def preempted_fraction(requests: pd.DataFrame) -> float:
