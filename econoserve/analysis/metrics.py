@@ -158,34 +158,51 @@ def goodput_search(
     high_rps: float,
     target: float = GOODPUT_TARGET,
     relative_tolerance: float = 0.02,
-    max_evaluations: int = 20,
+    max_evaluations: int | None = 20,
+    growth: float = 2.0,
+    geometric: bool = False,
+    min_rps: float | None = None,
 ) -> dict[str, object]:
     """Highest rate [requests/s] whose SLO attainment is >= ``target``, by bisection.
 
     ``attainment_at_rate(rate)`` runs the workload at ``rate`` and returns its SLO attainment.
-    Attainment is assumed to fall with rate. ``high_rps`` is doubled (within the evaluation
-    budget) until it misses the target. Returns ``goodput_rps`` (0.0 if even ``low_rps``
-    misses) and every ``evaluations`` pair.
+    Attainment is assumed to fall with rate. ``high_rps`` is multiplied by ``growth`` until it
+    misses the target; if ``low_rps`` misses, it is divided by ``growth`` until a rate meets the
+    target, down to ``min_rps`` (None: no search below ``low_rps``). The bracket is then halved
+    (at its arithmetic mean, or its geometric mean if ``geometric``) until its width is at most
+    ``relative_tolerance`` x its lower end, all within ``max_evaluations`` runs (None: no
+    limit). Returns ``goodput_rps`` (0.0 if no rate tried meets the target), every
+    ``evaluations`` pair, and ``unbounded`` True where the budget ran out while ``high_rps``
+    still met the target.
     """
     if not 0 < low_rps < high_rps:
         raise ValueError(f"need 0 < low_rps < high_rps, got {low_rps}, {high_rps}")
+    if not growth > 1:
+        raise ValueError(f"need growth > 1, got {growth}")
     evaluations: list[tuple[float, float]] = []
+    budget = math.inf if max_evaluations is None else max_evaluations
 
-    def evaluate(rate: float) -> float:
+    def meets(rate: float) -> bool:
         value = float(attainment_at_rate(rate))
         evaluations.append((rate, value))
-        return value
+        return value >= target
 
-    if evaluate(low_rps) < target:
-        return {"goodput_rps": 0.0, "evaluations": evaluations}
     lo, hi = low_rps, high_rps
-    while evaluate(hi) >= target:
-        lo, hi = hi, hi * 2
-        if len(evaluations) >= max_evaluations:
-            return {"goodput_rps": lo, "evaluations": evaluations, "unbounded": True}
-    while (hi - lo) > relative_tolerance * lo and len(evaluations) < max_evaluations:
-        mid = 0.5 * (lo + hi)
-        if evaluate(mid) >= target:
+    if not meets(lo):
+        while True:
+            lo, hi = lo / growth, lo
+            if min_rps is None or lo < min_rps or len(evaluations) >= budget:
+                return {"goodput_rps": 0.0, "evaluations": evaluations}
+            if meets(lo):
+                break
+    else:
+        while meets(hi):
+            lo, hi = hi, hi * growth
+            if len(evaluations) >= budget:
+                return {"goodput_rps": lo, "evaluations": evaluations, "unbounded": True}
+    while (hi - lo) > relative_tolerance * lo and len(evaluations) < budget:
+        mid = math.sqrt(lo * hi) if geometric else 0.5 * (lo + hi)
+        if meets(mid):
             lo = mid
         else:
             hi = mid
