@@ -199,36 +199,14 @@ def step_diagnostics(iterations: pd.DataFrame) -> dict[str, float]:
 
 def goodput(trace, regime: Regime, scheduler: str, seed: int, guess_rps: float) -> tuple[float, int]:
     """Highest rate [req/s] with SLO attainment >= 90 %, by bracketing from ``guess_rps`` in
-    steps of x1.25 and bisecting to :data:`GOODPUT_TOLERANCE`; returns it and the runs used."""
-    from econoserve.analysis.metrics import GOODPUT_TARGET
+    steps of x1.25 and bisecting (geometrically) to :data:`GOODPUT_TOLERANCE`
+    (:func:`econoserve.analysis.metrics.goodput_search`); returns it and the runs used."""
+    from econoserve.analysis.metrics import goodput_search
 
-    runs = 0
-
-    def ok(rate: float) -> bool:
-        nonlocal runs
-        runs += 1
-        return run(trace, regime, scheduler, rate, seed)["slo_attainment"] >= GOODPUT_TARGET
-
-    lo = hi = guess_rps
-    if ok(guess_rps):
-        while True:
-            hi = lo * 1.25
-            if not ok(hi):
-                break
-            lo = hi
-    else:
-        while True:
-            lo = hi / 1.25
-            if ok(lo) or lo < guess_rps * 1e-3:
-                break
-            hi = lo
-    while hi - lo > GOODPUT_TOLERANCE * lo:
-        mid = math.sqrt(lo * hi)
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, runs
+    found = goodput_search(lambda rate: run(trace, regime, scheduler, rate, seed)["slo_attainment"], guess_rps,
+                           guess_rps * 1.25, relative_tolerance=GOODPUT_TOLERANCE, max_evaluations=None,
+                           growth=1.25, geometric=True, min_rps=guess_rps * 1e-3)
+    return found["goodput_rps"], len(found["evaluations"])
 
 
 def burst_throughput(trace, regime: Regime, seed: int) -> float:

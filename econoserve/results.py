@@ -15,22 +15,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from econoserve.analysis.metrics import (
-    gpu_token_utilization,
-    kvc_allocation_efficiency,
-    kvc_utilization,
-    latency_stats,
-    makespan_s,
-    preempted_fraction,
-    scheduling_stats,
-    slo_attainment,
-    throughput,
-)
 from econoserve.errors import UserError
 
 
@@ -187,6 +176,19 @@ def summarize(
     measured against (one per step where replicas differ). ``scheduler_invocations`` and
     ``scheduler_time_s`` default to one call per step and the steps' ``scheduler_wall_time_s``.
     """
+    # the metrics read the format this module owns, so they import it, not the reverse
+    from econoserve.analysis.metrics import (
+        gpu_token_utilization,
+        kvc_allocation_efficiency,
+        kvc_utilization,
+        latency_stats,
+        makespan_s,
+        preempted_fraction,
+        scheduling_stats,
+        slo_attainment,
+        throughput,
+    )
+
     if scheduler_invocations is None:
         scheduler_invocations = len(iterations)
     if scheduler_time_s is None:
@@ -234,6 +236,40 @@ def write_run(run_dir: str | Path, requests: pd.DataFrame, iterations: pd.DataFr
         text = json.dumps(json_safe(payload), indent=2, sort_keys=True, default=str, allow_nan=False)
         (run_dir / name).write_text(text + "\n")
     return run_dir
+
+
+def write_results(directory: str | Path, tables: Mapping[str, pd.DataFrame], meta_file: str,
+                  meta: Mapping[str, Any]) -> Path:
+    """Write an experiment's results directory (created) and return it: each table to
+    ``directory/<file name>`` (Parquet or CSV by the name's suffix) and ``meta`` plus the
+    package version (``econoserve_version``) to ``directory/<meta_file>`` (JSON)."""
+    from econoserve import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        writer = table.to_parquet if name.endswith(".parquet") else table.to_csv
+        writer(directory / name, index=False)
+    payload = {**meta, "econoserve_version": __version__}
+    (directory / meta_file).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return directory
+
+
+def read_results(directory: str | Path, files: Sequence[str], meta_file: str) -> tuple[dict[str, Any],
+                                                                                       dict[str, pd.DataFrame]]:
+    """The metadata and the tables (keyed by file name without its suffix) of a results
+    directory :func:`write_results` wrote; a missing file is a :class:`UserError`."""
+    directory = Path(directory)
+    meta_path = directory / meta_file
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path}: no such results metadata (is {directory} a results directory?)")
+    tables = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path}: no such results table")
+        tables[path.stem] = pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
+    return json.loads(meta_path.read_text()), tables
 
 
 def json_safe(value: Any) -> Any:

@@ -5,7 +5,8 @@ same way: one line naming the option, field or file (a :class:`~econoserve.error
 an argparse error from the CLI's parser), exit status 2, no traceback.
 
 * Numbers on the command line: :func:`int_at_least`, :func:`float_above`, :func:`float_at_least`
-  (argparse ``type=`` callables; finite values only, ranges stated in the message).
+  (argparse ``type=`` callables; finite values only, ranges stated in the message);
+  :func:`int_list` for comma-separated lists of non-negative integers (profiling grids).
 * Output paths: :func:`output_file` and :func:`output_dir` refuse, before any work, a path that is
   a directory where a file goes (or the reverse), that lies under a file, or whose nearest
   existing parent directory cannot be written (read-only file systems included).
@@ -89,6 +90,21 @@ def float_at_least(minimum: float) -> Callable[[str], float]:
 
     parse.__name__ = f"number >= {minimum:g}"
     return parse
+
+
+def int_list(text: str | None, name: str) -> tuple[int, ...] | None:
+    """The non-negative integers of the comma-separated ``text`` given as option ``name``
+    (``"0,16, 64"`` -> ``(0, 16, 64)``; empty items are skipped); None if ``text`` is None.
+    Raises :class:`~econoserve.errors.UserError` naming ``name`` for anything else."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{name} {text!r}: expected comma-separated integers") from None
+    if not values or any(v < 0 for v in values):
+        raise UserError(f"{name} {text!r}: expected non-negative integers")
+    return values
 
 
 #: The usual ranges.

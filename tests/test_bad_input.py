@@ -108,6 +108,15 @@ def test_policy_configuration_values_of_the_wrong_type_name_the_field(capsys, tm
     assert f"{scheduler}: {field} {rule}" in message
 
 
+@pytest.mark.parametrize("command", ["profile-engine", "profile-gpu"])
+@pytest.mark.parametrize(("value", "rule"), [("16,x", "expected comma-separated integers"),
+                                             ("16,-1", "expected non-negative integers"),
+                                             (",", "expected non-negative integers")])
+def test_integer_lists_name_the_option_in_both_profilers(capsys, tmp_path, command, value, rule):
+    message = run_cli(capsys, command, "--prefill-tokens", value, "-o", tmp_path / "steps.csv")
+    assert message.endswith(f"--prefill-tokens {value!r}: {rule}"), message
+
+
 def test_a_whole_float_is_an_integer_in_json_configuration():
     from econoserve.policy import make_config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -125,3 +126,17 @@ def test_cli_bad_input_is_one_line_and_exit_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_gpus_needed_results_round_trip(tmp_path):
+    from econoserve.experiments.gpus_needed import GPUsNeededPlan, GPUsNeededResults
+
+    units = pd.DataFrame({"system": ["distserve", "vllm"], "goodput_rps": [1.5, 0.75]})
+    gpus = pd.DataFrame({"system": ["vllm"], "target_rate_rps": [3.0], "num_gpus": [np.nan], "reachable": [False]})
+    results = GPUsNeededResults(GPUsNeededPlan().to_dict(), units, gpus, {"units_s": 2.5})
+    back = GPUsNeededResults.read(results.write(tmp_path / "out"))
+    assert back.plan == json.loads(json.dumps(results.plan, default=str)) and back.timings_s == {"units_s": 2.5}
+    pd.testing.assert_frame_equal(back.units, units)
+    pd.testing.assert_frame_equal(back.gpus, gpus)
+    with pytest.raises(UserError, match="no such results"):
+        GPUsNeededResults.read(tmp_path / "elsewhere")

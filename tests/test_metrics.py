@@ -84,6 +84,39 @@ def test_goodput_search_finds_the_threshold_rate():
     assert metrics.goodput_search(lambda rate: 0.0, 0.5, 1.0)["goodput_rps"] == 0.0
 
 
+@pytest.mark.parametrize("threshold", [0.004, 0.3, 1.0, 1.26, 7.7])
+def test_goodput_search_brackets_from_a_guess_on_either_side(threshold):
+    # from a guess of 1 in steps of x1.25 (down while the guess misses), geometric bisection
+    tried = []
+
+    def attainment(rate):
+        tried.append(rate)
+        return 1.0 if rate <= threshold else 0.5
+
+    result = metrics.goodput_search(attainment, 1.0, 1.25, relative_tolerance=0.001, max_evaluations=None,
+                                    growth=1.25, geometric=True, min_rps=1e-3)
+    assert threshold / 1.001 <= result["goodput_rps"] <= threshold
+    assert [rate for rate, _ in result["evaluations"]] == tried and "unbounded" not in result
+    bracket = [r for r in tried if r == 1.0 or abs(math.log(r) / math.log(1.25) - round(math.log(r) / math.log(1.25))) < 1e-9]
+    assert tried[: len(bracket)] == bracket  # powers of 1.25 first, then midpoints
+    for (lo, hi, mid) in _bisection_steps(tried[len(bracket) - 2:], threshold):
+        assert mid == pytest.approx(math.sqrt(lo * hi))
+
+
+def _bisection_steps(rates, threshold):
+    """(lower, upper, midpoint) of each bisection step, replayed from the rates tried."""
+    lo, hi = sorted(rates[:2])
+    for mid in rates[2:]:
+        yield lo, hi, mid
+        lo, hi = (mid, hi) if mid <= threshold else (lo, mid)
+
+
+def test_goodput_search_below_its_floor_is_zero():
+    result = metrics.goodput_search(lambda rate: 0.0, 1.0, 1.25, growth=1.25, min_rps=0.5, max_evaluations=None)
+    assert result["goodput_rps"] == 0.0
+    assert min(rate for rate, _ in result["evaluations"]) >= 0.5
+
+
 def test_goodput_from_a_sweep_table():
     table = pd.DataFrame({
         "scheduler": ["a"] * 4 + ["b"] * 4,

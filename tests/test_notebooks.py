@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
 from pathlib import Path
 
 import nbformat
@@ -19,6 +21,23 @@ def test_notebook_is_thin_and_stripped(path):
     tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters' for papermill"
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in notebook.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_papermill_reads_every_parameter_with_its_help(path, caplog):
+    # papermill's own parser (what `papermill --help-notebook` lists) against what Python assigns.
+    # It drops, with a warning, any line holding a second "=" (one in the comment counts: write
+    # "None: default", not "None = default"), and reads help only from a definition's last line.
+    notebook = nbformat.read(path, as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        inferred = papermill.inspect_notebook(str(path))
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert list(inferred) == list(assigned)
+    for name, parameter in inferred.items():
+        assert ast.literal_eval(parameter["default"]) == assigned[name], name
+        assert parameter["help"], f"{name}: no help comment on its (last) line"
 
 
 @pytest.mark.realdata

@@ -24,12 +24,10 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from econoserve.results import FINISHED, finished
+
 #: Fraction of requests that must meet their SLO for a rate to count toward goodput.
 GOODPUT_TARGET = 0.9
-
-
-def _finished(requests: pd.DataFrame) -> pd.DataFrame:
-    return requests[requests["status"] == "finished"]
 
 
 def _nanmean(values) -> float:
@@ -46,37 +44,37 @@ def _nanquantile(values, q: float) -> float:
 
 def makespan_s(requests: pd.DataFrame) -> float:
     """First arrival to last finish [s] (0 if nothing finished)."""
-    finished = _finished(requests)
-    if finished.empty:
+    done = finished(requests)
+    if done.empty:
         return 0.0
-    return float(finished["finish_time_s"].max() - requests["arrival_time_s"].min())
+    return float(done["finish_time_s"].max() - requests["arrival_time_s"].min())
 
 
 def throughput(requests: pd.DataFrame) -> dict[str, float]:
     """Finished requests per second and output tokens per second over the makespan."""
     span = makespan_s(requests)
-    finished = _finished(requests)
+    done = finished(requests)
     if span <= 0:
         return {"throughput_rps": 0.0, "output_tokens_per_s": 0.0}
     return {
-        "throughput_rps": len(finished) / span,
-        "output_tokens_per_s": float(finished["output_tokens"].sum()) / span,
+        "throughput_rps": len(done) / span,
+        "output_tokens_per_s": float(done["output_tokens"].sum()) / span,
     }
 
 
 def latency_stats(requests: pd.DataFrame) -> dict[str, float]:
     """JCT, TTFT, TBT and normalized latency statistics over finished requests [s]."""
-    finished = _finished(requests)
-    jct = finished["jct_s"].to_numpy(dtype=float)
+    done = finished(requests)
+    jct = done["jct_s"].to_numpy(dtype=float)
     return {
         "mean_jct_s": _nanmean(jct),
         "p50_jct_s": _nanquantile(jct, 0.5),
         "p99_jct_s": _nanquantile(jct, 0.99),
-        "mean_ttft_s": _nanmean(finished["ttft_s"]),
-        "p99_ttft_s": _nanquantile(finished["ttft_s"], 0.99),
-        "mean_tbt_s": _nanmean(finished["mean_tbt_s"]),
-        "p99_tbt_s": _nanquantile(finished["p99_tbt_s"], 0.99),
-        "mean_normalized_latency_s": _nanmean(finished["normalized_latency_s"]),
+        "mean_ttft_s": _nanmean(done["ttft_s"]),
+        "p99_ttft_s": _nanquantile(done["ttft_s"], 0.99),
+        "mean_tbt_s": _nanmean(done["mean_tbt_s"]),
+        "p99_tbt_s": _nanquantile(done["p99_tbt_s"], 0.99),
+        "mean_normalized_latency_s": _nanmean(done["normalized_latency_s"]),
     }
 
 
@@ -93,11 +91,11 @@ def ttft_tpot_slo_attainment(requests: pd.DataFrame, ttft_slo_s: float, tpot_slo
     with a single output token has no TPOT and is judged on TTFT alone."""
     if len(requests) == 0:
         return float("nan")
-    finished = requests["status"] == "finished"
+    is_finished = requests["status"] == FINISHED
     ttft_ok = requests["ttft_s"] <= ttft_slo_s
     tpot = requests["mean_tbt_s"]
     tpot_ok = tpot.isna() | (tpot <= tpot_slo_s)
-    return float((finished & ttft_ok & tpot_ok).sum()) / len(requests)
+    return float((is_finished & ttft_ok & tpot_ok).sum()) / len(requests)
 
 
 def preempted_fraction(requests: pd.DataFrame) -> float:
@@ -160,34 +158,51 @@ def goodput_search(
     high_rps: float,
     target: float = GOODPUT_TARGET,
     relative_tolerance: float = 0.02,
-    max_evaluations: int = 20,
+    max_evaluations: int | None = 20,
+    growth: float = 2.0,
+    geometric: bool = False,
+    min_rps: float | None = None,
 ) -> dict[str, object]:
     """Highest rate [requests/s] whose SLO attainment is >= ``target``, by bisection.
 
     ``attainment_at_rate(rate)`` runs the workload at ``rate`` and returns its SLO attainment.
-    Attainment is assumed to fall with rate. ``high_rps`` is doubled (within the evaluation
-    budget) until it misses the target. Returns ``goodput_rps`` (0.0 if even ``low_rps``
-    misses) and every ``evaluations`` pair.
+    Attainment is assumed to fall with rate. ``high_rps`` is multiplied by ``growth`` until it
+    misses the target; if ``low_rps`` misses, it is divided by ``growth`` until a rate meets the
+    target, down to ``min_rps`` (None: no search below ``low_rps``). The bracket is then halved
+    (at its arithmetic mean, or its geometric mean if ``geometric``) until its width is at most
+    ``relative_tolerance`` x its lower end, all within ``max_evaluations`` runs (None: no
+    limit). Returns ``goodput_rps`` (0.0 if no rate tried meets the target), every
+    ``evaluations`` pair, and ``unbounded`` True where the budget ran out while ``high_rps``
+    still met the target.
     """
     if not 0 < low_rps < high_rps:
         raise ValueError(f"need 0 < low_rps < high_rps, got {low_rps}, {high_rps}")
+    if not growth > 1:
+        raise ValueError(f"need growth > 1, got {growth}")
     evaluations: list[tuple[float, float]] = []
+    budget = math.inf if max_evaluations is None else max_evaluations
 
-    def evaluate(rate: float) -> float:
+    def meets(rate: float) -> bool:
         value = float(attainment_at_rate(rate))
         evaluations.append((rate, value))
-        return value
+        return value >= target
 
-    if evaluate(low_rps) < target:
-        return {"goodput_rps": 0.0, "evaluations": evaluations}
     lo, hi = low_rps, high_rps
-    while evaluate(hi) >= target:
-        lo, hi = hi, hi * 2
-        if len(evaluations) >= max_evaluations:
-            return {"goodput_rps": lo, "evaluations": evaluations, "unbounded": True}
-    while (hi - lo) > relative_tolerance * lo and len(evaluations) < max_evaluations:
-        mid = 0.5 * (lo + hi)
-        if evaluate(mid) >= target:
+    if not meets(lo):
+        while True:
+            lo, hi = lo / growth, lo
+            if min_rps is None or lo < min_rps or len(evaluations) >= budget:
+                return {"goodput_rps": 0.0, "evaluations": evaluations}
+            if meets(lo):
+                break
+    else:
+        while meets(hi):
+            lo, hi = hi, hi * growth
+            if len(evaluations) >= budget:
+                return {"goodput_rps": lo, "evaluations": evaluations, "unbounded": True}
+    while (hi - lo) > relative_tolerance * lo and len(evaluations) < budget:
+        mid = math.sqrt(lo * hi) if geometric else 0.5 * (lo + hi)
+        if meets(mid):
             lo = mid
         else:
             hi = mid

@@ -34,7 +34,6 @@ Documented choices:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +42,6 @@ from typing import Sequence
 
 import pandas as pd
 
-from econoserve import __version__
 from econoserve import experiments as exp
 from econoserve.errors import UserError
 from econoserve.experiments.placement import (
@@ -55,6 +53,7 @@ from econoserve.experiments.placement import (
     gpus_needed,
     placement_search,
 )
+from econoserve.results import read_results, write_results
 
 PROFILES: tuple[str, ...] = ("quick", "full")
 #: Colocated systems of Figure 12 (DistServe is always searched too).
@@ -154,20 +153,13 @@ class GPUsNeededResults:
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def write(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.units.to_csv(directory / "units.csv", index=False)
-        self.gpus.to_csv(directory / "gpus_needed.csv", index=False)
-        meta = {"plan": self.plan, "timings_s": self.timings_s, "econoserve_version": __version__}
-        (directory / "gpus_needed.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        return directory
+        tables = {"units.csv": self.units, "gpus_needed.csv": self.gpus}
+        return write_results(directory, tables, "gpus_needed.json", {"plan": self.plan, "timings_s": self.timings_s})
 
     @classmethod
     def read(cls, directory: str | Path) -> GPUsNeededResults:
-        directory = Path(directory)
-        meta = json.loads((directory / "gpus_needed.json").read_text())
-        return cls(meta["plan"], pd.read_csv(directory / "units.csv"), pd.read_csv(directory / "gpus_needed.csv"),
-                   meta.get("timings_s", {}))
+        meta, tables = read_results(directory, ["units.csv", "gpus_needed.csv"], "gpus_needed.json")
+        return cls(meta["plan"], tables["units"], tables["gpus_needed"], meta.get("timings_s", {}))
 
 
 def workload_trace(plan: GPUsNeededPlan, model: str, dataset: str, output_dir: str | Path):

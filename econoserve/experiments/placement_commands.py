@@ -36,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------- shared flags
+def _add_subcommand(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+    """The subcommand ``name`` with the flags both subcommands share, run by ``handler``."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    _add_common(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     work = parser.add_argument_group("workload")
     source = work.add_mutually_exclusive_group(required=True)
@@ -141,8 +149,8 @@ def _emit(table: pd.DataFrame, args) -> None:
 
 # --------------------------------------------------------------------- placement
 def _register_placement(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "placement",
+    _add_subcommand(
+        subparsers, "placement", _run_placement,
         help="DistServe's placement search: the prefill/decode parallelism and instance counts with the best goodput per GPU",
         description=(
             "Search DistServe's placements (prefill and decode instances, each at its tensor-parallel degree) by "
@@ -152,8 +160,6 @@ def _register_placement(subparsers) -> None:
             "--latency-model distserve --rule per-metric"
         ),
     )
-    _add_common(parser)
-    parser.set_defaults(handler=_run_placement)
 
 
 def _run_placement(args) -> int:
@@ -167,8 +173,8 @@ def _run_placement(args) -> int:
 
 # --------------------------------------------------------------------- gpus-needed
 def _register_gpus_needed(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "gpus-needed",
+    parser = _add_subcommand(
+        subparsers, "gpus-needed", _run_gpus_needed,
         help="the fewest GPUs whose cluster meets the objective at each target rate, per system (Figure 12)",
         description=(
             "For each system (colocated schedulers: N replicas behind the router, each replica's TP searched; "
@@ -177,12 +183,10 @@ def _register_gpus_needed(subparsers) -> None:
             "reason."
         ),
     )
-    _add_common(parser)
     parser.add_argument("--systems", default="econoserve,vllm,sarathi,distserve", metavar="LIST",
                         help="comma-separated systems (schedulers and 'distserve') (default: econoserve,vllm,sarathi,distserve)")
     parser.add_argument("--target-rate", type=float, action="append", required=True, metavar="RPS",
                         help="target request rate [requests/s] (repeatable)")
-    parser.set_defaults(handler=_run_gpus_needed)
 
 
 def _run_gpus_needed(args) -> int:

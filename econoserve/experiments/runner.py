@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from econoserve import __version__
 from econoserve.policy import make_config
 from econoserve.experiments.backends import Backend, PoolBackend, Task, TaskStore, content_key, make_backend
 from econoserve.experiments.plan import (
@@ -31,6 +30,7 @@ from econoserve.experiments.plan import (
 )
 from econoserve.experiments.predictors import cross_fit_predictions, predict_lengths, uses_cross_fit
 from econoserve.experiments.workloads import at_rate, perturb_lengths, request_pool, unit_rate_trace, without_text
+from econoserve.results import read_results, write_results
 from econoserve.sim.cluster import simulate
 from econoserve.sim.engine import SimulationConfig
 from econoserve.workload.trace import Trace
@@ -131,21 +131,13 @@ class ExperimentResults:
     TABLES = ("saturation", "sweep", "iterations", "requests", "sensitivity")
 
     def write(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in self.TABLES:
-            getattr(self, name).to_parquet(directory / f"{name}.parquet", index=False)
-        self.sweep.to_csv(directory / "sweep.csv", index=False)
-        meta = {"plan": self.plan, "missing_schedulers": list(self.missing_schedulers),
-                "timings_s": self.timings_s, "econoserve_version": __version__}
-        (directory / "experiments.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-        return directory
+        tables = {f"{name}.parquet": getattr(self, name) for name in self.TABLES} | {"sweep.csv": self.sweep}
+        meta = {"plan": self.plan, "missing_schedulers": list(self.missing_schedulers), "timings_s": self.timings_s}
+        return write_results(directory, tables, "experiments.json", meta)
 
     @classmethod
     def read(cls, directory: str | Path) -> ExperimentResults:
-        directory = Path(directory)
-        meta = json.loads((directory / "experiments.json").read_text())
-        tables = {name: pd.read_parquet(directory / f"{name}.parquet") for name in cls.TABLES}
+        meta, tables = read_results(directory, [f"{name}.parquet" for name in cls.TABLES], "experiments.json")
         return cls(plan=meta["plan"], missing_schedulers=tuple(meta.get("missing_schedulers", ())),
                    timings_s=meta.get("timings_s", {}), **tables)
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from econoserve.errors import UserError
+from econoserve.validation import int_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,13 +55,12 @@ def _grid(args: argparse.Namespace):
     from dataclasses import replace
 
     from econoserve.profiling.torch_steps import GPU_GRID
-    from econoserve.serving.commands import _int_list  # the profile-engine command's list parser
     from econoserve.serving.profiler import ProfileGrid
 
     base = ProfileGrid() if args.device == "cpu" else GPU_GRID
     changes = {name: getattr(args, name) for name in ("repeats", "warmup") if getattr(args, name) is not None}
     for field in ("prefill_tokens", "decode_batch_sizes", "context_lengths"):
-        values = _int_list(getattr(args, field), "--" + field.replace("_", "-"))
+        values = int_list(getattr(args, field), "--" + field.replace("_", "-"))
         if values is not None:
             changes[field] = values
     if changes.get("repeats", 1) < 1 or changes.get("warmup", 0) < 0:
@@ -74,13 +74,14 @@ def _profile_gpu(args: argparse.Namespace) -> int:
     from econoserve.profiling.torch_steps import TorchProfileConfig, hf_config_from_spec, load_hf_config, profile_torch_steps
     from econoserve.sim.catalog import GIB, get_model
 
+    grid = _grid(args)  # bad grid options are refused before the model loads
     hf_config = load_hf_config(args.hf_config) if args.hf_config else hf_config_from_spec(get_model(args.model))
     max_kv = int(args.max_kv_gib * GIB) if args.max_kv_gib is not None else None
     config = TorchProfileConfig(device=args.device, dtype=args.dtype, seed=args.seed, max_kv_bytes=max_kv)
     output = Path(args.output)
     if output.suffix not in (".csv", ".parquet"):
         raise UserError(f"{output}: write the step table as .csv or .parquet")
-    profile = profile_torch_steps(hf_config, config, _grid(args), progress=not args.no_progress)
+    profile = profile_torch_steps(hf_config, config, grid, progress=not args.no_progress)
     profile.write(output)
     meta = {"engine": profile.engine, "grid": profile.grid, "dropped_steps": profile.dropped_steps,
             "wall_time_s": profile.wall_time_s}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from econoserve.errors import UserError
 from econoserve.validation import (
-    non_negative_float, non_negative_int, output_dir, output_file, positive_float, positive_int, seed,
+    int_list, non_negative_float, non_negative_int, output_dir, output_file, positive_float, positive_int, seed,
 )
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -196,18 +196,6 @@ def _register_profile(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_profile)
 
 
-def _int_list(text: str | None, name: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{name} {text!r}: expected comma-separated integers") from None
-    if not values or any(v < 0 for v in values):
-        raise UserError(f"{name} {text!r}: expected non-negative integers")
-    return values
-
-
 def _profile(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -217,13 +205,13 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.output.suffix not in (".parquet", ".csv"):
         raise UserError(f"{args.output}: write the step-time table as .parquet or .csv")
-    require_vllm()
     overrides = {
-        "prefill_tokens": _int_list(args.prefill_tokens, "--prefill-tokens"),
-        "decode_batch_sizes": _int_list(args.decode_batch_sizes, "--decode-batch-sizes"),
-        "context_lengths": _int_list(args.context_lengths, "--context-lengths"),
+        "prefill_tokens": int_list(args.prefill_tokens, "--prefill-tokens"),
+        "decode_batch_sizes": int_list(args.decode_batch_sizes, "--decode-batch-sizes"),
+        "context_lengths": int_list(args.context_lengths, "--context-lengths"),
         "repeats": args.repeats,
     }
+    require_vllm()
     grid = replace(ProfileGrid(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
     profile = profile_step_times(_engine_config(args, SCHEDULERS["vllm"]), grid)
     profile.write(args.output)
