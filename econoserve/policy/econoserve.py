@@ -119,6 +119,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -133,6 +134,10 @@ PROMPT_ADMISSION_RULES: tuple[str, ...] = ("lookahead", "prompt")
 #: KVCPipe variants: lend idle tails only; also admit the head GT by the predicted occupancy
 #: curve; or admit every request, prompts included, by the curve with KV allocated as used.
 KVCPIPE_MODES: tuple[str, ...] = ("tail", "curve", "all")
+#: The response length Ordering's keys use (see ``ordering_length``).
+ORDERING_LENGTHS: tuple[str, ...] = ("point", "gittins", "quantile")
+#: How the global reserve is sized (see ``reserve_rule``).
+RESERVE_RULES: tuple[str, ...] = ("fixed", "overrun")
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,19 @@ class EconoServeConfig:
         refuses a PT, later PTs whose allocation ``A`` is at most this may still start (in queue
         order, each by the same curve and free-pool test), so short requests do not wait behind
         a long one (head-of-line blocking); ``None`` = stop at the first refused PT.
+    ordering_length:
+        The response length [tokens] Ordering's keys use: ``point``, the allocation ``A`` (from
+        the point prediction); ``gittins``, the Gittins rank of the predicted distribution
+        (``predicted_output_quantiles``) at zero attained service; ``quantile``, its
+        ``ordering_quantile``-th quantile. Without a distribution a request's is the point
+        prediction itself. Allocation and KVCPipe always use ``A``.
+    ordering_quantile:
+        The quantile level of ``ordering_length="quantile"`` [fraction in (0, 1)].
+    reserve_rule:
+        ``fixed``: the global reserve is ``reserve_ratio`` of the cache; ``overrun`` (with
+        ``kvcpipe="all"``): no fixed reserve; the occupancy curve instead keeps free the expected
+        over-run of the requests in flight by the predicted distribution (see the module
+        docstring), 0 for a request without one.
     """
 
     rl_bucket: int = 32
@@ -233,6 +251,9 @@ class EconoServeConfig:
     late_demotion_s: float | None = None
     ordering_length_weight: float = 1.0
     backfill_output_tokens: int | None = None
+    ordering_length: str = "point"
+    ordering_quantile: float = 0.25
+    reserve_rule: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -253,6 +274,12 @@ class EconoServeConfig:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         if self.ordering_length_weight < 0:
             raise ValueError(f"ordering_length_weight must be >= 0, got {self.ordering_length_weight}")
+        if self.ordering_length not in ORDERING_LENGTHS:
+            raise ValueError(f"ordering_length must be one of {', '.join(ORDERING_LENGTHS)}, got {self.ordering_length!r}")
+        if not 0 < self.ordering_quantile < 1:
+            raise ValueError(f"ordering_quantile must be in (0, 1), got {self.ordering_quantile}")
+        if self.reserve_rule not in RESERVE_RULES:
+            raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
 
 
 class EconoServePolicy(Policy):
@@ -289,7 +316,9 @@ class EconoServePolicy(Policy):
             self.stats.extra[counter] = 0
 
     def _make_kv_cache(self) -> KVCache:
-        reserve = 0 if self.config.no_syncdecoupled else int(self.config.reserve_ratio * self.limits.num_kv_blocks)
+        cfg = self.config
+        fixed = not cfg.no_syncdecoupled and not (cfg.reserve_rule == "overrun" and self._pipelined)
+        reserve = int(cfg.reserve_ratio * self.limits.num_kv_blocks) if fixed else 0
         return KVCache(self.limits.num_kv_blocks, self.limits.block_size, global_reserve_blocks=reserve)
 
     # ------------------------------------------------------------------ views
@@ -358,8 +387,18 @@ class EconoServePolicy(Policy):
 
     # ------------------------------------------------------------------ ordering
     def _ordering_output_tokens(self, request: Request) -> float:
-        """The response length Ordering's keys use: ``ordering_length_weight`` x allocation [tokens]."""
-        return self.config.ordering_length_weight * self.allocated_output_tokens(request)
+        """The response length Ordering's keys use: ``ordering_length_weight`` x the allocation,
+        or the Gittins rank or a quantile of the predicted distribution (``ordering_length``) [tokens]."""
+        cfg = self.config
+        points = request.predicted_output_quantiles
+        if cfg.ordering_length == "point" or (points is None and request.predicted_output_tokens is None):
+            length = float(self.allocated_output_tokens(request))
+        elif cfg.ordering_length == "gittins":
+            length = gittins_rank_tokens(points or (request.predicted_output_tokens,))
+        else:
+            points = points or (request.predicted_output_tokens,)
+            length = float(points[min(len(points) - 1, int(cfg.ordering_quantile * len(points)))])
+        return cfg.ordering_length_weight * length
 
     def _isolated_estimate_s(self, request: Request) -> float:
         limits = self.limits
@@ -706,11 +745,25 @@ class EconoServePolicy(Policy):
         prompt_blocks = kv.blocks_for(request.num_tokens)  # what its admission reserves
         term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, prompt_blocks))]
         others = kv.num_committed_blocks - int(held.sum())
-        capacity = int((kv.num_blocks - kv.global_reserve_blocks) * (1.0 + self.config.overbooking))
+        capacity = int((kv.num_blocks - self._curve_reserve_blocks(request)) * (1.0 + self.config.overbooking))
         if start.size and others + kv.occupancy_peak_blocks(*term, horizon_steps=delay + life) > capacity:
             return False
         flight[:] = term
         return True
+
+    def _curve_reserve_blocks(self, candidate: Request) -> int:
+        """The reserve the occupancy curve keeps free when ``candidate`` asks to start [blocks]:
+        the fixed global reserve, or with ``reserve_rule="overrun"`` the expected over-run of
+        every request in flight (PTs, queued and generating GTs) and the candidate beyond its
+        allocation, by its predicted distribution given what it has generated (see the module
+        docstring)."""
+        kv = self.kv_cache
+        if self.config.reserve_rule != "overrun":
+            return kv.global_reserve_blocks
+        flight = itertools.chain(self.running, (entry[2] for entry in self._gt_queue), (candidate,))
+        tokens = sum(expected_overrun_tokens(r.predicted_output_quantiles, self.allocated_output_tokens(r),
+                                             r.num_output_tokens) for r in flight)
+        return -(-int(math.ceil(tokens)) // kv.block_size)
 
     @property
     def _lookahead(self) -> bool:
@@ -855,6 +908,31 @@ class EconoServePolicy(Policy):
         described = super().describe()
         described["global_reserve_blocks"] = self.kv_cache.global_reserve_blocks
         return described
+
+
+def gittins_rank_tokens(points: tuple[int, ...] | list[int]) -> float:
+    """The Gittins rank at zero attained service of a length distribution given as equally likely
+    ``points`` [tokens]: ``min over D of E[min(S, D)] / P(S <= D)`` (the expected service per
+    chance of completing within ``D``; the Gittins index is its inverse), ``D`` ranging over the
+    points. A point mass at ``L`` has rank ``L``; a spread distribution ranks below its mean when
+    it holds a good chance of ending early."""
+    ordered = np.sort(np.asarray(points, dtype=np.float64))
+    count = ordered.size
+    index = np.arange(count)
+    expected_min = (np.cumsum(ordered) + (count - index - 1) * ordered) / count
+    return float(np.min(expected_min * count / (index + 1)))
+
+
+def expected_overrun_tokens(points: tuple[int, ...] | None, allocated: int, generated: int) -> float:
+    """Expected tokens a request generates beyond ``allocated`` [tokens], by its predicted
+    distribution (equally likely ``points``) given that it has generated ``generated`` tokens
+    (points at or below ``generated`` are impossible); 0 without a distribution, or when every
+    point is at or below ``generated`` (the request outgrew its distribution: its allocation
+    already steps a bucket at a time)."""
+    if points is None:
+        return 0.0
+    alive = [p for p in points if p > generated]
+    return sum(max(0, p - allocated) for p in alive) / len(alive) if alive else 0.0
 
 
 class _EconoServeAblation(EconoServePolicy):
