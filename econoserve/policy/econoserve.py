@@ -109,6 +109,21 @@ measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.
 0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
 goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
+**The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
+equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
+classification predictor). Three knobs read it; without a distribution each falls back to the
+point prediction. *Ordering* (``ordering_length``): the keys use, instead of ``A``, the Gittins
+rank at zero attained service ``r = min_k E[min(S, s_k)] / P(S <= s_k)`` (``"gittins"``;
+``r = L`` for a point mass at ``L``; a request with a good chance of ending early ranks low) or
+the ``ordering_quantile``-th point (``"quantile"``). *Allocation* (``allocation_length="mean"``):
+``P`` is the mean of the points above ``g`` (the tokens generated), so a request that outgrew
+its allocation is re-sized from the lengths it can still have. *Reserve* (``reserve_rule=
+"overrun"``, with ``kvcpipe="all"``): no fixed reserve; the curve's capacity is
+``num_blocks - ceil(sum_i E[(S_i - A_i)+ | S_i > g_i] / block_size)`` over every request in
+flight and the candidate (the expected over-run beyond the allocations the curve counts).
+All three are off by default: measured (``benchmarks/results/policy_distribution*.md``) they did
+not raise goodput (see there).
+
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
 a preemption the lowest-priority running request; decided every step) and ``oracle_rl`` (the
@@ -136,6 +151,8 @@ PROMPT_ADMISSION_RULES: tuple[str, ...] = ("lookahead", "prompt")
 KVCPIPE_MODES: tuple[str, ...] = ("tail", "curve", "all")
 #: The response length Ordering's keys use (see ``ordering_length``).
 ORDERING_LENGTHS: tuple[str, ...] = ("point", "gittins", "quantile")
+#: The predicted length allocations (and KVCPipe's curve) are sized from (see ``allocation_length``).
+ALLOCATION_LENGTHS: tuple[str, ...] = ("point", "mean")
 #: How the global reserve is sized (see ``reserve_rule``).
 RESERVE_RULES: tuple[str, ...] = ("fixed", "overrun")
 
@@ -229,6 +246,12 @@ class EconoServeConfig:
         ``kvcpipe="all"``): no fixed reserve; the occupancy curve instead keeps free the expected
         over-run of the requests in flight by the predicted distribution (see the module
         docstring), 0 for a request without one.
+    allocation_length:
+        The predicted length ``P`` an allocation ``A`` (and so KVCPipe's occupancy curve) is
+        sized from: ``point``, the point prediction; ``mean``, the mean of the predicted
+        distribution given the tokens generated so far (a request that outgrew its allocation
+        is re-sized from the points it has not yet outlived, and only past all of them by one
+        more bucket). Without a distribution both are the point prediction.
     """
 
     rl_bucket: int = 32
@@ -254,6 +277,7 @@ class EconoServeConfig:
     ordering_length: str = "point"
     ordering_quantile: float = 0.25
     reserve_rule: str = "fixed"
+    allocation_length: str = "point"
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -278,6 +302,8 @@ class EconoServeConfig:
             raise ValueError(f"ordering_length must be one of {', '.join(ORDERING_LENGTHS)}, got {self.ordering_length!r}")
         if not 0 < self.ordering_quantile < 1:
             raise ValueError(f"ordering_quantile must be in (0, 1), got {self.ordering_quantile}")
+        if self.allocation_length not in ALLOCATION_LENGTHS:
+            raise ValueError(f"allocation_length must be one of {', '.join(ALLOCATION_LENGTHS)}, got {self.allocation_length!r}")
         if self.reserve_rule not in RESERVE_RULES:
             raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
 
@@ -361,10 +387,10 @@ class EconoServePolicy(Policy):
             return cached
         cfg = self.config
         room = self.limits.max_model_len - request.num_prompt_tokens
-        if cached is None:
-            predicted = request.predicted_output_tokens
+        predicted = self._allocation_length_tokens(request)
+        if cached is None or predicted is not None:
             if predicted is None:
-                predicted = cfg.fallback_output_tokens or room
+                predicted = request.predicted_output_tokens or cfg.fallback_output_tokens or room
             padded = max(1, -int(-predicted * (1.0 + cfg.rl_padding) // 1))
             tokens = cfg.rl_bucket * -(-padded // cfg.rl_bucket)
         else:  # outgrew its allocation: one more bucket beyond what it has generated
@@ -372,6 +398,17 @@ class EconoServePolicy(Policy):
         tokens = max(min(tokens, room), generated + 1)
         self._allocated_output_tokens[rid] = tokens
         return tokens
+
+    def _allocation_length_tokens(self, request: Request) -> float | None:
+        """The predicted length an allocation is sized from [tokens]: with
+        ``allocation_length="mean"`` and a predicted distribution, its mean given the tokens
+        generated so far (``None`` once the request outlived every point); else ``None`` (the
+        point prediction, or one more bucket for a request that outgrew its allocation)."""
+        points = request.predicted_output_quantiles
+        if self.config.allocation_length != "mean" or points is None:
+            return None
+        alive = [p for p in points if p > request.num_output_tokens]
+        return sum(alive) / len(alive) if alive else None
 
     def rl_bucket_of(self, request: Request) -> int:
         """The predicted-RL bucket index of a GT (allocation / ``rl_bucket``)."""
