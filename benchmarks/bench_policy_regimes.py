@@ -15,7 +15,12 @@ Alpaca; QMSum; the Azure 2023 conversation and code traces with their real times
 dataset has text (the per-dataset LightGBM model of notebook 03, trained on the training part and
 cached under ``results/policy_regimes/predictors/``; QMSum cross-fitted), the true lengths
 perturbed by +-50 % where it has none (Azure), and the true lengths (``econoserve-oracle``)
-everywhere.
+everywhere. With ``--distribution`` the traces also carry the predicted length distribution
+(``predicted_output_quantiles``: 16 equally likely lengths) for EconoServe's
+``ordering_length`` / ``allocation_length`` / ``reserve_rule`` knobs: from the dataset's
+classification model (50-token buckets, trained on the same prompts, cached beside the point
+model) where the predictions are trained, and the two lengths a +-50 % perturbation can have come
+from where they are perturbed (QMSum's cross-fitted traces get none).
 
 Output: ``benchmarks/results/policy_regimes.md`` (one table per regime, plus a summary with
 EconoServe / strongest baseline) and ``policy_regimes.csv`` (one row per regime x scheduler x

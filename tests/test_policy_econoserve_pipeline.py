@@ -231,3 +231,16 @@ def test_overrun_reserve_keeps_the_expected_overrun_of_the_flight_free():
         assert [r.request_id for r in step(policy, true_output, check_invariants=True).scheduled] == started
         _run(policy, true_output)
         assert not policy.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("allocation_length, first, outgrown", [("point", 32, 70 + 16), ("mean", 64, 96)])
+def test_allocation_from_the_mean_of_the_lengths_a_request_can_still_have(allocation_length, first, outgrown):
+    # Predicted 32, distribution (16, 48, 80, 112): mean 64. Past 70 tokens only 80 and 112 are
+    # left (mean 96); the point rule gives one more bucket (16) beyond what was generated.
+    policy = _policy(1000, allocation_length=allocation_length)
+    request = _add_distribution(policy, 0, 16, 32, (16, 48, 80, 112))
+    assert policy.allocated_output_tokens(request) == first
+    request.num_output_tokens = 70
+    assert policy.allocated_output_tokens(request) == outgrown
+    request.num_output_tokens = 120  # outlived every point: one more bucket either way
+    assert policy.allocated_output_tokens(request) == 120 + 16
