@@ -121,8 +121,13 @@ its allocation is re-sized from the lengths it can still have. *Reserve* (``rese
 "overrun"``, with ``kvcpipe="all"``): no fixed reserve; the curve's capacity is
 ``num_blocks - ceil(sum_i E[(S_i - A_i)+ | S_i > g_i] / block_size)`` over every request in
 flight and the candidate (the expected over-run beyond the allocations the curve counts).
-All three are off by default: measured (``benchmarks/results/policy_distribution*.md``) they did
-not raise goodput (see there).
+All three are off by default: measured (quick mode, ShareGPT's classification model as the
+distribution; ``benchmarks/results/policy_distribution_notes.md``) goodput / Sarathi's at 80 GB /
+40 GB / Gamma CV 3 / Azure conv was 1.03 / 1.07 / 1.03 / 1.07 by default, 1.03 / 1.06 / 1.00 /
+1.07 with Gittins ordering (the distribution ranks lengths no better than the point prediction:
+Spearman 0.58 vs 0.62), 1.03-1.04 / 1.06 / - / 1.07 with the mean allocation (Azure p99 JCT
+1.09x -> 1.04x), and 0.99 / 0.89 / 0.96 / 1.04 with the overrun reserve (it keeps several times
+the fixed 2 % free).
 
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
@@ -390,7 +395,9 @@ class EconoServePolicy(Policy):
         predicted = self._allocation_length_tokens(request)
         if cached is None or predicted is not None:
             if predicted is None:
-                predicted = request.predicted_output_tokens or cfg.fallback_output_tokens or room
+                predicted = request.predicted_output_tokens
+            if predicted is None:
+                predicted = cfg.fallback_output_tokens or room
             padded = max(1, -int(-predicted * (1.0 + cfg.rl_padding) // 1))
             tokens = cfg.rl_bucket * -(-padded // cfg.rl_bucket)
         else:  # outgrew its allocation: one more bucket beyond what it has generated
