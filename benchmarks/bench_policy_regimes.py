@@ -15,7 +15,12 @@ Alpaca; QMSum; the Azure 2023 conversation and code traces with their real times
 dataset has text (the per-dataset LightGBM model of notebook 03, trained on the training part and
 cached under ``results/policy_regimes/predictors/``; QMSum cross-fitted), the true lengths
 perturbed by +-50 % where it has none (Azure), and the true lengths (``econoserve-oracle``)
-everywhere.
+everywhere. With ``--distribution`` the traces also carry the predicted length distribution
+(``predicted_output_quantiles``: 16 equally likely lengths) for EconoServe's
+``ordering_length`` / ``allocation_length`` / ``reserve_rule`` knobs: from the dataset's
+classification model (50-token buckets, trained on the same prompts, cached beside the point
+model) where the predictions are trained, and the two lengths a +-50 % perturbation can have come
+from where they are perturbed (QMSum's cross-fitted traces get none).
 
 Output: ``benchmarks/results/policy_regimes.md`` (one table per regime, plus a summary with
 EconoServe / strongest baseline) and ``policy_regimes.csv`` (one row per regime x scheduler x
@@ -92,14 +97,17 @@ def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...]):
                           num_requests=num_requests, seeds=seeds, predictor="train", sensitivity=None, jobs=1)
 
 
-def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...]) -> dict[int, object]:
-    """One trace per seed at a mean rate of 1 request/s, with ``predicted_output_tokens``."""
+def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
+                     distribution: bool = False) -> dict[int, object]:
+    """One trace per seed at a mean rate of 1 request/s, with ``predicted_output_tokens`` and,
+    with ``distribution``, ``predicted_output_quantiles`` (trained: the dataset's classification
+    model; perturbed: the two lengths the perturbation can have come from; cross-fitted: none)."""
     import econoserve.experiments as ex
 
     plan = _plan(regime, num_requests, seeds)
     deployment = plan.deployments[0]
     if regime.arrival == "replay":
-        return {seed: _replay_trace(regime, plan, deployment, num_requests, seed) for seed in seeds}
+        return {seed: _replay_trace(regime, plan, deployment, num_requests, seed, distribution) for seed in seeds}
     cross_fit = ex.uses_cross_fit(plan, regime.dataset, deployment)
     pool = ex.request_pool(regime.dataset, plan, deployment, with_text=True, held_out=False if cross_fit else None)
     if cross_fit:
@@ -108,7 +116,7 @@ def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...]) 
     for seed in seeds:
         trace = ex.unit_rate_trace(pool, regime.dataset, num_requests, seed, {"regime": regime.name})
         if not cross_fit:
-            trace = ex.predict_lengths(plan, regime.dataset, trace, CACHE)
+            trace = ex.predict_lengths(plan, regime.dataset, trace, CACHE, distribution=distribution)
         if regime.arrival == "gamma":
             trace = _with_gamma_arrivals(trace, regime.cv, seed)
         traces[seed] = ex.without_text(trace)
@@ -124,9 +132,19 @@ def _with_gamma_arrivals(trace, cv: float, seed: int):
     return Trace(frame, dict(trace.metadata))
 
 
-def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int):
+def perturbation_quantiles(predicted: np.ndarray, error: float, num_points: int = 16) -> np.ndarray:
+    """The length distribution given a prediction perturbed by +-``error`` (a fair coin): half
+    the points at ``predicted / (1 + error)``, half at ``predicted / (1 - error)`` [tokens]."""
+    low = np.maximum(1, np.rint(predicted / (1 + error)))
+    high = np.maximum(low, np.rint(predicted / (1 - error)))
+    half = num_points // 2
+    return np.concatenate([np.repeat(low[:, None], half, 1), np.repeat(high[:, None], num_points - half, 1)], 1)
+
+
+def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int, distribution: bool = False):
     """Window ``seed`` (requests ``seed * n`` .. ``(seed + 1) * n`` in time order, those that fit
-    the context) of a timestamped trace, time-compressed to 1 request/s, with perturbed lengths."""
+    the context) of a timestamped trace, time-compressed to 1 request/s, with perturbed lengths
+    (and, with ``distribution``, their :func:`perturbation_quantiles`)."""
     from econoserve.experiments import perturb_lengths
     from econoserve.sim.synthetic import trace_from_lists
     from econoserve.workload.arrivals import replay_arrivals
@@ -138,7 +156,9 @@ def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int
     arrivals = replay_arrivals(window["timestamp_s"].to_numpy(), 1.0)
     output = window["output_tokens"].to_numpy(np.int64)
     trace = trace_from_lists(arrivals, window["prompt_tokens"].to_numpy(np.int64), output, dataset=regime.dataset)
-    return trace.with_predictions(perturb_lengths(output, regime.error, seed))
+    predicted = perturb_lengths(output, regime.error, seed)
+    quantiles = perturbation_quantiles(predicted, regime.error) if distribution else None
+    return trace.with_predictions(predicted, quantiles)
 
 
 # --------------------------------------------------------------------- runs
@@ -215,8 +235,8 @@ def burst_throughput(trace, regime: Regime, seed: int) -> float:
 
 
 def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int, seeds: tuple[int, ...],
-                 progress) -> pd.DataFrame:
-    traces = unit_rate_traces(regime, num_requests, seeds)
+                 progress, distribution: bool = False) -> pd.DataFrame:
+    traces = unit_rate_traces(regime, num_requests, seeds, distribution)
     rows = []
     for seed, trace in traces.items():
         guess = 0.8 * burst_throughput(trace, regime, seed)
@@ -316,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]'")
     parser.add_argument("--output", default="policy_regimes",
                         help="file stem of the tables under benchmarks/results/ (default policy_regimes)")
+    parser.add_argument("--distribution", action="store_true",
+                        help="also give the schedulers the predicted length distribution "
+                             "(predicted_output_quantiles), for EconoServe's ordering_length / reserve_rule knobs")
     parser.add_argument("--num-requests", type=int, help="requests per trace (default 2000; quick 1000)")
     parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
     args = parser.parse_args(argv)
@@ -347,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for regime in args.regime_list:
             frames.append(score_regime(regime, args.schedulers, args.num_requests, args.seeds,
-                                       lambda line: print(line, flush=True)))
+                                       lambda line: print(line, flush=True), args.distribution))
             write_tables(pd.concat(frames, ignore_index=True), args, time.perf_counter() - start)
     except UserError as exc:
         print(f"bench_policy_regimes: {exc}", file=sys.stderr)

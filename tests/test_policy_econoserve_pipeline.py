@@ -8,6 +8,7 @@ import pytest
 from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, make_policy
+from econoserve.policy.econoserve import expected_overrun_tokens, gittins_rank_tokens
 from econoserve.policy.kv_cache import KVCache
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
@@ -180,3 +181,66 @@ def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
         assert [r.request_id for r in decision.scheduled] == started
         assert [r.request_id for r in policy.pt_queue()][0] == 1  # the refused PT keeps its place
         assert not _run(policy, {0: 96, 1: 96, 2: 16}, now=20.0)
+
+
+# --------------------------------------------------------------------- the predicted distribution
+def _add_distribution(policy, request_id, prompt, predicted, points, arrival=0.0) -> Request:
+    request = Request(request_id, arrival, prompt, predicted_output_tokens=predicted,
+                      predicted_output_quantiles=points)
+    assert policy.add_request(request) is None
+    return request
+
+
+def test_gittins_rank_is_the_length_of_a_point_mass_and_favours_a_chance_of_ending_early():
+    assert gittins_rank_tokens((100,)) == gittins_rank_tokens((100, 100, 100)) == 100.0
+    # D = 10: E[min(S, 10)] = 10, P(S <= 10) = 0.5 -> 20; D = 500: 255 / 1 -> 255
+    assert gittins_rank_tokens((10, 10, 500, 500)) == 20.0
+    assert gittins_rank_tokens((10, 100, 200, 300)) == 40.0  # 10 / 0.25, below 61.75 and 120
+
+
+def test_expected_overrun_counts_only_lengths_still_possible():
+    points = (10, 100, 200, 300)
+    assert expected_overrun_tokens(points, 128, 0) == (72 + 172) / 4
+    assert expected_overrun_tokens(points, 128, 150) == (72 + 172) / 2  # it outlived 10 and 100
+    assert expected_overrun_tokens(points, 128, 300) == 0.0
+    assert expected_overrun_tokens(None, 128, 0) == 0.0
+
+
+@pytest.mark.parametrize("ordering_length, order", [("point", [0, 1]), ("gittins", [1, 0]), ("quantile", [1, 0])])
+def test_ordering_by_the_distribution_puts_a_likely_short_request_first(ordering_length, order):
+    # Request 0: predicted 64, surely 64. Request 1: predicted 96 (its allocation is larger), but
+    # half its mass is at 8 tokens: Gittins rank 16 (8 / 0.5), 25 % quantile 8 -> it goes first.
+    policy = _policy(1000, ordering_length=ordering_length)
+    _add_distribution(policy, 0, 16, 64, (64, 64, 64, 64))
+    _add_distribution(policy, 1, 16, 96, (8, 8, 400, 400))
+    assert [r.request_id for r in policy.pt_queue()] == order
+    assert [policy.allocated_output_tokens(r) for r in policy.pt_queue()] == [[64, 96], [96, 64]][order[0]]
+
+
+def test_overrun_reserve_keeps_the_expected_overrun_of_the_flight_free():
+    # 9 blocks of 16 tokens; both requests: prompt 16, predicted 32 -> 47 tokens = 3 blocks at the
+    # peak. Request 0 may run to 160 tokens (half its mass): expected overrun (128 + 128) / 4 = 64
+    # tokens = 4 blocks. A fixed reserve of 0 admits both (6 <= 9); the overrun reserve keeps 4
+    # blocks free, so request 1 waits (3 + 3 > 9 - 4) while request 0 (3 <= 9 - 4) starts.
+    true_output = {0: 100, 1: 32}
+    for rule, started in (("fixed", [0, 1]), ("overrun", [0])):
+        policy = _policy(9, reserve_rule=rule, reserve_ratio=0.02 if rule == "overrun" else 0.0)
+        assert policy.kv_cache.global_reserve_blocks == 0
+        _add_distribution(policy, 0, 16, 32, (32, 32, 160, 160))
+        _add_distribution(policy, 1, 16, 32, (32, 32, 32, 32))
+        assert [r.request_id for r in step(policy, true_output, check_invariants=True).scheduled] == started
+        _run(policy, true_output)
+        assert not policy.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("allocation_length, first, outgrown", [("point", 32, 70 + 16), ("mean", 64, 96)])
+def test_allocation_from_the_mean_of_the_lengths_a_request_can_still_have(allocation_length, first, outgrown):
+    # Predicted 32, distribution (16, 48, 80, 112): mean 64. Past 70 tokens only 80 and 112 are
+    # left (mean 96); the point rule gives one more bucket (16) beyond what was generated.
+    policy = _policy(1000, allocation_length=allocation_length)
+    request = _add_distribution(policy, 0, 16, 32, (16, 48, 80, 112))
+    assert policy.allocated_output_tokens(request) == first
+    request.num_output_tokens = 70
+    assert policy.allocated_output_tokens(request) == outgrown
+    request.num_output_tokens = 120  # outlived every point: one more bucket either way
+    assert policy.allocated_output_tokens(request) == 120 + 16

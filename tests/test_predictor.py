@@ -37,7 +37,7 @@ from econoserve.predictor.metrics import (
     root_mean_squared_error,
     under_prediction_rate,
 )
-from econoserve.predictor.model import LengthPredictor, PredictorConfig, train_predictor
+from econoserve.predictor.model import LengthPredictor, PredictorConfig, bucket_quantiles, train_predictor
 from econoserve.workload.tokenizer import Tokenizer
 from econoserve.workload.trace import Trace
 
@@ -236,6 +236,18 @@ def test_classification_predicts_bucket_points(train_data, test_data):
     assert probabilities.shape == (5, model.num_classes)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0)
     assert bucket_accuracy(test_data.labels("reference"), predicted, 50, within=1) > 0.8
+    quantiles = model.predict_quantiles(test_data.prompts, num_points=8)
+    assert quantiles.shape == (len(test_data), 8) and (np.diff(quantiles, axis=1) >= 0).all() and quantiles.min() >= 1
+    np.testing.assert_array_equal(quantiles, bucket_quantiles(model.predict_class_probabilities(test_data.prompts), 50, 8))
+    annotated = model.predict_trace(_trace(test_data, with_text=True))
+    assert annotated.has_prediction_quantiles
+
+
+def test_bucket_quantiles_spread_each_bucket_uniformly_over_its_tokens():
+    # half the mass in 1..10, half in 11..20: the 1/8, 3/8, 5/8, 7/8 quantiles are 2.5, 7.5, 12.5,
+    # 17.5, rounded up; a point mass in bucket 1 (51..100) gives 62.5 and 87.5
+    np.testing.assert_array_equal(bucket_quantiles(np.array([[0.5, 0.5]]), 10, 4), [[3, 8, 13, 18]])
+    np.testing.assert_array_equal(bucket_quantiles(np.array([[0.0, 1.0, 0.0]]), 50, 2), [[63, 88]])
 
 
 def test_length_only_model_predicts_a_trace_without_text(train_data):

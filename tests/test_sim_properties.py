@@ -32,7 +32,9 @@ def workloads(draw):
     block_size = draw(st.sampled_from([1, 4, 16]))
     num_kv_blocks = draw(st.integers(2, 120)) * (16 // block_size)
     budget = draw(st.integers(8, 600))
-    return trace_from_lists(np.cumsum(gaps), prompts, outputs, predicted), block_size, num_kv_blocks, budget
+    quantiles = [sorted(draw(st.lists(st.integers(1, 300), min_size=4, max_size=4))) for _ in range(n)]
+    trace = trace_from_lists(np.cumsum(gaps), prompts, outputs, predicted)
+    return trace.with_predictions(predicted, quantiles), block_size, num_kv_blocks, budget
 
 
 def _policy_config(name: str, budget: int) -> dict:
@@ -123,12 +125,15 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 
 #: EconoServe's admission and ordering knobs at settings the defaults do not reach: KVCPipe for
 #: every request with and without the prefill delay, heavy overbooking (preemption is then the
-#: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length and backfill.
+#: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length, backfill,
+#: and the predicted distribution's ordering, allocation and reserve rules.
 ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
     {"kvcpipe": "curve", "late_demotion_s": 0.01, "ordering_length_weight": 0.25},
     {"kvcpipe": "tail", "overbooking": 0.2},
+    {"kvcpipe": "all", "ordering_length": "gittins", "allocation_length": "mean", "reserve_rule": "overrun"},
+    {"kvcpipe": "curve", "ordering_length": "quantile", "allocation_length": "mean", "reserve_rule": "overrun"},
 )
 
 

@@ -30,6 +30,7 @@ def test_round_trip_keeps_rows_dtypes_and_metadata(tmp_path):
     frame = good_frame()
     frame["prompt_text"] = [f"prompt {i}" for i in range(len(frame))]
     frame["predicted_output_tokens"] = [7, 8, 9, 10, 11]
+    frame["predicted_output_quantiles"] = [(1, 7, 20)] * 5
     trace = Trace.from_frame(frame, {"seed": 3, "note": "unit"})
     loaded = Trace.read(trace.write(tmp_path / "t.parquet"))
     pd.testing.assert_frame_equal(loaded.requests, trace.requests)
@@ -63,6 +64,13 @@ def test_with_predictions_validates():
     assert trace.with_predictions(np.full(5, 4)).has_predictions
     with pytest.raises(TraceError, match="predicted_output_tokens is 0"):
         trace.with_predictions(np.array([4, 4, 0, 4, 4]))
+    with_quantiles = trace.with_predictions(np.full(5, 4), np.tile([2, 4, 9], (5, 1)))
+    assert with_quantiles.requests["predicted_output_quantiles"].tolist() == [(2, 4, 9)] * 5
+    assert not with_quantiles.with_predictions(np.full(5, 5)).has_prediction_quantiles  # they belonged to the old one
+    bad = {"unsorted": [[2, 9, 4]] * 5, "zero": [[0, 4, 9]] * 5, "ragged": [[2, 4, 9]] * 4 + [[2, 4]]}
+    for rows in bad.values():
+        with pytest.raises(TraceError, match="record .*: predicted_output_quantiles is .*; must be 3 sorted integer lengths"):
+            trace.with_predictions(np.full(5, 4), rows)
 
 
 BAD_CASES = {

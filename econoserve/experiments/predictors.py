@@ -17,16 +17,23 @@ from econoserve.experiments.workloads import request_pool
 from econoserve.workload.trace import Trace
 
 
-def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Path) -> Path:
-    """Where ``predictor="train"`` caches its model for ``dataset`` (keyed by what determines it)."""
-    key = json.dumps([dataset, plan.tokenizer, asdict(plan.predictor_training)], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+#: Objective of the per-dataset model that gives the predicted length distribution.
+DISTRIBUTION_OBJECTIVE = "classification"
+
+
+def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
+                        objective: str = "regression") -> Path:
+    """Where ``predictor="train"`` caches its model for ``dataset`` (keyed by what determines it;
+    ``objective``: the point model, or the classification model of the length distribution)."""
+    key = [dataset, plan.tokenizer, asdict(plan.predictor_training)] + ([objective] if objective != "regression" else [])
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(output_dir) / "predictors" / f"{dataset}-{plan.tokenizer}-{digest}"
 
 
-def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path):
-    """The per-dataset predictor of ``predictor="train"``: loaded from the cache, else trained on
-    the dataset's training part (capped at ``max_train`` prompts) and saved there."""
+def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, objective: str = "regression"):
+    """The per-dataset predictor of ``predictor="train"`` with ``objective``: loaded from the
+    cache, else trained on the dataset's training part (capped at ``max_train`` prompts) and
+    saved there."""
     from econoserve.errors import PredictorError
     from econoserve.predictor import (
         LengthPredictor,
@@ -36,7 +43,7 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path)
         train_predictor,
     )
 
-    directory = predictor_directory(plan, dataset, output_dir)
+    directory = predictor_directory(plan, dataset, output_dir, objective)
     if (directory / "metadata.json").is_file():
         try:
             return LengthPredictor.load(directory)
@@ -46,15 +53,18 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path)
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
     data = data.sample(training.max_train, seed=training.split_seed)
-    config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed,
+    config = PredictorConfig(objective=objective, num_boost_round=training.num_boost_round, seed=training.split_seed,
                              num_threads=training.num_threads)
     model = train_predictor(data, config, split=asdict(split))
     model.save(directory)
     return model
 
 
-def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir: str | Path) -> Trace:
-    """``trace`` with ``predicted_output_tokens`` from the plan's predictor (``none``: unchanged)."""
+def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir: str | Path,
+                    distribution: bool = False) -> Trace:
+    """``trace`` with ``predicted_output_tokens`` from the plan's predictor (``none``: unchanged);
+    with ``distribution`` and ``predictor="train"`` also ``predicted_output_quantiles`` from the
+    dataset's classification model (the point prediction stays the regression model's)."""
     source = plan.predictor
     if source == "none":
         return trace
@@ -66,7 +76,13 @@ def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir
         from econoserve.predictor import LengthPredictor
 
         model = LengthPredictor.load(source)
-    return model.predict_trace(trace)
+    annotated = model.predict_trace(trace)
+    if not (distribution and source == "train"):
+        return annotated
+    classifier = ensure_predictor(plan, dataset, output_dir, DISTRIBUTION_OBJECTIVE)
+    prompts = trace.requests["prompt_text"].tolist() if classifier.needs_text else None
+    quantiles = classifier.predict_quantiles(prompts, trace.requests["prompt_tokens"].to_numpy(np.int64))
+    return annotated.with_predictions(annotated.requests["predicted_output_tokens"].to_numpy(np.int64), quantiles)
 
 
 def cross_fit_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:

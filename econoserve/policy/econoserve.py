@@ -109,6 +109,26 @@ measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.
 0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
 goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
+**The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
+equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
+classification predictor). Three knobs read it; without a distribution each falls back to the
+point prediction. *Ordering* (``ordering_length``): the keys use, instead of ``A``, the Gittins
+rank at zero attained service ``r = min_k E[min(S, s_k)] / P(S <= s_k)`` (``"gittins"``;
+``r = L`` for a point mass at ``L``; a request with a good chance of ending early ranks low) or
+the ``ordering_quantile``-th point (``"quantile"``). *Allocation* (``allocation_length="mean"``):
+``P`` is the mean of the points above ``g`` (the tokens generated), so a request that outgrew
+its allocation is re-sized from the lengths it can still have. *Reserve* (``reserve_rule=
+"overrun"``, with ``kvcpipe="all"``): no fixed reserve; the curve's capacity is
+``num_blocks - ceil(sum_i E[(S_i - A_i)+ | S_i > g_i] / block_size)`` over every request in
+flight and the candidate (the expected over-run beyond the allocations the curve counts).
+All three are off by default: measured (quick mode, ShareGPT's classification model as the
+distribution; ``benchmarks/results/policy_distribution_notes.md``) goodput / Sarathi's at 80 GB /
+40 GB / Gamma CV 3 / Azure conv was 1.03 / 1.07 / 1.03 / 1.07 by default, 1.03 / 1.06 / 1.00 /
+1.07 with Gittins ordering (the distribution ranks lengths no better than the point prediction:
+Spearman 0.58 vs 0.62), 1.03-1.04 / 1.06 / - / 1.07 with the mean allocation (Azure p99 JCT
+1.09x -> 1.04x), and 0.99 / 0.89 / 0.96 / 1.04 with the overrun reserve (it keeps several times
+the fixed 2 % free).
+
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
 a preemption the lowest-priority running request; decided every step) and ``oracle_rl`` (the
@@ -119,6 +139,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -133,6 +154,12 @@ PROMPT_ADMISSION_RULES: tuple[str, ...] = ("lookahead", "prompt")
 #: KVCPipe variants: lend idle tails only; also admit the head GT by the predicted occupancy
 #: curve; or admit every request, prompts included, by the curve with KV allocated as used.
 KVCPIPE_MODES: tuple[str, ...] = ("tail", "curve", "all")
+#: The response length Ordering's keys use (see ``ordering_length``).
+ORDERING_LENGTHS: tuple[str, ...] = ("point", "gittins", "quantile")
+#: The predicted length allocations (and KVCPipe's curve) are sized from (see ``allocation_length``).
+ALLOCATION_LENGTHS: tuple[str, ...] = ("point", "mean")
+#: How the global reserve is sized (see ``reserve_rule``).
+RESERVE_RULES: tuple[str, ...] = ("fixed", "overrun")
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,25 @@ class EconoServeConfig:
         refuses a PT, later PTs whose allocation ``A`` is at most this may still start (in queue
         order, each by the same curve and free-pool test), so short requests do not wait behind
         a long one (head-of-line blocking); ``None`` = stop at the first refused PT.
+    ordering_length:
+        The response length [tokens] Ordering's keys use: ``point``, the allocation ``A`` (from
+        the point prediction); ``gittins``, the Gittins rank of the predicted distribution
+        (``predicted_output_quantiles``) at zero attained service; ``quantile``, its
+        ``ordering_quantile``-th quantile. Without a distribution a request's is the point
+        prediction itself. Allocation and KVCPipe always use ``A``.
+    ordering_quantile:
+        The quantile level of ``ordering_length="quantile"`` [fraction in (0, 1)].
+    reserve_rule:
+        ``fixed``: the global reserve is ``reserve_ratio`` of the cache; ``overrun`` (with
+        ``kvcpipe="all"``): no fixed reserve; the occupancy curve instead keeps free the expected
+        over-run of the requests in flight by the predicted distribution (see the module
+        docstring), 0 for a request without one.
+    allocation_length:
+        The predicted length ``P`` an allocation ``A`` (and so KVCPipe's occupancy curve) is
+        sized from: ``point``, the point prediction; ``mean``, the mean of the predicted
+        distribution given the tokens generated so far (a request that outgrew its allocation
+        is re-sized from the points it has not yet outlived, and only past all of them by one
+        more bucket). Without a distribution both are the point prediction.
     """
 
     rl_bucket: int = 32
@@ -233,6 +279,10 @@ class EconoServeConfig:
     late_demotion_s: float | None = None
     ordering_length_weight: float = 1.0
     backfill_output_tokens: int | None = None
+    ordering_length: str = "point"
+    ordering_quantile: float = 0.25
+    reserve_rule: str = "fixed"
+    allocation_length: str = "point"
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -253,6 +303,14 @@ class EconoServeConfig:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         if self.ordering_length_weight < 0:
             raise ValueError(f"ordering_length_weight must be >= 0, got {self.ordering_length_weight}")
+        if self.ordering_length not in ORDERING_LENGTHS:
+            raise ValueError(f"ordering_length must be one of {', '.join(ORDERING_LENGTHS)}, got {self.ordering_length!r}")
+        if not 0 < self.ordering_quantile < 1:
+            raise ValueError(f"ordering_quantile must be in (0, 1), got {self.ordering_quantile}")
+        if self.allocation_length not in ALLOCATION_LENGTHS:
+            raise ValueError(f"allocation_length must be one of {', '.join(ALLOCATION_LENGTHS)}, got {self.allocation_length!r}")
+        if self.reserve_rule not in RESERVE_RULES:
+            raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
 
 
 class EconoServePolicy(Policy):
@@ -289,7 +347,9 @@ class EconoServePolicy(Policy):
             self.stats.extra[counter] = 0
 
     def _make_kv_cache(self) -> KVCache:
-        reserve = 0 if self.config.no_syncdecoupled else int(self.config.reserve_ratio * self.limits.num_kv_blocks)
+        cfg = self.config
+        fixed = not cfg.no_syncdecoupled and not (cfg.reserve_rule == "overrun" and self._pipelined)
+        reserve = int(cfg.reserve_ratio * self.limits.num_kv_blocks) if fixed else 0
         return KVCache(self.limits.num_kv_blocks, self.limits.block_size, global_reserve_blocks=reserve)
 
     # ------------------------------------------------------------------ views
@@ -332,8 +392,10 @@ class EconoServePolicy(Policy):
             return cached
         cfg = self.config
         room = self.limits.max_model_len - request.num_prompt_tokens
-        if cached is None:
-            predicted = request.predicted_output_tokens
+        predicted = self._allocation_length_tokens(request)
+        if cached is None or predicted is not None:
+            if predicted is None:
+                predicted = request.predicted_output_tokens
             if predicted is None:
                 predicted = cfg.fallback_output_tokens or room
             padded = max(1, -int(-predicted * (1.0 + cfg.rl_padding) // 1))
@@ -343,6 +405,17 @@ class EconoServePolicy(Policy):
         tokens = max(min(tokens, room), generated + 1)
         self._allocated_output_tokens[rid] = tokens
         return tokens
+
+    def _allocation_length_tokens(self, request: Request) -> float | None:
+        """The predicted length an allocation is sized from [tokens]: with
+        ``allocation_length="mean"`` and a predicted distribution, its mean given the tokens
+        generated so far (``None`` once the request outlived every point); else ``None`` (the
+        point prediction, or one more bucket for a request that outgrew its allocation)."""
+        points = request.predicted_output_quantiles
+        if self.config.allocation_length != "mean" or points is None:
+            return None
+        alive = [p for p in points if p > request.num_output_tokens]
+        return sum(alive) / len(alive) if alive else None
 
     def rl_bucket_of(self, request: Request) -> int:
         """The predicted-RL bucket index of a GT (allocation / ``rl_bucket``)."""
@@ -358,8 +431,18 @@ class EconoServePolicy(Policy):
 
     # ------------------------------------------------------------------ ordering
     def _ordering_output_tokens(self, request: Request) -> float:
-        """The response length Ordering's keys use: ``ordering_length_weight`` x allocation [tokens]."""
-        return self.config.ordering_length_weight * self.allocated_output_tokens(request)
+        """The response length Ordering's keys use: ``ordering_length_weight`` x the allocation,
+        or the Gittins rank or a quantile of the predicted distribution (``ordering_length``) [tokens]."""
+        cfg = self.config
+        points = request.predicted_output_quantiles
+        if cfg.ordering_length == "point" or (points is None and request.predicted_output_tokens is None):
+            length = float(self.allocated_output_tokens(request))
+        elif cfg.ordering_length == "gittins":
+            length = gittins_rank_tokens(points or (request.predicted_output_tokens,))
+        else:
+            points = points or (request.predicted_output_tokens,)
+            length = float(points[min(len(points) - 1, int(cfg.ordering_quantile * len(points)))])
+        return cfg.ordering_length_weight * length
 
     def _isolated_estimate_s(self, request: Request) -> float:
         limits = self.limits
@@ -706,11 +789,25 @@ class EconoServePolicy(Policy):
         prompt_blocks = kv.blocks_for(request.num_tokens)  # what its admission reserves
         term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, prompt_blocks))]
         others = kv.num_committed_blocks - int(held.sum())
-        capacity = int((kv.num_blocks - kv.global_reserve_blocks) * (1.0 + self.config.overbooking))
+        capacity = int((kv.num_blocks - self._curve_reserve_blocks(request)) * (1.0 + self.config.overbooking))
         if start.size and others + kv.occupancy_peak_blocks(*term, horizon_steps=delay + life) > capacity:
             return False
         flight[:] = term
         return True
+
+    def _curve_reserve_blocks(self, candidate: Request) -> int:
+        """The reserve the occupancy curve keeps free when ``candidate`` asks to start [blocks]:
+        the fixed global reserve, or with ``reserve_rule="overrun"`` the expected over-run of
+        every request in flight (PTs, queued and generating GTs) and the candidate beyond its
+        allocation, by its predicted distribution given what it has generated (see the module
+        docstring)."""
+        kv = self.kv_cache
+        if self.config.reserve_rule != "overrun":
+            return kv.global_reserve_blocks
+        flight = itertools.chain(self.running, (entry[2] for entry in self._gt_queue), (candidate,))
+        tokens = sum(expected_overrun_tokens(r.predicted_output_quantiles, self.allocated_output_tokens(r),
+                                             r.num_output_tokens) for r in flight)
+        return -(-int(math.ceil(tokens)) // kv.block_size)
 
     @property
     def _lookahead(self) -> bool:
@@ -855,6 +952,31 @@ class EconoServePolicy(Policy):
         described = super().describe()
         described["global_reserve_blocks"] = self.kv_cache.global_reserve_blocks
         return described
+
+
+def gittins_rank_tokens(points: tuple[int, ...] | list[int]) -> float:
+    """The Gittins rank at zero attained service of a length distribution given as equally likely
+    ``points`` [tokens]: ``min over D of E[min(S, D)] / P(S <= D)`` (the expected service per
+    chance of completing within ``D``; the Gittins index is its inverse), ``D`` ranging over the
+    points. A point mass at ``L`` has rank ``L``; a spread distribution ranks below its mean when
+    it holds a good chance of ending early."""
+    ordered = np.sort(np.asarray(points, dtype=np.float64))
+    count = ordered.size
+    index = np.arange(count)
+    expected_min = (np.cumsum(ordered) + (count - index - 1) * ordered) / count
+    return float(np.min(expected_min * count / (index + 1)))
+
+
+def expected_overrun_tokens(points: tuple[int, ...] | None, allocated: int, generated: int) -> float:
+    """Expected tokens a request generates beyond ``allocated`` [tokens], by its predicted
+    distribution (equally likely ``points``) given that it has generated ``generated`` tokens
+    (points at or below ``generated`` are impossible); 0 without a distribution, or when every
+    point is at or below ``generated`` (the request outgrew its distribution: its allocation
+    already steps a bucket at a time)."""
+    if points is None:
+        return 0.0
+    alive = [p for p in points if p > generated]
+    return sum(max(0, p - allocated) for p in alive) / len(alive) if alive else 0.0
 
 
 class _EconoServeAblation(EconoServePolicy):

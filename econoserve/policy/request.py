@@ -12,7 +12,8 @@ Preemption by recompute (vLLM's default) frees the request's KV and resets
 ``num_computed_tokens`` to 0; its next prefill recomputes the prompt *and* the tokens already
 generated (``num_tokens`` of them), then sampling continues where it stopped.
 
-A policy sees ``predicted_output_tokens`` (a predictor's guess, or ``None``) and never the true
+A policy sees ``predicted_output_tokens`` (a predictor's guess, or ``None``), optionally its
+``predicted_output_quantiles`` (the predicted distribution), and never the true
 response length: only the executor (simulator or real engine) knows when a request stops.
 """
 
@@ -47,6 +48,9 @@ class Request:
         Prompt length [tokens].
     predicted_output_tokens:
         Predicted response length [tokens], or ``None`` where no prediction is available.
+    predicted_output_quantiles:
+        The predicted distribution of the response length as ``K`` equally likely lengths
+        [tokens] (the ``(i + 0.5) / K`` quantiles, sorted), or ``None`` (a point prediction only).
     num_output_tokens:
         Tokens generated so far [tokens].
     num_computed_tokens:
@@ -67,6 +71,7 @@ class Request:
         "arrival_time_s",
         "num_prompt_tokens",
         "predicted_output_tokens",
+        "predicted_output_quantiles",
         "num_output_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -82,6 +87,7 @@ class Request:
         num_prompt_tokens: int,
         predicted_output_tokens: int | None = None,
         index: int = -1,
+        predicted_output_quantiles: tuple[int, ...] | None = None,
     ) -> None:
         if num_prompt_tokens <= 0:
             raise ValueError(f"request {request_id}: num_prompt_tokens must be > 0, got {num_prompt_tokens}")
@@ -89,6 +95,7 @@ class Request:
         self.arrival_time_s = arrival_time_s
         self.num_prompt_tokens = num_prompt_tokens
         self.predicted_output_tokens = predicted_output_tokens
+        self.predicted_output_quantiles = predicted_output_quantiles
         self.num_output_tokens = 0
         self.num_computed_tokens = 0
         self.num_preemptions = 0

@@ -15,7 +15,12 @@ Objectives (:class:`PredictorConfig`):
 ``classification``  multiclass over length buckets of ``bucket_width`` tokens (bucket ``b`` holds
                     ``b*w+1 .. (b+1)*w``; lengths past ``max_buckets`` buckets share the last);
                     the point prediction is the predicted bucket's middle (``bucket_point="mid"``)
-                    or its upper edge (``"upper"``, a reservation that covers the bucket).
+                    or its upper edge (``"upper"``, a reservation that covers the bucket). Its
+                    class probabilities also give the predicted *distribution* of the length
+                    (:meth:`LengthPredictor.predict_quantiles`): ``K`` equally likely lengths, the
+                    ``(i + 0.5) / K`` quantiles of the bucket distribution with the probability
+                    of a bucket spread uniformly over its tokens (the scheduler's
+                    ``predicted_output_quantiles``).
 
 A saved model is a directory: ``model.txt`` (LightGBM), ``metadata.json`` (format version,
 package and LightGBM versions, configuration, label, feature names, training-data sha256s,
@@ -179,6 +184,18 @@ class LengthPredictor:
         matrix = self.featurizer.transform(prompts, None if self.needs_text else prompt_tokens)
         return self.booster.predict(matrix, num_threads=1)
 
+    def predict_quantiles(self, prompts: Sequence[str] | None, prompt_tokens: np.ndarray | None = None,
+                          num_points: int = 16) -> np.ndarray:
+        """The predicted distribution of each response length as ``num_points`` equally likely
+        lengths [tokens, int64, sorted, >= 1] (rows = prompts), classification models only: the
+        ``(i + 0.5) / num_points`` quantiles of the bucket probabilities, each bucket's
+        probability spread uniformly over its ``bucket_width`` tokens (the last bucket, which
+        also holds longer lengths, included)."""
+        if num_points < 1:
+            raise PredictorError(f"num_points must be >= 1, got {num_points}")
+        return bucket_quantiles(self.predict_class_probabilities(prompts, prompt_tokens),
+                                self.config.bucket_width, num_points)
+
     def _lengths_from_scores(self, scores: np.ndarray) -> np.ndarray:
         if self.config.objective == "classification":
             buckets = np.asarray(scores).reshape(len(scores), -1).argmax(axis=1)
@@ -190,7 +207,8 @@ class LengthPredictor:
         return np.maximum(rounded, 1).astype(np.int64)
 
     def predict_trace(self, trace: Trace, check_tokenizer: bool = True) -> Trace:
-        """A copy of ``trace`` with ``predicted_output_tokens`` filled in."""
+        """A copy of ``trace`` with ``predicted_output_tokens`` filled in (and, for a
+        classification model, ``predicted_output_quantiles``)."""
         if self.needs_text and not trace.has_text:
             raise PredictorError(
                 "the trace has no prompt_text column, and this model needs prompt text "
@@ -204,8 +222,10 @@ class LengthPredictor:
             )
         requests = trace.requests
         prompts = requests["prompt_text"].tolist() if self.needs_text else None
-        predicted = self.predict(prompts, requests["prompt_tokens"].to_numpy(dtype=np.int64))
-        return trace.with_predictions(predicted)
+        prompt_tokens = requests["prompt_tokens"].to_numpy(dtype=np.int64)
+        predicted = self.predict(prompts, prompt_tokens)
+        quantiles = self.predict_quantiles(prompts, prompt_tokens) if self.config.objective == "classification" else None
+        return trace.with_predictions(predicted, quantiles)
 
     # ----------------------------------------------------------------- inspection
     def feature_importance(self, importance_type: str = "gain") -> pd.DataFrame:
@@ -334,6 +354,22 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     ):
         raise PredictorError(f"{path}: metadata feature_names / files must hold text (corrupt model?)")
     return metadata
+
+
+def bucket_quantiles(probabilities: np.ndarray, bucket_width: int, num_points: int) -> np.ndarray:
+    """The ``(i + 0.5) / num_points`` quantiles [tokens, int64, >= 1] of length distributions
+    given as bucket probabilities (rows; bucket ``b`` = lengths ``b*w+1 .. (b+1)*w``, uniform
+    within a bucket), rounded up to whole tokens."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(probabilities, axis=1)
+    levels = (np.arange(num_points) + 0.5) / num_points
+    rows = np.arange(len(cdf))[:, None]
+    bucket = np.minimum((cdf[:, :, None] < levels[None, None, :]).sum(axis=1), cdf.shape[1] - 1)
+    below = np.where(bucket > 0, cdf[rows, np.maximum(bucket - 1, 0)], 0.0)
+    mass = np.maximum(probabilities[rows, bucket], 1e-12)
+    within = np.clip((levels[None, :] - below) / mass, 0.0, 1.0)
+    return np.maximum(np.ceil((bucket + within) * bucket_width - 1e-9), 1).astype(np.int64)
 
 
 def _trace_tokenizer(trace: Trace) -> str | None:

@@ -82,6 +82,7 @@ class RequestLedger:
         self.num_done = 0
         self.received: set[int] = set()  # rows a decode replica received (one token made before)
         self._predictions: dict[str, list[int | None]] = {}
+        self._quantiles: list[tuple[int, ...] | None] | None = None
 
     def predictions(self, source: str) -> list[int | None]:
         """Predicted output lengths [tokens] by row from ``source`` (``oracle``: the true lengths;
@@ -96,6 +97,15 @@ class RequestLedger:
                 values = [None] * self.num_requests
             self._predictions[source] = values
         return self._predictions[source]
+
+    def quantiles(self, source: str) -> list[tuple[int, ...] | None]:
+        """Predicted length distributions by row (the trace's ``predicted_output_quantiles``
+        with source ``trace``; else none)."""
+        if source != "trace" or not self.trace.has_prediction_quantiles:
+            return [None] * self.num_requests
+        if self._quantiles is None:
+            self._quantiles = self.trace.requests["predicted_output_quantiles"].tolist()
+        return self._quantiles
 
     def reject(self, row: int, reason: str) -> None:
         self.reasons[row] = reason
@@ -145,6 +155,8 @@ class Replica:
         source = "oracle" if self.policy.wants_oracle_predictions else config.predictions
         self.predicted = ledger.predictions(source)
         self.role = config.role
+        # a disaggregated replica sees shifted point predictions only
+        self.predicted_quantiles = ledger.quantiles(source) if self.role == "colocated" else [None] * ledger.num_requests
         if self.role == "colocated":
             self.targets = ledger.output_tokens  # tokens each request produces here [tokens]
         elif self.role == "prefill":
@@ -208,7 +220,7 @@ class Replica:
         if predicted is not None and self.role != "colocated":
             predicted = 1 if self.role == "prefill" else max(1, predicted - 1)
         request = Request(ledger.request_ids[row], ledger.arrival_time_s[row], ledger.prompt_tokens[row],
-                          predicted, index=row)
+                          predicted, index=row, predicted_output_quantiles=self.predicted_quantiles[row])
         ledger.requests[row] = request
         reason = self.rejection(row)
         if reason is None:

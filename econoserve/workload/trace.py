@@ -14,6 +14,11 @@ column                      type      meaning
 ``prompt_text``             string    optional: the prompt, where the dataset has text
 ``predicted_output_tokens`` int64     optional: a predictor's response length [tokens], > 0,
                                       <= MAX_REQUEST_TOKENS
+``predicted_output_         list      optional, with ``predicted_output_tokens``: the predicted
+quantiles``                 <int64>   distribution of the response length as ``K`` equally
+                                      likely lengths [tokens] (the ``(i + 0.5) / K`` quantiles,
+                                      sorted, each > 0 and <= MAX_REQUEST_TOKENS; ``K`` the same
+                                      in every record)
 ==========================  ========  =========================================================
 
 Every trace is validated when it is built and when it is read. A violation raises
@@ -28,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +49,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "output_tokens",
     "dataset",
 )
-OPTIONAL_COLUMNS: tuple[str, ...] = ("prompt_text", "predicted_output_tokens")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("prompt_text", "predicted_output_tokens", "predicted_output_quantiles")
 ALL_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 #: Longest prompt or response a trace may hold [tokens]: 4 Mi tokens, above the context of every
@@ -63,6 +68,7 @@ _ARROW_TYPES: Mapping[str, pa.DataType] = {
     "dataset": pa.string(),
     "prompt_text": pa.string(),
     "predicted_output_tokens": pa.int64(),
+    "predicted_output_quantiles": pa.list_(pa.int64()),
 }
 
 
@@ -141,10 +147,19 @@ class Trace:
         arrivals = self.requests["arrival_time_s"]
         return float(arrivals.iloc[-1] - arrivals.iloc[0]) if len(arrivals) else 0.0
 
-    def with_predictions(self, predicted_output_tokens: np.ndarray | pd.Series) -> "Trace":
-        """A copy with ``predicted_output_tokens`` set (one value per request, in row order)."""
-        frame = self.requests.copy()
+    @property
+    def has_prediction_quantiles(self) -> bool:
+        return "predicted_output_quantiles" in self.requests.columns
+
+    def with_predictions(self, predicted_output_tokens: np.ndarray | pd.Series,
+                         quantiles: np.ndarray | Sequence[Sequence[int]] | None = None) -> "Trace":
+        """A copy with ``predicted_output_tokens`` set (one value per request, in row order) and,
+        given ``quantiles`` (requests x ``K`` [tokens]), ``predicted_output_quantiles``; without
+        it any previous quantiles are dropped (they belonged to another prediction)."""
+        frame = self.requests.drop(columns="predicted_output_quantiles", errors="ignore")
         frame["predicted_output_tokens"] = np.asarray(predicted_output_tokens)
+        if quantiles is not None:
+            frame["predicted_output_quantiles"] = [tuple(row) for row in quantiles]
         return Trace.from_frame(frame, self.metadata, source="<predictions>")
 
     def head(self, num_requests: int) -> "Trace":
@@ -217,6 +232,10 @@ def validate_requests(frame: pd.DataFrame, source: str = "<trace>") -> pd.DataFr
             _check(values <= MAX_REQUEST_TOKENS, frame, ids, source, column,
                    f"must be <= {MAX_REQUEST_TOKENS} (MAX_REQUEST_TOKENS): longer than any model's context")
             out[column] = values
+    if "predicted_output_quantiles" in frame.columns:
+        if "predicted_output_tokens" not in frame.columns:
+            raise TraceError(f"{source}: predicted_output_quantiles needs a predicted_output_tokens column")
+        out["predicted_output_quantiles"] = _quantile_column(frame, source, ids)
     for column in _STRING_COLUMNS:
         if column in frame.columns:
             out[column] = _string_column(frame, column, source, ids)
@@ -257,6 +276,25 @@ def _integer_column(frame: pd.DataFrame, column: str, source: str, ids) -> np.nd
     whole = np.isfinite(values) & (np.floor(values) == values) & (np.abs(values) < 2**53)
     _check(whole, frame, ids if column != "request_id" else None, source, column, "must be an integer")
     return values.astype(np.int64)
+
+
+def _quantile_column(frame: pd.DataFrame, source: str, ids) -> list[tuple[int, ...]]:
+    """``predicted_output_quantiles`` as tuples: sorted, positive, bounded, one length ``K``."""
+    column = "predicted_output_quantiles"
+    rows = []
+    for value in frame[column]:
+        try:
+            row = np.asarray(value, dtype=np.float64).ravel() if not isinstance(value, (str, bytes)) else np.array([np.nan])
+        except (TypeError, ValueError):
+            row = np.array([np.nan])
+        rows.append(row)
+    size = rows[0].size if rows else 0
+    ok = np.array([row.size == size and size > 0 and bool(np.all(np.isfinite(row))) and bool(np.all(np.floor(row) == row))
+                   and bool(np.all(row > 0)) and bool(np.all(row <= MAX_REQUEST_TOKENS)) and bool(np.all(np.diff(row) >= 0))
+                   for row in rows], dtype=bool)
+    _check(ok, frame, ids, source, column,
+           f"must be {size or 'K'} sorted integer lengths, each > 0 and <= {MAX_REQUEST_TOKENS}")
+    return [tuple(int(v) for v in row) for row in rows]
 
 
 def _float_column(frame: pd.DataFrame, column: str, source: str, ids) -> np.ndarray:
