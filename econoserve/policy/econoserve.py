@@ -577,13 +577,13 @@ class EconoServePolicy(Policy):
         """One token for every generating GT; extension from the reserve, then the free pool,
         then preemption (the grower's guests, then the lowest-priority GT)."""
         gts = [r for r in self.running if r.request_id in self._generating]
+        store_tokens = self.kv_cache.store_tokens
         for request in gts:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this pass
-            self._grow(request, decision)
-        for request in gts:
-            if request.status == RequestStatus.RUNNING:
-                decision.add(request, 1)
+            if not store_tokens(request.request_id, request.num_computed_tokens + 1):  # not within its blocks
+                self._grow(request, decision)
+        decision.add_decodes(r for r in gts if r.status == RequestStatus.RUNNING)
         for victim in decision.preempted:
             decision.kv_allocations.pop(victim.request_id, None)
 
@@ -597,8 +597,8 @@ class EconoServePolicy(Policy):
                 return
             reserve_before = kv.num_global_reserve_used
             # beyond its exact allocation, or a host whose guest over-ran: a misprediction
-            mispredicted = target > self._allocation_target.get(rid, 0) or any(
-                kv.lender_of(r.request_id) == rid for r in self.running)
+            # (every guest holding a loan is running: a guest's loan ends when it is freed)
+            mispredicted = target > self._allocation_target.get(rid, 0) or kv.is_lender(rid)
             new = kv.allocate_slots(rid, target, use_global_reserve=True, global_reserve_first=mispredicted)
             if new is not None:
                 from_reserve = kv.num_global_reserve_used - reserve_before
@@ -677,14 +677,20 @@ class EconoServePolicy(Policy):
         (base = its tokens when its prompt is done, start = the steps until then, from the prompt
         tokens ahead of it in chunk order and its own over the budget left by decodes)."""
         kv = self.kv_cache
-        gts = [r for r in self.running if r.request_id in self._generating] + [e[2] for e in self._gt_queue]
-        pts = [r for r in self.running if r.request_id not in self._generating]
+        generating = self._generating
+        gts: list[Request] = []
+        pts: list[Request] = []
+        for request in self.running:
+            (gts if request.request_id in generating else pts).append(request)
+        gts += [entry[2] for entry in self._gt_queue]
         per_step = max(1, self.token_budget - len(gts))
         ahead = np.cumsum([r.num_pending_tokens for r in pts], dtype=np.int64)
         start = [0] * len(gts) + (-(-ahead // per_step)).tolist() if self.config.prefill_delay else [0] * (len(gts) + len(pts))
         base = [r.num_computed_tokens for r in gts] + [r.num_tokens for r in pts]
-        lifetime = [max(1, self.allocated_output_tokens(r) - r.num_output_tokens) for r in gts + pts]
-        held = [kv.allocated_blocks(r.request_id) + kv.reserved_blocks(r.request_id) for r in gts + pts]
+        members = gts + pts
+        allocated = self.allocated_output_tokens
+        lifetime = [max(1, allocated(r) - r.num_output_tokens) for r in members]
+        held = [kv.held_blocks(r.request_id) for r in members]
         return [np.asarray(column, dtype=np.int64) for column in (start, base, lifetime, held)]
 
     def _flight_admits(self, request: Request, flight: list[np.ndarray]) -> bool:
@@ -707,7 +713,7 @@ class EconoServePolicy(Policy):
         term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, prompt_blocks))]
         others = kv.num_committed_blocks - int(held.sum())
         capacity = int((kv.num_blocks - kv.global_reserve_blocks) * (1.0 + self.config.overbooking))
-        if start.size and others + kv.occupancy_peak_blocks(*term, horizon_steps=delay + life) > capacity:
+        if start.size and not kv.occupancy_fits(*term, capacity - others, horizon_steps=delay + life):
             return False
         flight[:] = term
         return True
