@@ -272,6 +272,8 @@ class EconoServePolicy(Policy):
         super().__init__(limits, config)
         cfg = self.config
         self.decides_every_step = cfg.no_syncdecoupled
+        #: KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)
+        self._pipelined = cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
         self._pt_queue: list[tuple[float, int, Request]] = []
         self._gt_queue: list[tuple[float, int, Request]] = []
         self._generating: set[int] = set()
@@ -583,7 +585,7 @@ class EconoServePolicy(Policy):
                 continue  # preempted earlier in this pass
             if not store_tokens(request.request_id, request.num_computed_tokens + 1):  # not within its blocks
                 self._grow(request, decision)
-        decision.add_decodes(r for r in gts if r.status == RequestStatus.RUNNING)
+        decision.add_decodes([r for r in gts if r.status == RequestStatus.RUNNING])
         for victim in decision.preempted:
             decision.kv_allocations.pop(victim.request_id, None)
 
@@ -663,12 +665,6 @@ class EconoServePolicy(Policy):
             return 0
         head = self._gt_queue[0][2]
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
-
-    @property
-    def _pipelined(self) -> bool:
-        """KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)."""
-        cfg = self.config
-        return cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
 
     def _flight(self) -> list[np.ndarray]:
         """The predicted occupancy terms of everything in flight (see
@@ -847,9 +843,11 @@ class EconoServePolicy(Policy):
         free pool, so a bulk stretch may take free blocks, but no GT may pass its allocation
         target in it (beyond it, growth draws on the global reserve first)."""
         if self._pipelined:
+            targets = self._allocation_target
             for request in self.running:
-                target = self._allocation_target.get(request.request_id, 0)
-                max_steps = min(max_steps, target - request.num_computed_tokens)
+                max_steps = min(max_steps, targets.get(request.request_id, 0) - request.num_computed_tokens)
+                if max_steps <= 0:
+                    return 0  # (what the base class answers for no steps)
         return super().steady_decode_steps(decision, max_steps)
 
     def _steady_free_margin(self) -> int:

@@ -369,9 +369,11 @@ def _occupancy_terms(start_steps, base_tokens, lifetime_steps, held_blocks) -> t
 
 
 def _peak_candidate_steps(ends: np.ndarray, horizon_steps: int | None) -> np.ndarray:
-    """The steps where an occupancy can peak, ascending: one before each end (at least 0),
-    capped at ``horizon_steps - 1`` (at least 0) [steps]."""
+    """The steps where an occupancy can peak, ascending (repeats kept: sorting is cheaper than
+    removing them): one before each end (at least 0), capped at ``horizon_steps - 1`` (at least
+    0) [steps]."""
     steps = np.maximum(ends - 1, 0)
     if horizon_steps is not None:
         steps = np.minimum(steps, max(0, horizon_steps - 1))
-    return np.unique(steps)
+    steps.sort()
+    return steps
