@@ -631,6 +631,8 @@ class EconoServePolicy(Policy):
     def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
         """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left.
         (Running requests that are decoding were scheduled, or left out, by the decode pass.)"""
+        if len(self.running) == len(self._generating):
+            return budget  # every running request is a generating GT (each is in running): no PT
         for request in self.running:
             if budget <= 0:
                 break
