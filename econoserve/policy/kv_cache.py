@@ -287,8 +287,8 @@ class KVCache:
         before an end, capped by the horizon). A term alive at ``t`` holds at most its value
         ``v_i`` at its last step within the horizon, ``min(end_i, horizon_steps) - 1`` (terms
         are nondecreasing while alive), so ``occ(t) <= sum(v_i for end_i > t)``; only the steps
-        where that bound exceeds ``capacity_blocks`` are evaluated exactly (on ShareGPT a few of
-        some 40 candidates). Same answer as the peak, bit for bit.
+        where that bound exceeds ``capacity_blocks`` are evaluated exactly (ShareGPT at the
+        reference rate: 4-5 of some 45 candidates). Same answer as the peak, bit for bit.
         """
         start, base, ends, held = _occupancy_terms(start_steps, base_tokens, lifetime_steps, held_blocks)
         if ends.size == 0:
