@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, RequestStatus, make_policy
+from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.econoserve import ECONOSERVE_POLICIES, EconoServeConfig
 from econoserve.sim import WALL_CLOCK_COLUMNS, SimulationConfig, simulate
 from econoserve.sim.engine import build_setup
@@ -357,3 +360,27 @@ def test_a_preempted_gt_whose_recompute_outgrew_the_usable_cache_resumes_on_the_
     assert (result.requests.status == "finished").all()
     assert result.requests.generated_tokens.tolist() == outputs
     assert result.requests.num_preemptions[15] >= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 500), st.booleans()), max_size=30),
+       head=st.integers(0, 5000))
+def test_the_bulk_decode_pass_schedules_exactly_as_one_add_per_request(shapes, head):
+    """SchedulerDecision.add_decodes (EconoServe's decode pass) = add(request, 1) for each request
+    in turn: the same lists and totals, the float attention sum bit for bit (after a prompt chunk
+    of ``head`` tokens, so the sum does not start at 0)."""
+    requests = []
+    for i, (prompt, output, decoding) in enumerate(shapes):
+        request = Request(i, 0.0, prompt)
+        request.num_output_tokens = output
+        request.num_computed_tokens = prompt + output - 1 if decoding and output else min(prompt - 1, i)
+        requests.append(request)
+    one_by_one, bulk = SchedulerDecision(), SchedulerDecision()
+    chunk = Request(-1, 0.0, head + 1)
+    for decision in (one_by_one, bulk):
+        decision.add(chunk, head)
+    for request in requests:
+        one_by_one.add(request, 1)
+    bulk.add_decodes(iter(requests))
+    for name in SchedulerDecision.__slots__:
+        assert getattr(bulk, name) == getattr(one_by_one, name), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,3 +137,33 @@ def test_a_reservation_may_draw_on_the_global_reserve_and_gives_it_back():
     kv.free(3)
     assert kv.num_global_reserve_used == 0
     kv.check_invariants()
+
+
+# ---------------------------------------------------------------------- predicted occupancy
+def _occupancy_by_brute_force(kv: KVCache, terms: list[tuple[int, int, int, int]], horizon: int | None) -> int:
+    """The definition of ``occupancy_peak_blocks``, step by step: every step up to the last end
+    (or the horizon), every term alive at it."""
+    last_step = max((start + life for start, _, life, _ in terms), default=0)
+    steps = range(max(1, last_step if horizon is None else min(last_step, max(1, horizon))))
+    return max(
+        (sum(max(held, kv.blocks_for(base + max(0, t - start)))
+             for start, base, life, held in terms if t < start + life) for t in steps),
+        default=0,
+    )
+
+
+_terms = st.lists(st.tuples(st.integers(0, 40), st.integers(1, 200), st.integers(1, 60), st.integers(0, 14)),
+                  max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(terms=_terms, block_size=st.sampled_from([1, 4, 16]), horizon=st.none() | st.integers(0, 120),
+       slack=st.integers(-3, 3))
+def test_occupancy_peak_and_fit_agree_with_the_step_by_step_definition(terms, block_size, horizon, slack):
+    kv = KVCache(num_blocks=1000, block_size=block_size)
+    columns = [np.array(column, dtype=np.int64) for column in zip(*terms)] or [np.array([], dtype=np.int64)] * 4
+    peak = kv.occupancy_peak_blocks(*columns, horizon_steps=horizon)
+    if terms:
+        assert peak == _occupancy_by_brute_force(kv, terms, horizon)
+    capacity = peak + slack  # near the peak, where the fit test's bounds are tight
+    assert kv.occupancy_fits(*columns, capacity, horizon_steps=horizon) == (slack >= 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from econoserve.policy.request import Request
@@ -65,6 +66,26 @@ class SchedulerDecision:
             self.num_prefill_requests += 1
         self.num_context_tokens += computed + num_tokens
         self.num_attention_pairs += num_tokens * (computed + (num_tokens + 1) * 0.5)
+
+    def add_decodes(self, requests: Iterable[Request]) -> None:
+        """:meth:`add` of one token for each of ``requests`` in turn, in one call (the decode pass
+        of an engine step): the same lists and totals, the float sum in the same order."""
+        scheduled, tokens = self.scheduled, self.num_scheduled_tokens
+        decode, context, pairs = self.num_decode_tokens, self.num_context_tokens, self.num_attention_pairs
+        for request in requests:
+            computed = request.num_computed_tokens
+            output = request.num_output_tokens
+            if not (output > 0 and computed == request.num_prompt_tokens + output - 1):  # a one-token chunk
+                self.num_decode_tokens, self.num_context_tokens, self.num_attention_pairs = decode, context, pairs
+                self.add(request, 1)
+                decode, context, pairs = self.num_decode_tokens, self.num_context_tokens, self.num_attention_pairs
+                continue
+            scheduled.append(request)
+            tokens.append(1)
+            decode += 1
+            context += computed + 1
+            pairs += computed + 1.0  # num_tokens * (computed + (num_tokens + 1) * 0.5) with one token
+        self.num_decode_tokens, self.num_context_tokens, self.num_attention_pairs = decode, context, pairs
 
     # ------------------------------------------------------------------ views
     @property

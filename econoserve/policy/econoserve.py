@@ -330,6 +330,8 @@ class EconoServePolicy(Policy):
         super().__init__(limits, config)
         cfg = self.config
         self.decides_every_step = cfg.no_syncdecoupled
+        #: KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)
+        self._pipelined = cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
         self._pt_queue: list[tuple[float, int, Request]] = []
         self._gt_queue: list[tuple[float, int, Request]] = []
         self._generating: set[int] = set()
@@ -660,13 +662,13 @@ class EconoServePolicy(Policy):
         """One token for every generating GT; extension from the reserve, then the free pool,
         then preemption (the grower's guests, then the lowest-priority GT)."""
         gts = [r for r in self.running if r.request_id in self._generating]
+        store_tokens = self.kv_cache.store_tokens
         for request in gts:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this pass
-            self._grow(request, decision)
-        for request in gts:
-            if request.status == RequestStatus.RUNNING:
-                decision.add(request, 1)
+            if not store_tokens(request.request_id, request.num_computed_tokens + 1):  # not within its blocks
+                self._grow(request, decision)
+        decision.add_decodes([r for r in gts if r.status == RequestStatus.RUNNING])
         for victim in decision.preempted:
             decision.kv_allocations.pop(victim.request_id, None)
 
@@ -680,8 +682,8 @@ class EconoServePolicy(Policy):
                 return
             reserve_before = kv.num_global_reserve_used
             # beyond its exact allocation, or a host whose guest over-ran: a misprediction
-            mispredicted = target > self._allocation_target.get(rid, 0) or any(
-                kv.lender_of(r.request_id) == rid for r in self.running)
+            # (every guest holding a loan is running: a guest's loan ends when it is freed)
+            mispredicted = target > self._allocation_target.get(rid, 0) or kv.is_lender(rid)
             new = kv.allocate_slots(rid, target, use_global_reserve=True, global_reserve_first=mispredicted)
             if new is not None:
                 from_reserve = kv.num_global_reserve_used - reserve_before
@@ -712,6 +714,8 @@ class EconoServePolicy(Policy):
     def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
         """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left.
         (Running requests that are decoding were scheduled, or left out, by the decode pass.)"""
+        if len(self.running) == len(self._generating):
+            return budget  # every running request is a generating GT (each is in running): no PT
         for request in self.running:
             if budget <= 0:
                 break
@@ -747,12 +751,6 @@ class EconoServePolicy(Policy):
         head = self._gt_queue[0][2]
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
 
-    @property
-    def _pipelined(self) -> bool:
-        """KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)."""
-        cfg = self.config
-        return cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
-
     def _flight(self) -> list[np.ndarray]:
         """The predicted occupancy terms of everything in flight (see
         :meth:`KVCache.occupancy_peak_blocks`): start [steps], base [tokens], lifetime [steps],
@@ -760,14 +758,20 @@ class EconoServePolicy(Policy):
         (base = its tokens when its prompt is done, start = the steps until then, from the prompt
         tokens ahead of it in chunk order and its own over the budget left by decodes)."""
         kv = self.kv_cache
-        gts = [r for r in self.running if r.request_id in self._generating] + [e[2] for e in self._gt_queue]
-        pts = [r for r in self.running if r.request_id not in self._generating]
+        generating = self._generating
+        gts: list[Request] = []
+        pts: list[Request] = []
+        for request in self.running:
+            (gts if request.request_id in generating else pts).append(request)
+        gts += [entry[2] for entry in self._gt_queue]
         per_step = max(1, self.token_budget - len(gts))
         ahead = np.cumsum([r.num_pending_tokens for r in pts], dtype=np.int64)
         start = [0] * len(gts) + (-(-ahead // per_step)).tolist() if self.config.prefill_delay else [0] * (len(gts) + len(pts))
         base = [r.num_computed_tokens for r in gts] + [r.num_tokens for r in pts]
-        lifetime = [max(1, self.allocated_output_tokens(r) - r.num_output_tokens) for r in gts + pts]
-        held = [kv.allocated_blocks(r.request_id) + kv.reserved_blocks(r.request_id) for r in gts + pts]
+        members = gts + pts
+        allocated = self.allocated_output_tokens
+        lifetime = [max(1, allocated(r) - r.num_output_tokens) for r in members]
+        held = [kv.held_blocks(r.request_id) for r in members]
         return [np.asarray(column, dtype=np.int64) for column in (start, base, lifetime, held)]
 
     def _flight_admits(self, request: Request, flight: list[np.ndarray]) -> bool:
@@ -790,7 +794,7 @@ class EconoServePolicy(Policy):
         term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, prompt_blocks))]
         others = kv.num_committed_blocks - int(held.sum())
         capacity = int((kv.num_blocks - self._curve_reserve_blocks(request)) * (1.0 + self.config.overbooking))
-        if start.size and others + kv.occupancy_peak_blocks(*term, horizon_steps=delay + life) > capacity:
+        if start.size and not kv.occupancy_fits(*term, capacity - others, horizon_steps=delay + life):
             return False
         flight[:] = term
         return True
@@ -938,9 +942,11 @@ class EconoServePolicy(Policy):
         free pool, so a bulk stretch may take free blocks, but no GT may pass its allocation
         target in it (beyond it, growth draws on the global reserve first)."""
         if self._pipelined:
+            targets = self._allocation_target
             for request in self.running:
-                target = self._allocation_target.get(request.request_id, 0)
-                max_steps = min(max_steps, target - request.num_computed_tokens)
+                max_steps = min(max_steps, targets.get(request.request_id, 0) - request.num_computed_tokens)
+                if max_steps <= 0:
+                    return 0  # (what the base class answers for no steps)
         return super().steady_decode_steps(decision, max_steps)
 
     def _steady_free_margin(self) -> int:

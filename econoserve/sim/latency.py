@@ -120,14 +120,15 @@ class RooflineLatencyModel:
             self._allreduce_fixed_s = 0.0
         self._overhead_s = p.step_overhead_s + self._allreduce_fixed_s
         self._k = p.overlap_exponent
+        self._k_is_max = math.isinf(self._k)
 
     def _combine(self, compute_s, memory_s):
         """``max`` (k = inf) or the k-norm of the two times."""
         if isinstance(compute_s, np.ndarray) or isinstance(memory_s, np.ndarray):
-            if math.isinf(self._k):
+            if self._k_is_max:
                 return np.maximum(compute_s, memory_s)
             return (np.asarray(compute_s) ** self._k + np.asarray(memory_s) ** self._k) ** (1.0 / self._k)
-        if math.isinf(self._k):
+        if self._k_is_max:
             return max(compute_s, memory_s)
         return (compute_s**self._k + memory_s**self._k) ** (1.0 / self._k)
 

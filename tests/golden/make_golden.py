@@ -1,7 +1,7 @@
 """Freeze the simulator's tables on fixed workloads, for the one-replica identity test.
 
-Run from the repository root (``PYTHONPATH=. python tests/golden/make_golden.py``) only when a
-change is *meant* to alter simulation results; the frozen files were written by the
+Run from the repository root (``PYTHONPATH=. python tests/golden/make_golden.py [--defaults]``)
+only when a change is *meant* to alter simulation results; the frozen files were written by the
 single-replica simulator before the cluster refactor (issue 11), and
 ``tests/test_sim_golden.py`` checks that every column they hold is reproduced exactly.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from econoserve.policy import policy_names  # noqa: E402
 from econoserve.sim import SimulationConfig, simulate  # noqa: E402
-from econoserve.sim.engine import WALL_CLOCK_COLUMNS  # noqa: E402
+from econoserve.sim.engine import WALL_CLOCK_COLUMNS, WALL_CLOCK_SUMMARY_KEYS  # noqa: E402
 from econoserve.sim.synthetic import synthetic_trace  # noqa: E402
 from econoserve.workload.trace import Trace  # noqa: E402
 
@@ -62,18 +62,33 @@ FROZEN_POLICY_CONFIG: dict[str, dict[str, object]] = {
 }
 
 
+#: EconoServe and its ablations at their *current* default configuration (KVCPipe for every
+#: request, ``kvcpipe="all"``), which the frozen tables above do not run: pinned by the sha256 of
+#: their tables only (``sha256_defaults.json``), so that work on the simulator's speed (issue 15)
+#: is checked to leave every result bit for bit unchanged. Refreeze (``--defaults``) only when a
+#: change is meant to alter EconoServe's default behaviour.
+DEFAULT_CONFIG_SCHEDULERS: tuple[str, ...] = (
+    "econoserve", "econoserve-no-kvcpipe", "econoserve-no-ordering", "econoserve-no-syncdecoupled", "econoserve-oracle",
+)
+DEFAULTS_HASHES = HERE / "sha256_defaults.json"
+
+
 def golden_path(workload: str, scheduler: str, table: str) -> Path:
     return HERE / f"{workload}--{scheduler}--{table}.parquet"
 
 
-def frozen_tables(workload: str, scheduler: str) -> dict[str, pd.DataFrame]:
-    """The requests and iterations tables of one run, wall-clock columns dropped."""
+def frozen_tables(workload: str, scheduler: str, defaults: bool = False) -> dict[str, pd.DataFrame]:
+    """The requests, iterations and summary (one row) tables of one run, wall-clock columns
+    dropped; the policy configured as frozen (``FROZEN_POLICY_CONFIG``) or, with ``defaults``, at
+    its default configuration."""
     trace, overrides = workloads()[workload]
-    policy_config = FROZEN_POLICY_CONFIG.get(scheduler, {})
+    policy_config = {} if defaults else FROZEN_POLICY_CONFIG.get(scheduler, {})
     result = simulate(trace, SimulationConfig(scheduler=scheduler, policy_config=policy_config, **overrides))
+    summary = {k: v for k, v in result.summary.items() if k not in WALL_CLOCK_SUMMARY_KEYS}
     return {
         "requests": result.requests,
         "iterations": result.iterations.drop(columns=list(WALL_CLOCK_COLUMNS)),
+        "summary": pd.DataFrame([summary]),
     }
 
 
@@ -84,11 +99,27 @@ def table_sha256(table: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def freeze_defaults() -> None:
+    """Write ``sha256_defaults.json``: the table hashes of ``DEFAULT_CONFIG_SCHEDULERS``."""
+    hashes = {
+        f"{workload}/{scheduler}/{name}": table_sha256(table)
+        for workload in workloads()
+        for scheduler in DEFAULT_CONFIG_SCHEDULERS
+        for name, table in frozen_tables(workload, scheduler, defaults=True).items()
+    }
+    DEFAULTS_HASHES.write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
+    if "--defaults" in sys.argv[1:]:
+        freeze_defaults()
+        return
     hashes: dict[str, str] = {}
     for workload in workloads():
         for scheduler in policy_names():
             for name, table in frozen_tables(workload, scheduler).items():
+                if name == "summary":
+                    continue  # frozen before summaries were pinned
                 table.to_parquet(golden_path(workload, scheduler, name), index=False, compression="zstd")
                 hashes[f"{workload}/{scheduler}/{name}"] = table_sha256(table)
                 print(workload, scheduler, name, len(table), hashes[f"{workload}/{scheduler}/{name}"][:12])
