@@ -313,6 +313,11 @@ class EconoServeConfig:
             raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
 
 
+def _pipelines_every_request(cfg: EconoServeConfig) -> bool:
+    """KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)."""
+    return cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
+
+
 class EconoServePolicy(Policy):
     """EconoServe (see the module docstring); ablations through :class:`EconoServeConfig`.
 
@@ -330,8 +335,7 @@ class EconoServePolicy(Policy):
         super().__init__(limits, config)
         cfg = self.config
         self.decides_every_step = cfg.no_syncdecoupled
-        #: KVCPipe for every request (``kvcpipe="all"``; not in the no-KVCPipe or coupled ablations)
-        self._pipelined = cfg.kvcpipe == "all" and not cfg.no_kvcpipe and not cfg.no_syncdecoupled
+        self._pipelined = _pipelines_every_request(cfg)
         self._pt_queue: list[tuple[float, int, Request]] = []
         self._gt_queue: list[tuple[float, int, Request]] = []
         self._generating: set[int] = set()
@@ -350,7 +354,7 @@ class EconoServePolicy(Policy):
 
     def _make_kv_cache(self) -> KVCache:
         cfg = self.config
-        fixed = not cfg.no_syncdecoupled and not (cfg.reserve_rule == "overrun" and self._pipelined)
+        fixed = not cfg.no_syncdecoupled and not (cfg.reserve_rule == "overrun" and _pipelines_every_request(cfg))
         reserve = int(cfg.reserve_ratio * self.limits.num_kv_blocks) if fixed else 0
         return KVCache(self.limits.num_kv_blocks, self.limits.block_size, global_reserve_blocks=reserve)
 
