@@ -55,7 +55,7 @@ def _parameters(tmp: Path) -> dict[str, dict]:
                                        "num_requests": 60,
                                        "sensitivity": False, "output_dir": str(tmp / "results"),
                                        "figures_dir": str(tmp / "figures")},
-        "04_vllm_serving.ipynb": {"num_requests": 24, "rate": 20.0, "predictor": "oracle", "profile": "quick",
+        "04_vllm_serving.ipynb": {"num_requests": 24, "rate": 20.0, "predictor": "oracle", "profile": "quick", "repeats": 1,
                                   "output_dir": str(tmp / "results"), "figures_dir": str(tmp / "figures")},
         "05_gpus_needed.ipynb": {"datasets": ["sharegpt"], "models": ["opt-13b"], "slo_kinds": ["jct"],
                                  "predictor": "oracle", "target_multiples": [1.0, 2.0], "distserve_check": False,
