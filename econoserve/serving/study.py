@@ -64,8 +64,9 @@ class StudyRegime:
 #: The regimes notebook 04 offers. ``kv-bound`` (the default): ShareGPT's conversational lengths
 #: scaled to a 1024-token context, a KV cache of a few dozen such requests, and a rate past what
 #: vLLM's scheduler serves without preempting on the one-thread CPU engine (simulated with the
-#: engine's fitted step times, vLLM preempts about a third of the requests). ``light-load``: Alpaca's short answers on a large cache at a moderate rate (both schedulers
-#: serve alike, nothing is preempted).
+#: engine's fitted step times, vLLM preempts about a third of the requests). ``light-load``:
+#: Alpaca's short answers on a large cache at a moderate rate (both schedulers serve alike,
+#: nothing is preempted).
 REGIMES: dict[str, StudyRegime] = {
     "kv-bound": StudyRegime("sharegpt", num_requests=160, rate_rps=3.0, kv_cache_tokens=2048, max_model_len=1024,
                             length_scale=0.5, description="ShareGPT lengths x0.5, 2048-token KV cache"),
@@ -104,7 +105,8 @@ def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str =
 
     ``predictor``: ``train`` (default) = the dataset's own predictor, trained as notebook 03 trains
     it (quick profile: the dataset's training part, cached under ``cache_dir/predictors``), with
-    the trace drawn from the held-out part, so no request was seen in training; ``oracle`` = the
+    the trace drawn from the held-out part (requests that fit notebook 03's OPT-13B context before
+    scaling), so no request was seen in training; ``oracle`` = the
     true lengths; otherwise a saved model directory (notebook 02's), the trace drawn from the
     whole dataset.
     """
