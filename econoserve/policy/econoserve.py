@@ -398,16 +398,14 @@ class EconoServePolicy(Policy):
             return cached
         cfg = self.config
         room = self.limits.max_model_len - request.num_prompt_tokens
-        predicted = self._allocation_length_tokens(request)
-        if cached is None or predicted is not None:
-            if predicted is None:
-                predicted = request.predicted_output_tokens
-            if predicted is None:
-                predicted = cfg.fallback_output_tokens or room
+        conditional = self._allocation_length_tokens(request)
+        if cached is not None and conditional is None:  # outgrew its allocation: one more bucket
+            tokens = generated + cfg.rl_bucket
+        else:
+            predicted = next((p for p in (conditional, request.predicted_output_tokens) if p is not None),
+                             cfg.fallback_output_tokens or room)
             padded = max(1, -int(-predicted * (1.0 + cfg.rl_padding) // 1))
             tokens = cfg.rl_bucket * -(-padded // cfg.rl_bucket)
-        else:  # outgrew its allocation: one more bucket beyond what it has generated
-            tokens = generated + cfg.rl_bucket
         tokens = max(min(tokens, room), generated + 1)
         self._allocated_output_tokens[rid] = tokens
         return tokens
