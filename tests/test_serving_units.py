@@ -236,6 +236,34 @@ def test_scaled_lengths_fit_the_context_and_keep_their_order():
         scale_lengths(Trace.from_frame(frame), 0, max_model_len=1024)
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_study_trace_with_a_trained_predictor_draws_only_held_out_requests(tmp_path):
+    """Notebook 04's default trace: the dataset's own predictor, trained on the training part,
+    and requests only from the held-out part, each predicted by that model, scaled to the
+    engine; built twice, it is the same trace (the second time from the cached model)."""
+    from econoserve.experiments import PredictorTraining, ensure_predictor, make_plan, request_pool
+    from econoserve.serving.study import StudyRegime, study_trace
+    from econoserve.workload.datasets import load_requests
+
+    training = PredictorTraining(max_train=200, num_boost_round=5)
+    setting = StudyRegime("alpaca", num_requests=60, rate_rps=2.0, kv_cache_tokens=8192, max_model_len=2048)
+    trace = study_trace(setting, predictor="train", tokenizer="gpt2", cache_dir=tmp_path, training=training)
+    requests = trace.requests
+    plan = make_plan("quick", datasets=["alpaca"], predictor="train", num_requests=60, sensitivity=False,
+                     tokenizer="gpt2", predictor_training=training)
+    held_out = set(request_pool("alpaca", plan, plan.deployments[0], with_text=True)["prompt_text"])
+    everything = set(load_requests("alpaca", "gpt2")["prompt_text"])
+    assert len(requests) == 60 and set(requests["prompt_text"]) <= held_out < everything
+    model = ensure_predictor(plan, "alpaca", tmp_path)
+    room = 2048 - requests["prompt_tokens"].to_numpy()
+    expected = np.minimum(model.predict(requests["prompt_text"].tolist()), room)
+    assert np.array_equal(requests["predicted_output_tokens"].to_numpy(), expected)
+    assert (requests["prompt_tokens"] + requests["output_tokens"] <= 2048).all()
+    again = study_trace(setting, predictor="train", tokenizer="gpt2", cache_dir=tmp_path, training=training)
+    pd.testing.assert_frame_equal(again.requests, requests)
+
+
 def test_rounds_are_compared_side_by_side_and_the_median_round_is_kept(tmp_path):
     """Each round's ratio is taken against the first scheduler of the *same* round, so a round
     that ran slow for everyone does not move the ratios; the kept round is the median one."""

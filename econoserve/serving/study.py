@@ -98,7 +98,7 @@ def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
 
 
 def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str = "llama2", seed: int = 0,
-                cache_dir: str | Path = "results/04_vllm_serving") -> Trace:
+                cache_dir: str | Path = "results/04_vllm_serving", training=None) -> Trace:
     """The study's trace: ``setting.num_requests`` requests of ``setting.dataset`` with seeded
     Poisson arrivals at ``setting.rate_rps``, predicted lengths, and lengths scaled to the engine
     (:func:`scale_lengths`).
@@ -108,15 +108,17 @@ def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str =
     the trace drawn from the held-out part (requests that fit notebook 03's OPT-13B context before
     scaling), so no request was seen in training; ``oracle`` = the
     true lengths; otherwise a saved model directory (notebook 02's), the trace drawn from the
-    whole dataset.
+    whole dataset. ``training``: the trained predictor's
+    :class:`~econoserve.experiments.PredictorTraining` (``None`` = notebook 03's quick default).
     """
     if predictor == "train":
         from econoserve.experiments.plan import make_plan
         from econoserve.experiments.predictors import predict_lengths
         from econoserve.experiments.workloads import at_rate, request_pool, unit_rate_trace
 
+        extra = {} if training is None else {"predictor_training": training}
         plan = make_plan("quick", datasets=[setting.dataset], predictor="train", num_requests=setting.num_requests,
-                         seed=seed, sensitivity=False, tokenizer=tokenizer)
+                         seed=seed, sensitivity=False, tokenizer=tokenizer, **extra)
         pool = request_pool(setting.dataset, plan, plan.deployments[0], with_text=True)
         trace = at_rate(unit_rate_trace(pool, setting.dataset, setting.num_requests, seed), setting.rate_rps)
         trace = predict_lengths(plan, setting.dataset, trace, cache_dir)
