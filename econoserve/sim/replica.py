@@ -353,7 +353,7 @@ class Replica:
             self._finish(finished, end)
         if self.config.check_invariants:
             check_step(policy, now, end)
-        if finished:
+        if finished or refined:  # an event: the policy decides again before any bulk stretch
             return end
         if self.config.skip_ahead and decision.num_prefill_tokens == 0 and policy.running and end < next_arrival_s:
             return self._skip_ahead(decision, end, next_arrival_s)
