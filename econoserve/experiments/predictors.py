@@ -30,11 +30,23 @@ def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Pa
     return Path(output_dir) / "predictors" / f"{dataset}-{plan.tokenizer}-{digest}"
 
 
+def load_cached(directory: Path, load):
+    """The model ``load`` reads from ``directory``, or ``None`` when there is none or it is stale
+    or torn (:class:`~econoserve.errors.PredictorError`: train again)."""
+    from econoserve.errors import PredictorError
+
+    if not (directory / "metadata.json").is_file():
+        return None
+    try:
+        return load(directory)
+    except PredictorError:
+        return None
+
+
 def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, objective: str = "regression"):
     """The per-dataset predictor of ``predictor="train"`` with ``objective``: loaded from the
     cache, else trained on the dataset's training part (capped at ``max_train`` prompts) and
     saved there."""
-    from econoserve.errors import PredictorError
     from econoserve.predictor import (
         LengthPredictor,
         PredictorConfig,
@@ -44,11 +56,9 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     )
 
     directory = predictor_directory(plan, dataset, output_dir, objective)
-    if (directory / "metadata.json").is_file():
-        try:
-            return LengthPredictor.load(directory)
-        except PredictorError:
-            pass  # stale or torn: train again
+    cached = load_cached(directory, LengthPredictor.load)
+    if cached is not None:
+        return cached
     training = plan.predictor_training
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
@@ -98,7 +108,6 @@ def ensure_refined_predictor(plan: ExperimentPlan, dataset: str, output_dir: str
     ``prefix_tokens`` tokens: loaded from the cache, else trained on the same training
     part as the prompt-only model of :func:`ensure_predictor` (which it extends; all of it by
     default, :class:`~econoserve.predictor.refine.RefinedConfig`) and saved."""
-    from econoserve.errors import PredictorError
     from econoserve.predictor import SplitSpec
     from econoserve.predictor.data import _split_rows, sample_rows
     from econoserve.predictor.refine import RefinedConfig, RefinedLengthPredictor, train_refined_predictor
@@ -106,11 +115,9 @@ def ensure_refined_predictor(plan: ExperimentPlan, dataset: str, output_dir: str
 
     config = RefinedConfig(prefix_tokens)
     directory = refined_directory(plan, dataset, output_dir, config)
-    if (directory / "metadata.json").is_file():
-        try:
-            return RefinedLengthPredictor.load(directory)
-        except PredictorError:
-            pass  # stale or torn: train again
+    cached = load_cached(directory, RefinedLengthPredictor.load)
+    if cached is not None:
+        return cached
     base = ensure_predictor(plan, dataset, output_dir)
     training = plan.predictor_training
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
@@ -151,7 +158,6 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
     ``source_index`` and ``prompt_text``): fold ``k``'s model is trained on every request of the
     dataset in the other folds (capped at ``max_train``) and cached under the predictor directory
     as ``fold-k``."""
-    from econoserve.errors import PredictorError
     from econoserve.predictor import (
         LabeledPrompts,
         LengthPredictor,
@@ -175,12 +181,7 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
         if not rows.size:
             continue
         directory = base / f"fold-{k}"
-        model = None
-        if (directory / "metadata.json").is_file():
-            try:
-                model = LengthPredictor.load(directory)
-            except PredictorError:
-                model = None
+        model = load_cached(directory, LengthPredictor.load)
         if model is None:
             train_rows = everything[fold != k]
             data = LabeledPrompts(

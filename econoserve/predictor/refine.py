@@ -41,12 +41,10 @@ import scipy.sparse as sp
 from econoserve import __version__
 from econoserve.errors import PredictorError
 from econoserve.predictor.features import FeatureConfig, PromptFeaturizer
-from econoserve.predictor.model import LengthPredictor
+from econoserve.predictor.model import METADATA_FILE, MODEL_FILE, LengthPredictor, write_model_directory
 from econoserve.workload.registry import file_sha256
 
 FORMAT_VERSION = 1
-MODEL_FILE = "model.txt"
-METADATA_FILE = "metadata.json"
 BASE_DIRECTORY = "base"
 
 #: Cues read in the response prefix: name -> case-insensitive, multi-line regular expression
@@ -158,15 +156,8 @@ class RefinedLengthPredictor:
 
     def save(self, directory: str | Path) -> Path:
         """Write the model directory (see the module docstring); returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.base.save(directory / BASE_DIRECTORY)
-        self.booster.save_model(str(directory / MODEL_FILE))
-        files = [MODEL_FILE, *self.prefix_featurizer.save(directory)]
-        metadata = self.metadata()
-        metadata["files"] = {name: file_sha256(directory / name) for name in files}
-        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        return directory
+        self.base.save(Path(directory) / BASE_DIRECTORY)
+        return write_model_directory(directory, self.booster, self.prefix_featurizer, self.metadata())
 
     @classmethod
     def load(cls, directory: str | Path) -> "RefinedLengthPredictor":
