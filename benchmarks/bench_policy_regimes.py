@@ -15,7 +15,10 @@ Alpaca; QMSum; the Azure 2023 conversation and code traces with their real times
 dataset has text (the per-dataset LightGBM model of notebook 03, trained on the training part and
 cached under ``results/policy_regimes/predictors/``; QMSum cross-fitted), the true lengths
 perturbed by +-50 % where it has none (Azure), and the true lengths (``econoserve-oracle``)
-everywhere. With ``--distribution`` the traces also carry the predicted length distribution
+everywhere. A scheduler spec with ``refine=K`` (e.g. ``econoserve[refine=32]``) runs on the same
+requests with the *refined* prediction (:mod:`econoserve.predictor.refine`: prompt + the response's
+first K tokens, trained on the same training part, cached beside the point model), which the
+simulator hands the policy once a request has generated K tokens. With ``--distribution`` the traces also carry the predicted length distribution
 (``predicted_output_quantiles``: 16 equally likely lengths) for EconoServe's
 ``ordering_length`` / ``allocation_length`` / ``reserve_rule`` knobs: from the dataset's
 classification model (50-token buckets, trained on the same prompts, cached beside the point
@@ -52,6 +55,9 @@ ECONOSERVE_MAIN: tuple[str, ...] = ("econoserve", "econoserve-oracle")
 ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no-ordering",
                                          "econoserve-no-syncdecoupled")
 GOODPUT_TOLERANCE = 0.02
+#: Scheduler-spec option (not a policy knob): run on traces with refined predictions after this
+#: many generated tokens, e.g. ``econoserve[refine=32]``.
+REFINE_OPTION = "refine"
 
 
 @dataclass(frozen=True)
@@ -98,20 +104,29 @@ def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...]):
 
 
 def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
-                     distribution: bool = False) -> dict[int, object]:
+                     distribution: bool = False, refine: int | None = None) -> dict[int, object]:
     """One trace per seed at a mean rate of 1 request/s, with ``predicted_output_tokens`` and,
     with ``distribution``, ``predicted_output_quantiles`` (trained: the dataset's classification
-    model; perturbed: the two lengths the perturbation can have come from; cross-fitted: none)."""
+    model; perturbed: the two lengths the perturbation can have come from; cross-fitted: none);
+    with ``refine = k`` [tokens] also the refined prediction after ``k`` generated tokens
+    (``refined_output_tokens``, ``refine_after_tokens``; the same requests and arrivals)."""
     import econoserve.experiments as ex
+    from econoserve.errors import UserError
 
     plan = _plan(regime, num_requests, seeds)
     deployment = plan.deployments[0]
+    cross_fit = regime.arrival != "replay" and ex.uses_cross_fit(plan, regime.dataset, deployment)
+    if refine is not None and (regime.arrival == "replay" or cross_fit):
+        raise UserError(f"{regime.name}: refine needs a trained (not cross-fitted) predictor and response text")
     if regime.arrival == "replay":
         return {seed: _replay_trace(regime, plan, deployment, num_requests, seed, distribution) for seed in seeds}
-    cross_fit = ex.uses_cross_fit(plan, regime.dataset, deployment)
-    pool = ex.request_pool(regime.dataset, plan, deployment, with_text=True, held_out=False if cross_fit else None)
+    pool = ex.request_pool(regime.dataset, plan, deployment, with_text=True, held_out=False if cross_fit else None,
+                           with_responses=refine is not None)
     if cross_fit:
         pool["predicted_output_tokens"] = ex.cross_fit_predictions(plan, regime.dataset, pool, CACHE)
+    if refine is not None:
+        pool["refined_output_tokens"] = ex.refined_predictions(plan, regime.dataset, pool, CACHE, refine)
+        pool["refine_after_tokens"] = refine
     traces = {}
     for seed in seeds:
         trace = ex.unit_rate_trace(pool, regime.dataset, num_requests, seed, {"regime": regime.name})
@@ -177,11 +192,13 @@ def parse_scheduler(spec: str) -> tuple[str, dict[str, object]]:
 
 def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: bool = False) -> dict:
     """One simulation of ``trace`` at ``rate`` [req/s] by ``scheduler`` (see
-    :func:`parse_scheduler`); the summary (+ step diagnostics)."""
+    :func:`parse_scheduler`; its ``refine`` option chose the trace, see :func:`score_regime`);
+    the summary (+ step diagnostics)."""
     from econoserve.experiments import at_rate
     from econoserve.sim import SimulationConfig, simulate
 
     name, options = parse_scheduler(scheduler)
+    options.pop(REFINE_OPTION, None)
     config = SimulationConfig(scheduler=name, policy_config=options, model=regime.model, gpu=regime.gpu, seed=seed,
                               predictions="trace")
     result = simulate(at_rate(trace, rate), config)
@@ -234,25 +251,42 @@ def burst_throughput(trace, regime: Regime, seed: int) -> float:
     return float(run(trace, regime, "sarathi", 1e6, seed)["throughput_rps"])
 
 
+def refine_of(scheduler: str) -> int | None:
+    """The scheduler spec's ``refine`` option: refined predictions after that many tokens."""
+    value = parse_scheduler(scheduler)[1].get(REFINE_OPTION)
+    return None if value is None else int(value)
+
+
 def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int, seeds: tuple[int, ...],
                  progress, distribution: bool = False) -> pd.DataFrame:
+    """Every scheduler's goodput and diagnostics in ``regime``; a scheduler with the ``refine=k``
+    option runs on the same traces with refined predictions after ``k`` tokens."""
+    refines = sorted({k for k in map(refine_of, schedulers) if k is not None})
     traces = unit_rate_traces(regime, num_requests, seeds, distribution)
+    refined = {k: unit_rate_traces(regime, num_requests, seeds, distribution, refine=k) for k in refines}
     rows = []
-    for seed, trace in traces.items():
+    for seed, plain in traces.items():
+        def trace_for(scheduler: str):
+            k = refine_of(scheduler)
+            return plain if k is None else refined[k][seed]
+
+        trace = plain
         guess = 0.8 * burst_throughput(trace, regime, seed)
         found: dict[str, float] = {}
         for scheduler in schedulers:
             start = time.perf_counter()
-            rate, runs = goodput(trace, regime, scheduler, seed, found.get("sarathi", guess))
+            rate, runs = goodput(trace_for(scheduler), regime, scheduler, seed, found.get("sarathi", guess))
             found[scheduler] = rate
             progress(f"{regime.name} seed {seed} {scheduler}: goodput {rate:.3g} req/s ({runs} runs, "
                      f"{time.perf_counter() - start:.0f} s)")
         best = max(BASELINES, key=lambda s: found.get(s, -1.0))
         for scheduler in schedulers:
-            at = run(trace, regime, scheduler, found[best], seed, tables=True)
+            at = run(trace_for(scheduler), regime, scheduler, found[best], seed, tables=True)
+            k = refine_of(scheduler)
             rows.append({
                 "regime": regime.name, "seed": seed, "scheduler": scheduler, "kv_bound": regime.kv_bound,
-                "predictions": regime.predictions if scheduler != "econoserve-oracle" else "oracle",
+                "predictions": ("oracle" if scheduler == "econoserve-oracle"
+                                else regime.predictions + ("" if k is None else f", refined after {k} tokens")),
                 "goodput_rps": found[scheduler], "best_baseline": best, "reference_rate_rps": found[best],
                 "slo_attainment": at["slo_attainment"], "mean_jct_s": at["mean_jct_s"], "p99_jct_s": at["p99_jct_s"],
                 "preempted_fraction": at["preempted_fraction"],
@@ -333,7 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--regimes", nargs="+", choices=[r.name for r in REGIMES], help="regimes to score")
     parser.add_argument("--schedulers", nargs="+",
                         help="schedulers to score (default: baselines + EconoServe variants); a name may carry "
-                             "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]'")
+                             "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]', and "
+                             "'refine=K': the same requests with the prediction refined after K generated tokens "
+                             "from the response so far (trained regimes only), e.g. 'econoserve[refine=32]'")
     parser.add_argument("--output", default="policy_regimes",
                         help="file stem of the tables under benchmarks/results/ (default policy_regimes)")
     parser.add_argument("--distribution", action="store_true",

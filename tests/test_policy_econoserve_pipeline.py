@@ -244,3 +244,26 @@ def test_allocation_from_the_mean_of_the_lengths_a_request_can_still_have(alloca
     assert policy.allocated_output_tokens(request) == outgrown
     request.num_output_tokens = 120  # outlived every point: one more bucket either way
     assert policy.allocated_output_tokens(request) == 120 + 16
+
+
+# --------------------------------------------------------------------- refined predictions
+def test_a_refined_prediction_resizes_the_allocation_and_frees_room_in_the_curve():
+    # 10 blocks of 16. Request 0: prompt 16, predicted 96 -> its term peaks at 111 tokens = 7
+    # blocks; request 1 (the same) would take the peak to 14 > 10 blocks: refused. Refined to 8
+    # after 5 tokens, request 0's allocation is one bucket (16 tokens; peak 31 tokens = 2 blocks),
+    # and request 1 starts at the next step.
+    policy = _policy(10)
+    first = _add(policy, 0, 16, 96)
+    true_output = {0: 20, 1: 30}
+    while first.num_output_tokens < 4:
+        step(policy, true_output, check_invariants=True)
+    assert policy.allocated_output_tokens(first) == 96
+    second = _add(policy, 1, 16, 96)
+    step(policy, true_output, check_invariants=True)
+    assert policy.pt_queue() == [second]
+    policy.refine_prediction(first, 8)
+    assert (first.predicted_output_tokens, first.refined_after_tokens) == (8, 5)
+    assert policy.allocated_output_tokens(first) == 16
+    step(policy, true_output, check_invariants=True)
+    assert policy.pt_queue() == [] and second.num_output_tokens == 1  # its prompt ran in this step
+    assert _run(policy, true_output) == []

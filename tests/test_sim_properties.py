@@ -176,3 +176,51 @@ def test_every_policy_keeps_within_the_executors_caps(name, workload, token_cap,
     assert (iterations["num_prefill_tokens"] + iterations["num_decode_tokens"] <= token_cap).all()
     assert (iterations["num_running"] <= seq_cap).all()
     assert (iterations["token_budget"] <= token_cap).all()
+
+
+@pytest.mark.parametrize("options", ({}, ECONOSERVE_VARIANTS[0], ECONOSERVE_VARIANTS[2]),
+                         ids=("default", "overbooking", "curve"))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=workloads(), k=st.integers(1, 40), data=st.data())
+def test_refined_predictions_swap_once_at_k_and_keep_the_invariants(options, workload, k, data):
+    """With refined predictions in the trace, the policy gets each one exactly once, in the step
+    in which the request generated its k-th token and did not finish (never for a request of at
+    most k tokens); KV is never over-committed; every request finishes once; skip-ahead changes
+    nothing."""
+    from econoserve.policy.base import Policy
+
+    trace, block_size, num_kv_blocks, budget = workload
+    refined = data.draw(st.lists(st.integers(1, 300), min_size=len(trace), max_size=len(trace)))
+    trace = trace.with_refinements(refined, k)
+    config = _config("econoserve", block_size, num_kv_blocks, budget)
+    config = SimulationConfig(**{**config.to_dict(), "policy_config": {**config.policy_config, **options}})
+    calls: list[tuple[int, int, int]] = []
+    original = Policy.refine_prediction
+
+    def spy(policy, request, predicted):
+        calls.append((request.request_id, request.num_output_tokens, predicted))
+        original(policy, request, predicted)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Policy, "refine_prediction", spy)
+        result = simulate(trace, config)
+        stepwise = simulate(trace, SimulationConfig(**{**config.to_dict(), "skip_ahead": False}))
+    requests, iterations = result.requests, result.iterations
+    finished = requests["status"] == "finished"
+    assert (finished ^ (requests["status"] == "rejected")).all()
+    assert (requests.loc[finished, "generated_tokens"] == requests.loc[finished, "output_tokens"]).all()
+    if len(iterations):
+        assert (iterations["kv_blocks_allocated"] <= iterations["kv_blocks_capacity"]).all()
+    pd.testing.assert_frame_equal(requests, stepwise.requests)
+
+    first_run = calls[:len(calls) // 2]
+    assert first_run == calls[len(calls) // 2:]  # the stepwise run refines the same, in the same order
+    by_id = {rid: (generated, predicted) for rid, generated, predicted in first_run}
+    assert len(by_id) == len(first_run)  # at most once per request
+    source = trace.requests.set_index("request_id")
+    longer = source.index[source["output_tokens"] > k]
+    done = set(requests.loc[finished, "request_id"])
+    assert set(by_id) <= set(longer)
+    assert set(longer) & done <= set(by_id)  # every finished request longer than k was refined
+    for rid, (generated, predicted) in by_id.items():
+        assert generated == k and predicted == source.loc[rid, "refined_output_tokens"]

@@ -31,6 +31,8 @@ def test_round_trip_keeps_rows_dtypes_and_metadata(tmp_path):
     frame["prompt_text"] = [f"prompt {i}" for i in range(len(frame))]
     frame["predicted_output_tokens"] = [7, 8, 9, 10, 11]
     frame["predicted_output_quantiles"] = [(1, 7, 20)] * 5
+    frame["refine_after_tokens"] = 2
+    frame["refined_output_tokens"] = [3, 9, 9, 14, 12]
     trace = Trace.from_frame(frame, {"seed": 3, "note": "unit"})
     loaded = Trace.read(trace.write(tmp_path / "t.parquet"))
     pd.testing.assert_frame_equal(loaded.requests, trace.requests)
@@ -147,3 +149,16 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert run.stderr.strip().splitlines() == [
         f"econoserve: error: {path}: record 0 (request_id=0): output_tokens is 0; must be > 0 (4 more such record(s))"
     ]
+
+
+def test_refinement_columns_go_together():
+    frame = good_frame()
+    frame["refined_output_tokens"] = 4
+    with pytest.raises(TraceError, match="go together"):
+        Trace.from_frame(frame)
+    frame["refine_after_tokens"] = 2
+    assert Trace.from_frame(frame).has_refinements
+    assert not Trace.from_frame(good_frame()).has_refinements
+    frame["refine_after_tokens"] = 0
+    with pytest.raises(TraceError, match="refine_after_tokens is 0"):
+        Trace.from_frame(frame)

@@ -30,11 +30,23 @@ def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Pa
     return Path(output_dir) / "predictors" / f"{dataset}-{plan.tokenizer}-{digest}"
 
 
+def load_cached(directory: Path, load):
+    """The model ``load`` reads from ``directory``, or ``None`` when there is none or it is stale
+    or torn (:class:`~econoserve.errors.PredictorError`: train again)."""
+    from econoserve.errors import PredictorError
+
+    if not (directory / "metadata.json").is_file():
+        return None
+    try:
+        return load(directory)
+    except PredictorError:
+        return None
+
+
 def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, objective: str = "regression"):
     """The per-dataset predictor of ``predictor="train"`` with ``objective``: loaded from the
     cache, else trained on the dataset's training part (capped at ``max_train`` prompts) and
     saved there."""
-    from econoserve.errors import PredictorError
     from econoserve.predictor import (
         LengthPredictor,
         PredictorConfig,
@@ -44,11 +56,9 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     )
 
     directory = predictor_directory(plan, dataset, output_dir, objective)
-    if (directory / "metadata.json").is_file():
-        try:
-            return LengthPredictor.load(directory)
-        except PredictorError:
-            pass  # stale or torn: train again
+    cached = load_cached(directory, LengthPredictor.load)
+    if cached is not None:
+        return cached
     training = plan.predictor_training
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
@@ -85,6 +95,53 @@ def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir
     return annotated.with_predictions(annotated.requests["predicted_output_tokens"].to_numpy(np.int64), quantiles)
 
 
+def refined_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Path, config) -> Path:
+    """Where the refined predictor of ``config`` (:class:`~econoserve.predictor.refine.RefinedConfig`)
+    is cached: beside the prompt-only model it extends, keyed by ``config``."""
+    base = predictor_directory(plan, dataset, output_dir)
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+    return base.with_name(f"{base.name}-refine{config.prefix_tokens}-{digest}")
+
+
+def ensure_refined_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, prefix_tokens: int):
+    """The refined predictor (:mod:`econoserve.predictor.refine`) of ``dataset`` after
+    ``prefix_tokens`` tokens: loaded from the cache, else trained on the same training
+    part as the prompt-only model of :func:`ensure_predictor` (which it extends; all of it by
+    default, :class:`~econoserve.predictor.refine.RefinedConfig`) and saved."""
+    from econoserve.predictor import SplitSpec
+    from econoserve.predictor.data import _split_rows, sample_rows
+    from econoserve.predictor.refine import RefinedConfig, RefinedLengthPredictor, train_refined_predictor
+    from econoserve.workload.datasets import load_requests
+
+    config = RefinedConfig(prefix_tokens)
+    directory = refined_directory(plan, dataset, output_dir, config)
+    cached = load_cached(directory, RefinedLengthPredictor.load)
+    if cached is not None:
+        return cached
+    base = ensure_predictor(plan, dataset, output_dir)
+    training = plan.predictor_training
+    split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
+    requests = load_requests(dataset, plan.tokenizer)
+    if "response_text" not in requests.columns:
+        raise UserError(f"{dataset} has no response text: the refined predictor needs it")
+    requests = requests.iloc[_split_rows(requests["source_index"].to_numpy(), "train", split)]
+    requests = requests.iloc[sample_rows(len(requests), config.max_train_requests, training.split_seed)]
+    model = train_refined_predictor(base, requests["prompt_text"].tolist(), requests["response_text"].tolist(),
+                                    requests["output_tokens"].to_numpy(np.int64), config,
+                                    {"dataset": dataset, "part": "train", "split": asdict(split)})
+    model.save(directory)
+    return model
+
+
+def refined_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, output_dir: str | Path,
+                        prefix_tokens: int) -> np.ndarray:
+    """The refined predicted length [tokens] of every row of ``pool`` (columns ``prompt_text``
+    and ``response_text``) after ``prefix_tokens`` tokens (the trace column
+    ``refined_output_tokens``; only used for requests longer than ``prefix_tokens``)."""
+    model = ensure_refined_predictor(plan, dataset, output_dir, prefix_tokens)
+    return model.predict(pool["prompt_text"].tolist(), pool["response_text"].tolist())
+
+
 def cross_fit_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold (0 .. ``folds`` - 1) of each row: whole source records are assigned to folds by a
     seeded permutation, round robin, so every fold holds about the same number of records."""
@@ -101,7 +158,6 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
     ``source_index`` and ``prompt_text``): fold ``k``'s model is trained on every request of the
     dataset in the other folds (capped at ``max_train``) and cached under the predictor directory
     as ``fold-k``."""
-    from econoserve.errors import PredictorError
     from econoserve.predictor import (
         LabeledPrompts,
         LengthPredictor,
@@ -125,12 +181,7 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
         if not rows.size:
             continue
         directory = base / f"fold-{k}"
-        model = None
-        if (directory / "metadata.json").is_file():
-            try:
-                model = LengthPredictor.load(directory)
-            except PredictorError:
-                model = None
+        model = load_cached(directory, LengthPredictor.load)
         if model is None:
             train_rows = everything[fold != k]
             data = LabeledPrompts(

@@ -19,9 +19,10 @@ from econoserve.workload.trace import Trace
 
 
 def request_pool(dataset: str, plan: ExperimentPlan, deployment: DeploymentSpec, with_text: bool,
-                 held_out: bool | None = None) -> pd.DataFrame:
+                 held_out: bool | None = None, with_responses: bool = False) -> pd.DataFrame:
     """The requests a trace of ``dataset`` samples from (see "Request pools" in the module
-    docstring): columns ``source_index``, ``prompt_tokens``, ``output_tokens`` (+ ``prompt_text``).
+    docstring): columns ``source_index``, ``prompt_tokens``, ``output_tokens`` (+ ``prompt_text``,
+    and with ``with_responses`` ``response_text``, where the dataset has text).
     ``held_out``: only the held-out part (default: when the plan trains a predictor)."""
     from econoserve.workload.datasets import load_requests
 
@@ -39,6 +40,8 @@ def request_pool(dataset: str, plan: ExperimentPlan, deployment: DeploymentSpec,
     columns = ["source_index", "prompt_tokens", "output_tokens"]
     if with_text and "prompt_text" in requests.columns:
         columns.append("prompt_text")
+    if with_responses and "response_text" in requests.columns:
+        columns.append("response_text")
     if requests.empty:
         raise UserError(f"{dataset}: no request fits {deployment.name}'s context of {deployment.max_model_len()} tokens")
     return requests[columns].reset_index(drop=True)
@@ -64,8 +67,9 @@ def unit_rate_trace(pool: pd.DataFrame, dataset: str, num_requests: int, seed: i
     )
     if "prompt_text" in chosen.columns:
         frame["prompt_text"] = chosen["prompt_text"].to_numpy()
-    if "predicted_output_tokens" in chosen.columns:
-        frame["predicted_output_tokens"] = chosen["predicted_output_tokens"].to_numpy(np.int64)
+    for column in ("predicted_output_tokens", "refined_output_tokens", "refine_after_tokens"):
+        if column in chosen.columns:
+            frame[column] = chosen[column].to_numpy(np.int64)
     meta = {
         "spec": {"dataset": dataset, "num_requests": num_requests, "arrival": "poisson", "rate_rps": 1.0,
                  "seed": seed, "pool_size": len(pool), "sampled_with_replacement": replace_draw},

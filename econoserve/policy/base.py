@@ -182,6 +182,20 @@ class Policy(ABC):
         if done:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
 
+    def refine_prediction(self, request: Request, predicted_output_tokens: int) -> None:
+        """The executor's refined prediction [tokens] for an unfinished ``request`` (from its
+        prompt and the tokens generated so far; see :mod:`econoserve.predictor.refine`): it
+        replaces ``predicted_output_tokens`` (and drops ``predicted_output_quantiles``, which
+        belonged to the prompt-only prediction), and the policy re-sizes what it derived from
+        the old one (:meth:`_on_prediction_refined`). The one way a prediction changes."""
+        request.predicted_output_tokens = predicted_output_tokens
+        request.predicted_output_quantiles = None
+        request.refined_after_tokens = request.num_output_tokens
+        self._on_prediction_refined(request)
+
+    def _on_prediction_refined(self, request: Request) -> None:
+        """Re-derive what the policy computed from ``request``'s old prediction (nothing here)."""
+
     def abort_request(self, request: Request) -> None:
         """Drop ``request`` for good (a client abort): out of every queue, its KV and reservations
         released. A policy with queues beyond ``waiting`` and ``running`` overrides this."""

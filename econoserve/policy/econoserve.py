@@ -531,6 +531,25 @@ class EconoServePolicy(Policy):
         self._forget(request)
         self._event = True
 
+    def _on_prediction_refined(self, request: Request) -> None:
+        """A refined prediction (see :meth:`Policy.refine_prediction`): the allocation ``A`` is
+        re-sized from it, and with ``A`` the request's occupancy-curve term, its allocation target
+        (where growth starts to count as a misprediction) and its GT key; a queued request is
+        re-sorted; the next step re-runs admission (a shorter ``A`` frees room in the curve). KV
+        already held or reserved is kept (growth still takes it from the cache's pools)."""
+        rid = request.request_id
+        self._allocated_output_tokens.pop(rid, None)
+        if rid in self._allocation_target:
+            self._allocation_target[rid] = self.exact_allocation_tokens(request)
+        for queue, push in ((self._gt_queue, self._push_gt), (self._pt_queue, self._push_pt)):
+            index = next((i for i, entry in enumerate(queue) if entry[2].request_id == rid), None)
+            if index is not None:
+                del queue[index]
+                push(request)
+        if rid in self._gt_key and rid in self._generating:
+            self._gt_key[rid] = self.gt_key(request)
+        self._event = True
+
     def _forget(self, request: Request) -> None:
         rid = request.request_id
         self._generating.discard(rid)

@@ -12,7 +12,8 @@ Preemption by recompute (vLLM's default) frees the request's KV and resets
 ``num_computed_tokens`` to 0; its next prefill recomputes the prompt *and* the tokens already
 generated (``num_tokens`` of them), then sampling continues where it stopped.
 
-A policy sees ``predicted_output_tokens`` (a predictor's guess, or ``None``), optionally its
+A policy sees ``predicted_output_tokens`` (a predictor's guess, or ``None``; the executor may
+refine it once from the tokens generated so far), optionally its
 ``predicted_output_quantiles`` (the predicted distribution), and never the true
 response length: only the executor (simulator or real engine) knows when a request stops.
 """
@@ -51,6 +52,10 @@ class Request:
     predicted_output_quantiles:
         The predicted distribution of the response length as ``K`` equally likely lengths
         [tokens] (the ``(i + 0.5) / K`` quantiles, sorted), or ``None`` (a point prediction only).
+    refined_after_tokens:
+        Tokens generated when the executor refined ``predicted_output_tokens`` from the tokens
+        so far (:meth:`~econoserve.policy.Policy.refine_prediction`), or ``None`` (the
+        prompt-only prediction).
     num_output_tokens:
         Tokens generated so far [tokens].
     num_computed_tokens:
@@ -72,6 +77,7 @@ class Request:
         "num_prompt_tokens",
         "predicted_output_tokens",
         "predicted_output_quantiles",
+        "refined_after_tokens",
         "num_output_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -96,6 +102,7 @@ class Request:
         self.num_prompt_tokens = num_prompt_tokens
         self.predicted_output_tokens = predicted_output_tokens
         self.predicted_output_quantiles = predicted_output_quantiles
+        self.refined_after_tokens: int | None = None
         self.num_output_tokens = 0
         self.num_computed_tokens = 0
         self.num_preemptions = 0

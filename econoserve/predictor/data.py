@@ -121,10 +121,7 @@ class LabeledPrompts:
         """A seeded random sample of ``size`` rows (all rows, in order, when ``size`` is None)."""
         if size is None or size >= len(self):
             return self
-        if size < 1:
-            raise PredictorError(f"sample size must be >= 1, got {size}")
-        chosen = np.sort(np.random.default_rng(seed).choice(len(self), size=size, replace=False))
-        return self.subset(chosen)
+        return self.subset(sample_rows(len(self), size, seed))
 
     def table_sha256(self, label: str) -> str:
         """sha256 of exactly what a model is trained on: prompts (or token counts) and labels."""
@@ -137,6 +134,16 @@ class LabeledPrompts:
             digest.update(text.encode("utf-8", "surrogatepass"))
             digest.update(b"\0")
         return digest.hexdigest()
+
+
+def sample_rows(num_rows: int, size: int | None, seed: int = 0) -> np.ndarray:
+    """Row positions of a seeded random sample of ``size`` of ``num_rows`` rows, in order (all
+    rows when ``size`` is None or not smaller): the rule of :meth:`LabeledPrompts.sample`."""
+    if size is None or size >= num_rows:
+        return np.arange(num_rows)
+    if size < 1:
+        raise PredictorError(f"sample size must be >= 1, got {size}")
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))
 
 
 def default_label(dataset: str) -> str:

@@ -256,14 +256,7 @@ class LengthPredictor:
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> Path:
         """Write the model directory (see the module docstring); returns its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.booster.save_model(str(directory / MODEL_FILE))
-        files = [MODEL_FILE, *self.featurizer.save(directory)]
-        metadata = self.metadata()
-        metadata["files"] = {name: file_sha256(directory / name) for name in files}
-        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        return directory
+        return write_model_directory(directory, self.booster, self.featurizer, self.metadata())
 
     @classmethod
     def load(cls, directory: str | Path, tokenizer: Tokenizer | None = None) -> "LengthPredictor":
@@ -301,6 +294,19 @@ class LengthPredictor:
             num_classes=int(metadata["num_classes"]),
             metrics=metadata.get("metrics", {}),
         )
+
+
+def write_model_directory(directory: str | Path, booster: lgb.Booster, featurizer: PromptFeaturizer,
+                          metadata: dict[str, Any]) -> Path:
+    """Write ``booster`` (``model.txt``), ``featurizer``'s fitted state and ``metadata.json``
+    (``metadata`` plus the sha256 of every file written) into ``directory``; returns its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(directory / MODEL_FILE))
+    files = [MODEL_FILE, *featurizer.save(directory)]
+    metadata = {**metadata, "files": {name: file_sha256(directory / name) for name in files}}
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return directory
 
 
 _REQUIRED_METADATA = (

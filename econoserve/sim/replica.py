@@ -7,6 +7,14 @@ step asks the policy for a decision, charges the step's time from the latency mo
 request whose pending tokens were computed one output token, and ends a request at its *true*
 output length (the policy only ever sees the predicted one).
 
+**Refined predictions** (a trace with ``refined_output_tokens`` and ``refine_after_tokens``,
+predictions from the trace, colocated replicas): in the step in which a request generates its
+``k``-th token (``k = refine_after_tokens``) and does not finish, the replica hands the policy the
+refined prediction (:meth:`~econoserve.policy.Policy.refine_prediction`), as a real engine would
+after re-running the predictor on the output so far; once per request (the output count only
+grows, preemption included), never for a request of at most ``k`` tokens. Skip-ahead stops short
+of every such step.
+
 **Skip-ahead** (``skip_ahead``, on by default): after a decode-only step in which nothing was
 admitted, preempted or finished, the policy can promise that the next ``k`` steps decode exactly
 the same requests (:meth:`~econoserve.policy.Policy.steady_decode_steps`). The replica then
@@ -107,6 +115,15 @@ class RequestLedger:
             self._quantiles = self.trace.requests["predicted_output_quantiles"].tolist()
         return self._quantiles
 
+    def refinements(self, source: str) -> tuple[list[int], list[int]] | None:
+        """``(refine_after_tokens, refined_output_tokens)`` by row [tokens] (the trace's columns,
+        with source ``trace``), or ``None`` when there are none."""
+        if source != "trace" or not self.trace.has_refinements:
+            return None
+        frame = self.trace.requests
+        return (frame["refine_after_tokens"].to_numpy(np.int64).tolist(),
+                frame["refined_output_tokens"].to_numpy(np.int64).tolist())
+
     def reject(self, row: int, reason: str) -> None:
         self.reasons[row] = reason
         self.num_done += 1
@@ -157,6 +174,8 @@ class Replica:
         self.role = config.role
         # a disaggregated replica sees shifted point predictions only
         self.predicted_quantiles = ledger.quantiles(source) if self.role == "colocated" else [None] * ledger.num_requests
+        # refined predictions (colocated only): (generated tokens at which, refined length) by row
+        self.refinements = ledger.refinements(source) if self.role == "colocated" else None
         if self.role == "colocated":
             self.targets = ledger.output_tokens  # tokens each request produces here [tokens]
         elif self.role == "prefill":
@@ -307,6 +326,8 @@ class Replica:
         records_tokens = self.role != "prefill"
         sets_first_token = self.role != "decode"
         finished = []
+        refined = []
+        refine_at = self.refinements[0] if self.refinements is not None else None
         for request, num_new in zip(decision.scheduled, decision.num_scheduled_tokens):
             if request.num_computed_tokens + num_new == request.num_prompt_tokens + request.num_output_tokens:
                 i = request.index
@@ -322,13 +343,17 @@ class Replica:
                     ledger.first_token_time_s[i] = end
                 if produced == targets[i]:
                     finished.append(request)
+                elif refine_at is not None and produced == refine_at[i]:
+                    refined.append(request)
         policy.update_from_output(decision, finished)
+        for request in refined:  # what the real engine does by re-running the predictor on the output so far
+            policy.refine_prediction(request, self.refinements[1][request.index])
         self._record(now, duration, decision, shape, stats.wall_time_s - wall_before)
         if finished:
             self._finish(finished, end)
         if self.config.check_invariants:
             check_step(policy, now, end)
-        if finished:
+        if finished or refined:  # an event: the policy decides again before any bulk stretch
             return end
         if self.config.skip_ahead and decision.num_prefill_tokens == 0 and policy.running and end < next_arrival_s:
             return self._skip_ahead(decision, end, next_arrival_s)
@@ -410,6 +435,10 @@ class Replica:
         policy = self.policy
         targets = self.targets
         steps_to_finish = min(targets[r.index] - r.num_output_tokens for r in policy.running) - 1
+        if self.refinements is not None:  # the k-th token comes in a step of its own (refined then)
+            refine_at = self.refinements[0]
+            steps_to_finish = min([steps_to_finish] + [refine_at[r.index] - r.num_output_tokens - 1
+                                                       for r in policy.running if r.num_output_tokens < refine_at[r.index]])
         max_steps = min(steps_to_finish, self.config.max_skip_steps)
         if max_steps < 2:
             return now

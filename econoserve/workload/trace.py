@@ -19,6 +19,14 @@ quantiles``                 <int64>   distribution of the response length as ``K
                                       likely lengths [tokens] (the ``(i + 0.5) / K`` quantiles,
                                       sorted, each > 0 and <= MAX_REQUEST_TOKENS; ``K`` the same
                                       in every record)
+``refine_after_tokens``     int64     optional, with ``refined_output_tokens``: ``k``
+                                      [tokens], > 0
+``refined_output_tokens``   int64     optional: the refined predicted response length [tokens],
+                                      > 0, from the prompt and the response's first ``k`` tokens
+                                      (:mod:`econoserve.predictor.refine`); once the request has
+                                      generated ``k`` tokens and is not finished, the executor
+                                      makes it the policy's prediction (never used for a
+                                      response of at most ``k`` tokens)
 ==========================  ========  =========================================================
 
 Every trace is validated when it is built and when it is read. A violation raises
@@ -49,14 +57,17 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "output_tokens",
     "dataset",
 )
-OPTIONAL_COLUMNS: tuple[str, ...] = ("prompt_text", "predicted_output_tokens", "predicted_output_quantiles")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("prompt_text", "predicted_output_tokens", "predicted_output_quantiles",
+                                     "refine_after_tokens", "refined_output_tokens")
+#: The refinement columns: both or neither.
+REFINEMENT_COLUMNS: tuple[str, ...] = ("refine_after_tokens", "refined_output_tokens")
 ALL_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 #: Longest prompt or response a trace may hold [tokens]: 4 Mi tokens, above the context of every
 #: model in the catalog; per-token work on a longer request (isolated execution time, prompt ids)
 #: would exhaust memory, so it is refused when the trace is read.
 MAX_REQUEST_TOKENS = 2**22
-_POSITIVE_INT_COLUMNS = ("prompt_tokens", "output_tokens", "predicted_output_tokens")
+_POSITIVE_INT_COLUMNS = ("prompt_tokens", "output_tokens", "predicted_output_tokens") + REFINEMENT_COLUMNS
 _STRING_COLUMNS = ("dataset", "prompt_text")
 _METADATA_KEY = b"econoserve.trace"
 
@@ -69,6 +80,8 @@ _ARROW_TYPES: Mapping[str, pa.DataType] = {
     "prompt_text": pa.string(),
     "predicted_output_tokens": pa.int64(),
     "predicted_output_quantiles": pa.list_(pa.int64()),
+    "refine_after_tokens": pa.int64(),
+    "refined_output_tokens": pa.int64(),
 }
 
 
@@ -151,6 +164,11 @@ class Trace:
     def has_prediction_quantiles(self) -> bool:
         return "predicted_output_quantiles" in self.requests.columns
 
+    @property
+    def has_refinements(self) -> bool:
+        """Whether the trace has ``refined_output_tokens`` (and ``refine_after_tokens``)."""
+        return "refined_output_tokens" in self.requests.columns
+
     def with_predictions(self, predicted_output_tokens: np.ndarray | pd.Series,
                          quantiles: np.ndarray | Sequence[Sequence[int]] | None = None) -> "Trace":
         """A copy with ``predicted_output_tokens`` set (one value per request, in row order) and,
@@ -161,6 +179,14 @@ class Trace:
         if quantiles is not None:
             frame["predicted_output_quantiles"] = [tuple(row) for row in quantiles]
         return Trace.from_frame(frame, self.metadata, source="<predictions>")
+
+    def with_refinements(self, refined_output_tokens: np.ndarray | pd.Series, refine_after_tokens: int) -> "Trace":
+        """A copy with ``refined_output_tokens`` [tokens] (one value per request, in row order)
+        taking over as the prediction after ``refine_after_tokens`` generated tokens."""
+        frame = self.requests.copy()
+        frame["refine_after_tokens"] = np.int64(refine_after_tokens)
+        frame["refined_output_tokens"] = np.asarray(refined_output_tokens)
+        return Trace.from_frame(frame, self.metadata, source="<refined predictions>")
 
     def head(self, num_requests: int) -> "Trace":
         """The first ``num_requests`` requests in arrival order."""
@@ -236,6 +262,9 @@ def validate_requests(frame: pd.DataFrame, source: str = "<trace>") -> pd.DataFr
         if "predicted_output_tokens" not in frame.columns:
             raise TraceError(f"{source}: predicted_output_quantiles needs a predicted_output_tokens column")
         out["predicted_output_quantiles"] = _quantile_column(frame, source, ids)
+    present = [c for c in REFINEMENT_COLUMNS if c in frame.columns]
+    if 0 < len(present) < len(REFINEMENT_COLUMNS):
+        raise TraceError(f"{source}: {' and '.join(REFINEMENT_COLUMNS)} go together (one is missing)")
     for column in _STRING_COLUMNS:
         if column in frame.columns:
             out[column] = _string_column(frame, column, source, ids)
