@@ -109,6 +109,35 @@ measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.
 0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
 goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
+**Probes** (``probe_output_tokens = k``, ``probe_share = s``, ``probe_pause``, with
+``kvcpipe="all"``; in the spirit of FastServe's skip-join MLFQ: a request's first ``k`` tokens do
+not trust its predicted length). A *probe lane* of ``L = floor(s * num_blocks)`` blocks is set
+aside: a probe counts its *probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the
+curve's capacity (point 6) for a full-term admission is the usual one less the lane's unused
+part, ``L - sum(probe sizes)``; in the curve a probe is a *hold* term (its probe size from now
+on). PT admission as before until the curve or the free pool refuses a PT; from that PT on, in
+key order, PTs that have generated fewer than ``k`` tokens start as probes while their probe
+size fits in the lane's unused part and their prompt in the free pool (stop at the first that
+does not). A probe whose request ends within ``k`` tokens finishes like any request. At ``k``
+tokens unfinished: without ``probe_pause`` (default) it leaves the lane and goes on as a plain
+request (its full term replaces the hold term; growth takes the free pool, then the reserve,
+then preemption, point 7). With ``probe_pause`` it *pauses*: it leaves the running set, keeps
+its KV, does not decode, and waits in the GT queue by its GT key; paused probes and PTs are
+admitted in one merged key order (a paused probe with a key at most the next PT's is tried
+first), a paused probe if the curve admits its remaining term (it holds what it holds and grows
+``A - g`` tokens from now) with the lane's unused part included (it is in the lane already) or
+if nothing runs; the first refused stops full-term admissions (probes may still start), so no
+paused probe is passed by a larger key. Growth that finds no block preempts a paused probe
+first (largest GT key: its KV is idle), then as in point 7. A preempted probe is a plain PT again
+(it may probe again while it has fewer than ``k`` tokens). KV is never over-committed (every
+block comes from the free pool or the reserve). Off by default: measured (quick mode,
+``benchmarks/results/policy_probe_quick.md``, ``policy_probe_notes.md``) goodput / Sarathi's at
+80 GB / 40 GB / Gamma CV 3 / Azure conv 1.04 / 1.07-1.09 / 1.03 / 1.06-1.07 with ``k`` 16-64,
+``s = 0.1`` (default 1.03 / 1.07 / 1.03 / 1.07), 1.06 / 1.09 / 1.04 / 1.09 with ``s = 0.2`` at
+p99 JCT up to 1.66x; pausing raised p99 JCT 1.3-2.6x. The shorts' SLO rises (ShareGPT 40 GB:
+answers of 1-8 tokens 0.72 -> 0.80-0.94) but the cache is full when they wait (committed
+blocks at the curve's capacity), so a probe takes its room from the long requests.
+
 **The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
 equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
 classification predictor). Three knobs read it; without a distribution each falls back to the
@@ -262,16 +291,24 @@ class EconoServeConfig:
         is re-sized from the points it has not yet outlived, and only past all of them by one
         more bucket). Without a distribution both are the point prediction.
     probe_output_tokens:
-        Length-agnostic first phase ``k`` [tokens], with ``kvcpipe="all"``: a PT whose
-        allocation ``A`` exceeds ``k`` and that the occupancy curve refuses (or that waits behind
-        a paused probe) may start as a *probe*, admitted on its prompt plus ``k`` generated
-        tokens held until it is admitted further; a probe that reaches ``k`` tokens unfinished
-        *pauses* (keeps its KV, does not decode) until the curve admits its remaining ``A - k``
-        tokens (see the module docstring); ``None`` = no probes.
+        Length of the length-agnostic first phase ``k`` [tokens], with ``kvcpipe="all"``: once
+        the occupancy curve (or the free pool) refuses a PT, it and the PTs behind it in key
+        order that have generated fewer than ``k`` tokens may start as *probes* in the probe
+        lane (``probe_share``), each counted there at ``prompt + k - 1`` tokens whatever its
+        prediction; at ``k`` generated tokens a probe leaves the lane (see the module
+        docstring, *Probes*); ``None`` = no probes. Not with ``backfill_output_tokens`` (two
+        ways past a refused PT).
     probe_share:
-        Most of the KV cache probes (running or paused) may hold [fraction of the KV blocks],
-        each counted at its probe size ``blocks_for(prompt + k - 1)``; bounds how much KV idles
-        in paused probes. Used only with ``probe_output_tokens``.
+        The probe lane [fraction of the KV blocks]: probes hold at most this share of the cache,
+        each counted at its probe size ``blocks_for(prompt + k - 1)``, and the lane's unused
+        part is kept out of the curve's capacity for full-term admissions. Used only with
+        ``probe_output_tokens``.
+    probe_pause:
+        What a probe does at ``k`` tokens unfinished: ``False``, it goes on as a plain request
+        (its full term enters the curve; preemption is the backstop); ``True``, it *pauses*
+        (keeps its KV, does not decode) in the GT queue until the curve admits its remaining
+        ``A - k`` tokens, competing with PTs in key order. Used only with
+        ``probe_output_tokens``.
     """
 
     rl_bucket: int = 32
@@ -300,6 +337,7 @@ class EconoServeConfig:
     allocation_length: str = "point"
     probe_output_tokens: int | None = None
     probe_share: float = 0.1
+    probe_pause: bool = False
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -371,7 +409,7 @@ class EconoServePolicy(Policy):
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
         if self._probes_on:
-            for counter in ("probes", "probe_pauses", "probe_resumes", "paused_preemptions"):
+            for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions"):
                 self.stats.extra[counter] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
@@ -549,10 +587,11 @@ class EconoServePolicy(Policy):
             for request in prompt_done:
                 self._push_gt(request)
                 if self._probe_reached_k(request):
-                    self._mark_paused(request)
+                    self._end_probe(request, queued=True)
             self._event = True
         if self._probing:
-            self._pause_probes_at_k()
+            for request in [r for r in self.running if r.request_id in self._generating and self._probe_reached_k(r)]:
+                self._end_probe(request, queued=False)
 
     def abort_request(self, request: Request) -> None:
         """Drop ``request`` for good from the PT queue, the GT queue or the running set; its KV,
@@ -580,23 +619,24 @@ class EconoServePolicy(Policy):
         """Is ``request`` a probe that has generated its ``probe_output_tokens``?"""
         return request.request_id in self._probing and request.num_output_tokens >= self.config.probe_output_tokens
 
-    def _mark_paused(self, request: Request) -> None:
-        """``request`` (in the GT queue) is a probe at ``k`` tokens: it waits there, holding its
-        KV, until :meth:`_resume_paused` admits its remaining term."""
-        self._paused.add(request.request_id)
-        self.stats.extra["probe_pauses"] += 1
-        self._event = True
-
-    def _pause_probes_at_k(self) -> None:
-        """Move every generating probe at ``k`` tokens (not finished) to the GT queue, paused."""
-        done = [r for r in self.running if r.request_id in self._generating and self._probe_reached_k(r)]
-        for request in done:
-            rid = request.request_id
+    def _end_probe(self, request: Request, queued: bool) -> None:
+        """``request``, a probe, has generated ``k`` tokens unfinished: with ``probe_pause`` it
+        pauses (a generating GT leaves the running set; ``queued``: it is in the GT queue
+        already) and waits there, holding its KV, until :meth:`_resume` admits its remaining
+        term; without, it leaves the probe lane and goes on as a plain request."""
+        rid = request.request_id
+        self.stats.extra["probes_past_k"] += 1
+        if not self.config.probe_pause:  # (the room it leaves in the lane is used at the next event)
+            del self._probing[rid]
+            return
+        if not queued:
             self.running.remove(request)
             self._generating.discard(rid)
             self._allocation_target.pop(rid, None)
             self._push_gt(request)
-            self._mark_paused(request)
+        self._paused.add(rid)
+        self.stats.extra["probe_pauses"] += 1
+        self._event = True
 
     def _probe_eligible(self, request: Request) -> bool:
         """A PT may start as a probe if it has not yet generated ``k`` tokens (a preempted probe
@@ -625,17 +665,13 @@ class EconoServePolicy(Policy):
             return
         kv = self.kv_cache
         share_left = self._lane_blocks() - self._lane_used_blocks()
-        index = start
-        while index < len(self._pt_queue):
+        for entry in [e for e in self._pt_queue[start:] if self._probe_eligible(e[2])]:
             if budget <= 0:
                 self._pt_waits_for_budget = True
                 return
             if len(self.running) >= self.max_num_seqs:
                 return
-            request = self._pt_queue[index][2]
-            if not self._probe_eligible(request):
-                index += 1
-                continue
+            request = entry[2]
             size = kv.blocks_for(self._probe_tokens(request))
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
             recompute = request.num_output_tokens > 0
@@ -645,26 +681,37 @@ class EconoServePolicy(Policy):
             share_left -= size
             self._probing[request.request_id] = request
             self.stats.extra["probes"] += 1
-            budget -= self._start_prompt(index, budget, decision, recompute)
+            budget -= self._start_prompt(self._pt_queue.index(entry), budget, decision, recompute)
 
-    def _resume_paused(self) -> None:
-        """Admit paused probes further, in GT-key order, while the occupancy curve admits each
-        one's remaining term (it holds what it holds and grows for ``A - k`` steps from now), and
-        the first also when nothing runs; stop at the first refused."""
+    def _resume_paused(self, key_limit: float | None) -> None:
+        """Admit paused probes further in GT-key order, those with a key at most ``key_limit``
+        (``None``: all), stopping at the first refused (see :meth:`_resume`)."""
         members, flight = self._flight_terms()
         position = {r.request_id: i for i, r in enumerate(members)}
-        for entry in [e for e in self._gt_queue if e[2].request_id in self._paused]:
-            request = entry[2]
-            rid = request.request_id
-            if len(self.running) >= self.max_num_seqs:
+        while (entry := self._first_paused()) is not None and (key_limit is None or entry[0] <= key_limit):
+            if not self._resume(entry, flight, position):
                 return
-            if self.running and not self._resume_admits(request, flight, position[rid]):
-                return
-            self._gt_queue.remove(entry)
-            self._paused.discard(rid)
-            del self._probing[rid]
-            self.stats.extra["probe_resumes"] += 1
-            self._start_generation(request, next(self._groups))
+
+    def _first_paused(self) -> tuple[float, int, Request] | None:
+        """The GT-queue entry of the paused probe with the smallest key (``None`` if none)."""
+        return next((e for e in self._gt_queue if e[2].request_id in self._paused), None)
+
+    def _resume(self, entry: tuple[float, int, Request], flight: list[np.ndarray], position: dict[int, int]) -> bool:
+        """Admit the paused probe of GT-queue ``entry`` further if ``max_num_seqs`` allows and
+        the occupancy curve admits its remaining term (it holds what it holds and grows for
+        ``A - k`` steps from now), or nothing runs; returns whether it was."""
+        request = entry[2]
+        rid = request.request_id
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        if self.running and not self._resume_admits(request, flight, position[rid]):
+            return False
+        self._gt_queue.remove(entry)
+        self._paused.discard(rid)
+        del self._probing[rid]
+        self.stats.extra["probe_resumes"] += 1
+        self._start_generation(request, next(self._groups))
+        return True
 
     def _resume_admits(self, request: Request, flight: list[np.ndarray], position: int) -> bool:
         """Would the curve admit the paused probe at ``position`` of ``flight`` with its remaining
@@ -709,8 +756,9 @@ class EconoServePolicy(Policy):
         """Time-synced admission: groups of same-bucket GTs, in priority order, each GT with its
         exact allocation from the free pool, or by KVCPipe from a running host's idle tail."""
         kv = self.kv_cache
-        if self._paused:
-            self._resume_paused()
+        if self._paused:  # those ahead of every PT (the rest compete with PTs in _admit_prompts); all
+            # in key order when nothing runs (the first then resumes whatever the curve says)
+            self._resume_paused(self._pt_queue[0][0] if self._pt_queue and self.running else None)
         buckets: dict[int, list[tuple[float, int, Request]]] = {}
         for entry in self._gt_queue:
             if entry[2].request_id in self._paused:
@@ -968,7 +1016,7 @@ class EconoServePolicy(Policy):
         less the reserve, times ``1 + overbooking`` [blocks]."""
         kv = self.kv_cache
         capacity = int((kv.num_blocks - self._curve_reserve_blocks(candidate)) * (1.0 + self.config.overbooking))
-        if self._probes_on and candidate.request_id not in self._paused:
+        if self._probes_on and candidate.request_id not in self._paused:  # the lane's unused part
             capacity -= max(0, self._lane_blocks() - self._lane_used_blocks(excluded=candidate))
         return capacity
 
@@ -1017,10 +1065,9 @@ class EconoServePolicy(Policy):
         kv = self.kv_cache
         lookahead = self._lookahead
         committed = self._kept_free_blocks()
-        flight = self._flight() if self._pipelined else None
+        members, flight = self._flight_terms() if self._pipelined else ((), None)
+        position = {r.request_id: i for i, r in enumerate(members)} if self._paused else {}
         self._pt_waits_for_budget = False
-        if self._paused:  # a paused probe waits for the curve: no new PT goes before it, probes may
-            return self._start_probes(0, budget, decision)
         backfill_from = None  # set once the curve refused a PT: only short PTs behind it may start
         while self._pt_queue:
             if budget <= 0:
@@ -1031,6 +1078,11 @@ class EconoServePolicy(Policy):
             index = self._next_pt(now_s) if backfill_from is None else self._next_backfill(backfill_from)
             if index is None:
                 return
+            paused = self._first_paused() if self._paused else None
+            if paused is not None and paused[0] <= self._pt_queue[index][0]:  # merged key order
+                if not self._resume(paused, flight, position):
+                    return self._start_probes(index, budget, decision)
+                continue
             request = self._pt_queue[index][2]
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
             own_growth = kv.blocks_for(self.exact_allocation_tokens(request)) - prompt_blocks if lookahead else 0
