@@ -8,7 +8,7 @@ import pytest
 from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, make_policy
-from econoserve.policy.econoserve import expected_overrun_tokens, gittins_rank_tokens
+from econoserve.policy.econoserve import EconoServeConfig, expected_overrun_tokens, gittins_rank_tokens
 from econoserve.policy.kv_cache import KVCache
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
@@ -267,3 +267,90 @@ def test_a_refined_prediction_resizes_the_allocation_and_frees_room_in_the_curve
     step(policy, true_output, check_invariants=True)
     assert policy.pt_queue() == [] and second.num_output_tokens == 1  # its prompt ran in this step
     assert _run(policy, true_output) == []
+
+
+# --------------------------------------------------------------------- probes
+def _until(policy, true_output, done) -> list:
+    """Step until ``done()``; returns the decisions."""
+    decisions = []
+    while not done():
+        assert policy.has_unfinished_requests()
+        decisions.append(step(policy, true_output, check_invariants=True))
+    return decisions
+
+
+def test_a_short_answer_predicted_long_starts_at_once_as_a_probe_and_finishes_beside_the_long_one():
+    # 10 blocks of 16 tokens, a probe lane of floor(0.3 x 10) = 3 blocks. Request 0 (prompt 16,
+    # predicted 96) peaks at 111 tokens = 7 blocks <= 10 - 3. Request 1 is predicted 96 too
+    # (7 + 7 > 7: the curve refuses it) but answers in 4 tokens. Without probes it waits for
+    # request 0 to end; as a probe (16 + 16 - 1 tokens = 2 blocks <= 3) it starts in the first
+    # step and finishes while request 0 still runs.
+    true_output = {0: 96, 1: 4}
+    for probe, started in ((None, [0]), (16, [0, 1])):
+        policy = _policy(10, probe_output_tokens=probe, probe_share=0.3)
+        _add(policy, 0, 16, 96)
+        _add(policy, 1, 16, 96)
+        assert [r.request_id for r in step(policy, true_output, check_invariants=True).scheduled] == started
+        _until(policy, true_output, lambda: not policy.kv_cache.holds(1) and not policy.pt_queue())
+        assert policy.kv_cache.holds(0) == (probe is not None)  # request 0 still runs
+        assert not _run(policy, true_output)
+    assert policy.stats.extra["probes"] == 1 and policy.stats.extra["probes_past_k"] == 0
+
+
+def test_a_probe_that_reaches_k_goes_on_as_a_plain_request_without_probe_pause():
+    # As above, but request 1 answers in 40 tokens: at 16 it leaves the lane and keeps decoding
+    # (its full term is now in the curve); KV is never over-committed, nobody is preempted.
+    policy = _policy(10, probe_output_tokens=16, probe_share=0.3)
+    _add(policy, 0, 16, 96)
+    request = _add(policy, 1, 16, 96)
+    true_output = {0: 96, 1: 40}
+    _until(policy, true_output, lambda: request.num_output_tokens == 17)
+    assert request in policy.running and policy.stats.extra["probes_past_k"] == 1
+    assert policy.stats.extra["probe_pauses"] == 0
+    assert not _run(policy, true_output)
+
+
+def test_a_paused_probe_holds_its_kv_without_decoding_and_resumes_when_the_curve_admits_it():
+    # probe_pause: request 1 (true 40 tokens) pauses at k = 16 holding 31 tokens = 2 blocks; its
+    # remaining term (to 111 tokens = 7 blocks) does not fit beside request 0's (7 + 7 > 10), so
+    # it waits, not decoding, until request 0 ends; then it finishes, nobody preempted.
+    policy = _policy(10, probe_output_tokens=16, probe_share=0.3, probe_pause=True)
+    _add(policy, 0, 16, 96)
+    request = _add(policy, 1, 16, 96)
+    true_output = {0: 96, 1: 40}
+    _until(policy, true_output, lambda: request.num_output_tokens == 16)
+    while policy.kv_cache.holds(0):
+        assert request not in policy.running and request in policy.gt_queue()
+        assert request.num_output_tokens == 16 and policy.kv_cache.allocated_blocks(1) == 2
+        step(policy, true_output, check_invariants=True)
+    assert not _run(policy, true_output)
+    assert request.num_output_tokens == 40 and request.num_preemptions == 0
+    assert policy.stats.extra["probe_pauses"] == policy.stats.extra["probe_resumes"] == 1
+
+
+@pytest.mark.parametrize("arrival, passes", [(0.0, True), (20.0, False)])
+def test_a_paused_probe_is_passed_only_by_a_smaller_key(arrival, passes):
+    # 12 blocks, lane floor(0.25 x 12) = 3. Request 1 pauses at k = 16 (key 0 + 4 x (0.016 +
+    # 4.8) - 0.1 x 31 x 0.05 = 19.11 s); its remaining term does not fit beside request 0
+    # (7 + 7 > 12). Request 2 (prompt 16, predicted 16: 31 tokens = 2 blocks) fits the curve
+    # (7 + 2 + 2 <= 12 - 1) and the lane has no room for its probe (2 > 3 - 2). Arrived at 0 s
+    # (key 3.26 s) it starts at once; at 20 s (key 23.26 s) it waits until request 1 resumes.
+    policy = _policy(12, probe_output_tokens=16, probe_share=0.25, probe_pause=True)
+    _add(policy, 0, 16, 96)
+    paused = _add(policy, 1, 16, 96)
+    true_output = {0: 96, 1: 40, 2: 16}
+    _until(policy, true_output, lambda: paused.num_output_tokens == 16)
+    late = _add(policy, 2, 16, 16, arrival=arrival)
+    _until(policy, true_output, lambda: late in policy.running or paused in policy.running)
+    assert (late in policy.running) == passes
+    assert (paused in policy.gt_queue()) == passes
+    assert not _run(policy, true_output)
+
+
+def test_probe_knobs_are_checked():
+    with pytest.raises(ValueError, match="probe_share"):
+        EconoServeConfig(probe_output_tokens=16, probe_share=0.0)
+    with pytest.raises(ValueError, match="backfill_output_tokens"):
+        EconoServeConfig(probe_output_tokens=16, backfill_output_tokens=16)
+    with pytest.raises(ValueError, match="probe_output_tokens"):
+        EconoServeConfig(probe_output_tokens=0)

@@ -126,7 +126,8 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 #: EconoServe's admission and ordering knobs at settings the defaults do not reach: KVCPipe for
 #: every request with and without the prefill delay, heavy overbooking (preemption is then the
 #: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length, backfill,
-#: and the predicted distribution's ordering, allocation and reserve rules.
+#: the predicted distribution's ordering, allocation and reserve rules, and probes (going on or
+#: pausing at k).
 ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
@@ -134,6 +135,9 @@ ECONOSERVE_VARIANTS = (
     {"kvcpipe": "tail", "overbooking": 0.2},
     {"kvcpipe": "all", "ordering_length": "gittins", "allocation_length": "mean", "reserve_rule": "overrun"},
     {"kvcpipe": "curve", "ordering_length": "quantile", "allocation_length": "mean", "reserve_rule": "overrun"},
+    {"kvcpipe": "all", "probe_output_tokens": 4, "probe_share": 0.3},
+    {"kvcpipe": "all", "probe_output_tokens": 8, "probe_share": 0.5, "probe_pause": True, "overbooking": 0.2},
+    {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_pause": True, "reserve_ratio": 0.0},
 )
 
 

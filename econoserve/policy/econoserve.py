@@ -109,6 +109,35 @@ measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.
 0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
 goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
+**Probes** (``probe_output_tokens = k``, ``probe_share = s``, ``probe_pause``, with
+``kvcpipe="all"``; in the spirit of FastServe's skip-join MLFQ: a request's first ``k`` tokens do
+not trust its predicted length). A *probe lane* of ``L = floor(s * num_blocks)`` blocks is set
+aside: a probe counts its *probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the
+curve's capacity (point 6) for a full-term admission is the usual one less the lane's unused
+part, ``L - sum(probe sizes)``; in the curve a probe is a *hold* term (its probe size from now
+on). PT admission as before until the curve or the free pool refuses a PT; from that PT on, in
+key order, PTs that have generated fewer than ``k`` tokens start as probes while their probe
+size fits in the lane's unused part and their prompt in the free pool (stop at the first that
+does not). A probe whose request ends within ``k`` tokens finishes like any request. At ``k``
+tokens unfinished: without ``probe_pause`` (default) it leaves the lane and goes on as a plain
+request (its full term replaces the hold term; growth takes the free pool, then the reserve,
+then preemption, point 7). With ``probe_pause`` it *pauses*: it leaves the running set, keeps
+its KV, does not decode, and waits in the GT queue by its GT key; paused probes and PTs are
+admitted in one merged key order (a paused probe with a key at most the next PT's is tried
+first), a paused probe if the curve admits its remaining term (it holds what it holds and grows
+``A - g`` tokens from now) with the lane's unused part included (it is in the lane already) or
+if nothing runs; the first refused stops full-term admissions (probes may still start), so no
+paused probe is passed by a larger key. Growth that finds no block preempts a paused probe
+first (largest GT key: its KV is idle), then as in point 7. A preempted probe is a plain PT again
+(it may probe again while it has fewer than ``k`` tokens). KV is never over-committed (every
+block comes from the free pool or the reserve). Off by default: measured (quick mode,
+``benchmarks/results/policy_probe_quick.md``, ``policy_probe_notes.md``) goodput / Sarathi's at
+80 GB / 40 GB / Gamma CV 3 / Azure conv 1.04 / 1.07-1.09 / 1.03 / 1.06-1.07 with ``k`` 16-64,
+``s = 0.1`` (default 1.03 / 1.07 / 1.03 / 1.07), 1.06 / 1.09 / 1.04 / 1.09 with ``s = 0.2`` at
+p99 JCT up to 1.66x; pausing raised p99 JCT 1.3-2.6x. The shorts' SLO rises (ShareGPT 40 GB:
+answers of 1-8 tokens 0.72 -> 0.80-0.94) but the cache is full when they wait (committed
+blocks at the curve's capacity), so a probe takes its room from the long requests.
+
 **The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
 equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
 classification predictor). Three knobs read it; without a distribution each falls back to the
@@ -160,6 +189,10 @@ ORDERING_LENGTHS: tuple[str, ...] = ("point", "gittins", "quantile")
 ALLOCATION_LENGTHS: tuple[str, ...] = ("point", "mean")
 #: How the global reserve is sized (see ``reserve_rule``).
 RESERVE_RULES: tuple[str, ...] = ("fixed", "overrun")
+#: The start [steps] of a *hold* term in the occupancy curve: a term that starts growing this far
+#: in the future never grows, so it holds ``blocks_for(base)`` from now on (a probe, see
+#: ``probe_output_tokens``).
+HOLD_START_STEPS = 2**40
 
 
 @dataclass(frozen=True)
@@ -257,6 +290,25 @@ class EconoServeConfig:
         distribution given the tokens generated so far (a request that outgrew its allocation
         is re-sized from the points it has not yet outlived, and only past all of them by one
         more bucket). Without a distribution both are the point prediction.
+    probe_output_tokens:
+        Length of the length-agnostic first phase ``k`` [tokens], with ``kvcpipe="all"``: once
+        the occupancy curve (or the free pool) refuses a PT, it and the PTs behind it in key
+        order that have generated fewer than ``k`` tokens may start as *probes* in the probe
+        lane (``probe_share``), each counted there at ``prompt + k - 1`` tokens whatever its
+        prediction; at ``k`` generated tokens a probe leaves the lane (see the module
+        docstring, *Probes*); ``None`` = no probes. Not with ``backfill_output_tokens`` (two
+        ways past a refused PT).
+    probe_share:
+        The probe lane [fraction of the KV blocks]: probes hold at most this share of the cache,
+        each counted at its probe size ``blocks_for(prompt + k - 1)``, and the lane's unused
+        part is kept out of the curve's capacity for full-term admissions. Used only with
+        ``probe_output_tokens``.
+    probe_pause:
+        What a probe does at ``k`` tokens unfinished: ``False``, it goes on as a plain request
+        (its full term enters the curve; preemption is the backstop); ``True``, it *pauses*
+        (keeps its KV, does not decode) in the GT queue until the curve admits its remaining
+        ``A - k`` tokens, competing with PTs in key order. Used only with
+        ``probe_output_tokens``.
     """
 
     rl_bucket: int = 32
@@ -283,6 +335,9 @@ class EconoServeConfig:
     ordering_quantile: float = 0.25
     reserve_rule: str = "fixed"
     allocation_length: str = "point"
+    probe_output_tokens: int | None = None
+    probe_share: float = 0.1
+    probe_pause: bool = False
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -298,7 +353,9 @@ class EconoServeConfig:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
-        require_positive(self, "ordering_horizon_s", "backfill_output_tokens")
+        require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens")
+        if not 0 < self.probe_share <= 1:
+            raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         if self.ordering_length_weight < 0:
@@ -311,6 +368,8 @@ class EconoServeConfig:
             raise ValueError(f"allocation_length must be one of {', '.join(ALLOCATION_LENGTHS)}, got {self.allocation_length!r}")
         if self.reserve_rule not in RESERVE_RULES:
             raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
+        if self.probe_output_tokens is not None and self.backfill_output_tokens is not None:
+            raise ValueError("probe_output_tokens and backfill_output_tokens are two ways past a refused PT: set one")
 
 
 def _pipelines_every_request(cfg: EconoServeConfig) -> bool:
@@ -347,6 +406,11 @@ class EconoServePolicy(Policy):
         self._groups = itertools.count()
         self._event = False
         self._pt_waits_for_budget = False
+        self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
+        self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
+        if self._probes_on:
+            for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions"):
+                self.stats.extra[counter] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
                         "gt_evictions", "backfills"):
@@ -364,6 +428,11 @@ class EconoServePolicy(Policy):
 
     def _own_max_num_seqs(self) -> int:
         return self.config.max_num_seqs
+
+    @property
+    def _probes_on(self) -> bool:
+        """Probes (``probe_output_tokens``) need KVCPipe for every request."""
+        return self.config.probe_output_tokens is not None and self._pipelined
 
     @property
     def wants_oracle_predictions(self) -> bool:
@@ -517,7 +586,12 @@ class EconoServePolicy(Policy):
             self.running = [r for r in self.running if r.request_id not in done_ids]
             for request in prompt_done:
                 self._push_gt(request)
+                if self._probe_reached_k(request):
+                    self._end_probe(request, queued=True)
             self._event = True
+        if self._probing:
+            for request in [r for r in self.running if r.request_id in self._generating and self._probe_reached_k(r)]:
+                self._end_probe(request, queued=False)
 
     def abort_request(self, request: Request) -> None:
         """Drop ``request`` for good from the PT queue, the GT queue or the running set; its KV,
@@ -552,10 +626,129 @@ class EconoServePolicy(Policy):
 
     def _forget(self, request: Request) -> None:
         rid = request.request_id
+        self._probing.pop(rid, None)
+        self._paused.discard(rid)
         self._generating.discard(rid)
         self._allocation_target.pop(rid, None)
         self._allocated_output_tokens.pop(rid, None)
         self._gt_key.pop(rid, None)
+
+    # ------------------------------------------------------------------ probes
+    def _probe_reached_k(self, request: Request) -> bool:
+        """Is ``request`` a probe that has generated its ``probe_output_tokens``?"""
+        return request.request_id in self._probing and request.num_output_tokens >= self.config.probe_output_tokens
+
+    def _end_probe(self, request: Request, queued: bool) -> None:
+        """``request``, a probe, has generated ``k`` tokens unfinished: with ``probe_pause`` it
+        pauses (a generating GT leaves the running set; ``queued``: it is in the GT queue
+        already) and waits there, holding its KV, until :meth:`_resume` admits its remaining
+        term; without, it leaves the probe lane and goes on as a plain request."""
+        rid = request.request_id
+        self.stats.extra["probes_past_k"] += 1
+        if not self.config.probe_pause:  # (the room it leaves in the lane is used at the next event)
+            del self._probing[rid]
+            return
+        if not queued:
+            self.running.remove(request)
+            self._generating.discard(rid)
+            self._allocation_target.pop(rid, None)
+            self._push_gt(request)
+        self._paused.add(rid)
+        self.stats.extra["probe_pauses"] += 1
+        self._event = True
+
+    def _probe_eligible(self, request: Request) -> bool:
+        """A PT may start as a probe if it has not yet generated ``k`` tokens (a preempted probe
+        may probe again; a request admitted further may not)."""
+        return request.num_output_tokens < self.config.probe_output_tokens
+
+    def _lane_blocks(self) -> int:
+        """The probe lane: ``probe_share`` of the KV blocks [blocks]."""
+        return int(self.config.probe_share * self.kv_cache.num_blocks)
+
+    def _lane_used_blocks(self, excluded: Request | None = None) -> int:
+        """The probe sizes of the probes (running or paused) but ``excluded`` [blocks]."""
+        kv = self.kv_cache
+        return sum(kv.blocks_for(self._probe_tokens(r)) for r in self._probing.values() if r is not excluded)
+
+    def _probe_tokens(self, request: Request) -> int:
+        """A probe's size: its prompt and ``k`` generated tokens, less the last sampled one [tokens]."""
+        return request.num_prompt_tokens + self.config.probe_output_tokens - 1
+
+    def _start_probes(self, start: int, budget: int, decision: SchedulerDecision) -> None:
+        """Start PTs from index ``start`` of the PT queue on, in queue order, as probes in the
+        probe lane (see the module docstring): skipping PTs that have generated ``k`` tokens,
+        stopping at the first whose probe size does not fit in the lane's unused part or whose
+        prompt does not fit in the free pool. Nothing without ``probe_output_tokens``."""
+        if not self._probes_on:
+            return
+        kv = self.kv_cache
+        share_left = self._lane_blocks() - self._lane_used_blocks()
+        for entry in [e for e in self._pt_queue[start:] if self._probe_eligible(e[2])]:
+            if budget <= 0:
+                self._pt_waits_for_budget = True
+                return
+            if len(self.running) >= self.max_num_seqs:
+                return
+            request = entry[2]
+            size = kv.blocks_for(self._probe_tokens(request))
+            prompt_blocks = kv.blocks_for(request.num_pending_tokens)
+            recompute = request.num_output_tokens > 0
+            room = kv.num_free_blocks + (kv.num_global_reserve_free if recompute else 0)
+            if size > share_left or prompt_blocks > room:
+                return
+            share_left -= size
+            self._probing[request.request_id] = request
+            self.stats.extra["probes"] += 1
+            budget -= self._start_prompt(self._pt_queue.index(entry), budget, decision, recompute)
+
+    def _resume_paused(self, key_limit: float | None) -> None:
+        """Admit paused probes further in GT-key order, those with a key at most ``key_limit``
+        (``None``: all), stopping at the first refused (see :meth:`_resume`)."""
+        members, flight = self._flight_terms()
+        position = {r.request_id: i for i, r in enumerate(members)}
+        while (entry := self._first_paused()) is not None and (key_limit is None or entry[0] <= key_limit):
+            if not self._resume(entry, flight, position):
+                return
+
+    def _first_paused(self) -> tuple[float, int, Request] | None:
+        """The GT-queue entry of the paused probe with the smallest key (``None`` if none)."""
+        return next((e for e in self._gt_queue if e[2].request_id in self._paused), None)
+
+    def _resume(self, entry: tuple[float, int, Request], flight: list[np.ndarray], position: dict[int, int]) -> bool:
+        """Admit the paused probe of GT-queue ``entry`` further if ``max_num_seqs`` allows and
+        the occupancy curve admits its remaining term (it holds what it holds and grows for
+        ``A - k`` steps from now), or nothing runs; returns whether it was."""
+        request = entry[2]
+        rid = request.request_id
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        if self.running and not self._resume_admits(request, flight, position[rid]):
+            return False
+        self._gt_queue.remove(entry)
+        self._paused.discard(rid)
+        del self._probing[rid]
+        self.stats.extra["probe_resumes"] += 1
+        self._start_generation(request, next(self._groups))
+        return True
+
+    def _resume_admits(self, request: Request, flight: list[np.ndarray], position: int) -> bool:
+        """Would the curve admit the paused probe at ``position`` of ``flight`` with its remaining
+        term instead of its hold term? Replaces the term in ``flight`` when it would."""
+        kv = self.kv_cache
+        life = max(1, self.allocated_output_tokens(request) - request.num_output_tokens)
+        term = [column.copy() for column in flight]
+        for column, value in zip(term, (0, request.num_computed_tokens, life, kv.held_blocks(request.request_id))):
+            column[position] = value
+        others = kv.num_committed_blocks - int(flight[3].sum())
+        if not kv.occupancy_fits(*term, self._curve_capacity_blocks(request) - others, horizon_steps=life):
+            return False
+        flight[:] = term
+        return True
+
+    def _victim_paused(self) -> Request | None:
+        """The paused probe with the largest GT key (``None`` if none is paused)."""
+        return next((e[2] for e in reversed(self._gt_queue) if e[2].request_id in self._paused), None)
 
     # ------------------------------------------------------------------ one step
     def _schedule(self, now_s: float) -> SchedulerDecision:
@@ -582,8 +775,13 @@ class EconoServePolicy(Policy):
         """Time-synced admission: groups of same-bucket GTs, in priority order, each GT with its
         exact allocation from the free pool, or by KVCPipe from a running host's idle tail."""
         kv = self.kv_cache
+        if self._paused:  # those ahead of every PT (the rest compete with PTs in _admit_prompts); all
+            # in key order when nothing runs (the first then resumes whatever the curve says)
+            self._resume_paused(self._pt_queue[0][0] if self._pt_queue and self.running else None)
         buckets: dict[int, list[tuple[float, int, Request]]] = {}
         for entry in self._gt_queue:
+            if entry[2].request_id in self._paused:
+                continue  # a paused probe: admitted further only by _resume_paused
             buckets.setdefault(self.rl_bucket_of(entry[2]), []).append(entry)
         admitted: set[int] = set()
         blocked = False
@@ -726,6 +924,9 @@ class EconoServePolicy(Policy):
         generating GT (the grower included) with the largest GT key (lowest priority), least
         progress on ties."""
         kv = self.kv_cache
+        paused = self._victim_paused() if self._paused else None
+        if paused is not None:
+            return paused
         generating = [r for r in self.running if r.request_id in self._generating]
         guests = [r for r in generating if kv.lender_of(r.request_id) == grower.request_id]
         if not guests and kv.lender_of(grower.request_id) is not None:
@@ -773,11 +974,16 @@ class EconoServePolicy(Policy):
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
 
     def _flight(self) -> list[np.ndarray]:
-        """The predicted occupancy terms of everything in flight (see
+        """The occupancy terms of everything in flight (see :meth:`_flight_terms`)."""
+        return self._flight_terms()[1]
+
+    def _flight_terms(self) -> tuple[list[Request], list[np.ndarray]]:
+        """Everything in flight and its predicted occupancy terms of everything in flight (see
         :meth:`KVCache.occupancy_peak_blocks`): start [steps], base [tokens], lifetime [steps],
         held [blocks] per GT (generating or queued: start 0, base = cached tokens) and per PT
         (base = its tokens when its prompt is done, start = the steps until then, from the prompt
-        tokens ahead of it in chunk order and its own over the budget left by decodes)."""
+        tokens ahead of it in chunk order and its own over the budget left by decodes). A probe
+        (running or paused) has a hold term instead: ``blocks_for(prompt + k - 1)`` from now on."""
         kv = self.kv_cache
         generating = self._generating
         gts: list[Request] = []
@@ -793,7 +999,11 @@ class EconoServePolicy(Policy):
         allocated = self.allocated_output_tokens
         lifetime = [max(1, allocated(r) - r.num_output_tokens) for r in members]
         held = [kv.held_blocks(r.request_id) for r in members]
-        return [np.asarray(column, dtype=np.int64) for column in (start, base, lifetime, held)]
+        if self._probing:
+            for i, request in enumerate(members):
+                if request.request_id in self._probing:
+                    start[i], base[i], lifetime[i] = HOLD_START_STEPS, self._probe_tokens(request), 1
+        return members, [np.asarray(column, dtype=np.int64) for column in (start, base, lifetime, held)]
 
     def _flight_admits(self, request: Request, flight: list[np.ndarray]) -> bool:
         """KVCPipe for every request: would the predicted occupancy of everything in flight and the
@@ -814,11 +1024,20 @@ class EconoServePolicy(Policy):
         prompt_blocks = kv.blocks_for(request.num_tokens)  # what its admission reserves
         term = [np.append(column, value) for column, value in zip(flight, (delay, request.num_tokens, life, prompt_blocks))]
         others = kv.num_committed_blocks - int(held.sum())
-        capacity = int((kv.num_blocks - self._curve_reserve_blocks(request)) * (1.0 + self.config.overbooking))
-        if start.size and not kv.occupancy_fits(*term, capacity - others, horizon_steps=delay + life):
+        if start.size and not kv.occupancy_fits(*term, self._curve_capacity_blocks(request) - others,
+                                                horizon_steps=delay + life):
             return False
         flight[:] = term
         return True
+
+    def _curve_capacity_blocks(self, candidate: Request) -> int:
+        """The most blocks the occupancy curve admits when ``candidate`` asks to start: the cache
+        less the reserve, times ``1 + overbooking`` [blocks]."""
+        kv = self.kv_cache
+        capacity = int((kv.num_blocks - self._curve_reserve_blocks(candidate)) * (1.0 + self.config.overbooking))
+        if self._probes_on and candidate.request_id not in self._paused:  # the lane's unused part
+            capacity -= max(0, self._lane_blocks() - self._lane_used_blocks(excluded=candidate))
+        return capacity
 
     def _curve_reserve_blocks(self, candidate: Request) -> int:
         """The reserve the occupancy curve keeps free when ``candidate`` asks to start [blocks]:
@@ -865,7 +1084,8 @@ class EconoServePolicy(Policy):
         kv = self.kv_cache
         lookahead = self._lookahead
         committed = self._kept_free_blocks()
-        flight = self._flight() if self._pipelined else None
+        members, flight = self._flight_terms() if self._pipelined else ((), None)
+        position = {r.request_id: i for i, r in enumerate(members)} if self._paused else {}
         self._pt_waits_for_budget = False
         backfill_from = None  # set once the curve refused a PT: only short PTs behind it may start
         while self._pt_queue:
@@ -877,8 +1097,12 @@ class EconoServePolicy(Policy):
             index = self._next_pt(now_s) if backfill_from is None else self._next_backfill(backfill_from)
             if index is None:
                 return
+            paused = self._first_paused() if self._paused else None
+            if paused is not None and paused[0] <= self._pt_queue[index][0]:  # merged key order
+                if not self._resume(paused, flight, position):
+                    return self._start_probes(index, budget, decision)
+                continue
             request = self._pt_queue[index][2]
-            rid = request.request_id
             prompt_blocks = kv.blocks_for(request.num_pending_tokens)
             own_growth = kv.blocks_for(self.exact_allocation_tokens(request)) - prompt_blocks if lookahead else 0
             # a preempted GT outgrew its prediction: its recompute may draw on the global reserve
@@ -886,27 +1110,34 @@ class EconoServePolicy(Policy):
             room = kv.num_free_blocks + (kv.num_global_reserve_free if recompute else 0)
             if prompt_blocks + max(0, own_growth) + committed > room:
                 if backfill_from is None:
-                    return
+                    return self._start_probes(index, budget, decision)
                 backfill_from = index + 1
                 continue
             if flight is not None and not self._flight_admits(request, flight):
                 if self.config.backfill_output_tokens is None:
-                    return
+                    return self._start_probes(index, budget, decision)
                 backfill_from = index + 1
                 continue
             if backfill_from is not None:
                 backfill_from = index
                 self.stats.extra["backfills"] += 1
-            del self._pt_queue[index]
-            reserved = kv.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
-            if reserved:
-                decision.kv_reservations[rid] = reserved
             committed += max(0, own_growth)
-            num_new = min(request.num_pending_tokens, budget)
-            self._allocate(request, num_new, decision)
-            self._admit(request)
-            decision.add(request, num_new)
-            budget -= num_new
+            budget -= self._start_prompt(index, budget, decision, recompute)
+
+    def _start_prompt(self, index: int, budget: int, decision: SchedulerDecision, recompute: bool) -> int:
+        """Start the PT at ``index`` of the PT queue: reserve KV for its pending tokens (a
+        ``recompute`` may draw on the global reserve) and schedule its first chunk within
+        ``budget``; returns the chunk [tokens]."""
+        request = self._pt_queue.pop(index)[2]
+        rid = request.request_id
+        reserved = self.kv_cache.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
+        if reserved:
+            decision.kv_reservations[rid] = reserved
+        num_new = min(request.num_pending_tokens, budget)
+        self._allocate(request, num_new, decision)
+        self._admit(request)
+        decision.add(request, num_new)
+        return num_new
 
     def _evict_for_head(self, decision: SchedulerDecision) -> None:
         """Nothing runs and the GT queue's head cannot get its allocation: send the lowest
@@ -923,7 +1154,14 @@ class EconoServePolicy(Policy):
         self._event = True
 
     def _preempt(self, request: Request, decision: SchedulerDecision) -> None:
-        """Preempt by recompute: free the KV and return the request to the PT queue."""
+        """Preempt by recompute: free the KV and return the request to the PT queue (a probe,
+        paused or not, as a plain PT)."""
+        rid = request.request_id
+        if rid in self._paused:
+            self._gt_queue = [entry for entry in self._gt_queue if entry[2].request_id != rid]
+            self._paused.discard(rid)
+            self.stats.extra["paused_preemptions"] += 1
+        self._probing.pop(rid, None)
         if request.status == RequestStatus.RUNNING and request in self.running:
             self.running.remove(request)
         self.kv_cache.free(request.request_id)
@@ -966,6 +1204,8 @@ class EconoServePolicy(Policy):
             targets = self._allocation_target
             for request in self.running:
                 max_steps = min(max_steps, targets.get(request.request_id, 0) - request.num_computed_tokens)
+                if request.request_id in self._probing:  # the step that reaches k is a full step
+                    max_steps = min(max_steps, self.config.probe_output_tokens - 1 - request.num_output_tokens)
                 if max_steps <= 0:
                     return 0  # (what the base class answers for no steps)
         return super().steady_decode_steps(decision, max_steps)
