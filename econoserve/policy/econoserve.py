@@ -959,10 +959,6 @@ class EconoServePolicy(Policy):
         head = self._gt_queue[0][2]
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
 
-    def _flight(self) -> list[np.ndarray]:
-        """The occupancy terms of everything in flight (see :meth:`_flight_terms`)."""
-        return self._flight_terms()[1]
-
     def _flight_terms(self) -> tuple[list[Request], list[np.ndarray]]:
         """Everything in flight and its predicted occupancy terms of everything in flight (see
         :meth:`KVCache.occupancy_peak_blocks`): start [steps], base [tokens], lifetime [steps],
