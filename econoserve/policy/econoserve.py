@@ -130,13 +130,18 @@ if nothing runs; the first refused stops full-term admissions (probes may still 
 paused probe is passed by a larger key. Growth that finds no block preempts a paused probe
 first (largest GT key: its KV is idle), then as in point 7. A preempted probe is a plain PT again
 (it may probe again while it has fewer than ``k`` tokens). KV is never over-committed (every
-block comes from the free pool or the reserve). Off by default: measured (quick mode,
-``benchmarks/results/policy_probe_quick.md``, ``policy_probe_notes.md``) goodput / Sarathi's at
-80 GB / 40 GB / Gamma CV 3 / Azure conv 1.04 / 1.07-1.09 / 1.03 / 1.06-1.07 with ``k`` 16-64,
-``s = 0.1`` (default 1.03 / 1.07 / 1.03 / 1.07), 1.06 / 1.09 / 1.04 / 1.09 with ``s = 0.2`` at
-p99 JCT up to 1.66x; pausing raised p99 JCT 1.3-2.6x. The shorts' SLO rises (ShareGPT 40 GB:
-answers of 1-8 tokens 0.72 -> 0.80-0.94) but the cache is full when they wait (committed
-blocks at the curve's capacity), so a probe takes its room from the long requests.
+block comes from the free pool or the reserve). Off by default: measured (quick mode, 1000
+requests; ``benchmarks/results/policy_probe_quick.md``, ``policy_probe_notes.md``) goodput /
+Sarathi's at 80 GB / 40 GB / Gamma CV 3 / Azure conv: default 1.03 / 1.07 / 1.03 / 1.07 (p99
+JCT 0.98 / 0.99 / 1.00 / 1.09x); ``k = 16, s = 0.1`` 1.04 / 1.09 / 1.03 / 1.07 (0.99 / 1.04 /
+1.00 / 1.27x); ``k = 32, s = 0.2`` 1.06 / 1.09 / 1.04 / 1.09 (1.01 / 1.14 / 1.00 / 1.66x);
+``k = 32, s = 0.3`` with ``probe_pause`` 1.01 / 0.99 / 1.01 / 1.00 (p99 up to 1.6x: paused
+probes wait, and growth preempts them); true lengths 1.30 / 1.38 / 1.23 / 1.07, with ``k = 16,
+s = 0.1`` 1.22 / 1.38 / 1.12 / 1.07. At Sarathi's goodput rate the probes do what they are for
+(ShareGPT 40 GB: SLO attainment 0.963 -> 0.987, answers of 9-32 tokens 0.91 -> 0.99, their
+TTFT p90 1.6 s -> 0.9 s), but the cache is full when short answers wait (committed blocks at
+the curve's capacity), so a probe's room comes from the long requests: past ``k`` they
+over-fill the curve and 10-20 % of requests are preempted near the goodput rate.
 
 **The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
 equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
@@ -972,10 +977,6 @@ class EconoServePolicy(Policy):
             return 0
         head = self._gt_queue[0][2]
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
-
-    def _flight(self) -> list[np.ndarray]:
-        """The occupancy terms of everything in flight (see :meth:`_flight_terms`)."""
-        return self._flight_terms()[1]
 
     def _flight_terms(self) -> tuple[list[Request], list[np.ndarray]]:
         """Everything in flight and its predicted occupancy terms of everything in flight (see
