@@ -979,7 +979,7 @@ class EconoServePolicy(Policy):
         return self.kv_cache.growth_blocks_needed(head.request_id, self.exact_allocation_tokens(head))
 
     def _flight_terms(self) -> tuple[list[Request], list[np.ndarray]]:
-        """Everything in flight and its predicted occupancy terms of everything in flight (see
+        """Everything in flight and its predicted occupancy terms (see
         :meth:`KVCache.occupancy_peak_blocks`): start [steps], base [tokens], lifetime [steps],
         held [blocks] per GT (generating or queued: start 0, base = cached tokens) and per PT
         (base = its tokens when its prompt is done, start = the steps until then, from the prompt
