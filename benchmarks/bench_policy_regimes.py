@@ -387,6 +387,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     missing = [s for s in BASELINES if s not in args.schedulers]
     if missing:
         parser.error(f"--schedulers must include every baseline ({', '.join(BASELINES)})")
+    for spec in args.schedulers:
+        value = parse_scheduler(spec)[1].get(REFINE_OPTION)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            parser.error(f"{spec}: {REFINE_OPTION} must be a positive number of tokens, got {value!r}")
     names = args.regimes or (QUICK_REGIMES if args.quick else [r.name for r in REGIMES])
     args.regime_list = [r for r in REGIMES if r.name in names]
     return args
