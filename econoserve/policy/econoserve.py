@@ -163,6 +163,21 @@ Spearman 0.58 vs 0.62), 1.03-1.04 / 1.06 / - / 1.07 with the mean allocation (Az
 1.09x -> 1.04x), and 0.99 / 0.89 / 0.96 / 1.04 with the overrun reserve (it keeps several times
 the fixed 2 % free).
 
+**Refined predictions** (optional; trace columns ``refine_after_tokens`` = ``k`` and
+``refined_output_tokens``). When a request has generated ``k`` tokens unfinished, the executor
+hands the policy a prediction from the prompt *and* those ``k`` tokens
+(:mod:`econoserve.predictor.refine`; :meth:`Policy.refine_prediction`). EconoServe then re-sizes
+``A`` from it, and with ``A`` the request's occupancy-curve term, its allocation target and its
+GT key; a queued request is re-sorted and the next step re-runs admission. KV already held is
+kept. Measured (2000 requests, 2 seeds; ``benchmarks/results/policy_refine_notes.md``,
+``policy_probe_refine_full.md``): ShareGPT's refined model ranks the held-out responses longer
+than 16 tokens at Spearman 0.68 (prompt-only 0.53). Goodput / Sarathi's at 80 GB / 40 GB / Gamma
+CV 3 was 1.01 / 1.10 / 1.03 with refinement at ``k = 16`` (default 1.01 / 1.09 / 1.03): the refined
+value arrives after the request was admitted, and admission order is where the oracle gains. With
+probes at the same ``k`` it was 1.05 / 1.13 / 1.03 (p99 JCT 1.02 / 1.10 / 1.01x), the best measured
+with the trained predictor, and still short of 1.10 at 80 GB and with Gamma arrivals. Without the
+columns nothing changes.
+
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
 a preemption the lowest-priority running request; decided every step) and ``oracle_rl`` (the
