@@ -231,6 +231,10 @@ def test_scaled_lengths_fit_the_context_and_keep_their_order():
     assert scaled["output_tokens"].tolist() == [10, 450, 25, 1]
     assert scaled["predicted_output_tokens"].tolist() == [13, 400, 512, 1]  # clipped to what the prompt leaves
     assert (scaled["prompt_tokens"] + scaled["output_tokens"] <= 1024).all()
+    refined = Trace.from_frame(frame).with_refinements([30, 700, 4000, 2], refine_after_tokens=16)
+    scaled = scale_lengths(refined, 0.5, max_model_len=1024).requests
+    assert scaled["refine_after_tokens"].tolist() == [8] * 4
+    assert scaled["refined_output_tokens"].tolist() == [15, 350, 512, 1]
     assert REGIMES["kv-bound"].kv_cache_tokens < REGIMES["light-load"].kv_cache_tokens
     with pytest.raises(UserError, match="length scale"):
         scale_lengths(Trace.from_frame(frame), 0, max_model_len=1024)

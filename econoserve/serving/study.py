@@ -76,9 +76,10 @@ REGIMES: dict[str, StudyRegime] = {
 
 
 def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
-    """``trace`` with prompt, response and predicted lengths multiplied by ``factor`` (rounded up,
-    >= 1) and clipped to fit ``max_model_len`` [tokens]: prompts to half of it, responses (true and
-    predicted) to what the prompt leaves. The scaling is recorded in the trace's metadata."""
+    """``trace`` with prompt, response and predicted lengths (refined ones and their ``k``
+    included) multiplied by ``factor`` (rounded up, >= 1) and clipped to fit ``max_model_len``
+    [tokens]: prompts to half of it, responses (true and predicted) to what the prompt leaves.
+    The scaling is recorded in the trace's metadata."""
     if factor <= 0:
         raise UserError(f"length scale must be > 0, got {factor}")
     if max_model_len < 2:
@@ -93,6 +94,9 @@ def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
     frame["output_tokens"] = np.minimum(scaled("output_tokens"), room)
     if trace.has_predictions:
         frame["predicted_output_tokens"] = np.minimum(scaled("predicted_output_tokens"), room)
+    if trace.has_refinements:
+        frame["refine_after_tokens"] = scaled("refine_after_tokens")
+        frame["refined_output_tokens"] = np.minimum(scaled("refined_output_tokens"), room)
     metadata = {**trace.metadata, "length_scale": {"factor": factor, "max_model_len": max_model_len}}
     return Trace.from_frame(frame, metadata, source="<scaled trace>")
 
