@@ -50,7 +50,7 @@ REQUEST_SCHEMA: dict[str, Column] = {
     "finish_time_s": Column("float64", "last output token [s] (NaN if not finished; a failure's time on a real engine)"),
     "prompt_tokens": Column("int64", "prompt length [tokens]"),
     "output_tokens": Column("int64", "requested output length = the trace's response length [tokens]"),
-    "predicted_output_tokens": Column("Int64", "the length prediction the policy saw [tokens] (null where none)"),
+    "predicted_output_tokens": Column("Int64", "the length prediction the policy saw at arrival [tokens] (null where none; a refined one is not recorded)"),
     "generated_tokens": Column("int64", "output tokens produced [tokens]"),
     "num_preemptions": Column("int64", "times the request was preempted (KV freed, later recomputed)"),
     "ttft_s": Column("float64", "first token minus arrival [s]"),
