@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from econoserve.errors import UserError
-from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
-from econoserve.policy import make_policy
+from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, served_limits, simulation_config
+from econoserve.policy import EngineLimits, make_policy
 from econoserve.sim import build_setup, simulate
 from econoserve.sim.synthetic import synthetic_trace
 
@@ -54,3 +54,29 @@ def test_a_simulation_compared_with_itself_has_no_error():
     result = simulate(trace, simulation_config(shape, "vllm", "roofline", model="opt-13b"))
     errors = request_errors(result.requests, result.requests)
     assert len(errors) == 40 and errors.jct_error.max() == 0.0
+
+
+def test_a_served_policy_is_simulated_with_the_drop_ins_time_estimates_not_the_latency_models():
+    """The vLLM drop-in has no latency model: unless its ``econoserve.limits`` say otherwise, its
+    policy estimates time with EngineLimits' defaults, and so must the simulated copy (the
+    estimates set EconoServe's Ordering keys; a mismatch changes which request runs first)."""
+    shape = EngineShape(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=1024, block_size=32,
+                        kv_cache_tokens=2048)
+    defaults = EngineLimits(num_kv_blocks=1)
+    _, _, limits = build_setup(simulation_config(shape, "econoserve", "roofline", model="opt-13b"))
+    assert (limits.prefill_time_per_token_s, limits.decode_time_per_step_s) == (
+        defaults.prefill_time_per_token_s, defaults.decode_time_per_step_s)
+    assert limits.saturating_token_budget == 2048
+    # the roofline's own estimates differ, so the test can fail
+    _, _, own = build_setup(simulation_config(shape, "econoserve", "roofline", model="opt-13b",
+                                              decode_time_per_step_s=None, prefill_time_per_token_s=None))
+    assert own.decode_time_per_step_s != defaults.decode_time_per_step_s
+    run_config = {"engine": {"extra_options": {"policy": "econoserve",
+                                               "limits": {"decode_time_per_step_s": 0.01, "saturating_token_budget": 512}}}}
+    given = served_limits(run_config)
+    _, _, limits = build_setup(simulation_config(shape, "econoserve", "roofline", given, model="opt-13b"))
+    assert (limits.decode_time_per_step_s, limits.saturating_token_budget) == (0.01, 512)
+    assert limits.prefill_time_per_token_s == defaults.prefill_time_per_token_s
+    assert served_limits({"engine": {"extra_options": {"policy": "econoserve"}}}) == {}
+    with pytest.raises(UserError, match="num_kv_blocks"):
+        simulation_config(shape, "econoserve", "roofline", {"num_kv_blocks": 3})

@@ -200,6 +200,21 @@ def test_engine_limits_and_budgets_come_from_the_engine(model_dir):
         assert econoserve.econoserve_policy.max_num_seqs == 8
 
 
+def test_the_simulated_policy_gets_the_limits_the_drop_in_built(model_dir):
+    """The fidelity check simulates a served policy with exactly the EngineLimits the drop-in gave
+    it (time estimates included: they feed EconoServe's Ordering keys), with and without a
+    ``limits`` section."""
+    from econoserve.serving.fidelity import EngineShape, simulation_config
+    from econoserve.sim import build_setup
+
+    shape = EngineShape(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024, block_size=BLOCK_SIZE,
+                        kv_cache_tokens=17 * BLOCK_SIZE)
+    for limits in ({}, {"decode_time_per_step_s": 0.007, "prefill_time_per_token_s": 3e-5}):
+        served = _stepped_scheduler(model_dir, "sarathi", options={"limits": limits} if limits else None)
+        _, _, simulated = build_setup(simulation_config(shape, "sarathi", "roofline", limits))
+        assert simulated == served.econoserve_policy.limits
+
+
 def test_structured_output_and_policy_rejections_finish_with_an_error(model_dir):
     from vllm.sampling_params import StructuredOutputsParams
     from vllm.v1.engine import FinishReason

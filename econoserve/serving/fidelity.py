@@ -7,6 +7,10 @@ simulated side replays the same trace through the same policy with:
   null block), its block size, ``max_model_len``, and ``max_num_batched_tokens`` /
   ``max_num_seqs`` as the hard caps of every policy (and the saturating budget, as the vLLM
   adapter sets it);
+* the policy's time estimates and saturating budget as the vLLM drop-in has them
+  (:func:`drop_in_estimates`): ``EngineLimits``' defaults unless the run gave the drop-in
+  ``econoserve.limits``; the drop-in has no latency model, so the simulated policy must not get
+  the latency model's estimates either (they feed EconoServe's Ordering keys);
 * a latency model fitted to step times measured on that engine
   (``econoserve profile-engine``; :class:`~econoserve.sim.latency.FittedLatencyModel`).
 
@@ -20,6 +24,7 @@ No vLLM import here: the comparison reads run directories, so it runs in the mai
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -27,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.policy import EngineLimits
 from econoserve.results import finished
 from econoserve.sim.engine import SimulationConfig
 
@@ -65,19 +71,50 @@ class EngineShape:
         return self.kv_cache_tokens // self.block_size - 1
 
 
-def simulation_config(shape: EngineShape, scheduler: str, latency_model: str, **overrides: Any) -> SimulationConfig:
-    """The simulation of ``scheduler`` (a real scheduler name or a policy name) on that engine."""
-    return SimulationConfig(
+#: EngineLimits fields the drop-in takes from its ``econoserve.limits`` section (the rest come from
+#: the engine); the simulation copies them.
+DROP_IN_ESTIMATES: tuple[str, ...] = ("saturating_token_budget", "prefill_time_per_token_s", "decode_time_per_step_s")
+
+
+def served_limits(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``econoserve.limits`` section a served run gave the drop-in (from its ``config.json``;
+    empty when none)."""
+    engine = config.get("engine", config)
+    return dict((engine.get("extra_options") or {}).get("limits") or {})
+
+
+def drop_in_estimates(shape: EngineShape, limits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The saturating token budget [tokens] and time estimates [s/token, s/step] the vLLM drop-in
+    (:meth:`econoserve.serving.scheduler.PolicySchedulerCore.engine_limits`) gives its policy on
+    this engine: the step budget ``max_num_batched_tokens``, ``EngineLimits``' default estimates,
+    each overridden by ``limits`` (the run's ``econoserve.limits``)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineLimits)}
+    values = {"saturating_token_budget": shape.max_num_batched_tokens,
+              "prefill_time_per_token_s": defaults["prefill_time_per_token_s"],
+              "decode_time_per_step_s": defaults["decode_time_per_step_s"]}
+    for name, value in (limits or {}).items():
+        if name not in DROP_IN_ESTIMATES:
+            raise UserError(f"econoserve.limits.{name}: the simulation copies only {', '.join(DROP_IN_ESTIMATES)}")
+        values[name] = value
+    return values
+
+
+def simulation_config(shape: EngineShape, scheduler: str, latency_model: str,
+                      limits: Mapping[str, Any] | None = None, **overrides: Any) -> SimulationConfig:
+    """The simulation of ``scheduler`` (a real scheduler name or a policy name) on that engine,
+    its policy given the drop-in's estimates (:func:`drop_in_estimates`; ``limits`` = the served
+    run's ``econoserve.limits``, :func:`served_limits`)."""
+    values = dict(
         scheduler=SIMULATED_POLICY.get(scheduler, scheduler),
         max_tokens_per_step=shape.max_num_batched_tokens,
         max_seqs_per_step=shape.max_num_seqs,
-        saturating_token_budget=shape.max_num_batched_tokens,
         block_size=shape.block_size,
         num_kv_blocks=shape.num_kv_blocks,
         max_model_len=shape.max_model_len,
         latency_model=latency_model,
-        **overrides,
+        **drop_in_estimates(shape, limits),
     )
+    return SimulationConfig(**{**values, **overrides})
 
 
 def request_errors(real: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.results import read_iterations, read_requests
-from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, simulation_config
+from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, served_limits, simulation_config
 from econoserve.serving.profiler import ProfileGrid
 from econoserve.sim import SimulationResult, simulate
 from econoserve.sim.latency import FittedLatencyModel
@@ -248,12 +248,15 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
             run_dirs[scheduler].append(serve(study, scheduler, round_index, log))
     rounds = rounds_table(run_dirs)
     real_requests, real_iterations, real_summaries, simulated, error_tables, rows = {}, {}, {}, {}, [], []
+    limits = {}
     for scheduler in study.schedulers:
         run_dir = run_dirs[scheduler][median_round(rounds, scheduler)]
         real_requests[scheduler] = read_requests(run_dir)
         real_iterations[scheduler] = read_iterations(run_dir)
         real_summaries[scheduler] = json.loads((run_dir / "summary.json").read_text())
-        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(latency_path))
+        limits[scheduler] = served_limits(json.loads((run_dir / "config.json").read_text()))
+        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(latency_path),
+                                   limits[scheduler])
         simulated[scheduler] = simulate(trace, config)
         simulated[scheduler].write(out / "simulated" / _safe(scheduler))
         errors = request_errors(real_requests[scheduler], simulated[scheduler].requests)
@@ -263,7 +266,7 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
                      **_simulated_metrics(simulated[scheduler]), **error_summary(errors, len(trace))})
     summary = pd.DataFrame(rows)
     if len(study.schedulers) > 1:
-        summary = summary.merge(_cross_fitted_errors(study, trace, real_requests, real_iterations), on="scheduler")
+        summary = summary.merge(_cross_fitted_errors(study, trace, real_requests, real_iterations, limits), on="scheduler")
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency, rounds)
 
@@ -311,7 +314,7 @@ def _ratio_name(metric: str) -> str:
 
 
 def _cross_fitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str, pd.DataFrame],
-                         real_iterations: dict[str, pd.DataFrame]) -> pd.DataFrame:
+                         real_iterations: dict[str, pd.DataFrame], limits: dict[str, dict]) -> pd.DataFrame:
     """A second check that separates the latency model's form from drift between the profile and
     the runs: each scheduler simulated with a latency model fitted to the *other* schedulers'
     real step logs (taken minutes apart from the profile, seconds apart from each other)."""
@@ -320,7 +323,7 @@ def _cross_fitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[
         others = pd.concat([real_iterations[s] for s in study.schedulers if s != scheduler], ignore_index=True)
         path = FittedLatencyModel.fit(others, source=f"real runs other than {scheduler}").save(
             Path(study.output_dir) / "cross_fit" / f"{_safe(scheduler)}.json")
-        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(path))
+        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(path), limits[scheduler])
         errors = request_errors(real_requests[scheduler], simulate(trace, config).requests)
         summary = error_summary(errors)
         rows.append({"scheduler": scheduler, "crossfit_median_jct_error": summary["median_jct_error"],

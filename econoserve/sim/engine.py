@@ -94,8 +94,14 @@ class SimulationConfig:
     saturating_token_budget:
         Override of the saturating token budget [tokens] the engine limits report (policies with a
         derived budget use it, as inside vLLM, where it is the engine's step budget); ``None`` = from
-        the latency model. The policies' time estimates and the reference budget for GPU token
-        utilization stay those of the latency model.
+        the latency model. The reference budget for GPU token utilization stays that of the
+        latency model.
+    prefill_time_per_token_s, decode_time_per_step_s:
+        Overrides of the time estimates the engine limits give policies [s/token, s/step]
+        (:class:`~econoserve.policy.base.EngineLimits`; EconoServe's Ordering keys and SLO slack
+        read them); ``None`` = from the latency model. A simulated copy of a policy served
+        inside vLLM uses the estimates the drop-in had (:func:`econoserve.serving.fidelity.simulation_config`),
+        which has no latency model.
     role:
         ``colocated`` (an ordinary engine: prompts and decoding), or, for prefill/decode
         disaggregation (:mod:`econoserve.sim.disaggregation`), ``prefill`` (prompts only; a
@@ -129,6 +135,8 @@ class SimulationConfig:
     max_tokens_per_step: int | None = None
     max_seqs_per_step: int | None = None
     saturating_token_budget: int | None = None
+    prefill_time_per_token_s: float | None = None
+    decode_time_per_step_s: float | None = None
     role: str = "colocated"
     node: int = 0
 
@@ -156,6 +164,10 @@ class SimulationConfig:
         for name in ("max_tokens_per_step", "max_seqs_per_step", "saturating_token_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
+        for name in ("prefill_time_per_token_s", "decode_time_per_step_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
                 raise UserError(f"{name} must be > 0, got {value}")
 
     def deployment(self) -> Deployment:
@@ -211,8 +223,8 @@ def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, Eng
         block_size=config.block_size,
         max_model_len=max_model_len,
         saturating_token_budget=config.saturating_token_budget or budget,
-        prefill_time_per_token_s=prefill_step_s / budget,
-        decode_time_per_step_s=decode_step_s,
+        prefill_time_per_token_s=config.prefill_time_per_token_s or prefill_step_s / budget,
+        decode_time_per_step_s=config.decode_time_per_step_s or decode_step_s,
         max_tokens_per_step=config.max_tokens_per_step,
         max_seqs_per_step=config.max_seqs_per_step,
     )
