@@ -40,26 +40,16 @@ from tqdm import tqdm
 
 from econoserve.errors import UserError
 from econoserve.results import read_iterations, read_requests
-from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, served_limits, simulation_config
+from econoserve.serving.fidelity import (EngineShape, error_summary, request_errors, served_limits, simulation_config,
+                                         wall_step_table)
 from econoserve.sim import simulate
 from econoserve.sim.latency import FittedLatencyModel
 from econoserve.workload.trace import Trace
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULERS = ("vllm", "econoserve")
-#: Inter-step gaps [s] above this are idle time (waiting for an arrival), not a step's cost.
-MAX_GAP_S = 0.005
 SCALES = (0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0, 1.1)
 QUICK_SCALES = (0.7, 0.8, 1.0)
-
-
-def wall_step_table(iterations: pd.DataFrame) -> pd.DataFrame:
-    """The step log with ``duration_s`` extended by the gap to the next step's start (engine work
-    outside ``schedule()``..``update_from_output()``), gaps over :data:`MAX_GAP_S` left out."""
-    start = iterations["start_time_s"].to_numpy(float)
-    duration = iterations["duration_s"].to_numpy(float)
-    gap = np.append(start[1:] - (start[:-1] + duration[:-1]), 0.0)
-    return iterations.assign(duration_s=duration + np.where((gap > 0) & (gap < MAX_GAP_S), gap, 0.0))
 
 
 def scaled_model(path: Path, scale: float, out: Path) -> Path:

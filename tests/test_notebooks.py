@@ -147,7 +147,9 @@ def test_vllm_serving_notebook(tmp_path):
     table = pd.read_csv(figures / "fig15_vllm_serving.csv")
     assert table["scheduler"].tolist() == ["vllm", "econoserve"]
     assert (table["real_completed"] == 24).all() and (table["compared"] == 24).all()
-    assert table["median_jct_error"].notna().all() and table["crossfit_median_jct_error"].notna().all()
+    for column in ("median_jct_error", "crossfit_median_jct_error", "selffit_median_jct_error"):
+        assert table[column].notna().all(), column
+    assert (table["selffit_num_preemptions"] >= 0).all()
     assert (table["rounds"] == 2).all() and (table.loc[0, ["median_mean_jct_ratio", "min_mean_jct_ratio"]] == 1.0).all()
     rounds = pd.read_csv(figures / "fig15_vllm_serving_rounds.csv")
     assert sorted(zip(rounds["scheduler"], rounds["round"])) == sorted(

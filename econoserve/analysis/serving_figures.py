@@ -18,12 +18,14 @@ from econoserve.results import finished, kv_block_usage, kv_reserved_fraction
 def table15(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per scheduler: the real run's metrics (its median round), the medians (and ranges)
     over rounds of its ratios to the first scheduler in the same round, and the simulator's
-    per-request errors."""
+    per-request errors and preemptions: with the profile's latency model, and refitted to the
+    other schedulers' runs (``crossfit_``) and to the run's own steps (``selffit_``)."""
     ratios = [c for c in summary.columns if c.endswith("_ratio") and c.split("_", 1)[0] in ("median", "min", "max")]
     columns = ["scheduler", *[c for c in summary.columns if c.startswith("real_")], "rounds", *ratios,
                *[c for c in summary.columns if c.startswith("sim_")], "median_jct_error", "p90_jct_error", "median_ttft_error", "p90_ttft_error",
                "mean_jct_sim_s", "mean_ttft_sim_s", "compared",
-               "crossfit_median_jct_error", "crossfit_p90_jct_error", "crossfit_median_ttft_error"]
+               *[f"{fit}_{column}" for fit in ("crossfit", "selffit") for column in
+                 ("median_jct_error", "p90_jct_error", "median_ttft_error", "num_preemptions")]]
     return summary[[c for c in columns if c in summary.columns]].reset_index(drop=True)
 
 

@@ -117,6 +117,21 @@ def simulation_config(shape: EngineShape, scheduler: str, latency_model: str,
     return SimulationConfig(**{**values, **overrides})
 
 
+#: Gaps between real steps [s] above this are idle time (waiting for an arrival), not a step's cost.
+MAX_STEP_GAP_S = 0.005
+
+
+def wall_step_table(iterations: pd.DataFrame) -> pd.DataFrame:
+    """A real run's step log with ``duration_s`` extended by the gap to the next step's start
+    (engine work outside ``schedule()``..``update_from_output()``: input preparation, output
+    processing), gaps over :data:`MAX_STEP_GAP_S` left out: the step time a simulation of that
+    run should charge."""
+    start = iterations["start_time_s"].to_numpy(float)
+    duration = iterations["duration_s"].to_numpy(float)
+    gap = np.append(start[1:] - (start[:-1] + duration[:-1]), 0.0)
+    return iterations.assign(duration_s=duration + np.where((gap > 0) & (gap < MAX_STEP_GAP_S), gap, 0.0))
+
+
 def request_errors(real: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:
     """Per request: real and simulated JCT and TTFT [s] and their relative errors, from two
     requests tables in the one results format (:mod:`econoserve.results`).

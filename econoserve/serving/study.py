@@ -33,7 +33,8 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.results import read_iterations, read_requests
-from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, served_limits, simulation_config
+from econoserve.serving.fidelity import (EngineShape, error_summary, request_errors, served_limits, simulation_config,
+                                         wall_step_table)
 from econoserve.serving.profiler import ProfileGrid
 from econoserve.sim import SimulationResult, simulate
 from econoserve.sim.latency import FittedLatencyModel
@@ -264,9 +265,8 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
         rows.append({"scheduler": scheduler, **_real_metrics(real_summaries[scheduler]),
                      **_round_ratios(rounds, scheduler),
                      **_simulated_metrics(simulated[scheduler]), **error_summary(errors, len(trace))})
-    summary = pd.DataFrame(rows)
-    if len(study.schedulers) > 1:
-        summary = summary.merge(_cross_fitted_errors(study, trace, real_requests, real_iterations, limits), on="scheduler")
+    summary = pd.DataFrame(rows).merge(_refitted_errors(study, trace, real_requests, real_iterations, limits),
+                                       on="scheduler")
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency, rounds)
 
@@ -313,22 +313,34 @@ def _ratio_name(metric: str) -> str:
     return f"{metric.removesuffix('_s').removesuffix('_rps')}_ratio"
 
 
-def _cross_fitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str, pd.DataFrame],
-                         real_iterations: dict[str, pd.DataFrame], limits: dict[str, dict]) -> pd.DataFrame:
-    """A second check that separates the latency model's form from drift between the profile and
-    the runs: each scheduler simulated with a latency model fitted to the *other* schedulers'
-    real step logs (taken minutes apart from the profile, seconds apart from each other)."""
+def _refitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str, pd.DataFrame],
+                     real_iterations: dict[str, pd.DataFrame], limits: dict[str, dict]) -> pd.DataFrame:
+    """Two checks that separate the simulated policy from drift between the profile and the runs
+    (on a shared machine the profile's steps may be tens of percent slower or faster than the
+    runs', and under KV pressure preemptions follow the step time): each scheduler simulated with
+    a latency model fitted to the *other* schedulers' real step logs (``crossfit_``; taken
+    minutes apart from the profile, seconds apart from each other) and to its *own* run's wall
+    time per step (``selffit_``; :func:`~econoserve.serving.fidelity.wall_step_table`: what is
+    left is the simulated policy and the latency model's form)."""
     rows = []
     for scheduler in study.schedulers:
-        others = pd.concat([real_iterations[s] for s in study.schedulers if s != scheduler], ignore_index=True)
-        path = FittedLatencyModel.fit(others, source=f"real runs other than {scheduler}").save(
-            Path(study.output_dir) / "cross_fit" / f"{_safe(scheduler)}.json")
-        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(path), limits[scheduler])
-        errors = request_errors(real_requests[scheduler], simulate(trace, config).requests)
-        summary = error_summary(errors)
-        rows.append({"scheduler": scheduler, "crossfit_median_jct_error": summary["median_jct_error"],
-                     "crossfit_p90_jct_error": summary["p90_jct_error"],
-                     "crossfit_median_ttft_error": summary["median_ttft_error"]})
+        others = [s for s in study.schedulers if s != scheduler]
+        fits = {"selffit": (wall_step_table(real_iterations[scheduler]), f"the real run of {scheduler}, wall time")}
+        if others:
+            fits["crossfit"] = (pd.concat([real_iterations[s] for s in others], ignore_index=True),
+                                f"real runs other than {scheduler}")
+        row = {"scheduler": scheduler}
+        for prefix, (steps, source) in fits.items():
+            path = FittedLatencyModel.fit(steps, source=source).save(
+                Path(study.output_dir) / prefix.replace("fit", "_fit") / f"{_safe(scheduler)}.json")
+            config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(path), limits[scheduler])
+            result = simulate(trace, config)
+            summary = error_summary(request_errors(real_requests[scheduler], result.requests))
+            row.update({f"{prefix}_median_jct_error": summary["median_jct_error"],
+                        f"{prefix}_p90_jct_error": summary["p90_jct_error"],
+                        f"{prefix}_median_ttft_error": summary["median_ttft_error"],
+                        f"{prefix}_num_preemptions": int(result.summary["num_preemptions"])})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
