@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from econoserve.experiments.plan import PredictorTraining
+from econoserve.experiments.plan import POINT_OBJECTIVES, PredictorTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -57,7 +57,8 @@ ECONOSERVE_MAIN: tuple[str, ...] = ("econoserve", "econoserve-oracle")
 ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no-ordering",
                                          "econoserve-no-syncdecoupled")
 GOODPUT_TOLERANCE = 0.02
-#: The trained predictor's default training (``--max-train`` / ``--boost-rounds`` change it).
+#: The trained predictor's default training (``--max-train`` / ``--boost-rounds`` /
+#: ``--predictor-objective`` change it).
 PREDICTOR_DEFAULTS = PredictorTraining()
 #: Scheduler-spec option (not a policy knob): run on traces with refined predictions after this
 #: many generated tokens, e.g. ``econoserve[refine=32]``.
@@ -356,8 +357,9 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         "at the strongest baseline's goodput rate; KV shares are time-averaged fractions of the cache; "
         "`stall` = share of time in steps below the token budget while requests waited. Means over seeds.",
         *([] if args.training == PREDICTOR_DEFAULTS else [
-            "", f"Trained predictor: {args.max_train or 'all'} training prompts, {args.boost_rounds} boosting rounds "
-            f"(default {PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round})."]),
+            "", f"Trained predictor: {args.predictor_objective}, {args.max_train or 'all'} training prompts, "
+            f"{args.boost_rounds} boosting rounds (default {PREDICTOR_DEFAULTS.objective}, "
+            f"{PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round})."]),
         "",
         "## Summary",
         "",
@@ -408,10 +410,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "value trains and caches its own model)")
     parser.add_argument("--boost-rounds", type=int, default=PREDICTOR_DEFAULTS.num_boost_round,
                         help=f"boosting rounds of the trained predictor (default {PREDICTOR_DEFAULTS.num_boost_round})")
+    parser.add_argument("--predictor-objective", choices=POINT_OBJECTIVES, default=PREDICTOR_DEFAULTS.objective,
+                        help="objective of the trained point predictor: regression (default) or rank (a ranker "
+                             "whose scores map to lengths through the training lengths' quantiles)")
     args = parser.parse_args(argv)
     if args.boost_rounds < 1 or (args.max_train is not None and args.max_train < 10):
         parser.error("--boost-rounds must be >= 1 and --max-train >= 10 (or 'all')")
-    args.training = replace(PREDICTOR_DEFAULTS, max_train=args.max_train, num_boost_round=args.boost_rounds)
+    args.training = replace(PREDICTOR_DEFAULTS, max_train=args.max_train, num_boost_round=args.boost_rounds,
+                            objective=args.predictor_objective)
     args.num_requests = args.num_requests or (1000 if args.quick else 2000)
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     if args.num_requests < 2:
