@@ -7,8 +7,10 @@ script trains prompt-only variants of the scoreboard's predictor (``benchmarks/b
 LightGBM on prompt features + n-grams, :class:`~econoserve.experiments.plan.PredictorTraining`'s
 4000 training prompts and 100 boosting rounds, L1 regression on ``log1p(length)``) on the same
 training part, and scores each on the whole held-out part (the split the scoreboard's traces
-are drawn from): Spearman's and Kendall's rank correlation, MAE [tokens], and the median
-prediction of the short (<= 32 tokens) and long (> 256 tokens) answers.
+are drawn from): Spearman's and Kendall's rank correlation (and Spearman among the answers of
+at most 256 tokens), MAE [tokens], the median prediction of the short (<= 32 tokens) and long
+(> 256 tokens) answers, and the share of short answers predicted longer than 100 tokens (the
+requests EconoServe's admission holds back wrongly).
 
 Variants: the number of training prompts (4000 or all), boosting rounds, n-gram vocabulary,
 the loss (L1 = conditional median, L2 = conditional mean of the log length) and the ``rank``
@@ -40,6 +42,7 @@ DATASET = "sharegpt"
 TOKENIZER = "llama2"
 SHORT_TOKENS = 32
 LONG_TOKENS = 256
+SHORT_PREDICTED_LONG_TOKENS = 100
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,9 @@ def measure(variant: Variant, train, test) -> dict:
         "spearman": float(spearmanr(actual, predicted).statistic),
         "kendall_tau": float(kendalltau(actual, predicted).statistic),
         "mae_tokens": float(np.mean(np.abs(predicted - actual))),
+        "spearman_up_to_long": float(spearmanr(actual[~long], predicted[~long]).statistic),
         "median_pred_short_tokens": float(np.median(predicted[short])),
+        "short_predicted_over_100": float(np.mean(predicted[short] > SHORT_PREDICTED_LONG_TOKENS)),
         "median_pred_long_tokens": float(np.median(predicted[long])),
         "train_s": train_s,
     }
@@ -129,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Written by `benchmarks/bench_predictor_ranking.py`{' --quick' if args.quick else ''}. "
         f"{DATASET} ({TOKENIZER} tokens), the scoreboard's split (20 % of source records held out, seed 0); "
-        f"trained on the training part, scored on all {len(test)} held-out requests. `median_pred_short` / "
-        f"`_long`: median prediction of answers <= {SHORT_TOKENS} / > {LONG_TOKENS} tokens. "
+        f"trained on the training part, scored on all {len(test)} held-out requests. `spearman_up_to_long`: "
+        f"among answers <= {LONG_TOKENS} tokens. `median_pred_short` / `_long`: median prediction of answers "
+        f"<= {SHORT_TOKENS} / > {LONG_TOKENS} tokens; `short_predicted_over_100`: share of answers <= "
+        f"{SHORT_TOKENS} tokens predicted > {SHORT_PREDICTED_LONG_TOKENS}. "
         "`train_s`: one thread, on a shared machine.",
         "",
         markdown(frame),
