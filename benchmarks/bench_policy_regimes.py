@@ -40,11 +40,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from econoserve.experiments.plan import POINT_OBJECTIVES, PredictorTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,6 +57,9 @@ ECONOSERVE_MAIN: tuple[str, ...] = ("econoserve", "econoserve-oracle")
 ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no-ordering",
                                          "econoserve-no-syncdecoupled")
 GOODPUT_TOLERANCE = 0.02
+#: The trained predictor's default training (``--max-train`` / ``--boost-rounds`` /
+#: ``--predictor-objective`` change it).
+PREDICTOR_DEFAULTS = PredictorTraining()
 #: Scheduler-spec option (not a policy knob): run on traces with refined predictions after this
 #: many generated tokens, e.g. ``econoserve[refine=32]``.
 REFINE_OPTION = "refine"
@@ -96,24 +101,30 @@ QUICK_REGIMES: tuple[str, ...] = ("sharegpt-a100-80gb", "sharegpt-a100-40gb", "s
 
 
 # --------------------------------------------------------------------- traces
-def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...]):
+def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...], training=None):
+    """The experiment plan of ``regime``; ``training``: the trained predictor's
+    :class:`~econoserve.experiments.plan.PredictorTraining` (None: the default; any other
+    value is cached under its own predictor directory)."""
     from econoserve.experiments import DeploymentSpec, ExperimentPlan
+    from econoserve.experiments.plan import PredictorTraining
 
     return ExperimentPlan(datasets=(regime.dataset,), deployments=(DeploymentSpec(regime.model, regime.gpu),),
-                          num_requests=num_requests, seeds=seeds, predictor="train", sensitivity=None, jobs=1)
+                          num_requests=num_requests, seeds=seeds, predictor="train", sensitivity=None, jobs=1,
+                          predictor_training=training or PredictorTraining())
 
 
 def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
-                     distribution: bool = False, refine: int | None = None) -> dict[int, object]:
+                     distribution: bool = False, refine: int | None = None, training=None) -> dict[int, object]:
     """One trace per seed at a mean rate of 1 request/s, with ``predicted_output_tokens`` and,
     with ``distribution``, ``predicted_output_quantiles`` (trained: the dataset's classification
     model; perturbed: the two lengths the perturbation can have come from; cross-fitted: none);
     with ``refine = k`` [tokens] also the refined prediction after ``k`` generated tokens
-    (``refined_output_tokens``, ``refine_after_tokens``; the same requests and arrivals)."""
+    (``refined_output_tokens``, ``refine_after_tokens``; the same requests and arrivals);
+    ``training``: the trained predictor's :class:`~econoserve.experiments.plan.PredictorTraining`."""
     import econoserve.experiments as ex
     from econoserve.errors import UserError
 
-    plan = _plan(regime, num_requests, seeds)
+    plan = _plan(regime, num_requests, seeds, training)
     deployment = plan.deployments[0]
     cross_fit = regime.arrival != "replay" and ex.uses_cross_fit(plan, regime.dataset, deployment)
     if refine is not None and (regime.arrival == "replay" or cross_fit):
@@ -258,12 +269,14 @@ def refine_of(scheduler: str) -> int | None:
 
 
 def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int, seeds: tuple[int, ...],
-                 progress, distribution: bool = False) -> pd.DataFrame:
+                 progress, distribution: bool = False, training=None) -> pd.DataFrame:
     """Every scheduler's goodput and diagnostics in ``regime``; a scheduler with the ``refine=k``
-    option runs on the same traces with refined predictions after ``k`` tokens."""
+    option runs on the same traces with refined predictions after ``k`` tokens; ``training``: the
+    trained predictor's :class:`~econoserve.experiments.plan.PredictorTraining` (None: default)."""
     refines = sorted({k for k in map(refine_of, schedulers) if k is not None})
-    traces = unit_rate_traces(regime, num_requests, seeds, distribution)
-    refined = {k: unit_rate_traces(regime, num_requests, seeds, distribution, refine=k) for k in refines}
+    traces = unit_rate_traces(regime, num_requests, seeds, distribution, training=training)
+    refined = {k: unit_rate_traces(regime, num_requests, seeds, distribution, refine=k, training=training)
+               for k in refines}
     rows = []
     for seed, plain in traces.items():
         def trace_for(scheduler: str):
@@ -343,6 +356,10 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         ">= 90 % SLO attainment (JCT <= 5 x isolated time), bisection to 2 %. Per-cell columns are measured "
         "at the strongest baseline's goodput rate; KV shares are time-averaged fractions of the cache; "
         "`stall` = share of time in steps below the token budget while requests waited. Means over seeds.",
+        *([] if args.training == PREDICTOR_DEFAULTS else [
+            "", f"Trained predictor: {args.predictor_objective}, {args.max_train or 'all'} training prompts, "
+            f"{args.boost_rounds} boosting rounds (default {PREDICTOR_DEFAULTS.objective}, "
+            f"{PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round})."]),
         "",
         "## Summary",
         "",
@@ -357,6 +374,16 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         rate = group["reference_rate_rps"].iloc[0]
         lines += [f"## {regime} (at {rate:.3g} req/s)", "", markdown(group[columns]), ""]
     (RESULTS / f"{args.output}.md").write_text("\n".join(lines))
+
+
+def _max_train(text: str) -> int | None:
+    """``--max-train``: a number of prompts, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of prompts or 'all', got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -377,7 +404,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(predicted_output_quantiles), for EconoServe's ordering_length / reserve_rule knobs")
     parser.add_argument("--num-requests", type=int, help="requests per trace (default 2000; quick 1000)")
     parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
+    parser.add_argument("--max-train", type=_max_train, default=PREDICTOR_DEFAULTS.max_train,
+                        help="training prompts of the trained predictor: a number, or 'all' for the whole "
+                             f"training part (default {PREDICTOR_DEFAULTS.max_train}, PredictorTraining's; another "
+                             "value trains and caches its own model)")
+    parser.add_argument("--boost-rounds", type=int, default=PREDICTOR_DEFAULTS.num_boost_round,
+                        help=f"boosting rounds of the trained predictor (default {PREDICTOR_DEFAULTS.num_boost_round})")
+    parser.add_argument("--predictor-objective", choices=POINT_OBJECTIVES, default=PREDICTOR_DEFAULTS.objective,
+                        help="objective of the trained point predictor: regression (default) or rank (a ranker "
+                             "whose scores map to lengths through the training lengths' quantiles)")
     args = parser.parse_args(argv)
+    if args.boost_rounds < 1 or (args.max_train is not None and args.max_train < 10):
+        parser.error("--boost-rounds must be >= 1 and --max-train >= 10 (or 'all')")
+    args.training = replace(PREDICTOR_DEFAULTS, max_train=args.max_train, num_boost_round=args.boost_rounds,
+                            objective=args.predictor_objective)
     args.num_requests = args.num_requests or (1000 if args.quick else 2000)
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     if args.num_requests < 2:
@@ -410,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for regime in args.regime_list:
             frames.append(score_regime(regime, args.schedulers, args.num_requests, args.seeds,
-                                       lambda line: print(line, flush=True), args.distribution))
+                                       lambda line: print(line, flush=True), args.distribution, args.training))
             write_tables(pd.concat(frames, ignore_index=True), args, time.perf_counter() - start)
     except UserError as exc:
         print(f"bench_policy_regimes: {exc}", file=sys.stderr)

@@ -355,3 +355,15 @@ def test_policy_knobs_per_scheduler_reach_every_run_of_that_scheduler():
     with pytest.raises(UserError, match="sarathi: unknown option"):
         make_plan("quick", schedulers=["sarathi"], ablations=[], sensitivity=False,
                   policy_configs={"sarathi": {"chunk": 3}})
+
+
+def test_predictor_training_objective_keys_its_own_cache():
+    from econoserve.experiments import PredictorTraining, predictor_directory
+
+    default = make_plan("quick", predictor="train")
+    ranker = make_plan("quick", predictor="train", predictor_training=PredictorTraining(objective="rank"))
+    assert "objective" not in PredictorTraining().cache_key()  # caches from before the field stay valid
+    assert PredictorTraining(objective="rank").cache_key()["objective"] == "rank"
+    assert predictor_directory(default, "sharegpt", "out") != predictor_directory(ranker, "sharegpt", "out")
+    with pytest.raises(UserError, match="objective"):
+        PredictorTraining(objective="classification")

@@ -243,6 +243,35 @@ def test_classification_predicts_bucket_points(train_data, test_data):
     assert annotated.has_prediction_quantiles
 
 
+def test_rank_model_ranks_and_maps_scores_to_lengths_monotonically(tmp_path, train_data, test_data):
+    config = replace(FAST, objective="rank", rank_group_size=16)
+    model = train_predictor(train_data, config, tokenizer=whitespace_tokenizer())
+    again = train_predictor(train_data, config, tokenizer=whitespace_tokenizer())
+    assert again.booster.model_to_string() == model.booster.model_to_string()
+    predicted = model.predict(test_data.prompts)
+    assert predicted.dtype == np.int64 and predicted.min() >= 1
+    assert kendall_tau_b(test_data.labels("reference"), predicted) > 0.7
+    # the map is monotone: a higher score never gives a shorter length, and it spans the
+    # training lengths (from the shortest to the longest)
+    matrix = model.featurizer.transform(test_data.prompts, None)
+    scores = model.booster.predict(matrix)
+    order = np.argsort(scores, kind="stable")
+    assert (np.diff(predicted[order]) >= 0).all()
+    lengths = train_data.labels("reference")
+    assert model.score_length_map["lengths"][0] == lengths.min() and model.score_length_map["lengths"][-1] == lengths.max()
+    loaded = LengthPredictor.load(model.save(tmp_path / "rank"), tokenizer=whitespace_tokenizer())
+    assert np.array_equal(loaded.predict(test_data.prompts), predicted)
+
+
+def test_rank_relevance_and_groups():
+    from econoserve.predictor.model import rank_groups, rank_relevance
+
+    relevance = rank_relevance(np.array([1, 2, 3, 4, 5, 6, 7, 8]), levels=4)
+    np.testing.assert_array_equal(relevance, [0, 0, 1, 1, 2, 2, 3, 3])
+    order, sizes = rank_groups(10, 4, seed=0)
+    assert sorted(order.tolist()) == list(range(10)) and sizes.tolist() == [4, 4, 2]
+
+
 def test_bucket_quantiles_spread_each_bucket_uniformly_over_its_tokens():
     # half the mass in 1..10, half in 11..20: the 1/8, 3/8, 5/8, 7/8 quantiles are 2.5, 7.5, 12.5,
     # 17.5, rounded up; a point mass in bucket 1 (51..100) gives 62.5 and 87.5

@@ -32,15 +32,18 @@ def parts():
     return train, test
 
 
-@pytest.fixture(scope="module")
-def base(parts):
-    train, _ = parts
-    data = LabeledPrompts(dataset="sharegpt", part="train", tokenizer="llama2", prompts=train["prompt_text"].tolist(),
+def _base_data(train) -> LabeledPrompts:
+    return LabeledPrompts(dataset="sharegpt", part="train", tokenizer="llama2", prompts=train["prompt_text"].tolist(),
                           prompt_tokens=train["prompt_tokens"].to_numpy(np.int64),
                           source_index=train["source_index"].to_numpy(np.int64),
                           targets={"reference": train["output_tokens"].to_numpy(np.int64)},
                           source_sha256={"sharegpt": get_entry("sharegpt").sha256})
-    return train_predictor(data, PredictorConfig(num_boost_round=60, num_threads=1))
+
+
+@pytest.fixture(scope="module")
+def base(parts):
+    train, _ = parts
+    return train_predictor(_base_data(train), PredictorConfig(num_boost_round=60, num_threads=1))
 
 
 def _train(base, train):
@@ -79,3 +82,19 @@ def test_the_prefix_is_the_first_k_tokens_and_an_edited_model_is_refused(parts, 
     with pytest.raises(PredictorError, match="model.txt"):
         RefinedLengthPredictor.load(directory)
     assert metadata["config"]["prefix_tokens"] == K
+
+
+def test_refined_predictor_extends_a_rank_model(parts):
+    from dataclasses import replace
+
+    train, test = parts
+    ranker = train_predictor(_base_data(train), PredictorConfig(objective="rank", num_boost_round=30, num_threads=1))
+    model = train_refined_predictor(ranker, train["prompt_text"].tolist(), train["response_text"].tolist(),
+                                    train["output_tokens"].to_numpy(np.int64), RefinedConfig(K, 500))
+    assert model.booster.params["objective"] in ("regression_l1", "l1")
+    predicted = model.predict(test["prompt_text"].tolist(), test["response_text"].tolist())
+    assert predicted.min() > K
+    with pytest.raises(PredictorError, match="regression or rank"):
+        train_refined_predictor(replace(ranker, config=replace(ranker.config, objective="quantile")),
+                                train["prompt_text"].tolist(), train["response_text"].tolist(),
+                                train["output_tokens"].to_numpy(np.int64), RefinedConfig(K, 500))

@@ -72,6 +72,10 @@ class RateGrid:
             raise UserError(f"rate grid: need num_rates >= 2 and 0 < low_fraction < high_fraction, got {self}")
 
 
+#: Objectives of the point model a plan can train (:class:`PredictorTraining`).
+POINT_OBJECTIVES: tuple[str, ...] = ("regression", "rank")
+
+
 @dataclass(frozen=True)
 class PredictorTraining:
     """The per-dataset predictor of ``predictor="train"``: training-set cap, boosting rounds,
@@ -82,7 +86,12 @@ class PredictorTraining:
     source records into :attr:`folds` folds, train one model per fold on the other folds, and
     predict every request with the model that did not see its record (out-of-fold predictions),
     so traces can draw from the whole dataset. ``None`` = cross-fit exactly the datasets whose
-    held-out pool is smaller than ``num_requests`` (QMSum)."""
+    held-out pool is smaller than ``num_requests`` (QMSum).
+
+    ``objective``: the point model's objective, ``regression`` (L1 on the log length) or ``rank``
+    (a ranker whose scores map to lengths through the training lengths' quantiles; see
+    :mod:`econoserve.predictor.model`). At its default it is left out of the predictor cache key,
+    so models cached before it existed stay valid."""
 
     max_train: int | None = 4000
     num_boost_round: int | None = 100
@@ -90,6 +99,19 @@ class PredictorTraining:
     split_seed: int = 0
     num_threads: int = 1
     cross_fit: bool | None = None  # None: only where the held-out part is smaller than a trace
+    objective: str = "regression"
+
+    def __post_init__(self) -> None:
+        if self.objective not in POINT_OBJECTIVES:
+            raise UserError(f"predictor_training.objective must be one of {', '.join(POINT_OBJECTIVES)}, "
+                            f"got {self.objective!r}")
+
+    def cache_key(self) -> dict:
+        """The fields that determine the trained models (``objective`` only when not the default)."""
+        key = asdict(self)
+        if self.objective == "regression":
+            del key["objective"]
+        return key
 
     @property
     def folds(self) -> int:

@@ -25,7 +25,7 @@ def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Pa
                         objective: str = "regression") -> Path:
     """Where ``predictor="train"`` caches its model for ``dataset`` (keyed by what determines it;
     ``objective``: the point model, or the classification model of the length distribution)."""
-    key = [dataset, plan.tokenizer, asdict(plan.predictor_training)] + ([objective] if objective != "regression" else [])
+    key = [dataset, plan.tokenizer, plan.predictor_training.cache_key()] + ([objective] if objective != "regression" else [])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(output_dir) / "predictors" / f"{dataset}-{plan.tokenizer}-{digest}"
 
@@ -44,9 +44,9 @@ def load_cached(directory: Path, load):
 
 
 def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, objective: str = "regression"):
-    """The per-dataset predictor of ``predictor="train"`` with ``objective``: loaded from the
-    cache, else trained on the dataset's training part (capped at ``max_train`` prompts) and
-    saved there."""
+    """The per-dataset predictor of ``predictor="train"`` with ``objective`` (``regression``: the
+    point model, whose objective is ``predictor_training.objective``): loaded from the cache, else
+    trained on the dataset's training part (capped at ``max_train`` prompts) and saved there."""
     from econoserve.predictor import (
         LengthPredictor,
         PredictorConfig,
@@ -63,7 +63,8 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
     data = data.sample(training.max_train, seed=training.split_seed)
-    config = PredictorConfig(objective=objective, num_boost_round=training.num_boost_round, seed=training.split_seed,
+    config = PredictorConfig(objective=training.objective if objective == "regression" else objective,
+                             num_boost_round=training.num_boost_round, seed=training.split_seed,
                              num_threads=training.num_threads)
     model = train_predictor(data, config, split=asdict(split))
     model.save(directory)
@@ -192,8 +193,8 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
                 targets={"reference": train_rows["output_tokens"].to_numpy(np.int64)},
                 source_sha256={dataset: get_entry(dataset).sha256},
             ).sample(training.max_train, seed=training.split_seed)
-            config = PredictorConfig(num_boost_round=training.num_boost_round, seed=training.split_seed,
-                                     num_threads=training.num_threads)
+            config = PredictorConfig(objective=training.objective, num_boost_round=training.num_boost_round,
+                                     seed=training.split_seed, num_threads=training.num_threads)
             model = train_predictor(data, config, split={"cross_fit_folds": folds, "fold": k,
                                                           "seed": training.split_seed})
             model.save(directory)

@@ -52,7 +52,9 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
         ),
     )
     train.add_argument("--dataset", required=True, choices=PREDICTOR_DATASETS, metavar="NAME", help=", ".join(PREDICTOR_DATASETS))
-    train.add_argument("--objective", default="regression", choices=OBJECTIVES, help="default: regression")
+    train.add_argument("--objective", default="regression", choices=OBJECTIVES,
+                       help="default: regression; rank: a ranker, its scores mapped to lengths by the training "
+                            "lengths' quantiles")
     train.add_argument("--quantile", type=positive_float, default=0.9, help="quantile of the quantile objective (default 0.9)")
     train.add_argument("--no-calibration", action="store_true",
                        help="quantile objective: skip the split-conformal calibration on 20%% of the train part")

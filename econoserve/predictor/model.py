@@ -21,6 +21,15 @@ Objectives (:class:`PredictorConfig`):
                     ``(i + 0.5) / K`` quantiles of the bucket distribution with the probability
                     of a bucket spread uniformly over its tokens (the scheduler's
                     ``predicted_output_quantiles``).
+``rank``            a ranker (Fu et al. 2024, "Efficient LLM Scheduling by Learning to Rank"): LightGBM
+                    ``lambdarank`` over seeded random groups of ``rank_group_size`` training prompts,
+                    relevance = the length's quantile level among the training lengths
+                    (``rank_relevance_levels`` equal-count levels, linear gains), so a higher score
+                    means a longer answer. A score is not a length: it is mapped to one by
+                    quantiles -- the score's quantile level among the training prompts' scores
+                    gives the training length at the same level (piecewise linear between the
+                    ``RANK_MAP_POINTS`` stored quantiles, rounded, >= 1), so the predicted lengths
+                    rank as the scores do and allocation still gets tokens.
 
 A saved model is a directory: ``model.txt`` (LightGBM), ``metadata.json`` (format version,
 package and LightGBM versions, configuration, label, feature names, training-data sha256s,
@@ -51,10 +60,12 @@ from econoserve.workload.registry import file_sha256
 from econoserve.workload.tokenizer import Tokenizer
 from econoserve.workload.trace import Trace
 
-OBJECTIVES: tuple[str, ...] = ("regression", "quantile", "classification")
+OBJECTIVES: tuple[str, ...] = ("regression", "quantile", "classification", "rank")
 REGRESSION_LOSSES: tuple[str, ...] = ("l2", "l1")
 BUCKET_POINTS: tuple[str, ...] = ("mid", "upper")
 FORMAT_VERSION = 1
+#: Quantiles of the training scores and lengths that map a ``rank`` model's score to a length.
+RANK_MAP_POINTS = 201
 MODEL_FILE = "model.txt"
 METADATA_FILE = "metadata.json"
 
@@ -71,6 +82,8 @@ class PredictorConfig:
     bucket_width: int = 50
     max_buckets: int = 40
     bucket_point: str = "mid"
+    rank_group_size: int = 32
+    rank_relevance_levels: int = 31
     seed: int = 0
     num_threads: int = 2
     num_boost_round: int | None = None  # None: 500, or 150 for classification (one tree per bucket per round)
@@ -94,6 +107,8 @@ class PredictorConfig:
             raise PredictorError("bucket_width must be >= 1 and max_buckets >= 2")
         if self.bucket_point not in BUCKET_POINTS:
             raise PredictorError(f"bucket_point must be one of {', '.join(BUCKET_POINTS)}")
+        if self.rank_group_size < 2 or not 2 <= self.rank_relevance_levels <= 31:
+            raise PredictorError("rank_group_size must be >= 2 and rank_relevance_levels in 2 .. 31")
         if self.regression_loss not in REGRESSION_LOSSES:
             raise PredictorError(f"regression_loss must be one of {', '.join(REGRESSION_LOSSES)}")
         if self.num_threads < 1 or (self.num_boost_round is not None and self.num_boost_round < 1):
@@ -137,6 +152,9 @@ class PredictorConfig:
             params["objective"] = "regression" if self.regression_loss == "l2" else "regression_l1"
         elif self.objective == "quantile":
             params.update(objective="quantile", alpha=self.quantile)
+        elif self.objective == "rank":
+            params.update(objective="lambdarank", label_gain=list(range(self.rank_relevance_levels)),
+                          lambdarank_truncation_level=self.rank_group_size)
         else:
             params.update(objective="multiclass", num_class=num_classes)
         return params
@@ -154,6 +172,9 @@ class LengthPredictor:
     quantile_log_offset: float = 0.0
     num_classes: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: ``rank`` models: quantiles of the training prompts' scores and of their lengths [tokens]
+    #: at the same ``RANK_MAP_POINTS`` levels (the score -> length map); None otherwise.
+    score_length_map: dict[str, list[float]] | None = None
 
     # ----------------------------------------------------------------- prediction
     @property
@@ -202,6 +223,12 @@ class LengthPredictor:
             width = self.config.bucket_width
             lengths = buckets * width + (width if self.config.bucket_point == "upper" else (width + 1) / 2)
             return np.maximum(np.floor(lengths), 1).astype(np.int64)
+        if self.config.objective == "rank":
+            if self.score_length_map is None:
+                raise PredictorError("this rank model has no score -> length map (corrupt model?)")
+            lengths = np.interp(np.asarray(scores, dtype=np.float64), self.score_length_map["scores"],
+                                self.score_length_map["lengths"])
+            return np.maximum(np.rint(lengths), 1).astype(np.int64)
         lengths = np.expm1(np.asarray(scores, dtype=np.float64) + self.quantile_log_offset)
         rounded = np.ceil(lengths - 1e-9) if self.config.objective == "quantile" else np.rint(lengths)
         return np.maximum(rounded, 1).astype(np.int64)
@@ -251,6 +278,7 @@ class LengthPredictor:
             "quantile_log_offset": self.quantile_log_offset,
             "num_classes": self.num_classes,
             "metrics": self.metrics,
+            **({} if self.score_length_map is None else {"score_length_map": self.score_length_map}),
         }
 
     # ----------------------------------------------------------------- persistence
@@ -293,6 +321,7 @@ class LengthPredictor:
             quantile_log_offset=float(metadata["quantile_log_offset"]),
             num_classes=int(metadata["num_classes"]),
             metrics=metadata.get("metrics", {}),
+            score_length_map=_score_length_map(directory, metadata, config),
         )
 
 
@@ -362,6 +391,43 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return metadata
 
 
+def _score_length_map(directory: Path, metadata: dict[str, Any], config: PredictorConfig) -> dict | None:
+    """The saved score -> length map of a ``rank`` model (checked), None for other objectives."""
+    if config.objective != "rank":
+        return None
+    value = metadata.get("score_length_map")
+    ok = isinstance(value, dict) and all(
+        isinstance(value.get(key), list) and len(value[key]) == RANK_MAP_POINTS
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[key])
+        for key in ("scores", "lengths"))
+    if not ok or np.any(np.diff(value["scores"]) < 0) or np.any(np.diff(value["lengths"]) < 0):
+        raise PredictorError(f"{directory}: metadata score_length_map must hold {RANK_MAP_POINTS} sorted "
+                             "scores and lengths (corrupt model?)")
+    return {"scores": [float(v) for v in value["scores"]], "lengths": [float(v) for v in value["lengths"]]}
+
+
+def rank_relevance(lengths: np.ndarray, levels: int) -> np.ndarray:
+    """Relevance label (0 .. ``levels`` - 1) of each length [tokens] for the ``rank`` objective:
+    its level among ``levels`` equal-count quantile levels of ``lengths`` (longer = higher)."""
+    edges = np.quantile(lengths, np.arange(1, levels) / levels)
+    return np.searchsorted(edges, lengths, side="right").astype(np.int64)
+
+
+def rank_groups(size: int, group_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of ``size`` rows and the sizes of the consecutive query groups it is
+    cut into (``group_size`` rows each, the last one the remainder)."""
+    order = np.random.default_rng(seed).permutation(size)
+    sizes = np.full(size // group_size, group_size, dtype=np.int64)
+    return order, (np.append(sizes, size % group_size) if size % group_size else sizes)
+
+
+def score_length_map(scores: np.ndarray, lengths: np.ndarray) -> dict[str, list[float]]:
+    """Quantiles of the training ``scores`` and ``lengths`` [tokens] at ``RANK_MAP_POINTS``
+    equally spaced levels: a score maps to the length at its quantile level."""
+    levels = np.linspace(0.0, 1.0, RANK_MAP_POINTS)
+    return {"scores": np.quantile(scores, levels).tolist(), "lengths": np.quantile(lengths, levels).tolist()}
+
+
 def bucket_quantiles(probabilities: np.ndarray, bucket_width: int, num_points: int) -> np.ndarray:
     """The ``(i + 0.5) / num_points`` quantiles [tokens, int64, >= 1] of length distributions
     given as bucket probabilities (rows; bucket ``b`` = lengths ``b*w+1 .. (b+1)*w``, uniform
@@ -414,15 +480,21 @@ def train_predictor(
     fit_data = data.subset(fit_rows)
     featurizer = PromptFeaturizer(config.features, tokenizer).fit(fit_data.prompts, seed=config.seed)
     matrix = featurizer.transform(fit_data.prompts, fit_data.prompt_tokens)
-    num_classes = 0
+    num_classes, groups, order = 0, None, None
     if config.objective == "classification":
         num_classes = _num_buckets(lengths, config)
         target = np.minimum((lengths[fit_rows] - 1) // config.bucket_width, num_classes - 1)
+    elif config.objective == "rank":
+        target = rank_relevance(lengths[fit_rows], config.rank_relevance_levels)
+        order, groups = rank_groups(len(fit_rows), config.rank_group_size, config.seed)
+        target_lengths = lengths[fit_rows]
     else:
         target = np.log1p(lengths[fit_rows])
     names = [f"f{i}" for i in range(matrix.shape[1])]  # LightGBM rejects JSON characters in names
-    dataset = lgb.Dataset(matrix, label=target, feature_name=names, free_raw_data=True,
-                          params={"max_bin": config.max_bin, "verbosity": -1})
+    if groups is not None:  # a ranker's rows come group by group
+        matrix, target = matrix[order], target[order]
+    dataset = lgb.Dataset(matrix, label=target, group=groups, feature_name=names,
+                          free_raw_data=True, params={"max_bin": config.max_bin, "verbosity": -1})
     with tqdm(total=config.boost_rounds, desc="boosting", unit="round", disable=not progress) as bar:
         booster = lgb.train(
             config.lightgbm_params(num_classes), dataset, num_boost_round=config.boost_rounds,
@@ -433,6 +505,8 @@ def train_predictor(
         config=config, featurizer=featurizer, booster=booster, label=label, training_data={},
         num_classes=num_classes,
     )
+    if config.objective == "rank":
+        predictor.score_length_map = score_length_map(booster.predict(matrix), target_lengths)
     if calibration_rows is not None:
         predictor.quantile_log_offset = _conformal_offset(predictor, data.subset(calibration_rows), label)
     predictor.training_data = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -200,8 +200,9 @@ def train_refined_predictor(base: LengthPredictor, prompts: Sequence[str], respo
     lengths = np.asarray(lengths, dtype=np.int64)
     if not (len(prompts) == len(responses) == len(lengths)):
         raise PredictorError("prompts, responses and lengths must have one entry per request")
-    if not base.needs_text or base.config.objective != "regression":
-        raise PredictorError("the refined predictor extends a prompt-text regression model")
+    if not base.needs_text or base.config.objective not in ("regression", "rank"):
+        raise PredictorError("the refined predictor extends a prompt-text regression or rank model")
+    settings = replace(base.config, objective="regression")  # a rank base's settings, regressing
     k = config.prefix_tokens
     rows = np.flatnonzero(lengths > k)
     if len(rows) < 10:
@@ -216,7 +217,7 @@ def train_refined_predictor(base: LengthPredictor, prompts: Sequence[str], respo
     names = [f"f{i}" for i in range(matrix.shape[1])]
     dataset = lgb.Dataset(matrix, label=target, feature_name=names, free_raw_data=True,
                           params={"max_bin": base.config.max_bin, "verbosity": -1})
-    model.booster = lgb.train(base.config.lightgbm_params(), dataset, num_boost_round=base.config.boost_rounds)
+    model.booster = lgb.train(settings.lightgbm_params(), dataset, num_boost_round=settings.boost_rounds)
     model.training_data = {**dict(training_data or {}), "num_requests": len(lengths), "num_longer_than_prefix": len(rows),
                            "base_training_data": base.training_data}
     return model
