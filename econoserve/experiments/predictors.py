@@ -21,11 +21,10 @@ from econoserve.workload.trace import Trace
 DISTRIBUTION_OBJECTIVE = "classification"
 
 
-def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
-                        objective: str = "regression") -> Path:
-    """Where ``predictor="train"`` caches its model for ``dataset`` (keyed by what determines it;
-    ``objective``: the point model, or the classification model of the length distribution)."""
-    key = [dataset, plan.tokenizer, plan.predictor_training.cache_key()] + ([objective] if objective != "regression" else [])
+def predictor_directory(plan: ExperimentPlan, dataset: str, output_dir: str | Path, distribution: bool = False) -> Path:
+    """Where ``predictor="train"`` caches its model for ``dataset`` (keyed by what determines it):
+    the point model, or with ``distribution`` the classification model of the length distribution."""
+    key = [dataset, plan.tokenizer, plan.predictor_training.cache_key()] + ([DISTRIBUTION_OBJECTIVE] if distribution else [])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(output_dir) / "predictors" / f"{dataset}-{plan.tokenizer}-{digest}"
 
@@ -43,10 +42,11 @@ def load_cached(directory: Path, load):
         return None
 
 
-def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, objective: str = "regression"):
-    """The per-dataset predictor of ``predictor="train"`` with ``objective`` (``regression``: the
-    point model, whose objective is ``predictor_training.objective``): loaded from the cache, else
-    trained on the dataset's training part (capped at ``max_train`` prompts) and saved there."""
+def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path, distribution: bool = False):
+    """The per-dataset predictor of ``predictor="train"``: the point model (objective
+    ``predictor_training.objective``) or, with ``distribution``, the classification model of the
+    length distribution; loaded from the cache, else trained on the dataset's training part
+    (capped at ``max_train`` prompts) and saved there."""
     from econoserve.predictor import (
         LengthPredictor,
         PredictorConfig,
@@ -55,7 +55,7 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
         train_predictor,
     )
 
-    directory = predictor_directory(plan, dataset, output_dir, objective)
+    directory = predictor_directory(plan, dataset, output_dir, distribution)
     cached = load_cached(directory, LengthPredictor.load)
     if cached is not None:
         return cached
@@ -63,7 +63,7 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
     data = data.sample(training.max_train, seed=training.split_seed)
-    config = PredictorConfig(objective=training.objective if objective == "regression" else objective,
+    config = PredictorConfig(objective=DISTRIBUTION_OBJECTIVE if distribution else training.objective,
                              num_boost_round=training.num_boost_round, seed=training.split_seed,
                              num_threads=training.num_threads)
     model = train_predictor(data, config, split=asdict(split))
@@ -90,7 +90,7 @@ def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir
     annotated = model.predict_trace(trace)
     if not (distribution and source == "train"):
         return annotated
-    classifier = ensure_predictor(plan, dataset, output_dir, DISTRIBUTION_OBJECTIVE)
+    classifier = ensure_predictor(plan, dataset, output_dir, distribution=True)
     prompts = trace.requests["prompt_text"].tolist() if classifier.needs_text else None
     quantiles = classifier.predict_quantiles(prompts, trace.requests["prompt_tokens"].to_numpy(np.int64))
     return annotated.with_predictions(annotated.requests["predicted_output_tokens"].to_numpy(np.int64), quantiles)
