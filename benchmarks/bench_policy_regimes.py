@@ -106,11 +106,10 @@ def _plan(regime: Regime, num_requests: int, seeds: tuple[int, ...], training=No
     :class:`~econoserve.experiments.plan.PredictorTraining` (None: the default; any other
     value is cached under its own predictor directory)."""
     from econoserve.experiments import DeploymentSpec, ExperimentPlan
-    from econoserve.experiments.plan import PredictorTraining
 
     return ExperimentPlan(datasets=(regime.dataset,), deployments=(DeploymentSpec(regime.model, regime.gpu),),
                           num_requests=num_requests, seeds=seeds, predictor="train", sensitivity=None, jobs=1,
-                          predictor_training=training or PredictorTraining())
+                          predictor_training=training or PREDICTOR_DEFAULTS)
 
 
 def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
@@ -283,8 +282,7 @@ def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int,
             k = refine_of(scheduler)
             return plain if k is None else refined[k][seed]
 
-        trace = plain
-        guess = 0.8 * burst_throughput(trace, regime, seed)
+        guess = 0.8 * burst_throughput(plain, regime, seed)
         found: dict[str, float] = {}
         for scheduler in schedulers:
             start = time.perf_counter()
