@@ -43,6 +43,8 @@ TOKENIZER = "llama2"
 SHORT_TOKENS = 32
 LONG_TOKENS = 256
 SHORT_PREDICTED_LONG_TOKENS = 100
+#: Nearest training prompts of the neighbour-length variants (``FeatureConfig.neighbour_count``).
+NEIGHBOURS = 16
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,15 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("4000 prompts, rank objective", 4000, {"objective": "rank"}),
     Variant("all prompts, rank objective", None, {"objective": "rank"}),
     Variant("all prompts, rank objective, 300 rounds", None, {"objective": "rank", "num_boost_round": 300}),
+    Variant("4000 prompts, neighbours 16", 4000, {}, {"neighbour_count": NEIGHBOURS}),
+    Variant("4000 prompts, neighbours 16, 5 folds", 4000, {}, {"neighbour_count": NEIGHBOURS, "neighbour_folds": 5}),
+    Variant("all prompts, neighbours 16", None, {}, {"neighbour_count": NEIGHBOURS}),
+    Variant("all prompts, neighbours 16, 5 folds", None, {}, {"neighbour_count": NEIGHBOURS, "neighbour_folds": 5}),
+    Variant("all prompts, neighbours 64", None, {}, {"neighbour_count": 64}),
+    Variant("all prompts, 300 rounds, neighbours 16", None, {"num_boost_round": 300},
+            {"neighbour_count": NEIGHBOURS}),
+    Variant("all prompts, rank objective, 300 rounds, neighbours 16", None,
+            {"objective": "rank", "num_boost_round": 300}, {"neighbour_count": NEIGHBOURS}),
 )
 QUICK_VARIANTS: tuple[str, ...] = (VARIANTS[0].name, VARIANTS[1].name)
 
@@ -86,7 +97,9 @@ def measure(variant: Variant, train, test) -> dict:
     return {
         "variant": variant.name, "train_prompts": len(data), "boost_rounds": config.boost_rounds,
         "objective": config.objective + ("" if config.objective != "regression" else f" {config.regression_loss}"),
-        "ngram_vocabulary": config.features.ngram_vocabulary_size, "test_prompts": len(actual),
+        "ngram_vocabulary": config.features.ngram_vocabulary_size,
+        "neighbours": config.features.neighbour_count, "neighbour_folds": config.features.neighbour_folds,
+        "test_prompts": len(actual),
         "spearman": float(spearmanr(actual, predicted).statistic),
         "kendall_tau": float(kendalltau(actual, predicted).statistic),
         "mae_tokens": float(np.mean(np.abs(predicted - actual))),

@@ -15,8 +15,14 @@ A prompt becomes one row of three blocks, in this order:
    ``ngram_min_df`` prompts; sublinear term frequency, L2-normalised rows), either as sparse
    columns (``svd_components == 0``) or reduced to ``svd_components`` dense columns by a
    truncated SVD.
+4. **Neighbour lengths** (when ``neighbour_count > 0``; off by default): statistics of the log
+   response lengths of the ``neighbour_count`` training prompts most similar to the prompt (cosine
+   similarity of the TF-IDF rows), :mod:`econoserve.predictor.neighbours`. Fitting needs the
+   training lengths; the training prompts' own rows come from :meth:`PromptFeaturizer.training_matrix`
+   (leave-one-out, or out-of-fold with ``neighbour_folds``), never from :meth:`~PromptFeaturizer.transform`,
+   which would let each see itself.
 
-The fitted state (vocabulary, IDF weights, SVD components) is plain JSON and ``.npz`` arrays, so a
+The fitted state (vocabulary, IDF weights, SVD components, neighbour index) is plain JSON and ``.npz`` arrays, so a
 saved model needs no pickle. :class:`PromptFeaturizer` is deterministic: the same prompts and
 settings give the same matrix, bit for bit.
 """
@@ -34,6 +40,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer
 
 from econoserve.errors import PredictorError
+from econoserve.predictor.neighbours import NEIGHBOUR_FEATURES, NeighbourIndex
 from econoserve.workload.tokenizer import Tokenizer, load_tokenizer
 
 #: Numbers spelled out in prompts ("give three examples"), as values.
@@ -109,6 +116,10 @@ class FeatureConfig:
     ``use_text``: text features at all; ``False`` gives a length-only model (prompt tokens) that
     works on traces without text (Azure, Mooncake). ``tokenizer``: the tokenizer whose count is
     the ``prompt_tokens`` feature and whose units the labels are in.
+
+    ``neighbour_count``: the neighbour-length block over this many nearest training prompts (0 =
+    off; needs n-grams). ``neighbour_folds``: how the training prompts' own neighbour statistics
+    are computed, 0 = leave-one-out, K >= 2 = out-of-fold over K seeded folds.
     """
 
     tokenizer: str = "llama2"
@@ -119,6 +130,8 @@ class FeatureConfig:
     ngram_min_df: int = 3
     svd_components: int = 0
     cue_window_chars: int = 600
+    neighbour_count: int = 0
+    neighbour_folds: int = 0
 
     def __post_init__(self) -> None:
         if self.ngram_vocabulary_size < 0 or self.svd_components < 0:
@@ -129,6 +142,10 @@ class FeatureConfig:
             raise PredictorError("ngram_max_n and ngram_min_df must be >= 1")
         if self.svd_components and not self.ngram_vocabulary_size:
             raise PredictorError("svd_components needs ngram_vocabulary_size > 0 (it reduces the n-grams)")
+        if self.neighbour_count < 0 or self.neighbour_folds < 0 or self.neighbour_folds == 1:
+            raise PredictorError("neighbour_count must be >= 0 and neighbour_folds 0 (leave-one-out) or >= 2")
+        if self.neighbour_count and not self.uses_ngrams:
+            raise PredictorError("neighbour_count needs text and ngram_vocabulary_size > 0 (it compares TF-IDF rows)")
 
     @property
     def uses_ngrams(self) -> bool:
@@ -147,6 +164,8 @@ class PromptFeaturizer:
         self.idf: np.ndarray = np.zeros(0, dtype=np.float64)
         self.svd_components: np.ndarray = np.zeros((0, 0), dtype=np.float64)
         self._counter: CountVectorizer | None = None
+        self.neighbours: NeighbourIndex | None = None
+        self._seed = 0
 
     # ----------------------------------------------------------------- tokenizer
     @property
@@ -160,8 +179,10 @@ class PromptFeaturizer:
         return self.tokenizer.count(list(prompts))
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, prompts: Sequence[str] | None, seed: int = 0) -> "PromptFeaturizer":
-        """Fit the n-gram vocabulary, IDF weights and SVD (when configured) on training prompts."""
+    def fit(self, prompts: Sequence[str] | None, seed: int = 0, lengths: np.ndarray | None = None) -> "PromptFeaturizer":
+        """Fit the n-gram vocabulary, IDF weights, SVD and neighbour index (when configured) on
+        training prompts; ``lengths`` [tokens]: their response lengths (needed by the neighbour block)."""
+        self._seed = seed
         if not self.config.uses_ngrams:
             return self
         if prompts is None:
@@ -178,6 +199,10 @@ class PromptFeaturizer:
         self.idf = np.log((1.0 + len(prompts)) / (1.0 + document_frequency)) + 1.0
         if self.config.svd_components:
             self.svd_components = _truncated_svd(self._tfidf(counts), self.config.svd_components, seed)
+        if self.config.neighbour_count:
+            if lengths is None or len(lengths) != len(prompts):
+                raise PredictorError("the neighbour block needs one response length per training prompt")
+            self.neighbours = NeighbourIndex.fit(self._tfidf(counts), lengths, self.config.neighbour_count)
         return self
 
     # ----------------------------------------------------------------- transforming
@@ -193,6 +218,8 @@ class PromptFeaturizer:
                 names += [f"svd_{i}" for i in range(self.svd_components.shape[0])]
             else:
                 names += [f"ngram[{term}]" for term in self.vocabulary]
+        if self.config.neighbour_count:
+            names += [f"neighbour_{name}" for name in NEIGHBOUR_FEATURES]
         return names
 
     def transform(
@@ -202,8 +229,19 @@ class PromptFeaturizer:
 
         ``prompt_tokens`` [tokens] is used when given (text-less traces); otherwise it is counted
         from ``prompts`` with the configured tokenizer. Returns a CSR matrix when sparse n-grams
-        are used, else a dense float64 array.
+        are used, else a dense float64 array. Neighbour statistics (when configured) are over all
+        training prompts: for the training prompts themselves use :meth:`training_matrix`.
         """
+        return self._transform(prompts, prompt_tokens, training=False)
+
+    def training_matrix(self, prompts: Sequence[str] | None, prompt_tokens: np.ndarray | None = None
+                        ) -> sp.csr_matrix | np.ndarray:
+        """:meth:`transform` of the prompts this featurizer was fitted on (same order), with their
+        neighbour statistics leave-one-out / out-of-fold (``neighbour_folds``); without the
+        neighbour block the same as :meth:`transform`."""
+        return self._transform(prompts, prompt_tokens, training=True)
+
+    def _transform(self, prompts, prompt_tokens, training: bool):
         if self.config.use_text and prompts is None:
             raise PredictorError("this model uses prompt-text features, but no prompt text was given")
         if prompt_tokens is None:
@@ -221,9 +259,21 @@ class PromptFeaturizer:
         if self._counter is None:
             raise PredictorError("the featurizer is not fitted (no n-gram vocabulary)")
         tfidf = self._tfidf(self._counter.transform(prompts))
+        neighbours = [self._neighbour_block(tfidf, training)] if self.config.neighbour_count else []
         if self.config.svd_components:
-            return np.hstack([dense_block, np.asarray(tfidf @ self.svd_components.T)])
-        return sp.hstack([sp.csr_matrix(dense_block), tfidf], format="csr", dtype=np.float64)
+            return np.hstack([dense_block, np.asarray(tfidf @ self.svd_components.T), *neighbours])
+        return sp.hstack([sp.csr_matrix(dense_block), tfidf, *map(sp.csr_matrix, neighbours)],
+                         format="csr", dtype=np.float64)
+
+    def _neighbour_block(self, tfidf: sp.csr_matrix, training: bool) -> np.ndarray:
+        if self.neighbours is None:
+            raise PredictorError("the featurizer is not fitted (no neighbour index)")
+        if not training:
+            return self.neighbours.statistics(tfidf)
+        if tfidf.shape[0] != len(self.neighbours):
+            raise PredictorError(f"training_matrix needs the {len(self.neighbours)} fitted prompts, "
+                                 f"got {tfidf.shape[0]}")
+        return self.neighbours.training_statistics(self.config.neighbour_folds, self._seed)
 
     def _tfidf(self, counts: sp.csr_matrix) -> sp.csr_matrix:
         tfidf = counts.astype(np.float64)
@@ -278,7 +328,9 @@ class PromptFeaturizer:
             return []
         (directory / "vocabulary.json").write_text(json.dumps(self.vocabulary, ensure_ascii=True))
         np.savez(directory / "features.npz", idf=self.idf, svd_components=self.svd_components)
-        return ["vocabulary.json", "features.npz"]
+        if self.neighbours is None:
+            return ["vocabulary.json", "features.npz"]
+        return ["vocabulary.json", "features.npz", self.neighbours.save(directory)]
 
     @classmethod
     def load(cls, directory: Path, config: FeatureConfig, tokenizer: Tokenizer | None = None) -> "PromptFeaturizer":
@@ -300,6 +352,8 @@ class PromptFeaturizer:
         featurizer.idf = idf
         featurizer.svd_components = components
         featurizer._counter = _count_vectorizer(config.ngram_max_n, vocabulary=featurizer.vocabulary)
+        if config.neighbour_count:
+            featurizer.neighbours = NeighbourIndex.load(directory, config.neighbour_count, len(vocabulary))
         return featurizer
 
     def describe(self) -> dict[str, object]:

@@ -34,8 +34,9 @@ Objectives (:class:`PredictorConfig`):
 A saved model is a directory: ``model.txt`` (LightGBM), ``metadata.json`` (format version,
 package and LightGBM versions, configuration, label, feature names, training-data sha256s,
 calibration, held-out metrics, sha256 of every file), and the featurizer's ``vocabulary.json`` /
-``features.npz`` when n-grams are used. :meth:`LengthPredictor.load` checks all of it and raises
-:class:`~econoserve.errors.PredictorError` with one line naming the directory and the problem.
+``features.npz`` when n-grams are used (``neighbours.npz`` with the neighbour-length block).
+:meth:`LengthPredictor.load` checks all of it and raises :class:`~econoserve.errors.PredictorError`
+with one line naming the directory and the problem.
 """
 
 from __future__ import annotations
@@ -478,8 +479,9 @@ def train_predictor(
 
     fit_rows, calibration_rows = _calibration_split(len(data), config)
     fit_data = data.subset(fit_rows)
-    featurizer = PromptFeaturizer(config.features, tokenizer).fit(fit_data.prompts, seed=config.seed)
-    matrix = featurizer.transform(fit_data.prompts, fit_data.prompt_tokens)
+    featurizer = PromptFeaturizer(config.features, tokenizer).fit(fit_data.prompts, seed=config.seed,
+                                                                   lengths=lengths[fit_rows])
+    matrix = featurizer.training_matrix(fit_data.prompts, fit_data.prompt_tokens)
     num_classes, groups, order = 0, None, None
     if config.objective == "classification":
         num_classes = _num_buckets(lengths, config)

@@ -202,6 +202,9 @@ def train_refined_predictor(base: LengthPredictor, prompts: Sequence[str], respo
         raise PredictorError("prompts, responses and lengths must have one entry per request")
     if not base.needs_text or base.config.objective not in ("regression", "rank"):
         raise PredictorError("the refined predictor extends a prompt-text regression or rank model")
+    if base.config.features.neighbour_count:
+        raise PredictorError("the refined predictor cannot extend a base with the neighbour-length block "
+                             "(its training prompts would see themselves among the neighbours)")
     settings = replace(base.config, objective="regression")  # a rank base's settings, regressing
     k = config.prefix_tokens
     rows = np.flatnonzero(lengths > k)
