@@ -58,7 +58,7 @@ ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no
                                          "econoserve-no-syncdecoupled")
 GOODPUT_TOLERANCE = 0.02
 #: The trained predictor's default training (``--max-train`` / ``--boost-rounds`` /
-#: ``--predictor-objective`` change it).
+#: ``--predictor-objective`` / ``--neighbours`` change it).
 PREDICTOR_DEFAULTS = PredictorTraining()
 #: Scheduler-spec option (not a policy knob): run on traces with refined predictions after this
 #: many generated tokens, e.g. ``econoserve[refine=32]``.
@@ -356,8 +356,9 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         "`stall` = share of time in steps below the token budget while requests waited. Means over seeds.",
         *([] if args.training == PREDICTOR_DEFAULTS else [
             "", f"Trained predictor: {args.predictor_objective}, {args.max_train or 'all'} training prompts, "
-            f"{args.boost_rounds} boosting rounds (default {PREDICTOR_DEFAULTS.objective}, "
-            f"{PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round})."]),
+            f"{args.boost_rounds} boosting rounds, {args.neighbours} neighbours (default "
+            f"{PREDICTOR_DEFAULTS.objective}, {PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round}, "
+            f"{PREDICTOR_DEFAULTS.neighbour_count})."]),
         "",
         "## Summary",
         "",
@@ -411,11 +412,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--predictor-objective", choices=POINT_OBJECTIVES, default=PREDICTOR_DEFAULTS.objective,
                         help="objective of the trained point predictor: regression (default) or rank (a ranker "
                              "whose scores map to lengths through the training lengths' quantiles)")
+    parser.add_argument("--neighbours", type=int, default=PREDICTOR_DEFAULTS.neighbour_count, metavar="M",
+                        help="the trained point predictor's neighbour-length block over the M most similar "
+                             f"training prompts, out-of-fold over {PREDICTOR_DEFAULTS.neighbour_folds} folds "
+                             "(default 0: off)")
     args = parser.parse_args(argv)
-    if args.boost_rounds < 1 or (args.max_train is not None and args.max_train < 10):
-        parser.error("--boost-rounds must be >= 1 and --max-train >= 10 (or 'all')")
+    if args.boost_rounds < 1 or (args.max_train is not None and args.max_train < 10) or args.neighbours < 0:
+        parser.error("--boost-rounds must be >= 1, --max-train >= 10 (or 'all') and --neighbours >= 0")
     args.training = replace(PREDICTOR_DEFAULTS, max_train=args.max_train, num_boost_round=args.boost_rounds,
-                            objective=args.predictor_objective)
+                            objective=args.predictor_objective, neighbour_count=args.neighbours)
     args.num_requests = args.num_requests or (1000 if args.quick else 2000)
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     if args.num_requests < 2:

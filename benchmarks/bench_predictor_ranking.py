@@ -1,4 +1,4 @@
-"""How well prompt-only length predictors *rank* ShareGPT's held-out requests.
+"""How well prompt-only length predictors *rank* ShareGPT's (or Alpaca's) held-out requests.
 
 EconoServe's Ordering admits requests by their predicted length before any token is generated,
 so what matters there is the ranking, not the length: with the true lengths used only for the
@@ -15,10 +15,15 @@ requests EconoServe's admission holds back wrongly).
 Variants: the number of training prompts (4000 or all), boosting rounds, n-gram vocabulary,
 the loss (L1 = conditional median, L2 = conditional mean of the log length) and the ``rank``
 objective (LightGBM lambdarank over random groups of training prompts, scores mapped to
-lengths through the training lengths' quantiles). Every model is single-threaded and seeded.
-``--quick`` trains only the default and its all-prompts counterpart.
+lengths through the training lengths' quantiles), and the neighbour-length block
+(:mod:`econoserve.predictor.neighbours`: statistics of the lengths of the 16 or 64 most similar
+training prompts, leave-one-out or out-of-fold over 5 folds on the training rows). Held-out
+prompts whose exact text is also a training prompt (ShareGPT holds duplicate records) are scored
+apart as well (``spearman_duplicates`` / ``spearman_others``). Every model is single-threaded and
+seeded. ``--quick`` trains only the default and its all-prompts counterpart.
 
-Output: ``benchmarks/results/predictor_ranking[_quick].md`` and ``.csv``.
+Output: ``benchmarks/results/predictor_ranking[_<dataset>][_quick].md`` and ``.csv`` (``--output``
+another stem).
 
     ECONOSERVE_DATA_MIRROR=../shared/data nice -n 10 .venv/bin/python benchmarks/bench_predictor_ranking.py --quick
 """
@@ -38,13 +43,11 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DATASET = "sharegpt"
 TOKENIZER = "llama2"
 SHORT_TOKENS = 32
 LONG_TOKENS = 256
 SHORT_PREDICTED_LONG_TOKENS = 100
-#: Nearest training prompts of the neighbour-length variants (``FeatureConfig.neighbour_count``).
-NEIGHBOURS = 16
+DATASETS: tuple[str, ...] = ("sharegpt", "alpaca")
 
 
 @dataclass(frozen=True)
@@ -68,15 +71,17 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("4000 prompts, rank objective", 4000, {"objective": "rank"}),
     Variant("all prompts, rank objective", None, {"objective": "rank"}),
     Variant("all prompts, rank objective, 300 rounds", None, {"objective": "rank", "num_boost_round": 300}),
-    Variant("4000 prompts, neighbours 16", 4000, {}, {"neighbour_count": NEIGHBOURS}),
-    Variant("4000 prompts, neighbours 16, 5 folds", 4000, {}, {"neighbour_count": NEIGHBOURS, "neighbour_folds": 5}),
-    Variant("all prompts, neighbours 16", None, {}, {"neighbour_count": NEIGHBOURS}),
-    Variant("all prompts, neighbours 16, 5 folds", None, {}, {"neighbour_count": NEIGHBOURS, "neighbour_folds": 5}),
+    Variant("4000 prompts, neighbours 16", 4000, {}, {"neighbour_count": 16}),
+    Variant("4000 prompts, neighbours 16, 5 folds", 4000, {}, {"neighbour_count": 16, "neighbour_folds": 5}),
+    Variant("4000 prompts, neighbours 64, 5 folds", 4000, {}, {"neighbour_count": 64, "neighbour_folds": 5}),
+    Variant("all prompts, neighbours 16", None, {}, {"neighbour_count": 16}),
+    Variant("all prompts, neighbours 16, 5 folds", None, {}, {"neighbour_count": 16, "neighbour_folds": 5}),
     Variant("all prompts, neighbours 64", None, {}, {"neighbour_count": 64}),
-    Variant("all prompts, 300 rounds, neighbours 16", None, {"num_boost_round": 300},
-            {"neighbour_count": NEIGHBOURS}),
-    Variant("all prompts, rank objective, 300 rounds, neighbours 16", None,
-            {"objective": "rank", "num_boost_round": 300}, {"neighbour_count": NEIGHBOURS}),
+    Variant("all prompts, neighbours 64, 5 folds", None, {}, {"neighbour_count": 64, "neighbour_folds": 5}),
+    Variant("all prompts, 300 rounds, neighbours 64, 5 folds", None, {"num_boost_round": 300},
+            {"neighbour_count": 64, "neighbour_folds": 5}),
+    Variant("all prompts, rank objective, 300 rounds, neighbours 64, 5 folds", None,
+            {"objective": "rank", "num_boost_round": 300}, {"neighbour_count": 64, "neighbour_folds": 5}),
 )
 QUICK_VARIANTS: tuple[str, ...] = (VARIANTS[0].name, VARIANTS[1].name)
 
@@ -94,6 +99,7 @@ def measure(variant: Variant, train, test) -> dict:
     predicted = model.predict(test.prompts).astype(np.float64)
     actual = test.labels("reference").astype(np.float64)
     short, long = actual <= SHORT_TOKENS, actual > LONG_TOKENS
+    duplicate = np.isin(np.asarray(test.prompts, dtype=object), np.asarray(train.prompts, dtype=object))
     return {
         "variant": variant.name, "train_prompts": len(data), "boost_rounds": config.boost_rounds,
         "objective": config.objective + ("" if config.objective != "regression" else f" {config.regression_loss}"),
@@ -104,11 +110,18 @@ def measure(variant: Variant, train, test) -> dict:
         "kendall_tau": float(kendalltau(actual, predicted).statistic),
         "mae_tokens": float(np.mean(np.abs(predicted - actual))),
         "spearman_up_to_long": float(spearmanr(actual[~long], predicted[~long]).statistic),
+        "spearman_duplicates": _spearman(actual[duplicate], predicted[duplicate]),
+        "spearman_others": _spearman(actual[~duplicate], predicted[~duplicate]),
         "median_pred_short_tokens": float(np.median(predicted[short])),
         "short_predicted_over_100": float(np.mean(predicted[short] > SHORT_PREDICTED_LONG_TOKENS)),
         "median_pred_long_tokens": float(np.median(predicted[long])),
         "train_s": train_s,
     }
+
+
+def _spearman(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """Spearman's rank correlation; NaN for fewer than 3 requests (Alpaca has no duplicates)."""
+    return float(spearmanr(actual, predicted).statistic) if len(actual) >= 3 else float("nan")
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -128,29 +141,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"only {' and '.join(QUICK_VARIANTS)}")
     parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS], metavar="NAME",
                         help="variants to train (default: all; see VARIANTS)")
+    parser.add_argument("--dataset", choices=DATASETS, default=DATASETS[0],
+                        help="dataset (default sharegpt; another one writes predictor_ranking_<dataset>*)")
+    parser.add_argument("--output", metavar="STEM",
+                        help="file stem under benchmarks/results/ (default predictor_ranking[_<dataset>][_quick])")
     args = parser.parse_args(argv)
     names = args.variants or (QUICK_VARIANTS if args.quick else [v.name for v in VARIANTS])
     try:
         split = SplitSpec(test_fraction=0.2, seed=0)  # PredictorTraining's split: the scoreboard's
-        train = load_labeled_prompts(DATASET, "train", TOKENIZER, split)
-        test = load_labeled_prompts(DATASET, "test", TOKENIZER, split)
+        train = load_labeled_prompts(args.dataset, "train", TOKENIZER, split)
+        test = load_labeled_prompts(args.dataset, "test", TOKENIZER, split)
     except UserError as exc:
         print(f"bench_predictor_ranking: {exc}", file=sys.stderr)
         return 2
     rows = [measure(v, train, test) for v in tqdm([v for v in VARIANTS if v.name in names], desc="variants")]
     frame = pd.DataFrame(rows)
-    stem = "predictor_ranking_quick" if args.quick else "predictor_ranking"
+    stem = args.output or ("predictor_ranking" + ("" if args.dataset == DATASETS[0] else f"_{args.dataset}")
+                           + ("_quick" if args.quick else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS / f"{stem}.csv", index=False, float_format="%.4g")
     text = "\n".join([
         "# Prompt-only length predictors: how well they rank ShareGPT's held-out requests",
         "",
         f"Written by `benchmarks/bench_predictor_ranking.py`{' --quick' if args.quick else ''}. "
-        f"{DATASET} ({TOKENIZER} tokens), the scoreboard's split (20 % of source records held out, seed 0); "
+        f"{args.dataset} ({TOKENIZER} tokens), the scoreboard's split (20 % of source records held out, seed 0); "
         f"trained on the training part, scored on all {len(test)} held-out requests. `spearman_up_to_long`: "
         f"among answers <= {LONG_TOKENS} tokens. `median_pred_short` / `_long`: median prediction of answers "
         f"<= {SHORT_TOKENS} / > {LONG_TOKENS} tokens; `short_predicted_over_100`: share of answers <= "
-        f"{SHORT_TOKENS} tokens predicted > {SHORT_PREDICTED_LONG_TOKENS}. "
+        f"{SHORT_TOKENS} tokens predicted > {SHORT_PREDICTED_LONG_TOKENS}. `spearman_duplicates` / `_others`: "
+        f"among the {int(np.isin(np.asarray(test.prompts, dtype=object), np.asarray(train.prompts, dtype=object)).sum())} "
+        "held-out prompts whose exact text is also a training prompt / among the rest. "
         "`train_s`: one thread, on a shared machine.",
         "",
         markdown(frame),

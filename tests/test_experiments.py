@@ -367,3 +367,19 @@ def test_predictor_training_objective_keys_its_own_cache():
     assert predictor_directory(default, "sharegpt", "out") != predictor_directory(ranker, "sharegpt", "out")
     with pytest.raises(UserError, match="objective"):
         PredictorTraining(objective="classification")
+
+
+def test_predictor_training_neighbour_block_keys_its_own_cache_only_when_on():
+    from econoserve.experiments import PredictorTraining, predictor_directory
+    from econoserve.experiments.predictors import point_features
+
+    assert PredictorTraining().cache_key() == PredictorTraining(neighbour_folds=0).cache_key()
+    assert "neighbour_count" not in PredictorTraining().cache_key()  # caches from before the fields stay valid
+    on = PredictorTraining(neighbour_count=16)
+    assert on.cache_key()["neighbour_count"] == 16 and on.cache_key()["neighbour_folds"] == 5
+    plans = [make_plan("quick", predictor="train", predictor_training=t) for t in (PredictorTraining(), on)]
+    assert predictor_directory(plans[0], "sharegpt", "out") != predictor_directory(plans[1], "sharegpt", "out")
+    assert point_features(PredictorTraining()) == point_features(PredictorTraining()).__class__()  # the default
+    assert point_features(on).neighbour_count == 16 and point_features(on).neighbour_folds == 5
+    with pytest.raises(UserError, match="neighbour"):
+        PredictorTraining(neighbour_folds=1)

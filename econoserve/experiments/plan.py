@@ -91,7 +91,12 @@ class PredictorTraining:
     ``objective``: the point model's objective, ``regression`` (L1 on the log length) or ``rank``
     (a ranker whose scores map to lengths through the training lengths' quantiles; see
     :mod:`econoserve.predictor.model`). At its default it is left out of the predictor cache key,
-    so models cached before it existed stay valid."""
+    so models cached before it existed stay valid.
+
+    ``neighbour_count`` / ``neighbour_folds``: the point model's neighbour-length feature block
+    (:class:`~econoserve.predictor.features.FeatureConfig`: the lengths of the ``neighbour_count``
+    most similar training prompts, out-of-fold over ``neighbour_folds`` folds on the training
+    rows; 0 = off, the default). Left out of the cache key while off."""
 
     max_train: int | None = 4000
     num_boost_round: int | None = 100
@@ -100,17 +105,25 @@ class PredictorTraining:
     num_threads: int = 1
     cross_fit: bool | None = None  # None: only where the held-out part is smaller than a trace
     objective: str = "regression"
+    neighbour_count: int = 0
+    neighbour_folds: int = 5
 
     def __post_init__(self) -> None:
         if self.objective not in POINT_OBJECTIVES:
             raise UserError(f"predictor_training.objective must be one of {', '.join(POINT_OBJECTIVES)}, "
                             f"got {self.objective!r}")
+        if self.neighbour_count < 0 or self.neighbour_folds < 0 or self.neighbour_folds == 1:
+            raise UserError("predictor_training.neighbour_count must be >= 0 and neighbour_folds 0 "
+                            f"(leave-one-out) or >= 2, got {self.neighbour_count} and {self.neighbour_folds}")
 
     def cache_key(self) -> dict:
-        """The fields that determine the trained models (``objective`` only when not the default)."""
+        """The fields that determine the trained models (``objective`` and the neighbour block only
+        when not the default)."""
         key = asdict(self)
         if self.objective == "regression":
             del key["objective"]
+        if not self.neighbour_count:
+            del key["neighbour_count"], key["neighbour_folds"]
         return key
 
     @property

@@ -65,10 +65,21 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     data = data.sample(training.max_train, seed=training.split_seed)
     config = PredictorConfig(objective=DISTRIBUTION_OBJECTIVE if distribution else training.objective,
                              num_boost_round=training.num_boost_round, seed=training.split_seed,
-                             num_threads=training.num_threads)
+                             num_threads=training.num_threads,
+                             **({} if distribution else {"features": point_features(training)}))
     model = train_predictor(data, config, split=asdict(split))
     model.save(directory)
     return model
+
+
+def point_features(training):
+    """The point model's :class:`~econoserve.predictor.features.FeatureConfig`: the default, with
+    ``training``'s neighbour-length block when it is on (:class:`~econoserve.experiments.plan.PredictorTraining`)."""
+    from econoserve.predictor.features import FeatureConfig
+
+    if not training.neighbour_count:
+        return FeatureConfig()
+    return FeatureConfig(neighbour_count=training.neighbour_count, neighbour_folds=training.neighbour_folds)
 
 
 def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir: str | Path,
@@ -194,7 +205,8 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
                 source_sha256={dataset: get_entry(dataset).sha256},
             ).sample(training.max_train, seed=training.split_seed)
             config = PredictorConfig(objective=training.objective, num_boost_round=training.num_boost_round,
-                                     seed=training.split_seed, num_threads=training.num_threads)
+                                     seed=training.split_seed, num_threads=training.num_threads,
+                                     features=point_features(training))
             model = train_predictor(data, config, split={"cross_fit_folds": folds, "fold": k,
                                                           "seed": training.split_seed})
             model.save(directory)
