@@ -48,6 +48,7 @@ SHORT_TOKENS = 32
 LONG_TOKENS = 256
 SHORT_PREDICTED_LONG_TOKENS = 100
 DATASETS: tuple[str, ...] = ("sharegpt", "alpaca")
+DATASET_TITLES: dict[str, str] = {"sharegpt": "ShareGPT", "alpaca": "Alpaca"}
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS / f"{stem}.csv", index=False, float_format="%.4g")
     text = "\n".join([
-        "# Prompt-only length predictors: how well they rank ShareGPT's held-out requests",
+        f"# Prompt-only length predictors: how well they rank {DATASET_TITLES[args.dataset]}'s held-out requests",
         "",
         f"Written by `benchmarks/bench_predictor_ranking.py`{' --quick' if args.quick else ''}. "
         f"{args.dataset} ({TOKENIZER} tokens), the scoreboard's split (20 % of source records held out, seed 0); "

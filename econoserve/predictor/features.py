@@ -1,6 +1,6 @@
 """Prompt features for the response-length predictor.
 
-A prompt becomes one row of three blocks, in this order:
+A prompt becomes one row of up to four blocks, in this order:
 
 1. **Length features** (always): the prompt length [tokens] in the model's tokenizer and, when
    text is used, characters, words, lines, sentences, digits, question marks, and the length of
