@@ -434,6 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = parse_scheduler(spec)[1].get(REFINE_OPTION)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             parser.error(f"{spec}: {REFINE_OPTION} must be a positive number of tokens, got {value!r}")
+        if value is not None and args.neighbours:
+            parser.error(f"{spec}: {REFINE_OPTION} cannot extend a predictor with --neighbours (its training "
+                         "prompts would see themselves among the neighbours)")
     names = args.regimes or (QUICK_REGIMES if args.quick else [r.name for r in REGIMES])
     args.regime_list = [r for r in REGIMES if r.name in names]
     return args
