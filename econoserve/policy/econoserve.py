@@ -148,7 +148,15 @@ s = 0.1`` 1.22 / 1.38 / 1.12 / 1.07. At Sarathi's goodput rate the probes do wha
 (ShareGPT 40 GB: SLO attainment 0.963 -> 0.987, answers of 9-32 tokens 0.91 -> 0.99, their
 TTFT p90 1.6 s -> 0.9 s), but the cache is full when short answers wait (committed blocks at
 the curve's capacity), so a probe's room comes from the long requests: past ``k`` they
-over-fill the curve and 10-20 % of requests are preempted near the goodput rate.
+over-fill the curve and 10-20 % of requests are preempted near the goodput rate. Eviction
+(``probe_exit="evict"``; ``benchmarks/results/policy_evict_notes.md``, ``policy_evict_quick.md``,
+``policy_evict_full.md``) serves the shortest answers best (ShareGPT 40 GB at Sarathi's rate:
+1-8 tokens 0.70 -> 0.94, TTFT p90 2.3 s -> 0.4 s) but an evicted long request waits a second
+time: goodput / Sarathi's in full mode (2000 requests, 2 seeds) at 80 GB / 40 GB / Gamma CV 3
+1.08 / 1.07 / 1.01 (p99 JCT 1.03 / 1.39 / 1.01x) with ``k = 32, s = 0.2``, against 1.05 / 1.13 /
+1.03 (1.02 / 1.10 / 1.01x) for ``continue`` at ``k = 16, s = 0.1`` with refinement (below).
+Evicting against the lane-reduced capacity of a new PT instead (all probes past ``k`` but the
+few that fit it) was worse than the default everywhere (35-58 % of requests preempted at 40 GB).
 
 **The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
 equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
