@@ -297,28 +297,34 @@ def test_a_short_answer_predicted_long_starts_at_once_as_a_probe_and_finishes_be
     assert policy.stats.extra["probes"] == 1 and policy.stats.extra["probes_past_k"] == 0
 
 
-def test_a_probe_that_reaches_k_goes_on_as_a_plain_request_without_probe_pause():
-    # As above, but request 1 answers in 40 tokens: at 16 it leaves the lane and keeps decoding
-    # (its full term is now in the curve); KV is never over-committed, nobody is preempted.
-    policy = _policy(10, probe_output_tokens=16, probe_share=0.3)
+def _probe_at_k(num_kv_blocks: int, **config):
+    """Request 0 (prompt 16, predicted 96: 7 blocks at its peak) runs; request 1 (the same
+    prediction, true 40 tokens) is refused by the curve, starts as a probe (k = 16, lane
+    ``floor(0.3 x num_kv_blocks)``) and is stepped until it has generated its 16 tokens."""
+    policy = _policy(num_kv_blocks, probe_output_tokens=16, probe_share=0.3, **config)
     _add(policy, 0, 16, 96)
     request = _add(policy, 1, 16, 96)
     true_output = {0: 96, 1: 40}
-    _until(policy, true_output, lambda: request.num_output_tokens == 17)
+    _until(policy, true_output, lambda: request.num_output_tokens == 16)
+    assert policy.stats.extra["probes"] == 1
+    return policy, request, true_output
+
+
+def test_a_probe_that_reaches_k_goes_on_as_a_plain_request_by_default():
+    # At 16 tokens request 1 leaves the lane and keeps decoding (its full term is now in the
+    # curve); KV is never over-committed, nobody is preempted.
+    policy, request, true_output = _probe_at_k(10)
+    step(policy, true_output, check_invariants=True)
     assert request in policy.running and policy.stats.extra["probes_past_k"] == 1
     assert policy.stats.extra["probe_pauses"] == 0
     assert not _run(policy, true_output)
 
 
 def test_a_paused_probe_holds_its_kv_without_decoding_and_resumes_when_the_curve_admits_it():
-    # probe_pause: request 1 (true 40 tokens) pauses at k = 16 holding 31 tokens = 2 blocks; its
-    # remaining term (to 111 tokens = 7 blocks) does not fit beside request 0's (7 + 7 > 10), so
-    # it waits, not decoding, until request 0 ends; then it finishes, nobody preempted.
-    policy = _policy(10, probe_output_tokens=16, probe_share=0.3, probe_pause=True)
-    _add(policy, 0, 16, 96)
-    request = _add(policy, 1, 16, 96)
-    true_output = {0: 96, 1: 40}
-    _until(policy, true_output, lambda: request.num_output_tokens == 16)
+    # probe_exit="pause": request 1 pauses at k = 16 holding 31 tokens = 2 blocks; its remaining
+    # term (to 111 tokens = 7 blocks) does not fit beside request 0's (7 + 7 > 10), so it waits,
+    # not decoding, until request 0 ends; then it finishes, nobody preempted.
+    policy, request, true_output = _probe_at_k(10, probe_exit="pause")
     while policy.kv_cache.holds(0):
         assert request not in policy.running and request in policy.gt_queue()
         assert request.num_output_tokens == 16 and policy.kv_cache.allocated_blocks(1) == 2
@@ -328,6 +334,41 @@ def test_a_paused_probe_holds_its_kv_without_decoding_and_resumes_when_the_curve
     assert policy.stats.extra["probe_pauses"] == policy.stats.extra["probe_resumes"] == 1
 
 
+@pytest.mark.parametrize("num_kv_blocks", [10, 12])
+def test_an_evicted_probe_frees_its_kv_at_k_and_finishes_once_with_every_token(num_kv_blocks):
+    # probe_exit="evict": request 1 reaches k = 16 holding 31 tokens = 2 blocks; its remaining
+    # term (to 111 tokens = 7 blocks) beside request 0's 7 exceeds the cache (10 or 12 blocks; the
+    # lane counts, the probe is in it), so it is preempted by recompute: it holds nothing, keeps
+    # its 16 tokens, and waits as a PT (no probe again) until request 0 ends; then it re-prefills
+    # prompt + 16 tokens and generates the other 24, nobody else preempted.
+    policy, request, true_output = _probe_at_k(num_kv_blocks, probe_exit="evict")
+    evicted = step(policy, true_output, check_invariants=True)
+    assert evicted.preempted == [request] and request not in evicted.scheduled
+    assert not policy.kv_cache.holds(1) and policy.pt_queue() == [request]
+    assert (request.num_output_tokens, request.num_computed_tokens, request.num_preemptions) == (16, 0, 1)
+    decisions = _until(policy, true_output, lambda: not policy.pt_queue())
+    assert not policy.kv_cache.holds(0)  # re-admitted only once request 0 ended
+    assert decisions[-1].scheduled == [request] and decisions[-1].num_scheduled_tokens == [32]
+    assert not _run(policy, true_output)
+    assert request.num_output_tokens == 40 and request.num_preemptions == 1
+    extra = policy.stats.extra
+    assert (extra["probes"], extra["probes_past_k"], extra["probe_evictions"], policy.stats.preemptions) == (1, 1, 1, 1)
+
+
+def test_an_evicting_probe_goes_on_when_the_curve_admits_its_refined_remaining_term():
+    # 12 blocks, lane floor(0.3 x 12) = 3: request 1 was refused (7 + 7 > 12 - 3) and probes, and
+    # unrefined it would be evicted at k (above). Refined to 16 at k, its remaining term (one more
+    # token, 2 blocks) fits beside request 0's 7 blocks, so it goes on at once; it then outgrows
+    # the refined prediction from the free pool.
+    policy, request, true_output = _probe_at_k(12, probe_exit="evict")
+    policy.refine_prediction(request, 16)
+    decision = step(policy, true_output, check_invariants=True)
+    assert request in decision.scheduled and not decision.preempted
+    assert not _run(policy, true_output)
+    assert request.num_output_tokens == 40 and request.num_preemptions == 0
+    assert policy.stats.extra["probe_evictions"] == 0 and policy.stats.extra["probes_past_k"] == 1
+
+
 @pytest.mark.parametrize("arrival, passes", [(0.0, True), (20.0, False)])
 def test_a_paused_probe_is_passed_only_by_a_smaller_key(arrival, passes):
     # 12 blocks, lane floor(0.25 x 12) = 3. Request 1 pauses at k = 16 (key 0 + 4 x (0.016 +
@@ -335,7 +376,7 @@ def test_a_paused_probe_is_passed_only_by_a_smaller_key(arrival, passes):
     # (7 + 7 > 12). Request 2 (prompt 16, predicted 16: 31 tokens = 2 blocks) fits the curve
     # (7 + 2 + 2 <= 12 - 1) and the lane has no room for its probe (2 > 3 - 2). Arrived at 0 s
     # (key 3.26 s) it starts at once; at 20 s (key 23.26 s) it waits until request 1 resumes.
-    policy = _policy(12, probe_output_tokens=16, probe_share=0.25, probe_pause=True)
+    policy = _policy(12, probe_output_tokens=16, probe_share=0.25, probe_exit="pause")
     _add(policy, 0, 16, 96)
     paused = _add(policy, 1, 16, 96)
     true_output = {0: 96, 1: 40, 2: 16}
@@ -354,3 +395,5 @@ def test_probe_knobs_are_checked():
         EconoServeConfig(probe_output_tokens=16, backfill_output_tokens=16)
     with pytest.raises(ValueError, match="probe_output_tokens"):
         EconoServeConfig(probe_output_tokens=0)
+    with pytest.raises(ValueError, match="probe_exit"):
+        EconoServeConfig(probe_output_tokens=16, probe_exit="stop")

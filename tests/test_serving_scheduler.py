@@ -365,15 +365,16 @@ def test_econoserve_serves_a_trace_with_exact_lengths_and_its_decisions_replay(m
     assert report.num_steps == len(steps) and report.num_finished == 32
 
 
-@pytest.mark.parametrize("probe_pause", [False, True])
-def test_econoserve_probes_run_in_the_real_engine_and_replay(model_dir, tmp_path, probe_pause):
+@pytest.mark.parametrize("probe_exit", ["continue", "pause", "evict"])
+def test_econoserve_probes_run_in_the_real_engine_and_replay(model_dir, tmp_path, probe_exit):
     """EconoServe's probes (a knob of the same policy object) inside vLLM: +-50 % predictions and
-    a cache the load overfills, so the curve refuses prompts and probes start (and, with
-    ``probe_pause``, pause at k tokens); every request gets exactly its length, KV stays within
-    the cache, and the pure-Python replay asks for exactly the batches vLLM ran."""
+    a cache the load overfills, so the curve refuses prompts and probes start (and, by
+    ``probe_exit``, go on, pause or are evicted at k tokens); every request gets exactly its
+    length, KV stays within the cache, and the pure-Python replay asks for exactly the batches
+    vLLM ran."""
     _require_policy("econoserve")
     trace = _synthetic_trace(24, seed=9, rate_rps=64, max_prompt=160, max_output=64, prediction_error=0.5)
-    config = {"probe_output_tokens": 8, "probe_share": 0.25, "probe_pause": probe_pause}
+    config = {"probe_output_tokens": 8, "probe_share": 0.25, "probe_exit": probe_exit}
     result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=1024, max_model_len=448,
                              policy_config=config)
     requests = result.requests
@@ -385,7 +386,8 @@ def test_econoserve_probes_run_in_the_real_engine_and_replay(model_dir, tmp_path
     assert report.equivalent, report.mismatch
     stats = report.policy.stats.extra
     assert stats["probes"] > 0 and stats["probes_past_k"] > 0
-    assert (stats["probe_pauses"] > 0) == probe_pause
+    assert (stats["probe_pauses"] > 0) == (probe_exit == "pause")
+    assert (stats["probe_evictions"] > 0) == (probe_exit == "evict")
 
 
 @pytest.mark.realdata

@@ -126,8 +126,8 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 #: EconoServe's admission and ordering knobs at settings the defaults do not reach: KVCPipe for
 #: every request with and without the prefill delay, heavy overbooking (preemption is then the
 #: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length, backfill,
-#: the predicted distribution's ordering, allocation and reserve rules, and probes (going on or
-#: pausing at k).
+#: the predicted distribution's ordering, allocation and reserve rules, and probes (going on,
+#: pausing or evicted at k).
 ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
@@ -136,8 +136,10 @@ ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "ordering_length": "gittins", "allocation_length": "mean", "reserve_rule": "overrun"},
     {"kvcpipe": "curve", "ordering_length": "quantile", "allocation_length": "mean", "reserve_rule": "overrun"},
     {"kvcpipe": "all", "probe_output_tokens": 4, "probe_share": 0.3},
-    {"kvcpipe": "all", "probe_output_tokens": 8, "probe_share": 0.5, "probe_pause": True, "overbooking": 0.2},
-    {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_pause": True, "reserve_ratio": 0.0},
+    {"kvcpipe": "all", "probe_output_tokens": 8, "probe_share": 0.5, "probe_exit": "pause", "overbooking": 0.2},
+    {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_exit": "pause", "reserve_ratio": 0.0},
+    {"kvcpipe": "all", "probe_output_tokens": 8, "probe_share": 0.5, "probe_exit": "evict", "overbooking": 0.2},
+    {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_exit": "evict", "reserve_ratio": 0.0},
 )
 
 

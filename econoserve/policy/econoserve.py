@@ -109,7 +109,7 @@ measured (2000 requests, 2 seeds; ``benchmarks/results/policy_ordering_backfill.
 0.99 / 1.00 / 1.00 / 1.18x (default 0.99 / 1.04 / 1.00 / 1.18x), SLO attainment at Sarathi's
 goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
-**Probes** (``probe_output_tokens = k``, ``probe_share = s``, ``probe_pause``, with
+**Probes** (``probe_output_tokens = k``, ``probe_share = s``, ``probe_exit``, with
 ``kvcpipe="all"``; in the spirit of FastServe's skip-join MLFQ: a request's first ``k`` tokens do
 not trust its predicted length). A *probe lane* of ``L = floor(s * num_blocks)`` blocks is set
 aside: a probe counts its *probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the
@@ -119,9 +119,9 @@ on). PT admission as before until the curve or the free pool refuses a PT; from 
 key order, PTs that have generated fewer than ``k`` tokens start as probes while their probe
 size fits in the lane's unused part and their prompt in the free pool (stop at the first that
 does not). A probe whose request ends within ``k`` tokens finishes like any request. At ``k``
-tokens unfinished: without ``probe_pause`` (default) it leaves the lane and goes on as a plain
-request (its full term replaces the hold term; growth takes the free pool, then the reserve,
-then preemption, point 7). With ``probe_pause`` it *pauses*: it leaves the running set, keeps
+tokens unfinished (``probe_exit``): with ``continue`` (default) it leaves the lane and goes on as a
+plain request (its full term replaces the hold term; growth takes the free pool, then the
+reserve, then preemption, point 7). With ``pause`` it *pauses*: it leaves the running set, keeps
 its KV, does not decode, and waits in the GT queue by its GT key; paused probes and PTs are
 admitted in one merged key order (a paused probe with a key at most the next PT's is tried
 first), a paused probe if the curve admits its remaining term (it holds what it holds and grows
@@ -129,19 +129,34 @@ first), a paused probe if the curve admits its remaining term (it holds what it 
 if nothing runs; the first refused stops full-term admissions (probes may still start), so no
 paused probe is passed by a larger key. Growth that finds no block preempts a paused probe
 first (largest GT key: its KV is idle), then as in point 7. A preempted probe is a plain PT again
-(it may probe again while it has fewer than ``k`` tokens). KV is never over-committed (every
-block comes from the free pool or the reserve). Off by default: measured (quick mode, 1000
+(it may probe again while it has fewer than ``k`` tokens). With ``evict``, at the next step (after
+any refined prediction, below, has arrived; probes at ``k`` in GT-key order) it goes on as a
+plain request if the curve admits its remaining term (as a paused probe resumes: it holds what
+it holds and grows ``A - k`` tokens from now, the lane's unused part included) or nothing else is
+in flight; else it is *evicted*: preempted by recompute (its KV freed at once; its ``k`` tokens
+kept, to be re-prefilled with the prompt; counted as a preemption and in ``probe_evictions``) and
+queued as a PT by its PT key, admitted later by the curve with its full term (prompt + ``k``
+tokens from its prefill on, ``A - k`` to grow), never as a probe again. KV is never over-committed
+(every block comes from the free pool or the reserve). Off by default: measured (quick mode, 1000
 requests; ``benchmarks/results/policy_probe_quick.md``, ``policy_probe_notes.md``) goodput /
 Sarathi's at 80 GB / 40 GB / Gamma CV 3 / Azure conv: default 1.03 / 1.07 / 1.03 / 1.07 (p99
 JCT 0.98 / 0.99 / 1.00 / 1.09x); ``k = 16, s = 0.1`` 1.04 / 1.09 / 1.03 / 1.07 (0.99 / 1.04 /
 1.00 / 1.27x); ``k = 32, s = 0.2`` 1.06 / 1.09 / 1.04 / 1.09 (1.01 / 1.14 / 1.00 / 1.66x);
-``k = 32, s = 0.3`` with ``probe_pause`` 1.01 / 0.99 / 1.01 / 1.00 (p99 up to 1.6x: paused
+``k = 32, s = 0.3`` with ``probe_exit="pause"`` 1.01 / 0.99 / 1.01 / 1.00 (p99 up to 1.6x: paused
 probes wait, and growth preempts them); true lengths 1.30 / 1.38 / 1.23 / 1.07, with ``k = 16,
 s = 0.1`` 1.22 / 1.38 / 1.12 / 1.07. At Sarathi's goodput rate the probes do what they are for
 (ShareGPT 40 GB: SLO attainment 0.963 -> 0.987, answers of 9-32 tokens 0.91 -> 0.99, their
 TTFT p90 1.6 s -> 0.9 s), but the cache is full when short answers wait (committed blocks at
 the curve's capacity), so a probe's room comes from the long requests: past ``k`` they
-over-fill the curve and 10-20 % of requests are preempted near the goodput rate.
+over-fill the curve and 10-20 % of requests are preempted near the goodput rate. Eviction
+(``probe_exit="evict"``; ``benchmarks/results/policy_evict_notes.md``, ``policy_evict_quick.md``,
+``policy_evict_full.md``) serves the shortest answers best (ShareGPT 40 GB at Sarathi's rate:
+1-8 tokens 0.70 -> 0.94, TTFT p90 2.3 s -> 0.4 s) but an evicted long request waits a second
+time: goodput / Sarathi's in full mode (2000 requests, 2 seeds) at 80 GB / 40 GB / Gamma CV 3
+1.08 / 1.07 / 1.01 (p99 JCT 1.03 / 1.39 / 1.01x) with ``k = 32, s = 0.2``, against 1.05 / 1.13 /
+1.03 (1.02 / 1.10 / 1.01x) for ``continue`` at ``k = 16, s = 0.1`` with refinement (below).
+Evicting against the lane-reduced capacity of a new PT instead (all probes past ``k`` but the
+few that fit it) was worse than the default everywhere (35-58 % of requests preempted at 40 GB).
 
 **The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
 equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
@@ -209,6 +224,8 @@ ORDERING_LENGTHS: tuple[str, ...] = ("point", "gittins", "quantile")
 ALLOCATION_LENGTHS: tuple[str, ...] = ("point", "mean")
 #: How the global reserve is sized (see ``reserve_rule``).
 RESERVE_RULES: tuple[str, ...] = ("fixed", "overrun")
+#: What a probe does at ``probe_output_tokens`` tokens unfinished (see ``probe_exit``).
+PROBE_EXITS: tuple[str, ...] = ("continue", "pause", "evict")
 #: The start [steps] of a *hold* term in the occupancy curve: a term that starts growing this far
 #: in the future never grows, so it holds ``blocks_for(base)`` from now on (a probe, see
 #: ``probe_output_tokens``).
@@ -323,12 +340,16 @@ class EconoServeConfig:
         each counted at its probe size ``blocks_for(prompt + k - 1)``, and the lane's unused
         part is kept out of the curve's capacity for full-term admissions. Used only with
         ``probe_output_tokens``.
-    probe_pause:
-        What a probe does at ``k`` tokens unfinished: ``False``, it goes on as a plain request
-        (its full term enters the curve; preemption is the backstop); ``True``, it *pauses*
-        (keeps its KV, does not decode) in the GT queue until the curve admits its remaining
-        ``A - k`` tokens, competing with PTs in key order. Used only with
-        ``probe_output_tokens``.
+    probe_exit:
+        What a probe does at ``k`` tokens unfinished: ``continue``, it goes on as a plain
+        request (its full term enters the curve; preemption is the backstop); ``pause``, it
+        *pauses* (keeps its KV, does not decode) in the GT queue until the curve admits its
+        remaining ``A - k`` tokens, competing with PTs in key order; ``evict``, it goes on if
+        the curve (the lane's unused part included) admits its remaining term at the next step,
+        else it is *evicted*: preempted by
+        recompute (its KV freed at once, its ``k`` tokens kept, to be re-prefilled) and queued
+        as a PT in key order, to be admitted by the curve with its full term, never as a probe
+        again. Used only with ``probe_output_tokens``.
     """
 
     rl_bucket: int = 32
@@ -357,7 +378,7 @@ class EconoServeConfig:
     allocation_length: str = "point"
     probe_output_tokens: int | None = None
     probe_share: float = 0.1
-    probe_pause: bool = False
+    probe_exit: str = "continue"
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -388,6 +409,8 @@ class EconoServeConfig:
             raise ValueError(f"allocation_length must be one of {', '.join(ALLOCATION_LENGTHS)}, got {self.allocation_length!r}")
         if self.reserve_rule not in RESERVE_RULES:
             raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
+        if self.probe_exit not in PROBE_EXITS:
+            raise ValueError(f"probe_exit must be one of {', '.join(PROBE_EXITS)}, got {self.probe_exit!r}")
         if self.probe_output_tokens is not None and self.backfill_output_tokens is not None:
             raise ValueError("probe_output_tokens and backfill_output_tokens are two ways past a refused PT: set one")
 
@@ -428,8 +451,10 @@ class EconoServePolicy(Policy):
         self._pt_waits_for_budget = False
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
+        self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
         if self._probes_on:
-            for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions"):
+            for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
+                            "probe_evictions"):
                 self.stats.extra[counter] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
@@ -648,6 +673,7 @@ class EconoServePolicy(Policy):
         rid = request.request_id
         self._probing.pop(rid, None)
         self._paused.discard(rid)
+        self._exiting.pop(rid, None)
         self._generating.discard(rid)
         self._allocation_target.pop(rid, None)
         self._allocated_output_tokens.pop(rid, None)
@@ -659,14 +685,21 @@ class EconoServePolicy(Policy):
         return request.request_id in self._probing and request.num_output_tokens >= self.config.probe_output_tokens
 
     def _end_probe(self, request: Request, queued: bool) -> None:
-        """``request``, a probe, has generated ``k`` tokens unfinished: with ``probe_pause`` it
+        """``request``, a probe, has generated ``k`` tokens unfinished (``probe_exit``): with
+        ``continue`` it leaves the probe lane and goes on as a plain request; with ``pause`` it
         pauses (a generating GT leaves the running set; ``queued``: it is in the GT queue
         already) and waits there, holding its KV, until :meth:`_resume` admits its remaining
-        term; without, it leaves the probe lane and goes on as a plain request."""
+        term; with ``evict`` the next step decides (:meth:`_exit_probes`), after any refined
+        prediction has arrived."""
         rid = request.request_id
         self.stats.extra["probes_past_k"] += 1
-        if not self.config.probe_pause:  # (the room it leaves in the lane is used at the next event)
+        exit_rule = self.config.probe_exit
+        if exit_rule == "continue":  # (the room it leaves in the lane is used at the next event)
             del self._probing[rid]
+            return
+        self._event = True
+        if exit_rule == "evict":
+            self._exiting[rid] = request
             return
         if not queued:
             self.running.remove(request)
@@ -675,8 +708,30 @@ class EconoServePolicy(Policy):
             self._push_gt(request)
         self._paused.add(rid)
         self.stats.extra["probe_pauses"] += 1
-        self._event = True
 
+    def _exit_probes(self, decision: SchedulerDecision) -> None:
+        """``probe_exit="evict"``: each probe at ``k`` tokens, in GT-key order, goes on as a plain
+        request if the occupancy curve admits its remaining term (it holds what it holds and
+        grows ``A - k`` tokens from now) with the lane's unused part included (it is in the lane
+        already, as a paused probe that resumes), or nothing else is in flight, and
+        ``max_num_seqs`` allows; else it is evicted: preempted by recompute into the PT queue
+        (:meth:`_preempt`), where it is no longer eligible to probe."""
+        exiting = sorted(self._exiting.values(), key=lambda r: self.gt_key(r))
+        members, flight = self._flight_terms()
+        for request in exiting:
+            rid = request.request_id
+            position = next(i for i, r in enumerate(members) if r.request_id == rid)
+            del self._probing[rid]  # its full term from now on (and its lane room unused)
+            alone = len(members) == 1
+            admitted = (alone or self._remaining_term_admits(request, flight, position)) and (
+                request in self.running or len(self.running) < self.max_num_seqs)
+            del self._exiting[rid]
+            if admitted:
+                continue
+            self._gt_queue = [entry for entry in self._gt_queue if entry[2].request_id != rid]
+            self.stats.extra["probe_evictions"] += 1
+            self._preempt(request, decision)
+            members, flight = self._flight_terms()
     def _probe_eligible(self, request: Request) -> bool:
         """A PT may start as a probe if it has not yet generated ``k`` tokens (a preempted probe
         may probe again; a request admitted further may not)."""
@@ -743,7 +798,7 @@ class EconoServePolicy(Policy):
         rid = request.request_id
         if len(self.running) >= self.max_num_seqs:
             return False
-        if self.running and not self._resume_admits(request, flight, position[rid]):
+        if self.running and not self._remaining_term_admits(request, flight, position[rid]):
             return False
         self._gt_queue.remove(entry)
         self._paused.discard(rid)
@@ -752,9 +807,11 @@ class EconoServePolicy(Policy):
         self._start_generation(request, next(self._groups))
         return True
 
-    def _resume_admits(self, request: Request, flight: list[np.ndarray], position: int) -> bool:
-        """Would the curve admit the paused probe at ``position`` of ``flight`` with its remaining
-        term instead of its hold term? Replaces the term in ``flight`` when it would."""
+    def _remaining_term_admits(self, request: Request, flight: list[np.ndarray], position: int) -> bool:
+        """Would the curve admit the probe at ``position`` of ``flight`` (paused, or at ``k``
+        tokens) with its remaining term instead of its hold term? Its remaining term: it holds
+        what it holds and grows for ``A - g`` steps from now. Replaces the term in ``flight``
+        when it would."""
         kv = self.kv_cache
         life = max(1, self.allocated_output_tokens(request) - request.num_output_tokens)
         term = [column.copy() for column in flight]
@@ -775,6 +832,8 @@ class EconoServePolicy(Policy):
         if self.config.no_syncdecoupled:
             return self._schedule_coupled(now_s)
         decision = SchedulerDecision()
+        if self._exiting:
+            self._exit_probes(decision)
         invoke = self._event and bool(self._pt_queue or self._gt_queue)
         if invoke:
             self._event = False
@@ -1048,10 +1107,12 @@ class EconoServePolicy(Policy):
 
     def _curve_capacity_blocks(self, candidate: Request) -> int:
         """The most blocks the occupancy curve admits when ``candidate`` asks to start: the cache
-        less the reserve, times ``1 + overbooking`` [blocks]."""
+        less the reserve, times ``1 + overbooking``, less the probe lane's unused part unless
+        ``candidate`` is a probe in the lane at ``k`` tokens (paused or exiting) [blocks]."""
         kv = self.kv_cache
         capacity = int((kv.num_blocks - self._curve_reserve_blocks(candidate)) * (1.0 + self.config.overbooking))
-        if self._probes_on and candidate.request_id not in self._paused:  # the lane's unused part
+        in_lane = candidate.request_id in self._paused or candidate.request_id in self._exiting
+        if self._probes_on and not in_lane:  # the lane's unused part
             capacity -= max(0, self._lane_blocks() - self._lane_used_blocks(excluded=candidate))
         return capacity
 
