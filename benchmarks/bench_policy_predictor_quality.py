@@ -8,11 +8,15 @@ lognormal factor, ``exp(log_sigma * z)`` with ``z ~ N(0, 1)`` per request
 (:func:`econoserve.experiments.lognormal_noisy_lengths`; the same ``z`` at every ``log_sigma``),
 and gives that one noisy length to the policy for Ordering and allocation alike, as a trained
 predictor would be. For each ``log_sigma`` it reports, measured on the trace: Spearman and
-Kendall tau-b of the noisy lengths vs the true ones, the median relative error
+Kendall tau-b of the noisy lengths vs the true ones, ``short_auc`` (how often a request of at
+most 64 tokens is predicted shorter than a longer one), the median relative error
 ``|prediction - length| / length``, and per scheduler the goodput / Sarathi's (bisection to 2 %,
 the scoreboard's search) and the p99 JCT / Sarathi's at Sarathi's goodput rate. One extra row per
 regime (``source = trained``) does the same with the trained predictor, so it sits on the same
-axis. ``log_sigma = 0`` is the true length (``econoserve-oracle``'s information).
+axis, and one (``trained, quantile-mapped``) gives the trained predictor's ranking the trace's
+length distribution (:func:`quantile_mapped`: same Spearman, lengths spread like the true ones
+rather than compressed toward the mean; the marginal is the trace's, a deployment would take the
+training lengths'), which separates the ranking from the predictor's compressed scale. ``log_sigma = 0`` is the true length (``econoserve-oracle``'s information).
 
 Output: ``benchmarks/results/policy_predictor_quality.md`` / ``.csv`` (``--quick``:
 ``policy_predictor_quality_quick``; ``--output`` another stem), with a summary of where each
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,14 +48,32 @@ NOISE_SEED_OFFSET = 10_000
 #: The goodput ratio the issue targets with a trained predictor.
 TARGET_RATIO = 1.10
 TRAINED = "trained"
+#: The trained predictor's ranking with the trace's length distribution (:func:`quantile_mapped`).
+TRAINED_MAPPED = "trained, quantile-mapped"
+#: A request this long or shorter [tokens] counts as short for ``short_auc`` (the oracle's gain
+#: is almost entirely requests this short, by the per-length-bucket diagnosis of issue 10).
+SHORT_TOKENS = 64
+
+
+def short_auc(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> float:
+    """P(a short request, true length <= :data:`SHORT_TOKENS`, is predicted shorter than a longer
+    one; ties count half): how well the prediction picks out the requests Ordering should pass."""
+    short = true_tokens <= SHORT_TOKENS
+    ranks = rankdata(predicted_tokens)
+    n_short, n_long = int(short.sum()), int((~short).sum())
+    if n_short == 0 or n_long == 0:
+        return math.nan
+    return float(1.0 - (ranks[short].sum() - n_short * (n_short + 1) / 2) / (n_short * n_long))
 
 
 def ranking_quality(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> dict[str, float]:
-    """Spearman, Kendall tau-b and median relative error of ``predicted_tokens`` vs ``true_tokens``."""
+    """Spearman, Kendall tau-b, :func:`short_auc` and median relative error of ``predicted_tokens``
+    vs ``true_tokens`` [tokens]."""
     from econoserve.predictor.metrics import kendall_tau_b
 
     return {"spearman": float(spearmanr(true_tokens, predicted_tokens).statistic),
             "kendall_tau_b": kendall_tau_b(true_tokens, predicted_tokens),
+            "short_auc": short_auc(true_tokens, predicted_tokens),
             "median_relative_error": float(np.median(np.abs(predicted_tokens - true_tokens) / true_tokens))}
 
 
@@ -62,8 +84,20 @@ def sources(trace, log_sigmas: tuple[float, ...], seed: int) -> dict[str, tuple[
 
     true = trace.requests["output_tokens"].to_numpy(np.int64)
     found = {f"sigma {s:g}": (s, lognormal_noisy_lengths(true, s, seed + NOISE_SEED_OFFSET)) for s in log_sigmas}
-    found[TRAINED] = (math.nan, trace.requests["predicted_output_tokens"].to_numpy(np.int64))
+    trained = trace.requests["predicted_output_tokens"].to_numpy(np.int64)
+    found[TRAINED] = (math.nan, trained)
+    found[TRAINED_MAPPED] = (math.nan, quantile_mapped(trained, true))
     return found
+
+
+def quantile_mapped(predicted_tokens: np.ndarray, lengths_tokens: np.ndarray) -> np.ndarray:
+    """``predicted_tokens``' ranks given the spread of ``lengths_tokens``: the request ranked
+    ``i``-th by prediction gets the ``i``-th smallest length (ties by request order). The same
+    ranking (Spearman, Kendall, short_auc) with the lengths' marginal distribution instead of the
+    predictor's compressed one [tokens]."""
+    mapped = np.empty_like(lengths_tokens)
+    mapped[np.argsort(predicted_tokens, kind="stable")] = np.sort(lengths_tokens)
+    return mapped
 
 
 def measure(regime: board.Regime, schedulers: tuple[str, ...], log_sigmas: tuple[float, ...],
@@ -120,7 +154,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     mean = table.groupby(["regime", "scheduler", "source"], sort=False).mean(numeric_only=True).reset_index()
     rows = []
     for (regime, scheduler), group in mean.groupby(["regime", "scheduler"], sort=False):
-        noisy = group[group["source"] != TRAINED].sort_values("log_sigma")
+        noisy = group[~group["source"].isin([TRAINED, TRAINED_MAPPED])].sort_values("log_sigma")
         trained = group[group["source"] == TRAINED].iloc[0]
         rows.append({"regime": regime, "scheduler": scheduler,
                      "true lengths / Sarathi": noisy["goodput_vs_sarathi"].iloc[0] if noisy["log_sigma"].iloc[0] == 0
@@ -128,7 +162,9 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
                      f"Spearman first below {TARGET_RATIO:.2f}x": first_below(noisy),
                      f"lowest Spearman at >= {TARGET_RATIO:.2f}x": lowest_at_target(noisy),
                      "noisy / Sarathi at trained Spearman": ratio_at(noisy, trained["spearman"]),
-                     "trained Spearman": trained["spearman"], "trained / Sarathi": trained["goodput_vs_sarathi"]})
+                     "trained Spearman": trained["spearman"], "trained / Sarathi": trained["goodput_vs_sarathi"],
+                     "quantile-mapped / Sarathi": group.loc[group["source"] == TRAINED_MAPPED,
+                                                           "goodput_vs_sarathi"].iloc[0]})
     return pd.DataFrame(rows)
 
 
@@ -140,12 +176,13 @@ def write(table: pd.DataFrame, stem: str, args: argparse.Namespace, elapsed_s: f
                             values=["goodput_vs_sarathi", "p99_jct_vs_sarathi"])
     wide.columns = [f"{s} {'goodput' if m == 'goodput_vs_sarathi' else 'p99 JCT'} / Sarathi" for m, s in wide.columns]
     quality = mean.groupby(["regime", "source"], sort=False)[
-        ["log_sigma", "spearman", "kendall_tau_b", "median_relative_error"]].first()
+        ["log_sigma", "spearman", "kendall_tau_b", "short_auc", "median_relative_error"]].first()
     lines = ["# What ranking quality EconoServe needs: goodput vs the prediction's Spearman", "",
              f"Written by `benchmarks/bench_policy_predictor_quality.py{' --quick' if args.quick else ''}` "
              f"({args.num_requests} requests, seeds {list(args.seeds)}; {elapsed_s / 60:.1f} min). Predictions = "
              "true length x exp(log_sigma x z), z ~ N(0, 1) per request (`trained`: the trained predictor), the same "
-             "length for Ordering and allocation. Spearman / Kendall / median relative error measured on the trace; "
+             "length for Ordering and allocation. Spearman / Kendall / short_auc (P(a request <= 64 tokens is predicted "
+             "shorter than a longer one)) / median relative error measured on the trace; "
              "goodput / Sarathi's by bisection to 2 %; p99 JCT / Sarathi's at Sarathi's goodput rate. Means over seeds.",
              "", "## Summary", "",
              f"`Spearman first below {TARGET_RATIO:.2f}x`: where the noisy curve first falls below it (linear between "
@@ -184,10 +221,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--schedulers", nargs="+", default=list(DEFAULT_SCHEDULERS),
                         help="EconoServe specs, with knobs as in the scoreboard (default: "
                         f"{' '.join(DEFAULT_SCHEDULERS)})")
+    parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
     parser.add_argument("--output", help="file stem under benchmarks/results/ (default policy_predictor_quality"
                         "[_quick])")
     args = parser.parse_args(argv)
-    args.num_requests, args.seeds = (1000, (0,)) if args.quick else (2000, (0, 1))
+    args.num_requests = 1000 if args.quick else 2000
+    args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     args.log_sigmas = tuple(sorted(set(args.log_sigmas)))
     args.output = args.output or "policy_predictor_quality" + ("_quick" if args.quick else "")
     return args
