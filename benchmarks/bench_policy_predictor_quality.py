@@ -187,7 +187,7 @@ def write(table: pd.DataFrame, stem: str, args: argparse.Namespace, elapsed_s: f
              "", "## Summary", "",
              f"`Spearman first below {TARGET_RATIO:.2f}x`: where the noisy curve first falls below it (linear between "
              "the bracketing log_sigma; nan: starts below or never falls below); `lowest Spearman at >=`: the lowest "
-             "measured Spearman still at or above it (the curve is not monotone: 1 seed, 2 % bisection); `noisy / "
+             "measured Spearman still at or above it (the curve is not monotone: few seeds, 2 % bisection); `noisy / "
              "Sarathi at trained Spearman`: the noisy curve interpolated at the trained predictor's Spearman.", "",
              board.markdown(summary(table)), ""]
     for regime, group in quality.join(wide).reset_index().groupby("regime", sort=False):
