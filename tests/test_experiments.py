@@ -18,6 +18,7 @@ from econoserve.experiments import (
     SensitivityPlan,
     at_rate,
     check_schedulers,
+    lognormal_noisy_lengths,
     make_plan,
     perturb_lengths,
     rate_grid,
@@ -120,6 +121,25 @@ def test_perturbation_is_seeded_and_keeps_lengths_positive():
         perturb_lengths(lengths, -0.1, seed=0)
     with pytest.raises(UserError):
         perturb_lengths([0, 5], 0.1, seed=0)
+
+
+def test_lognormal_noise_is_seeded_and_degrades_the_ranking_with_sigma():
+    from scipy.stats import spearmanr
+
+    lengths = np.random.default_rng(1).integers(1, 2000, size=5000)
+    a, b = lognormal_noisy_lengths(lengths, 0.5, seed=7), lognormal_noisy_lengths(lengths, 0.5, seed=7)
+    assert np.array_equal(a, b) and a.dtype == np.int64 and a.min() >= 1
+    assert not np.array_equal(a, lognormal_noisy_lengths(lengths, 0.5, seed=8))
+    assert np.array_equal(lognormal_noisy_lengths(lengths, 0.0, seed=7), lengths)
+    rhos = [spearmanr(lengths, lognormal_noisy_lengths(lengths, s, seed=7)).statistic for s in (0.25, 0.5, 1.0, 2.0)]
+    assert all(x > y for x, y in zip(rhos, rhos[1:]))
+    big = lengths >= 200  # away from the rounding and the 1-token floor: log ratio ~ N(0, sigma^2)
+    log_ratio = np.log(lognormal_noisy_lengths(lengths, 0.5, seed=7)[big] / lengths[big])
+    assert abs(log_ratio.std() - 0.5) < 0.03 and abs(np.median(log_ratio)) < 0.03
+    with pytest.raises(UserError):
+        lognormal_noisy_lengths(lengths, -0.1, seed=0)
+    with pytest.raises(UserError):
+        lognormal_noisy_lengths([0, 5], 0.1, seed=0)
 
 
 # --------------------------------------------------------------------- traces and rates

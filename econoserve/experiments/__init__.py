@@ -111,7 +111,8 @@ from econoserve.experiments.runner import (
     simulation_config,
     trace_digest,
 )
-from econoserve.experiments.workloads import at_rate, perturb_lengths, request_pool, unit_rate_trace, without_text
+from econoserve.experiments.workloads import (at_rate, lognormal_noisy_lengths, perturb_lengths, request_pool,
+                                              unit_rate_trace, without_text)
 
 __all__ = [
     "ABLATIONS",
@@ -146,6 +147,7 @@ __all__ = [
     "cross_fit_predictions",
     "ensure_predictor",
     "ensure_refined_predictor",
+    "lognormal_noisy_lengths",
     "make_plan",
     "perturb_lengths",
     "predict_lengths",
