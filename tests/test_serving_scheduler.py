@@ -323,7 +323,7 @@ def test_stepped_preemptions_replay_and_tampering_is_caught(model_dir):
 
 # --------------------------------------------------------------------- the real engine
 def _serve(model_dir, tmp_path, trace, scheduler: str, kv_cache_tokens: int, max_model_len: int = 512,
-           policy_config: dict | None = None):
+           policy_config: dict | None = None, time_scale: float = 0.25):
     from dataclasses import replace
 
     from econoserve.serving.engine import EngineConfig
@@ -333,7 +333,7 @@ def _serve(model_dir, tmp_path, trace, scheduler: str, kv_cache_tokens: int, max
     options = {**scheduler_options(scheduler, policy_config), "decision_log": str(log)}
     engine = EngineConfig(model=str(model_dir), scheduler_cls=scheduler_class(scheduler), kv_cache_tokens=kv_cache_tokens,
                           max_model_len=max_model_len, max_num_batched_tokens=512)
-    spec = ServeSpec(engine=replace(engine, extra_options=options), scheduler=scheduler, time_scale=0.25, timeout_s=300)
+    spec = ServeSpec(engine=replace(engine, extra_options=options), scheduler=scheduler, time_scale=time_scale, timeout_s=300)
     result = serve_trace(trace, spec, tmp_path / "run")
     return result, read_decision_log(log)
 
@@ -371,12 +371,13 @@ def test_econoserve_probes_run_in_the_real_engine_and_replay(model_dir, tmp_path
     a cache the load overfills, so the curve refuses prompts and probes start (and, by
     ``probe_exit``, go on, pause or are evicted at k tokens); every request gets exactly its
     length, KV stays within the cache, and the pure-Python replay asks for exactly the batches
-    vLLM ran."""
+    vLLM ran. Every request arrives at once (``time_scale=0``), so the schedule, and with it
+    which probes pause or are evicted, does not depend on how fast this machine steps."""
     _require_policy("econoserve")
-    trace = _synthetic_trace(24, seed=9, rate_rps=64, max_prompt=160, max_output=64, prediction_error=0.5)
+    trace = _synthetic_trace(24, seed=9, max_prompt=160, max_output=64, prediction_error=0.5)
     config = {"probe_output_tokens": 8, "probe_share": 0.25, "probe_exit": probe_exit}
     result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=1024, max_model_len=448,
-                             policy_config=config)
+                             policy_config=config, time_scale=0.0)
     requests = result.requests
     assert (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
