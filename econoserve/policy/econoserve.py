@@ -732,6 +732,7 @@ class EconoServePolicy(Policy):
             self.stats.extra["probe_evictions"] += 1
             self._preempt(request, decision)
             members, flight = self._flight_terms()
+
     def _probe_eligible(self, request: Request) -> bool:
         """A PT may start as a probe if it has not yet generated ``k`` tokens (a preempted probe
         may probe again; a request admitted further may not)."""
