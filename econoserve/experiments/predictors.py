@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
-from econoserve.experiments.plan import DeploymentSpec, ExperimentPlan
+from econoserve.experiments.plan import DeploymentSpec, ExperimentPlan, PredictorTraining
 from econoserve.experiments.workloads import request_pool
 from econoserve.workload.trace import Trace
 
@@ -72,7 +72,7 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     return model
 
 
-def point_features(training):
+def point_features(training: PredictorTraining):
     """The point model's :class:`~econoserve.predictor.features.FeatureConfig`: the default, with
     ``training``'s neighbour-length block when it is on (:class:`~econoserve.experiments.plan.PredictorTraining`)."""
     from econoserve.predictor.features import FeatureConfig
