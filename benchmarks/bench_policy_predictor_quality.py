@@ -53,6 +53,16 @@ TRAINED_MAPPED = "trained, quantile-mapped"
 #: A request this long or shorter [tokens] counts as short for ``short_auc`` (the oracle's gain
 #: is almost entirely requests this short, by the per-length-bucket diagnosis of issue 10).
 SHORT_TOKENS = 64
+#: ``--error-structure``: the trained predictor's log-ratios resampled within these true-length
+#: buckets (upper edges [tokens]; the last bucket is everything longer) (:func:`bucket_matched_noise`).
+BUCKET_EDGES_TOKENS: tuple[int, ...] = (8, 32, 64, 128, 256, 512)
+BUCKET_MATCHED = "bucket-matched noise"
+#: ``--error-structure``: the trained prediction except for answers this short or shorter [tokens].
+FIXED_SHORT_TOKENS = 32
+SHORT_TRUE = f"trained, <= {FIXED_SHORT_TOKENS} tokens true"
+SHORT_NOISY = f"trained, <= {FIXED_SHORT_TOKENS} tokens noise at its Spearman"
+#: Sources that are not on the lognormal curve.
+NOT_CURVE = (TRAINED, TRAINED_MAPPED, BUCKET_MATCHED, SHORT_TRUE, SHORT_NOISY)
 
 
 def short_auc(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> float:
@@ -77,7 +87,8 @@ def ranking_quality(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> di
             "median_relative_error": float(np.median(np.abs(predicted_tokens - true_tokens) / true_tokens))}
 
 
-def sources(trace, log_sigmas: tuple[float, ...], seed: int) -> dict[str, tuple[float, np.ndarray]]:
+def sources(trace, log_sigmas: tuple[float, ...], seed: int,
+            error_structure: bool = False) -> dict[str, tuple[float, np.ndarray]]:
     """Source label -> (log_sigma or NaN, predicted lengths [tokens]): the noisy true lengths
     (capped at the trace format's ``MAX_REQUEST_TOKENS``, 2^22: a draw of z ~ 5 at sigma 3 on 2000
     requests exceeds it; the cap never bound in the quick runs, whose traces passed validation),
@@ -92,7 +103,58 @@ def sources(trace, log_sigmas: tuple[float, ...], seed: int) -> dict[str, tuple[
     trained = trace.requests["predicted_output_tokens"].to_numpy(np.int64)
     found[TRAINED] = (math.nan, trained)
     found[TRAINED_MAPPED] = (math.nan, quantile_mapped(trained, true))
+    if error_structure:
+        found.update(structure_sources(true, trained, seed))
     return found
+
+
+def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray,
+                      seed: int) -> dict[str, tuple[float, np.ndarray]]:
+    """``--error-structure``'s sources [tokens]: :func:`bucket_matched_noise`; the trained
+    prediction with answers of <= :data:`FIXED_SHORT_TOKENS` given their true length; and the same
+    answers given lognormal noise at the sigma whose Spearman matches the trained predictor's
+    (:func:`spearman_matched_sigma`)."""
+    from econoserve.experiments import lognormal_noisy_lengths
+
+    short = true_tokens <= FIXED_SHORT_TOKENS
+    sigma = spearman_matched_sigma(true_tokens, trained_tokens, seed + NOISE_SEED_OFFSET)
+    noisy = lognormal_noisy_lengths(true_tokens, sigma, seed + NOISE_SEED_OFFSET)
+    return {BUCKET_MATCHED: (math.nan, bucket_matched_noise(true_tokens, trained_tokens, seed + NOISE_SEED_OFFSET)),
+            SHORT_TRUE: (math.nan, np.where(short, true_tokens, trained_tokens)),
+            SHORT_NOISY: (sigma, np.where(short, noisy, trained_tokens))}
+
+
+def bucket_matched_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, seed: int) -> np.ndarray:
+    """The true lengths times ``exp(r)``, ``r`` drawn (seeded, with replacement) from the
+    log-ratios ``log(predicted / true)`` of the requests in the same true-length bucket
+    (:data:`BUCKET_EDGES_TOKENS`): the predictor's error distribution given the true length,
+    independent of the prompt otherwise [tokens]."""
+    from econoserve.workload.trace import MAX_REQUEST_TOKENS
+
+    rng = np.random.default_rng(seed)
+    log_ratio = np.log(predicted_tokens / true_tokens)
+    bucket = np.searchsorted(np.asarray(BUCKET_EDGES_TOKENS), true_tokens, side="left")
+    drawn = np.empty_like(log_ratio)
+    for b in np.unique(bucket):
+        members = np.flatnonzero(bucket == b)
+        drawn[members] = rng.choice(log_ratio[members], size=members.size, replace=True)
+    return np.clip(np.rint(true_tokens * np.exp(drawn)), 1, MAX_REQUEST_TOKENS).astype(np.int64)
+
+
+def spearman_matched_sigma(true_tokens: np.ndarray, predicted_tokens: np.ndarray, seed: int) -> float:
+    """The ``log_sigma`` [nats] whose lognormal noise (``seed``) has the Spearman of
+    ``predicted_tokens`` on ``true_tokens`` (bisection on [0, 6], to 0.01)."""
+    from econoserve.experiments import lognormal_noisy_lengths
+
+    target = spearmanr(true_tokens, predicted_tokens).statistic
+    low, high = 0.0, 6.0
+    while high - low > 0.01:
+        mid = (low + high) / 2
+        if spearmanr(true_tokens, lognormal_noisy_lengths(true_tokens, mid, seed)).statistic > target:
+            low = mid
+        else:
+            high = mid
+    return round((low + high) / 2, 3)
 
 
 def quantile_mapped(predicted_tokens: np.ndarray, lengths_tokens: np.ndarray) -> np.ndarray:
@@ -106,13 +168,13 @@ def quantile_mapped(predicted_tokens: np.ndarray, lengths_tokens: np.ndarray) ->
 
 
 def measure(regime: board.Regime, schedulers: tuple[str, ...], log_sigmas: tuple[float, ...],
-            num_requests: int, seeds: tuple[int, ...]) -> list[dict]:
+            num_requests: int, seeds: tuple[int, ...], error_structure: bool = False) -> list[dict]:
     rows = []
     for seed, trace in board.unit_rate_traces(regime, num_requests, seeds).items():
         sarathi, _ = board.goodput(trace, regime, "sarathi", seed, 0.8 * board.burst_throughput(trace, regime, seed))
         sarathi_p99 = board.run(trace, regime, "sarathi", sarathi, seed)["p99_jct_s"]
         true = trace.requests["output_tokens"].to_numpy(np.int64)
-        cells = [(label, value, s) for label, value in sources(trace, log_sigmas, seed).items() for s in schedulers]
+        cells = [(label, value, s) for label, value in sources(trace, log_sigmas, seed, error_structure).items() for s in schedulers]
         for label, (log_sigma, predicted), scheduler in tqdm(cells, desc=f"{regime.name} seed {seed}", file=sys.stderr):
             noisy = trace.with_predictions(predicted)
             rate, runs = board.goodput(noisy, regime, scheduler, seed, sarathi)
@@ -159,7 +221,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     mean = table.groupby(["regime", "scheduler", "source"], sort=False).mean(numeric_only=True).reset_index()
     rows = []
     for (regime, scheduler), group in mean.groupby(["regime", "scheduler"], sort=False):
-        noisy = group[~group["source"].isin([TRAINED, TRAINED_MAPPED])].sort_values("log_sigma")
+        noisy = group[~group["source"].isin(NOT_CURVE)].sort_values("log_sigma")
         trained = group[group["source"] == TRAINED].iloc[0]
         rows.append({"regime": regime, "scheduler": scheduler,
                      "true lengths / Sarathi": noisy["goodput_vs_sarathi"].iloc[0] if noisy["log_sigma"].iloc[0] == 0
@@ -227,6 +289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="EconoServe specs, with knobs as in the scoreboard (default: "
                         f"{' '.join(DEFAULT_SCHEDULERS)})")
     parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
+    parser.add_argument("--error-structure", action="store_true",
+                        help=f"also measure {BUCKET_MATCHED!r} (the trained predictor's log-ratios resampled within "
+                        f"true-length buckets), {SHORT_TRUE!r} and {SHORT_NOISY!r}")
     parser.add_argument("--output", help="file stem under benchmarks/results/ (default policy_predictor_quality"
                         "[_quick])")
     args = parser.parse_args(argv)
@@ -251,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         for name in args.regimes:
-            rows += measure(regimes[name], tuple(args.schedulers), args.log_sigmas, args.num_requests, args.seeds)
+            rows += measure(regimes[name], tuple(args.schedulers), args.log_sigmas, args.num_requests, args.seeds,
+                            args.error_structure)
             text = write(pd.DataFrame(rows), args.output, args, time.perf_counter() - started)
     except UserError as exc:
         print(f"bench_policy_predictor_quality: {exc}", file=sys.stderr)
