@@ -17,6 +17,12 @@ axis, and one (``trained, quantile-mapped``) gives the trained predictor's ranki
 length distribution (:func:`quantile_mapped`: same Spearman, lengths spread like the true ones
 rather than compressed toward the mean; the marginal is the trace's, a deployment would take the
 training lengths'), which separates the ranking from the predictor's compressed scale. ``log_sigma = 0`` is the true length (``econoserve-oracle``'s information).
+``--error-structure`` adds three sources that take the trained predictor's errors apart:
+``bucket-matched noise`` (the true length times a log-ratio ``log(prediction / length)`` drawn
+from the trained predictor's own, among the trace's requests in the same true-length bucket: the
+error's dependence on the true length without its dependence on the prompt), and the trained
+prediction with answers of at most 32 tokens given their true length, or lognormal noise at the
+trained predictor's Spearman (how much of the gap the short answers alone account for).
 
 Output: ``benchmarks/results/policy_predictor_quality.md`` / ``.csv`` (``--quick``:
 ``policy_predictor_quality_quick``; ``--output`` another stem), with a summary of where each
@@ -174,13 +180,16 @@ def measure(regime: board.Regime, schedulers: tuple[str, ...], log_sigmas: tuple
         sarathi, _ = board.goodput(trace, regime, "sarathi", seed, 0.8 * board.burst_throughput(trace, regime, seed))
         sarathi_p99 = board.run(trace, regime, "sarathi", sarathi, seed)["p99_jct_s"]
         true = trace.requests["output_tokens"].to_numpy(np.int64)
+        prompt = trace.requests["prompt_tokens"].to_numpy(np.int64)
         cells = [(label, value, s) for label, value in sources(trace, log_sigmas, seed, error_structure).items() for s in schedulers]
         for label, (log_sigma, predicted), scheduler in tqdm(cells, desc=f"{regime.name} seed {seed}", file=sys.stderr):
             noisy = trace.with_predictions(predicted)
             rate, runs = board.goodput(noisy, regime, scheduler, seed, sarathi)
             at = board.run(noisy, regime, scheduler, sarathi, seed)
             rows.append({"regime": regime.name, "seed": seed, "source": label, "log_sigma": log_sigma,
-                         **ranking_quality(true, predicted), "scheduler": scheduler, "goodput_rps": rate,
+                         **ranking_quality(true, predicted),
+                         "spearman_vs_prompt": float(spearmanr(prompt, predicted).statistic),
+                         "scheduler": scheduler, "goodput_rps": rate,
                          "sarathi_goodput_rps": sarathi, "goodput_vs_sarathi": rate / sarathi,
                          "slo_attainment_at_sarathi_rate": at["slo_attainment"],
                          "p99_jct_vs_sarathi": at["p99_jct_s"] / sarathi_p99})
@@ -243,13 +252,15 @@ def write(table: pd.DataFrame, stem: str, args: argparse.Namespace, elapsed_s: f
                             values=["goodput_vs_sarathi", "p99_jct_vs_sarathi"])
     wide.columns = [f"{s} {'goodput' if m == 'goodput_vs_sarathi' else 'p99 JCT'} / Sarathi" for m, s in wide.columns]
     quality = mean.groupby(["regime", "source"], sort=False)[
-        ["log_sigma", "spearman", "kendall_tau_b", "short_auc", "median_relative_error"]].first()
+        ["log_sigma", "spearman", "kendall_tau_b", "short_auc", "median_relative_error",
+         "spearman_vs_prompt"]].first()
     lines = ["# What ranking quality EconoServe needs: goodput vs the prediction's Spearman", "",
              f"Written by `benchmarks/bench_policy_predictor_quality.py{' --quick' if args.quick else ''}` "
              f"({args.num_requests} requests, seeds {list(args.seeds)}; {elapsed_s / 60:.1f} min). Predictions = "
              "true length x exp(log_sigma x z), z ~ N(0, 1) per request (`trained`: the trained predictor), the same "
              "length for Ordering and allocation. Spearman / Kendall / short_auc (P(a request <= 64 tokens is predicted "
-             "shorter than a longer one)) / median relative error measured on the trace; "
+             "shorter than a longer one)) / median relative error measured on the trace (`spearman_vs_prompt`: the "
+             "prediction's Spearman with the prompt length); "
              "goodput / Sarathi's by bisection to 2 %; p99 JCT / Sarathi's at Sarathi's goodput rate. Means over seeds.",
              "", "## Summary", "",
              f"`Spearman first below {TARGET_RATIO:.2f}x`: where the noisy curve first falls below it (linear between "
