@@ -17,12 +17,14 @@ axis, and one (``trained, quantile-mapped``) gives the trained predictor's ranki
 length distribution (:func:`quantile_mapped`: same Spearman, lengths spread like the true ones
 rather than compressed toward the mean; the marginal is the trace's, a deployment would take the
 training lengths'), which separates the ranking from the predictor's compressed scale. ``log_sigma = 0`` is the true length (``econoserve-oracle``'s information).
-``--error-structure`` adds three sources that take the trained predictor's errors apart:
+``--error-structure`` adds four sources that take the trained predictor's errors apart:
 ``bucket-matched noise`` (the true length times a log-ratio ``log(prediction / length)`` drawn
 from the trained predictor's own, among the trace's requests in the same true-length bucket: the
 error's dependence on the true length without its dependence on the prompt), and the trained
 prediction with answers of at most 32 tokens given their true length, or lognormal noise at the
-trained predictor's Spearman (how much of the gap the short answers alone account for).
+trained predictor's Spearman (how much of the gap the short answers alone account for); and
+``prompt-coupled noise`` (:func:`prompt_coupled_noise`: lognormal noise plus a prompt-length term,
+matching both the trained predictor's Spearman with the true lengths and with the prompt lengths).
 
 Output: ``benchmarks/results/policy_predictor_quality.md`` / ``.csv`` (``--quick``:
 ``policy_predictor_quality_quick``; ``--output`` another stem), with a summary of where each
@@ -67,8 +69,9 @@ BUCKET_MATCHED = "bucket-matched noise"
 FIXED_SHORT_TOKENS = 32
 SHORT_TRUE = f"trained, <= {FIXED_SHORT_TOKENS} tokens true"
 SHORT_NOISY = f"trained, <= {FIXED_SHORT_TOKENS} tokens noise at its Spearman"
+PROMPT_COUPLED = "prompt-coupled noise"
 #: Sources that are not on the lognormal curve.
-NOT_CURVE = (TRAINED, TRAINED_MAPPED, BUCKET_MATCHED, SHORT_TRUE, SHORT_NOISY)
+NOT_CURVE = (TRAINED, TRAINED_MAPPED, BUCKET_MATCHED, SHORT_TRUE, SHORT_NOISY, PROMPT_COUPLED)
 
 
 def short_auc(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> float:
@@ -110,16 +113,16 @@ def sources(trace, log_sigmas: tuple[float, ...], seed: int,
     found[TRAINED] = (math.nan, trained)
     found[TRAINED_MAPPED] = (math.nan, quantile_mapped(trained, true))
     if error_structure:
-        found.update(structure_sources(true, trained, seed))
+        found.update(structure_sources(true, trained, trace.requests["prompt_tokens"].to_numpy(np.int64), seed))
     return found
 
 
-def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray,
+def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray, prompt_tokens: np.ndarray,
                       seed: int) -> dict[str, tuple[float, np.ndarray]]:
     """``--error-structure``'s sources [tokens]: :func:`bucket_matched_noise`; the trained
     prediction with answers of <= :data:`FIXED_SHORT_TOKENS` given their true length; and the same
     answers given lognormal noise at the sigma whose Spearman matches the trained predictor's
-    (:func:`spearman_matched_sigma`)."""
+    (:func:`spearman_matched_sigma`); and :func:`prompt_coupled_noise`."""
     from econoserve.experiments import lognormal_noisy_lengths
 
     short = true_tokens <= FIXED_SHORT_TOKENS
@@ -127,7 +130,33 @@ def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray,
     noisy = lognormal_noisy_lengths(true_tokens, sigma, seed + NOISE_SEED_OFFSET)
     return {BUCKET_MATCHED: (math.nan, bucket_matched_noise(true_tokens, trained_tokens, seed + NOISE_SEED_OFFSET)),
             SHORT_TRUE: (math.nan, np.where(short, true_tokens, trained_tokens)),
-            SHORT_NOISY: (sigma, np.where(short, noisy, trained_tokens))}
+            SHORT_NOISY: (sigma, np.where(short, noisy, trained_tokens)),
+            PROMPT_COUPLED: prompt_coupled_noise(true_tokens, trained_tokens, prompt_tokens, seed + NOISE_SEED_OFFSET)}
+
+
+def prompt_coupled_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, prompt_tokens: np.ndarray,
+                         seed: int) -> tuple[float, np.ndarray]:
+    """(log_sigma [nats], lengths [tokens]): the true lengths times ``exp(log_sigma z - beta (log
+    prompt - mean log prompt))``, ``z ~ N(0, 1)`` (``seed``), with ``log_sigma`` and ``beta`` on a
+    0.05 grid chosen so that the Spearman with the true lengths and with the prompt lengths both
+    match ``predicted_tokens``' (least squares): noise that leans on the prompt length as hard as
+    the predictor does, independent of it otherwise."""
+    from econoserve.workload.trace import MAX_REQUEST_TOKENS
+
+    z = np.random.default_rng(seed).standard_normal(true_tokens.size)
+    centred = np.log(prompt_tokens) - np.log(prompt_tokens).mean()
+    target = np.array([spearmanr(true_tokens, predicted_tokens).statistic,
+                       spearmanr(prompt_tokens, predicted_tokens).statistic])
+    true_ranks, prompt_ranks = rankdata(true_tokens), rankdata(prompt_tokens)
+    best = (math.inf, 0.0, 0.0)
+    for log_sigma in np.arange(0.0, 3.0001, 0.05):
+        for beta in np.arange(0.0, 3.0001, 0.05):
+            ranks = rankdata(np.log(true_tokens) + log_sigma * z - beta * centred)
+            got = np.array([np.corrcoef(true_ranks, ranks)[0, 1], np.corrcoef(prompt_ranks, ranks)[0, 1]])
+            best = min(best, (float(np.sum((got - target) ** 2)), float(log_sigma), float(beta)))
+    _, log_sigma, beta = best
+    noisy = np.rint(true_tokens * np.exp(log_sigma * z - beta * centred))
+    return round(log_sigma, 2), np.clip(noisy, 1, MAX_REQUEST_TOKENS).astype(np.int64)
 
 
 def bucket_matched_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, seed: int) -> np.ndarray:
@@ -302,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
     parser.add_argument("--error-structure", action="store_true",
                         help=f"also measure {BUCKET_MATCHED!r} (the trained predictor's log-ratios resampled within "
-                        f"true-length buckets), {SHORT_TRUE!r} and {SHORT_NOISY!r}")
+                        f"true-length buckets), {SHORT_TRUE!r}, {SHORT_NOISY!r} and {PROMPT_COUPLED!r}")
     parser.add_argument("--output", help="file stem under benchmarks/results/ (default policy_predictor_quality"
                         "[_quick])")
     args = parser.parse_args(argv)
