@@ -17,6 +17,14 @@ axis, and one (``trained, quantile-mapped``) gives the trained predictor's ranki
 length distribution (:func:`quantile_mapped`: same Spearman, lengths spread like the true ones
 rather than compressed toward the mean; the marginal is the trace's, a deployment would take the
 training lengths'), which separates the ranking from the predictor's compressed scale. ``log_sigma = 0`` is the true length (``econoserve-oracle``'s information).
+``--error-structure`` adds four sources that take the trained predictor's errors apart:
+``bucket-matched noise`` (the true length times a log-ratio ``log(prediction / length)`` drawn
+from the trained predictor's own, among the trace's requests in the same true-length bucket: the
+error's dependence on the true length without its dependence on the prompt), and the trained
+prediction with answers of at most 32 tokens given their true length, or lognormal noise at the
+trained predictor's Spearman (how much of the gap the short answers alone account for); and
+``prompt-coupled noise`` (:func:`prompt_coupled_noise`: lognormal noise plus a prompt-length term,
+matching both the trained predictor's Spearman with the true lengths and with the prompt lengths).
 
 Output: ``benchmarks/results/policy_predictor_quality.md`` / ``.csv`` (``--quick``:
 ``policy_predictor_quality_quick``; ``--output`` another stem), with a summary of where each
@@ -53,6 +61,17 @@ TRAINED_MAPPED = "trained, quantile-mapped"
 #: A request this long or shorter [tokens] counts as short for ``short_auc`` (the oracle's gain
 #: is almost entirely requests this short, by the per-length-bucket diagnosis of issue 10).
 SHORT_TOKENS = 64
+#: ``--error-structure``: the trained predictor's log-ratios resampled within these true-length
+#: buckets (upper edges [tokens]; the last bucket is everything longer) (:func:`bucket_matched_noise`).
+BUCKET_EDGES_TOKENS: tuple[int, ...] = (8, 32, 64, 128, 256, 512)
+BUCKET_MATCHED = "bucket-matched noise"
+#: ``--error-structure``: the trained prediction except for answers this short or shorter [tokens].
+FIXED_SHORT_TOKENS = 32
+SHORT_TRUE = f"trained, <= {FIXED_SHORT_TOKENS} tokens true"
+SHORT_NOISY = f"trained, <= {FIXED_SHORT_TOKENS} tokens noise at its Spearman"
+PROMPT_COUPLED = "prompt-coupled noise"
+#: Sources that are not on the lognormal curve.
+NOT_CURVE = (TRAINED, TRAINED_MAPPED, BUCKET_MATCHED, SHORT_TRUE, SHORT_NOISY, PROMPT_COUPLED)
 
 
 def short_auc(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> float:
@@ -77,7 +96,8 @@ def ranking_quality(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> di
             "median_relative_error": float(np.median(np.abs(predicted_tokens - true_tokens) / true_tokens))}
 
 
-def sources(trace, log_sigmas: tuple[float, ...], seed: int) -> dict[str, tuple[float, np.ndarray]]:
+def sources(trace, log_sigmas: tuple[float, ...], seed: int,
+            error_structure: bool = False) -> dict[str, tuple[float, np.ndarray]]:
     """Source label -> (log_sigma or NaN, predicted lengths [tokens]): the noisy true lengths
     (capped at the trace format's ``MAX_REQUEST_TOKENS``, 2^22: a draw of z ~ 5 at sigma 3 on 2000
     requests exceeds it; the cap never bound in the quick runs, whose traces passed validation),
@@ -92,7 +112,84 @@ def sources(trace, log_sigmas: tuple[float, ...], seed: int) -> dict[str, tuple[
     trained = trace.requests["predicted_output_tokens"].to_numpy(np.int64)
     found[TRAINED] = (math.nan, trained)
     found[TRAINED_MAPPED] = (math.nan, quantile_mapped(trained, true))
+    if error_structure:
+        found.update(structure_sources(true, trained, trace.requests["prompt_tokens"].to_numpy(np.int64), seed))
     return found
+
+
+def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray, prompt_tokens: np.ndarray,
+                      seed: int) -> dict[str, tuple[float, np.ndarray]]:
+    """``--error-structure``'s sources [tokens]: :func:`bucket_matched_noise`; the trained
+    prediction with answers of <= :data:`FIXED_SHORT_TOKENS` given their true length; and the same
+    answers given lognormal noise at the sigma whose Spearman matches the trained predictor's
+    (:func:`spearman_matched_sigma`); and :func:`prompt_coupled_noise`."""
+    from econoserve.experiments import lognormal_noisy_lengths
+
+    short = true_tokens <= FIXED_SHORT_TOKENS
+    sigma = spearman_matched_sigma(true_tokens, trained_tokens, seed + NOISE_SEED_OFFSET)
+    noisy = lognormal_noisy_lengths(true_tokens, sigma, seed + NOISE_SEED_OFFSET)
+    return {BUCKET_MATCHED: (math.nan, bucket_matched_noise(true_tokens, trained_tokens, seed + NOISE_SEED_OFFSET)),
+            SHORT_TRUE: (math.nan, np.where(short, true_tokens, trained_tokens)),
+            SHORT_NOISY: (sigma, np.where(short, noisy, trained_tokens)),
+            PROMPT_COUPLED: prompt_coupled_noise(true_tokens, trained_tokens, prompt_tokens, seed + NOISE_SEED_OFFSET)}
+
+
+def prompt_coupled_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, prompt_tokens: np.ndarray,
+                         seed: int) -> tuple[float, np.ndarray]:
+    """(log_sigma [nats], lengths [tokens]): the true lengths times ``exp(log_sigma z - beta (log
+    prompt - mean log prompt))``, ``z ~ N(0, 1)`` (``seed``), with ``log_sigma`` and ``beta`` on a
+    0.05 grid chosen so that the Spearman with the true lengths and with the prompt lengths both
+    match ``predicted_tokens``' (least squares): noise that leans on the prompt length as hard as
+    the predictor does, independent of it otherwise."""
+    from econoserve.workload.trace import MAX_REQUEST_TOKENS
+
+    z = np.random.default_rng(seed).standard_normal(true_tokens.size)
+    centred = np.log(prompt_tokens) - np.log(prompt_tokens).mean()
+    target = np.array([spearmanr(true_tokens, predicted_tokens).statistic,
+                       spearmanr(prompt_tokens, predicted_tokens).statistic])
+    true_ranks, prompt_ranks = rankdata(true_tokens), rankdata(prompt_tokens)
+    best = (math.inf, 0.0, 0.0)
+    for log_sigma in np.arange(0.0, 3.0001, 0.05):
+        for beta in np.arange(0.0, 3.0001, 0.05):
+            ranks = rankdata(np.log(true_tokens) + log_sigma * z - beta * centred)
+            got = np.array([np.corrcoef(true_ranks, ranks)[0, 1], np.corrcoef(prompt_ranks, ranks)[0, 1]])
+            best = min(best, (float(np.sum((got - target) ** 2)), float(log_sigma), float(beta)))
+    _, log_sigma, beta = best
+    noisy = np.rint(true_tokens * np.exp(log_sigma * z - beta * centred))
+    return round(log_sigma, 2), np.clip(noisy, 1, MAX_REQUEST_TOKENS).astype(np.int64)
+
+
+def bucket_matched_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, seed: int) -> np.ndarray:
+    """The true lengths times ``exp(r)``, ``r`` drawn (seeded, with replacement) from the
+    log-ratios ``log(predicted / true)`` of the requests in the same true-length bucket
+    (:data:`BUCKET_EDGES_TOKENS`): the predictor's error distribution given the true length,
+    independent of the prompt otherwise [tokens]."""
+    from econoserve.workload.trace import MAX_REQUEST_TOKENS
+
+    rng = np.random.default_rng(seed)
+    log_ratio = np.log(predicted_tokens / true_tokens)
+    bucket = np.searchsorted(np.asarray(BUCKET_EDGES_TOKENS), true_tokens, side="left")
+    drawn = np.empty_like(log_ratio)
+    for b in np.unique(bucket):
+        members = np.flatnonzero(bucket == b)
+        drawn[members] = rng.choice(log_ratio[members], size=members.size, replace=True)
+    return np.clip(np.rint(true_tokens * np.exp(drawn)), 1, MAX_REQUEST_TOKENS).astype(np.int64)
+
+
+def spearman_matched_sigma(true_tokens: np.ndarray, predicted_tokens: np.ndarray, seed: int) -> float:
+    """The ``log_sigma`` [nats] whose lognormal noise (``seed``) has the Spearman of
+    ``predicted_tokens`` on ``true_tokens`` (bisection on [0, 6], to 0.01)."""
+    from econoserve.experiments import lognormal_noisy_lengths
+
+    target = spearmanr(true_tokens, predicted_tokens).statistic
+    low, high = 0.0, 6.0
+    while high - low > 0.01:
+        mid = (low + high) / 2
+        if spearmanr(true_tokens, lognormal_noisy_lengths(true_tokens, mid, seed)).statistic > target:
+            low = mid
+        else:
+            high = mid
+    return round((low + high) / 2, 3)
 
 
 def quantile_mapped(predicted_tokens: np.ndarray, lengths_tokens: np.ndarray) -> np.ndarray:
@@ -106,19 +203,22 @@ def quantile_mapped(predicted_tokens: np.ndarray, lengths_tokens: np.ndarray) ->
 
 
 def measure(regime: board.Regime, schedulers: tuple[str, ...], log_sigmas: tuple[float, ...],
-            num_requests: int, seeds: tuple[int, ...]) -> list[dict]:
+            num_requests: int, seeds: tuple[int, ...], error_structure: bool = False) -> list[dict]:
     rows = []
     for seed, trace in board.unit_rate_traces(regime, num_requests, seeds).items():
         sarathi, _ = board.goodput(trace, regime, "sarathi", seed, 0.8 * board.burst_throughput(trace, regime, seed))
         sarathi_p99 = board.run(trace, regime, "sarathi", sarathi, seed)["p99_jct_s"]
         true = trace.requests["output_tokens"].to_numpy(np.int64)
-        cells = [(label, value, s) for label, value in sources(trace, log_sigmas, seed).items() for s in schedulers]
+        prompt = trace.requests["prompt_tokens"].to_numpy(np.int64)
+        cells = [(label, value, s) for label, value in sources(trace, log_sigmas, seed, error_structure).items() for s in schedulers]
         for label, (log_sigma, predicted), scheduler in tqdm(cells, desc=f"{regime.name} seed {seed}", file=sys.stderr):
             noisy = trace.with_predictions(predicted)
             rate, runs = board.goodput(noisy, regime, scheduler, seed, sarathi)
             at = board.run(noisy, regime, scheduler, sarathi, seed)
             rows.append({"regime": regime.name, "seed": seed, "source": label, "log_sigma": log_sigma,
-                         **ranking_quality(true, predicted), "scheduler": scheduler, "goodput_rps": rate,
+                         **ranking_quality(true, predicted),
+                         "spearman_vs_prompt": float(spearmanr(prompt, predicted).statistic),
+                         "scheduler": scheduler, "goodput_rps": rate,
                          "sarathi_goodput_rps": sarathi, "goodput_vs_sarathi": rate / sarathi,
                          "slo_attainment_at_sarathi_rate": at["slo_attainment"],
                          "p99_jct_vs_sarathi": at["p99_jct_s"] / sarathi_p99})
@@ -159,7 +259,7 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
     mean = table.groupby(["regime", "scheduler", "source"], sort=False).mean(numeric_only=True).reset_index()
     rows = []
     for (regime, scheduler), group in mean.groupby(["regime", "scheduler"], sort=False):
-        noisy = group[~group["source"].isin([TRAINED, TRAINED_MAPPED])].sort_values("log_sigma")
+        noisy = group[~group["source"].isin(NOT_CURVE)].sort_values("log_sigma")
         trained = group[group["source"] == TRAINED].iloc[0]
         rows.append({"regime": regime, "scheduler": scheduler,
                      "true lengths / Sarathi": noisy["goodput_vs_sarathi"].iloc[0] if noisy["log_sigma"].iloc[0] == 0
@@ -181,13 +281,15 @@ def write(table: pd.DataFrame, stem: str, args: argparse.Namespace, elapsed_s: f
                             values=["goodput_vs_sarathi", "p99_jct_vs_sarathi"])
     wide.columns = [f"{s} {'goodput' if m == 'goodput_vs_sarathi' else 'p99 JCT'} / Sarathi" for m, s in wide.columns]
     quality = mean.groupby(["regime", "source"], sort=False)[
-        ["log_sigma", "spearman", "kendall_tau_b", "short_auc", "median_relative_error"]].first()
+        ["log_sigma", "spearman", "kendall_tau_b", "short_auc", "median_relative_error",
+         "spearman_vs_prompt"]].first()
     lines = ["# What ranking quality EconoServe needs: goodput vs the prediction's Spearman", "",
              f"Written by `benchmarks/bench_policy_predictor_quality.py{' --quick' if args.quick else ''}` "
              f"({args.num_requests} requests, seeds {list(args.seeds)}; {elapsed_s / 60:.1f} min). Predictions = "
              "true length x exp(log_sigma x z), z ~ N(0, 1) per request (`trained`: the trained predictor), the same "
              "length for Ordering and allocation. Spearman / Kendall / short_auc (P(a request <= 64 tokens is predicted "
-             "shorter than a longer one)) / median relative error measured on the trace; "
+             "shorter than a longer one)) / median relative error measured on the trace (`spearman_vs_prompt`: the "
+             "prediction's Spearman with the prompt length); "
              "goodput / Sarathi's by bisection to 2 %; p99 JCT / Sarathi's at Sarathi's goodput rate. Means over seeds.",
              "", "## Summary", "",
              f"`Spearman first below {TARGET_RATIO:.2f}x`: where the noisy curve first falls below it (linear between "
@@ -227,6 +329,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="EconoServe specs, with knobs as in the scoreboard (default: "
                         f"{' '.join(DEFAULT_SCHEDULERS)})")
     parser.add_argument("--seeds", type=int, nargs="+", help="trace seeds (default 0 1; quick 0)")
+    parser.add_argument("--error-structure", action="store_true",
+                        help=f"also measure {BUCKET_MATCHED!r} (the trained predictor's log-ratios resampled within "
+                        f"true-length buckets), {SHORT_TRUE!r}, {SHORT_NOISY!r} and {PROMPT_COUPLED!r}")
     parser.add_argument("--output", help="file stem under benchmarks/results/ (default policy_predictor_quality"
                         "[_quick])")
     args = parser.parse_args(argv)
@@ -251,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         for name in args.regimes:
-            rows += measure(regimes[name], tuple(args.schedulers), args.log_sigmas, args.num_requests, args.seeds)
+            rows += measure(regimes[name], tuple(args.schedulers), args.log_sigmas, args.num_requests, args.seeds,
+                            args.error_structure)
             text = write(pd.DataFrame(rows), args.output, args, time.perf_counter() - started)
     except UserError as exc:
         print(f"bench_policy_predictor_quality: {exc}", file=sys.stderr)
