@@ -17,14 +17,17 @@ axis, and one (``trained, quantile-mapped``) gives the trained predictor's ranki
 length distribution (:func:`quantile_mapped`: same Spearman, lengths spread like the true ones
 rather than compressed toward the mean; the marginal is the trace's, a deployment would take the
 training lengths'), which separates the ranking from the predictor's compressed scale. ``log_sigma = 0`` is the true length (``econoserve-oracle``'s information).
-``--error-structure`` adds four sources that take the trained predictor's errors apart:
+``--error-structure`` adds five sources that take the trained predictor's errors apart:
 ``bucket-matched noise`` (the true length times a log-ratio ``log(prediction / length)`` drawn
 from the trained predictor's own, among the trace's requests in the same true-length bucket: the
 error's dependence on the true length without its dependence on the prompt), and the trained
 prediction with answers of at most 32 tokens given their true length, or lognormal noise at the
 trained predictor's Spearman (how much of the gap the short answers alone account for); and
 ``prompt-coupled noise`` (:func:`prompt_coupled_noise`: lognormal noise plus a prompt-length term,
-matching both the trained predictor's Spearman with the true lengths and with the prompt lengths).
+matching both the trained predictor's Spearman with the true lengths and with the prompt lengths);
+and ``trained, prompt coupling removed`` (:func:`prompt_decoupled`: the trained prediction
+recalibrated by one prompt-length factor so that it leans on the prompt length no harder than the
+true lengths do).
 
 Output: ``benchmarks/results/policy_predictor_quality.md`` / ``.csv`` (``--quick``:
 ``policy_predictor_quality_quick``; ``--output`` another stem), with a summary of where each
@@ -70,8 +73,9 @@ FIXED_SHORT_TOKENS = 32
 SHORT_TRUE = f"trained, <= {FIXED_SHORT_TOKENS} tokens true"
 SHORT_NOISY = f"trained, <= {FIXED_SHORT_TOKENS} tokens noise at its Spearman"
 PROMPT_COUPLED = "prompt-coupled noise"
+PROMPT_DECOUPLED = "trained, prompt coupling removed"
 #: Sources that are not on the lognormal curve.
-NOT_CURVE = (TRAINED, TRAINED_MAPPED, BUCKET_MATCHED, SHORT_TRUE, SHORT_NOISY, PROMPT_COUPLED)
+NOT_CURVE = (TRAINED, TRAINED_MAPPED, BUCKET_MATCHED, SHORT_TRUE, SHORT_NOISY, PROMPT_COUPLED, PROMPT_DECOUPLED)
 
 
 def short_auc(true_tokens: np.ndarray, predicted_tokens: np.ndarray) -> float:
@@ -122,7 +126,7 @@ def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray, promp
     """``--error-structure``'s sources [tokens]: :func:`bucket_matched_noise`; the trained
     prediction with answers of <= :data:`FIXED_SHORT_TOKENS` given their true length; and the same
     answers given lognormal noise at the sigma whose Spearman matches the trained predictor's
-    (:func:`spearman_matched_sigma`); and :func:`prompt_coupled_noise`."""
+    (:func:`spearman_matched_sigma`); :func:`prompt_coupled_noise`; and :func:`prompt_decoupled`."""
     from econoserve.experiments import lognormal_noisy_lengths
 
     short = true_tokens <= FIXED_SHORT_TOKENS
@@ -131,7 +135,25 @@ def structure_sources(true_tokens: np.ndarray, trained_tokens: np.ndarray, promp
     return {BUCKET_MATCHED: (math.nan, bucket_matched_noise(true_tokens, trained_tokens, seed + NOISE_SEED_OFFSET)),
             SHORT_TRUE: (math.nan, np.where(short, true_tokens, trained_tokens)),
             SHORT_NOISY: (sigma, np.where(short, noisy, trained_tokens)),
-            PROMPT_COUPLED: prompt_coupled_noise(true_tokens, trained_tokens, prompt_tokens, seed + NOISE_SEED_OFFSET)}
+            PROMPT_COUPLED: prompt_coupled_noise(true_tokens, trained_tokens, prompt_tokens, seed + NOISE_SEED_OFFSET),
+            PROMPT_DECOUPLED: prompt_decoupled(true_tokens, trained_tokens, prompt_tokens)}
+
+
+def prompt_decoupled(true_tokens: np.ndarray, predicted_tokens: np.ndarray,
+                     prompt_tokens: np.ndarray) -> tuple[float, np.ndarray]:
+    """(beta, lengths [tokens]): ``predicted_tokens`` times ``exp(beta (log prompt - mean log
+    prompt))``, ``beta`` on a 0.05 grid chosen so that the result's Spearman with the prompt
+    lengths matches the true lengths': the predictor's excess lean on "long prompt -> short
+    answer" removed by one scalar recalibration. ``beta`` comes from the trace's true lengths (one
+    number; a deployment would take it from its training data), so this is a diagnostic of how much
+    of the trained predictor's gap the coupling is, not a deployable predictor as it stands."""
+    centred = np.log(prompt_tokens) - np.log(prompt_tokens).mean()
+    target = spearmanr(prompt_tokens, true_tokens).statistic
+    log_predicted = np.log(predicted_tokens)
+    beta = min(np.arange(0.0, 3.0001, 0.05),
+               key=lambda b: abs(spearmanr(prompt_tokens, log_predicted + b * centred).statistic - target))
+    adjusted = np.clip(np.rint(predicted_tokens * np.exp(beta * centred)), 1, None).astype(np.int64)
+    return round(float(beta), 2), adjusted
 
 
 def prompt_coupled_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, prompt_tokens: np.ndarray,
