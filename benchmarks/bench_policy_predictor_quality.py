@@ -147,13 +147,20 @@ def prompt_decoupled(true_tokens: np.ndarray, predicted_tokens: np.ndarray,
     answer" removed by one scalar recalibration. ``beta`` comes from the trace's true lengths (one
     number; a deployment would take it from its training data), so this is a diagnostic of how much
     of the trained predictor's gap the coupling is, not a deployable predictor as it stands."""
-    centred = np.log(prompt_tokens) - np.log(prompt_tokens).mean()
+    centred = centred_log(prompt_tokens)
     target = spearmanr(prompt_tokens, true_tokens).statistic
     log_predicted = np.log(predicted_tokens)
     beta = min(np.arange(0.0, 3.0001, 0.05),
                key=lambda b: abs(spearmanr(prompt_tokens, log_predicted + b * centred).statistic - target))
     adjusted = np.clip(np.rint(predicted_tokens * np.exp(beta * centred)), 1, None).astype(np.int64)
     return round(float(beta), 2), adjusted
+
+
+def centred_log(prompt_tokens: np.ndarray) -> np.ndarray:
+    """``log prompt - mean log prompt`` [nats] of each request: the prompt-length term that
+    :func:`prompt_coupled_noise` adds and :func:`prompt_decoupled` removes."""
+    log_prompt = np.log(prompt_tokens)
+    return log_prompt - log_prompt.mean()
 
 
 def prompt_coupled_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, prompt_tokens: np.ndarray,
@@ -166,7 +173,7 @@ def prompt_coupled_noise(true_tokens: np.ndarray, predicted_tokens: np.ndarray, 
     from econoserve.workload.trace import MAX_REQUEST_TOKENS
 
     z = np.random.default_rng(seed).standard_normal(true_tokens.size)
-    centred = np.log(prompt_tokens) - np.log(prompt_tokens).mean()
+    centred = centred_log(prompt_tokens)
     target = np.array([spearmanr(true_tokens, predicted_tokens).statistic,
                        spearmanr(prompt_tokens, predicted_tokens).statistic])
     true_ranks, prompt_ranks = rankdata(true_tokens), rankdata(prompt_tokens)

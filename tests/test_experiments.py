@@ -391,7 +391,8 @@ def test_predictor_training_objective_keys_its_own_cache():
 
 def test_predictor_training_neighbour_block_keys_its_own_cache_only_when_on():
     from econoserve.experiments import PredictorTraining, predictor_directory
-    from econoserve.experiments.predictors import point_features
+    from econoserve.experiments.predictors import predictor_config
+    from econoserve.predictor.features import FeatureConfig
 
     assert PredictorTraining().cache_key() == PredictorTraining(neighbour_folds=0).cache_key()
     assert "neighbour_count" not in PredictorTraining().cache_key()  # caches from before the fields stay valid
@@ -399,7 +400,8 @@ def test_predictor_training_neighbour_block_keys_its_own_cache_only_when_on():
     assert on.cache_key()["neighbour_count"] == 16 and on.cache_key()["neighbour_folds"] == 5
     plans = [make_plan("quick", predictor="train", predictor_training=t) for t in (PredictorTraining(), on)]
     assert predictor_directory(plans[0], "sharegpt", "out") != predictor_directory(plans[1], "sharegpt", "out")
-    assert point_features(PredictorTraining()) == point_features(PredictorTraining()).__class__()  # the default
-    assert point_features(on).neighbour_count == 16 and point_features(on).neighbour_folds == 5
+    assert predictor_config(PredictorTraining()).features == FeatureConfig()  # the default
+    assert predictor_config(on).features.neighbour_count == 16 and predictor_config(on).features.neighbour_folds == 5
+    assert predictor_config(on, distribution=True).features == FeatureConfig()  # the distribution model: default features
     with pytest.raises(UserError, match="neighbour"):
         PredictorTraining(neighbour_folds=1)

@@ -49,7 +49,6 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     (capped at ``max_train`` prompts) and saved there."""
     from econoserve.predictor import (
         LengthPredictor,
-        PredictorConfig,
         SplitSpec,
         load_labeled_prompts,
         train_predictor,
@@ -63,23 +62,25 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
     split = SplitSpec(test_fraction=training.test_fraction, seed=training.split_seed)
     data = load_labeled_prompts(dataset, "train", tokenizer=plan.tokenizer, split=split)
     data = data.sample(training.max_train, seed=training.split_seed)
-    config = PredictorConfig(objective=DISTRIBUTION_OBJECTIVE if distribution else training.objective,
-                             num_boost_round=training.num_boost_round, seed=training.split_seed,
-                             num_threads=training.num_threads,
-                             **({} if distribution else {"features": point_features(training)}))
-    model = train_predictor(data, config, split=asdict(split))
+    model = train_predictor(data, predictor_config(training, distribution), split=asdict(split))
     model.save(directory)
     return model
 
 
-def point_features(training: PredictorTraining):
-    """The point model's :class:`~econoserve.predictor.features.FeatureConfig`: the default, with
-    ``training``'s neighbour-length block when it is on (:class:`~econoserve.experiments.plan.PredictorTraining`)."""
+def predictor_config(training: PredictorTraining, distribution: bool = False):
+    """The :class:`~econoserve.predictor.PredictorConfig` ``training`` trains: its point model
+    (``objective``, with the neighbour-length block when ``neighbour_count`` is on) or, with
+    ``distribution``, the length-distribution model (default features)."""
+    from econoserve.predictor import PredictorConfig
     from econoserve.predictor.features import FeatureConfig
 
-    if not training.neighbour_count:
-        return FeatureConfig()
-    return FeatureConfig(neighbour_count=training.neighbour_count, neighbour_folds=training.neighbour_folds)
+    common = {"num_boost_round": training.num_boost_round, "seed": training.split_seed,
+              "num_threads": training.num_threads}
+    if distribution:
+        return PredictorConfig(objective=DISTRIBUTION_OBJECTIVE, **common)
+    features = (FeatureConfig(neighbour_count=training.neighbour_count, neighbour_folds=training.neighbour_folds)
+                if training.neighbour_count else FeatureConfig())
+    return PredictorConfig(objective=training.objective, features=features, **common)
 
 
 def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir: str | Path,
@@ -173,7 +174,6 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
     from econoserve.predictor import (
         LabeledPrompts,
         LengthPredictor,
-        PredictorConfig,
         train_predictor,
     )
     from econoserve.workload.datasets import load_requests
@@ -204,11 +204,8 @@ def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame
                 targets={"reference": train_rows["output_tokens"].to_numpy(np.int64)},
                 source_sha256={dataset: get_entry(dataset).sha256},
             ).sample(training.max_train, seed=training.split_seed)
-            config = PredictorConfig(objective=training.objective, num_boost_round=training.num_boost_round,
-                                     seed=training.split_seed, num_threads=training.num_threads,
-                                     features=point_features(training))
-            model = train_predictor(data, config, split={"cross_fit_folds": folds, "fold": k,
-                                                          "seed": training.split_seed})
+            model = train_predictor(data, predictor_config(training), split={"cross_fit_folds": folds, "fold": k,
+                                                                             "seed": training.split_seed})
             model.save(directory)
         predictions[rows] = model.predict(pool["prompt_text"].iloc[rows].tolist())
     return predictions

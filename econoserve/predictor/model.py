@@ -489,7 +489,6 @@ def train_predictor(
     elif config.objective == "rank":
         target = rank_relevance(lengths[fit_rows], config.rank_relevance_levels)
         order, groups = rank_groups(len(fit_rows), config.rank_group_size, config.seed)
-        target_lengths = lengths[fit_rows]
     else:
         target = np.log1p(lengths[fit_rows])
     names = [f"f{i}" for i in range(matrix.shape[1])]  # LightGBM rejects JSON characters in names
@@ -508,7 +507,7 @@ def train_predictor(
         num_classes=num_classes,
     )
     if config.objective == "rank":
-        predictor.score_length_map = score_length_map(booster.predict(matrix), target_lengths)
+        predictor.score_length_map = score_length_map(booster.predict(matrix), lengths[fit_rows])  # (quantiles: order-free)
     if calibration_rows is not None:
         predictor.quantile_log_offset = _conformal_offset(predictor, data.subset(calibration_rows), label)
     predictor.training_data = {
