@@ -72,6 +72,36 @@ def length_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_predictor(data, config).save(tmp_path_factory.mktemp("length-model") / "model")
 
 
+@pytest.fixture(scope="session")
+def refined_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved refined response-length model (:mod:`econoserve.predictor.refine`, gpt2 tokens,
+    ``k = 8``) on 300 synthetic requests whose first words tell their length ("Sure! Here is a
+    detailed plan:" ~160 tokens, "Yes." ~30); trains in about a second. Needs the tokenizer files
+    of the data mirror (``realdata`` tests)."""
+    import numpy as np
+
+    from econoserve.predictor.data import LabeledPrompts
+    from econoserve.predictor.features import FeatureConfig
+    from econoserve.predictor.model import PredictorConfig, train_predictor
+    from econoserve.predictor.refine import RefinedConfig, train_refined_predictor
+    from econoserve.workload.tokenizer import load_tokenizer
+
+    rng = np.random.default_rng(0)
+    tokenizer = load_tokenizer("gpt2")
+    prompts = [f"Tell me about {topic}" for topic in rng.choice(["the sea", "a cat", "the moon", "coffee"], size=300)]
+    long = rng.random(300) < 0.5
+    responses = [("Sure! Here is a detailed plan:\n\n1. " if is_long else "Yes. ") + " ".join(["word"] * (150 if is_long else 30))
+                 for is_long in long]
+    lengths = tokenizer.count(responses)
+    data = LabeledPrompts(dataset="synthetic", part="train", tokenizer="gpt2", prompts=prompts,
+                          prompt_tokens=tokenizer.count(prompts), source_index=np.arange(300), targets={"reference": lengths})
+    config = PredictorConfig(num_boost_round=30, learning_rate=0.3, num_threads=1,
+                             features=FeatureConfig(tokenizer="gpt2", ngram_vocabulary_size=20, ngram_min_df=2))
+    model = train_refined_predictor(train_predictor(data, config), prompts, responses, lengths,
+                                    RefinedConfig(prefix_tokens=8, prefix_vocabulary_size=50))
+    return model.save(tmp_path_factory.mktemp("refined-model") / "model")
+
+
 @pytest.hookimpl(trylast=True)  # after `-m` deselection: gate only the tests that will run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _gate(items, "realdata", mirror_available(), bool(os.environ.get("CI")),

@@ -210,3 +210,18 @@ def test_a_scheduler_predictor_that_cannot_be_used_is_refused_before_vllm_starts
     assert "takes no predictor" in run_cli(capsys, *common, "--scheduler", "vllm", "--predictor", length_model)
     message = run_cli(capsys, *common, "--scheduler", "econoserve", "--predictor", tmp_path / "no-model")
     assert f"{tmp_path / 'no-model'}: no such model directory" in message
+
+
+@pytest.mark.realdata
+def test_a_refined_predictor_that_cannot_be_used_is_refused_before_vllm_starts(capsys, tmp_path, trace_path,
+                                                                               length_model, refined_model):
+    common = ["serve", "--trace", trace_path, "-o", tmp_path / "out"]
+    assert "takes no refined_predictor" in run_cli(capsys, *common, "--scheduler", "vllm", "--refined-predictor", refined_model)
+    econoserve = [*common, "--scheduler", "econoserve", "--refined-predictor"]
+    assert f"{tmp_path / 'none'}: no such refined-model directory" in run_cli(capsys, *econoserve, tmp_path / "none")
+    assert f"{length_model}: not a refined model" in run_cli(capsys, *econoserve, length_model)
+    llama = tmp_path / "llama"  # an engine model of Llama-2's vocabulary: gpt2 ids would decode to other text
+    llama.mkdir()
+    (llama / "config.json").write_text('{"vocab_size": 32000}')
+    message = run_cli(capsys, *econoserve, refined_model, "--model", llama)
+    assert "'gpt2' tokens (50257 ids)" in message and "32000 token ids" in message

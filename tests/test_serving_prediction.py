@@ -2,7 +2,9 @@
 
 The policy scheduler, given a trained length model (``predictor`` option), predicts a response
 length from the prompt token ids of every request that carries no ``predicted_output_tokens``;
-a request-supplied prediction wins; each prediction's cost is measured inside the engine.
+a request-supplied prediction wins; each prediction's cost is measured inside the engine. Given a
+refined model (``refined_predictor``), each request that has generated the model's ``k`` tokens
+unfinished is refined once, from its prompt and those tokens, and the decision log replays it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import pytest
 from econoserve.predictor.data import LabeledPrompts
 from econoserve.predictor.features import FeatureConfig
 from econoserve.predictor.model import LengthPredictor, PredictorConfig, train_predictor
-from test_serving_scheduler import _engine_request, _fake_step, _stepped_scheduler
+from econoserve.predictor.refine import RefinedLengthPredictor
+from econoserve.serving.decisions import ArrivalRecord, RefineRecord, UpdateRecord, replay_decision_log
+from econoserve.serving.replay import trace_request_id
+from test_serving_scheduler import _engine_request, _fake_step, _serve, _stepped_scheduler, _synthetic_trace
 
 pytestmark = [pytest.mark.serving]
 
@@ -72,3 +77,87 @@ def test_a_text_model_predicts_from_decoded_prompt_ids(model_dir, tmp_path):
         ids = tokenizer.encode([text])[0]  # what a client's prompt arrives as
         scheduler.add_request(Request(name, ids, SamplingParams(max_tokens=8, min_tokens=8, ignore_eos=True), None))
     assert _predicted(scheduler, "story") > 10 * _predicted(scheduler, "word")
+
+
+# --------------------------------------------------------------------- refinement
+@pytest.mark.realdata
+def test_requests_past_k_tokens_are_refined_once_and_the_policy_gets_the_value(model_dir, refined_model):
+    """Stepped scheduler (every generated token is id 11): requests longer than ``k`` are refined
+    exactly once, at ``k`` tokens, with the model's prediction from the decoded prompt and those
+    ``k`` ids; requests of at most ``k`` tokens never; the log replays with the refinements."""
+    scheduler = _stepped_scheduler(model_dir, "econoserve", options={"refined_predictor": str(refined_model)})
+    k = scheduler.refiner.prefix_tokens
+    lengths = {"short": k - 3, "at-k": k, "long": 3 * k, "longer": 5 * k}
+    for name, length in lengths.items():
+        scheduler.add_request(_engine_request(name, 20, length, predicted=10))
+    policy_requests = {name: scheduler._mirrors[name].policy for name in lengths}
+    while scheduler.has_requests():
+        _fake_step(scheduler)
+
+    model = RefinedLengthPredictor.load(refined_model)
+    tokenizer = model.base.featurizer.tokenizer
+    (expected,) = model.predict([tokenizer.decode(range(4, 24))], [tokenizer.decode([11] * k)])
+    records = scheduler.decision_log.records
+    refines = [r for r in records if isinstance(r, RefineRecord)]
+    refined_ids = {policy_requests[name].request_id for name in ("long", "longer")}
+    assert sorted(r.policy_request_id for r in refines) == sorted(refined_ids)
+    assert all(r.num_output_tokens == k and r.predicted_output_tokens == expected for r in refines)
+    for name, request in policy_requests.items():
+        refined = request.request_id in refined_ids
+        assert request.refined_after_tokens == (k if refined else None)
+        assert request.predicted_output_tokens == (expected if refined else 10)
+    for index, record in enumerate(records):  # right after the update of the step that produced the k-th token
+        if isinstance(record, RefineRecord):
+            before = records[index - 1]
+            assert isinstance(before, (UpdateRecord, RefineRecord)) and before.step == record.step
+    cost = scheduler.refiner.cost
+    assert cost.num_requests == 2 and 0 < cost.max_s <= cost.total_s
+    assert records[0].refine_after_tokens == k
+
+    report = replay_decision_log(records)
+    assert report.equivalent, report.mismatch
+    assert report.num_refined == 2 and report.num_finished == 4
+    first = records.index(refines[0])  # tampered: refined after the next step, or twice
+    after = next(i for i in range(first + 1, len(records)) if isinstance(records[i], UpdateRecord)) + 1
+    late = records[:first] + records[first + 1:after] + [refines[0]] + records[after:]
+    assert "has " + str(k + 1) in replay_decision_log(late).mismatch
+    twice = records[:first + 1] + [refines[0]] + records[first + 1:]
+    assert "refined already" in replay_decision_log(twice).mismatch
+
+
+@pytest.mark.realdata
+def test_refinement_needs_predictions_to_refine(model_dir, refined_model):
+    from econoserve.serving.scheduler import UnsupportedConfigError
+
+    for policy, options in (("econoserve-oracle", {}), ("econoserve", {"predictions": "none"})):
+        with pytest.raises(UnsupportedConfigError, match="refines predicted lengths"):
+            _stepped_scheduler(model_dir, policy, options={"refined_predictor": str(refined_model), **options})
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("probes", [False, True], ids=["plain", "probes-at-k"])
+def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, refined_model, probes):
+    """The real CPU engine (random weights: the generated text, and so the refined values, mean
+    nothing) with every request arriving at once (``time_scale=0``, a timing-independent
+    schedule), plain or with probes at the same ``k`` (the best measured variant in the
+    simulator): exact lengths, each request longer than ``k`` refined once at ``k`` tokens, none
+    of the others, and the pure-Python replay, fed the logged refinements, asks for exactly the
+    batches vLLM ran."""
+    trace = _synthetic_trace(24, seed=9, max_prompt=160, max_output=40, prediction_error=0.5)
+    k = RefinedLengthPredictor.load(refined_model).prefix_tokens
+    outputs = dict(zip(trace.requests["request_id"], trace.requests["output_tokens"]))
+    assert 0 < sum(n > k for n in outputs.values()) < len(outputs)
+    result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=1024, max_model_len=448,
+                             time_scale=0.0, options={"refined_predictor": str(refined_model)},
+                             policy_config={"probe_output_tokens": k, "probe_share": 0.25} if probes else None)
+    requests = result.requests
+    assert (requests["status"] == "finished").all()
+    assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
+    rows = {r.policy_request_id: trace_request_id(r.engine_request_id) for r in records if isinstance(r, ArrivalRecord)}
+    refines = [r for r in records if isinstance(r, RefineRecord)]
+    assert sorted(rows[r.policy_request_id] for r in refines) == sorted(i for i, n in outputs.items() if n > k)
+    assert all(r.num_output_tokens == k and r.predicted_output_tokens > k for r in refines)
+    report = replay_decision_log(records)
+    assert report.equivalent, report.mismatch
+    assert report.num_refined == len(refines) and report.num_finished == len(outputs)
+    assert (report.policy.stats.extra.get("probes", 0) > 0) == probes

@@ -323,14 +323,14 @@ def test_stepped_preemptions_replay_and_tampering_is_caught(model_dir):
 
 # --------------------------------------------------------------------- the real engine
 def _serve(model_dir, tmp_path, trace, scheduler: str, kv_cache_tokens: int, max_model_len: int = 512,
-           policy_config: dict | None = None, time_scale: float = 0.25):
+           policy_config: dict | None = None, time_scale: float = 0.25, options: dict | None = None):
     from dataclasses import replace
 
     from econoserve.serving.engine import EngineConfig
     from econoserve.serving.run import ServeSpec, scheduler_class, scheduler_options, serve_trace
 
     log = tmp_path / "decisions.jsonl"
-    options = {**scheduler_options(scheduler, policy_config), "decision_log": str(log)}
+    options = {**scheduler_options(scheduler, policy_config), **(options or {}), "decision_log": str(log)}
     engine = EngineConfig(model=str(model_dir), scheduler_cls=scheduler_class(scheduler), kv_cache_tokens=kv_cache_tokens,
                           max_model_len=max_model_len, max_num_batched_tokens=512)
     spec = ServeSpec(engine=replace(engine, extra_options=options), scheduler=scheduler, time_scale=time_scale, timeout_s=300)

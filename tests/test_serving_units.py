@@ -328,3 +328,19 @@ def test_linear_step_model_recovers_the_coefficients_of_a_linear_table():
     assert model.r2 == pytest.approx(1.0) and model.median_relative_error < 1e-9
     with pytest.raises(UserError, match="at least 4"):
         fit_linear_step_model(table.head(3))
+
+
+@pytest.mark.realdata
+def test_a_length_models_tokenizer_must_fit_the_engine_models_vocabulary():
+    """Equal sizes or a padded embedding (OPT's 50,272 rows for GPT-2's 50,257 ids) fit; another
+    family's vocabulary does not (its prompt ids would decode to other text)."""
+    from econoserve.errors import PredictorError
+    from econoserve.serving.prediction import VOCAB_PADDING_IDS, check_tokenizer_fits
+    from econoserve.workload.tokenizer import load_tokenizer
+
+    gpt2, llama2 = load_tokenizer("gpt2"), load_tokenizer("llama2")
+    for tokenizer, engine_vocab_size in ((gpt2, 50257), (gpt2, 50272), (gpt2, 50257 + VOCAB_PADDING_IDS), (llama2, 32000)):
+        check_tokenizer_fits(tokenizer, engine_vocab_size, "model")
+    for tokenizer, engine_vocab_size in ((gpt2, 32000), (gpt2, 50258 + VOCAB_PADDING_IDS), (llama2, 50272), (llama2, 128256)):
+        with pytest.raises(PredictorError, match=f"model: the model reads '{tokenizer.name}' tokens"):
+            check_tokenizer_fits(tokenizer, engine_vocab_size, "model")

@@ -120,6 +120,11 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="econoserve / policy:NAME: a trained response-length model (econoserve predictor train) "
                              "that predicts, inside the scheduler, from the prompt token ids of requests that carry "
                              "no prediction (the trace's predicted_output_tokens still win)")
+    parser.add_argument("--refined-predictor", type=Path, default=None, metavar="MODEL_DIR",
+                        help="econoserve / policy:NAME: a refined response-length model (econoserve.predictor.refine; "
+                             "the prompt-only model in MODEL_DIR/base): each request that has generated the model's k "
+                             "tokens unfinished gets, once, a prediction from its prompt and those k tokens "
+                             "(policy.refine_prediction, as in the simulator)")
     parser.add_argument("--mode", choices=("offline", "server"), default="offline",
                         help="in-process engine or loopback HTTP server (default: %(default)s)")
     parser.add_argument("--num-requests", type=positive_int, default=None, help="replay only the first N requests")
@@ -138,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
     from econoserve.workload.trace import Trace
 
     scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
-    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"), args.predictor)
+    options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"), args.predictor,
+                                args.refined_predictor, _engine_vocab_size(args.model))
     from econoserve.serving.engine import require_vllm
 
     require_vllm()
@@ -162,6 +168,17 @@ def _serve(args: argparse.Namespace) -> int:
     print(json.dumps({k: result.summary.get(k) for k in keys}, indent=2))
     print(f"wrote {args.output}/requests.parquet, iterations.parquet, summary.json, config.json")
     return 0 if result.summary["failed"] == 0 else 1
+
+
+def _engine_vocab_size(model: str) -> int | None:
+    """The engine model's vocabulary [token ids], read before anything is built (``None`` when a
+    model directory has no readable config.json: the engine set-up says why)."""
+    from econoserve.serving.models import TINY_OPT, TinyModelSpec, model_vocab_size
+
+    if model == TINY_OPT:
+        return TinyModelSpec().vocab_size
+    path = Path(model).expanduser()
+    return model_vocab_size(path) if (path / "config.json").is_file() else None
 
 
 def _json_object(text: str | None, name: str) -> dict | None:

@@ -10,11 +10,13 @@ its policy as a flat stream of events, in the order they happened:
   the model runner, in batch order, plus the requests preempted and rejected;
 * :class:`UpdateRecord` - the end of that step: the requests the engine finished (vLLM's own stop
   check: ``max_tokens``, EOS, ``max_model_len``);
+* :class:`RefineRecord` - a refined prediction handed to ``policy.refine_prediction`` after that
+  update (a request that reached ``k`` generated tokens unfinished; :mod:`econoserve.serving.prediction`);
 * :class:`AbortRecord` - a request removed from outside (client abort, engine error).
 
 :func:`replay_decision_log` re-runs a fresh policy of the same name, configuration and limits
-over the same arrivals, times and aborts, with a pure-Python executor in place of vLLM: a request
-finishes when it has produced ``max_tokens`` tokens, as in the simulator. At every step it checks
+over the same arrivals, times, refined predictions and aborts, with a pure-Python executor in
+place of vLLM: a request finishes when it has produced ``max_tokens`` tokens, as in the simulator. At every step it checks
 that the policy, deciding on its own, asks for exactly what the engine executed, and that the
 executor's finishes are the engine's. A disagreement means the adapter executed something other
 than the policy's decision, or vLLM's token counters drifted from the policy's, or the policy is
@@ -42,6 +44,8 @@ class LogHeader:
     """:class:`~econoserve.policy.EngineLimits` fields."""
     predictions: str
     """Where predicted lengths came from: ``request``, ``oracle`` or ``none``."""
+    refine_after_tokens: int | None = None
+    """``k`` of the engine's refined model [tokens], or ``None`` without refinement."""
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,32 @@ class UpdateRecord:
 
 
 @dataclass(frozen=True)
+class RefineRecord:
+    """A refined prediction handed to the policy at the end of a step (after its update)."""
+
+    step: int
+    policy_request_id: int
+    num_output_tokens: int
+    """Tokens the request had generated when refined [tokens] (the model's ``k``)."""
+    predicted_output_tokens: int
+    """The refined predicted length [tokens]."""
+
+
+@dataclass(frozen=True)
 class AbortRecord:
     """A request removed from outside the policy (client abort, engine error)."""
 
     policy_request_id: int
 
 
-DecisionRecord = Union[LogHeader, ArrivalRecord, StepRecord, UpdateRecord, AbortRecord]
+DecisionRecord = Union[LogHeader, ArrivalRecord, StepRecord, UpdateRecord, RefineRecord, AbortRecord]
 
 _KINDS: dict[str, type] = {
     "header": LogHeader,
     "arrival": ArrivalRecord,
     "step": StepRecord,
     "update": UpdateRecord,
+    "refine": RefineRecord,
     "abort": AbortRecord,
 }
 _KIND_OF: dict[type, str] = {cls: kind for kind, cls in _KINDS.items()}
@@ -155,6 +172,7 @@ class ReplayReport:
     num_steps: int = 0
     num_arrivals: int = 0
     num_finished: int = 0
+    num_refined: int = 0
     mismatch: str | None = None
     policy: Policy | None = field(default=None, repr=False)
 
@@ -216,6 +234,17 @@ def replay_decision_log(records: Iterable[DecisionRecord]) -> ReplayReport:
                 policy.update_from_output(decision, finished)
             report.num_finished += len(finished)
             decision = None
+        elif isinstance(record, RefineRecord):
+            request = requests[record.policy_request_id]
+            if request.num_output_tokens != record.num_output_tokens or request.refined_after_tokens is not None:
+                report.mismatch = (
+                    f"step {record.step}: the engine refined request {record.policy_request_id} at "
+                    f"{record.num_output_tokens} generated tokens; in the replay it has {request.num_output_tokens}"
+                    + (" and was refined already" if request.refined_after_tokens is not None else "")
+                )
+                return report
+            policy.refine_prediction(request, record.predicted_output_tokens)
+            report.num_refined += 1
         elif isinstance(record, AbortRecord):
             aborted.add(record.policy_request_id)
             policy.abort_request(requests[record.policy_request_id])

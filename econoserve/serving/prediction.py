@@ -1,4 +1,5 @@
-"""Response-length prediction inside the engine, for requests whose client sends none.
+"""Response-length prediction inside the engine: at arrival, for requests whose client sends
+none, and, optionally, refined once a request has generated ``k`` tokens.
 
 An unmodified client (``vllm bench serve``, the ``openai`` client) sends no
 ``predicted_output_tokens``; the policy scheduler then asks an :class:`EnginePredictor`, which
@@ -8,9 +9,25 @@ prompt's token ids. A length-only model uses their count; a text model decodes t
 tokenizer (``gpt2``/``opt`` for OPT-family engines, ``llama2`` for Llama-2 ones: the model's
 tokenizer must be the engine's) and computes its features from the text.
 
-Each prediction is timed (:class:`PredictionCost`: requests, total and longest time [s]), so the
-predictor's cost per request inside the engine is measured where it is paid: in the engine's
-``add_request``, on the engine-core thread that also schedules.
+**Refinement** (:class:`EngineRefiner`): a refined model (:mod:`econoserve.predictor.refine`, a
+directory with the prompt-only model in ``base/``) predicts the length from the prompt *and* the
+response's first ``k`` tokens (``k`` = the model's ``prefix_tokens``, recorded in the model).
+When a request has generated ``k`` tokens and is not finished, the policy scheduler decodes its
+prompt ids and those ``k`` output ids with the model's tokenizer and hands the policy the refined
+length (:meth:`~econoserve.policy.Policy.refine_prediction`), as the simulator does with a
+trace's ``refine_after_tokens`` / ``refined_output_tokens`` columns. Only the engine can do
+this: a client does not see the tokens before they are streamed back.
+
+Each prediction and each refinement is timed (:class:`PredictionCost`: requests, total and
+longest time [s]), so the cost per request inside the engine is measured where it is paid: in the
+engine's ``add_request`` (at arrival) or ``update_from_output`` (refinement), on the engine-core
+thread that also schedules.
+
+A text model must use the engine's tokenizer (its token ids are decoded, not re-tokenized);
+:func:`check_tokenizer_fits` refuses a model whose tokenizer's vocabulary does not match the
+engine model's ``vocab_size`` (equal, or at most :data:`VOCAB_PADDING_IDS` ids of embedding
+padding above it: OPT's 50,272 rows for GPT-2's 50,257 ids). It compares sizes only, so two
+different tokenizers of one size (e.g. Llama-2's and Mistral's, both 32,000) pass.
 """
 
 from __future__ import annotations
@@ -22,8 +39,25 @@ from pathlib import Path
 
 import numpy as np
 
+from econoserve.errors import PredictorError
 from econoserve.predictor.model import LengthPredictor
+from econoserve.predictor.refine import BASE_DIRECTORY, RefinedLengthPredictor
 from econoserve.workload.tokenizer import Tokenizer
+
+#: Rows an engine model's embedding may have beyond its tokenizer's ids (padding to a multiple).
+VOCAB_PADDING_IDS = 128
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, engine_vocab_size: int, model_directory: str | Path) -> None:
+    """Raise :class:`~econoserve.errors.PredictorError` (one line) when ``tokenizer`` cannot be the
+    tokenizer of an engine model with ``engine_vocab_size`` token ids (see the module docstring)."""
+    size = tokenizer.vocab_size
+    if not size <= engine_vocab_size <= size + VOCAB_PADDING_IDS:
+        raise PredictorError(
+            f"{model_directory}: the model reads {tokenizer.name!r} tokens ({size} ids) but the engine's model has "
+            f"{engine_vocab_size} token ids: its prompt ids would decode to other text (train the model with the "
+            "engine's tokenizer)"
+        )
 
 
 @dataclass
@@ -60,6 +94,11 @@ class EnginePredictor:
         model = LengthPredictor.load(directory)
         return cls(model, model.featurizer.tokenizer if model.needs_text else None)
 
+    def check_engine(self, engine_vocab_size: int, directory: str | Path) -> None:
+        """A text model's tokenizer must fit the engine's model (:func:`check_tokenizer_fits`)."""
+        if self.tokenizer is not None:
+            check_tokenizer_fits(self.tokenizer, engine_vocab_size, directory)
+
     def predict(self, prompt_token_ids: Sequence[int]) -> int:
         """Predicted response length [tokens, >= 1] of a prompt given as token ids; timed."""
         start = time.perf_counter()
@@ -67,3 +106,65 @@ class EnginePredictor:
         (value,) = self.model.predict(prompts, np.array([len(prompt_token_ids)], dtype=np.int64))
         self.cost.add(time.perf_counter() - start)
         return int(value)
+
+
+@dataclass
+class EngineRefiner:
+    """A saved refined model applied to a request's prompt ids and first ``k`` output ids; see
+    the module docstring."""
+
+    model: RefinedLengthPredictor
+    cost: PredictionCost = field(default_factory=PredictionCost)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EngineRefiner":
+        """Load a refined model directory (a :class:`~econoserve.errors.PredictorError` names what is wrong)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PredictorError(f"{directory}: no such refined-model directory")
+        if not (directory / BASE_DIRECTORY).is_dir():
+            raise PredictorError(
+                f"{directory}: not a refined model (no {BASE_DIRECTORY}/ prompt-only model inside; "
+                "a prompt-only model goes to the 'predictor' option)"
+            )
+        return cls(RefinedLengthPredictor.load(directory))
+
+    @property
+    def prefix_tokens(self) -> int:
+        """``k``: the generated tokens a request must have, unfinished, to be refined [tokens]."""
+        return self.model.prefix_tokens
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.base.featurizer.tokenizer
+
+    def check_engine(self, engine_vocab_size: int, directory: str | Path) -> None:
+        """The model's tokenizer must fit the engine's model (:func:`check_tokenizer_fits`)."""
+        check_tokenizer_fits(self.tokenizer, engine_vocab_size, directory)
+
+    def refine(self, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int]) -> int:
+        """Refined response length [tokens, > ``prefix_tokens``] from the prompt ids and the first
+        ``prefix_tokens`` output ids (of at least that many); timed."""
+        k = self.prefix_tokens
+        if len(output_token_ids) < k:
+            raise ValueError(f"refinement needs {k} generated tokens, got {len(output_token_ids)}")
+        start = time.perf_counter()
+        tokenizer = self.tokenizer
+        (value,) = self.model.predict([tokenizer.decode(prompt_token_ids)], [tokenizer.decode(list(output_token_ids)[:k])])
+        self.cost.add(time.perf_counter() - start)
+        return int(value)
+
+
+def load_engine_models(predictor: str | Path | None, refined_predictor: str | Path | None,
+                       engine_vocab_size: int | None) -> tuple[EnginePredictor | None, EngineRefiner | None]:
+    """The arrival-time length model and the refined model of a policy scheduler (``None`` for
+    each directory not given), each checked against the engine model's ``engine_vocab_size``
+    [token ids] (:func:`check_tokenizer_fits`; ``None``: not checked); a
+    :class:`~econoserve.errors.PredictorError` names the problem."""
+    length_model = EnginePredictor.load(predictor) if predictor is not None else None
+    refiner = EngineRefiner.load(refined_predictor) if refined_predictor is not None else None
+    if engine_vocab_size is not None:
+        for model, directory in ((length_model, predictor), (refiner, refined_predictor)):
+            if model is not None:
+                model.check_engine(engine_vocab_size, directory)
+    return length_model, refiner

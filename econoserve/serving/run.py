@@ -59,10 +59,13 @@ def scheduler_class(name: str) -> str:
     raise UserError(f"unknown scheduler {name!r}; choose one of {known}")
 
 
-def scheduler_options(name: str, policy_config: dict | None = None, predictor: str | Path | None = None) -> dict:
+def scheduler_options(name: str, policy_config: dict | None = None, predictor: str | Path | None = None,
+                      refined_predictor: str | Path | None = None, engine_vocab_size: int | None = None) -> dict:
     """The ``additional_config["econoserve"]`` options a scheduler name implies (the policy, its
-    configuration overrides, and the length model for requests without a prediction); empty for
-    vLLM's own scheduler. Each is checked here, before vLLM starts."""
+    configuration overrides, the length model for requests without a prediction and the refined
+    model, :mod:`econoserve.serving.prediction`); empty for vLLM's own scheduler. Each is checked
+    here, before vLLM starts: the models load, and, given the engine model's
+    ``engine_vocab_size`` [token ids], their tokenizers fit it."""
     options: dict = {}
     if name.startswith(POLICY_SCHEDULER_PREFIX):
         options["policy"] = _policy_name(name)
@@ -75,13 +78,15 @@ def scheduler_options(name: str, policy_config: dict | None = None, predictor: s
 
         make_config(options["policy"], policy_config)  # wrong fields, types or ranges: one line, before vLLM starts
         options["policy_config"] = dict(policy_config)
-    if predictor is not None:
-        if not options:
-            raise UserError(f"scheduler {name!r} takes no predictor (vLLM's own policy uses no predictions)")
-        from econoserve.predictor.model import LengthPredictor
+    models = {"predictor": predictor, "refined_predictor": refined_predictor}
+    for key, directory in models.items():
+        if directory is not None and not options:
+            raise UserError(f"scheduler {name!r} takes no {key} (vLLM's own policy uses no predictions)")
+    if predictor is not None or refined_predictor is not None:
+        from econoserve.serving.prediction import load_engine_models
 
-        LengthPredictor.load(predictor)  # a missing or corrupt model: one line now, not a traceback from vLLM
-        options["predictor"] = str(Path(predictor).resolve())
+        load_engine_models(predictor, refined_predictor, engine_vocab_size)  # one line now, not a traceback from vLLM
+        options.update({key: str(Path(directory).resolve()) for key, directory in models.items() if directory is not None})
     return options
 
 

@@ -43,8 +43,22 @@ always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-
 :class:`~econoserve.policy.EngineLimits` time estimates), ``decision_log`` (a JSON-lines file
 for :mod:`econoserve.serving.decisions`), ``stall_timeout_s``, ``predictor`` (a trained length
 model's directory: requests that carry no prediction get one from their prompt token ids, so
-unmodified clients get EconoServe's behaviour; :mod:`econoserve.serving.prediction`), and
-``iteration_log`` (the per-step records of :class:`~econoserve.serving.recording.IterationRecordingMixin`).
+unmodified clients get EconoServe's behaviour; :mod:`econoserve.serving.prediction`),
+``refined_predictor`` (a refined length model's directory, :mod:`econoserve.predictor.refine`:
+see *Refinement* below), and ``iteration_log`` (the per-step records of
+:class:`~econoserve.serving.recording.IterationRecordingMixin`).
+
+Refinement: with ``refined_predictor``, a request that has generated ``k`` tokens (``k`` = the
+model's ``prefix_tokens``) and is not finished gets, once, a prediction from its prompt and those
+``k`` tokens (decoded with the model's tokenizer), handed to ``policy.refine_prediction`` right
+after ``policy.update_from_output`` of the step that produced the ``k``-th token, in batch order:
+what the simulator's executor does with a trace's ``refine_after_tokens`` /
+``refined_output_tokens`` (:mod:`econoserve.sim.replica`). A request that ends within ``k``
+tokens is never refined; every request longer than ``k`` is, whether its first prediction came
+from the client or from ``predictor``. Needs predictions ``request`` (refusing ``oracle`` /
+``none``, where there is no prediction to refine). Each refinement is timed in
+:attr:`PolicySchedulerCore.refiner` ``.cost`` and logged (:class:`~econoserve.serving.decisions.RefineRecord`),
+so the replay refines where the engine did.
 
 vLLM's pause states: ``PAUSED_ALL`` (pause mode ``keep``) schedules nothing, as in vLLM;
 under ``PAUSED_NEW`` (modes ``wait`` / ``abort``; the engine core queues new requests
@@ -89,8 +103,10 @@ from vllm.v1.request import RequestStatus as EngineRequestStatus
 
 from econoserve.policy import EngineLimits, Policy, Request, SchedulerDecision, make_config, make_policy
 from econoserve.policy.registry import POLICIES
-from econoserve.serving.decisions import AbortRecord, ArrivalRecord, DecisionLog, DecisionRecord, LogHeader, StepRecord, UpdateRecord
-from econoserve.serving.prediction import EnginePredictor
+from econoserve.serving.decisions import (
+    AbortRecord, ArrivalRecord, DecisionLog, DecisionRecord, LogHeader, RefineRecord, StepRecord, UpdateRecord,
+)
+from econoserve.serving.prediction import load_engine_models
 from econoserve.serving.recording import IterationRecordingMixin, econoserve_options
 from econoserve.validation import check_field_values
 
@@ -147,6 +163,9 @@ class PolicySchedulerOptions:
         predictions ``request``, a request that carries no ``predicted_output_tokens`` gets the
         model's prediction from its prompt token ids (:mod:`econoserve.serving.prediction`), so an
         unmodified client gets EconoServe's behaviour; a request-supplied prediction still wins.
+    refined_predictor:
+        Directory of a refined response-length model (:mod:`econoserve.predictor.refine`): each
+        request refined once at the model's ``k`` generated tokens (see the module docstring).
     """
 
     policy: str = "econoserve"
@@ -157,6 +176,7 @@ class PolicySchedulerOptions:
     keep_decisions: bool = False
     stall_timeout_s: float = 60.0
     predictor: str | None = None
+    refined_predictor: str | None = None
 
     #: Keys of the section read by other parts of the package.
     OTHER_KEYS = ("iteration_log",)
@@ -279,15 +299,24 @@ class PolicySchedulerCore(Scheduler):
         self.options = PolicySchedulerOptions.from_section(econoserve_options(self.vllm_config), self.default_policy)
         self.econoserve_policy: Policy = self._make_policy()
         self.prediction_source = self._prediction_source()
-        #: The length model for requests that carry no prediction (``None`` without ``predictor``);
-        #: its ``cost`` totals the time spent predicting.
-        self.length_predictor = EnginePredictor.load(self.options.predictor) if self.options.predictor else None
+        #: The length model for requests that carry no prediction (``None`` without ``predictor``)
+        #: and the refined model (``None`` without ``refined_predictor``); their ``cost`` totals the
+        #: time spent predicting / refining.
+        self.length_predictor, self.refiner = load_engine_models(
+            self.options.predictor, self.options.refined_predictor, self.vllm_config.model_config.get_vocab_size()
+        )
+        if self.refiner is not None and self.prediction_source != "request":
+            raise UnsupportedConfigError(
+                f"econoserve.refined_predictor refines predicted lengths, but {self.econoserve_policy.name} runs with "
+                f"predictions {self.prediction_source!r} (use predictions 'request')"
+            )
         self.decision_log = DecisionLog(self.options.decision_log, self.options.keep_decisions)
         self._log(lambda: LogHeader(
             policy=self.econoserve_policy.name,
             policy_config=dict(self.econoserve_policy.describe()["config"]),
             limits=dataclasses.asdict(self.econoserve_policy.limits),
             predictions=self.prediction_source,
+            refine_after_tokens=self.refiner.prefix_tokens if self.refiner is not None else None,
         ))
         #: vLLM request id -> mirror, for every request the policy holds.
         self._mirrors: dict[str, _Mirror] = {}
@@ -627,9 +656,26 @@ class PolicySchedulerCore(Scheduler):
             for mirror in finished:
                 self._forget(mirror.engine.request_id)
             self._log(lambda: UpdateRecord(self._step, tuple(m.policy.request_id for m in finished)))
+            self._refine(decision)
             self._step += 1
         self._send_rejections(outputs)
         return outputs
+
+    def _refine(self, decision: SchedulerDecision) -> None:
+        """Hand the policy a refined prediction for each scheduled request whose ``k``-th output
+        token this step produced and that is not finished, in batch order (after the policy's
+        update, as the simulator's executor does)."""
+        if self.refiner is None:
+            return
+        k = self.refiner.prefix_tokens
+        for policy_request in decision.scheduled:
+            mirror = self._mirrors_by_policy_id.get(policy_request.request_id)  # None: finished or aborted
+            if mirror is None or policy_request.num_output_tokens != k or policy_request.refined_after_tokens is not None:
+                continue
+            request = mirror.engine
+            refined = self.refiner.refine(request.prompt_token_ids or (), request.output_token_ids)
+            self.econoserve_policy.refine_prediction(policy_request, refined)
+            self._log(lambda: RefineRecord(self._step, policy_request.request_id, k, refined))
 
     def _finished_mirrors(self, decision: SchedulerDecision) -> list[_Mirror]:
         """Scheduled requests that vLLM finished in this update (and that were not aborted mid-step)."""

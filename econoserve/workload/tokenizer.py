@@ -28,6 +28,8 @@ class _Backend(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def vocab_size(self) -> int: ...
+
 
 @dataclass
 class Tokenizer:
@@ -47,6 +49,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """The text of token ``ids`` (e.g. a prompt an engine received as ids)."""
         return self.backend.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids this tokenizer can produce (its ids are ``0 .. vocab_size - 1``)."""
+        return self.backend.vocab_size()
 
     def count(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens per text (int64), no special tokens."""
@@ -69,6 +76,9 @@ class _ByteLevelBPE:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
 
 class _SentencePiece:
     def __init__(self) -> None:
@@ -81,6 +91,9 @@ class _SentencePiece:
 
     def decode(self, ids: list[int]) -> str:
         return self._processor.decode(ids)
+
+    def vocab_size(self) -> int:
+        return self._processor.get_piece_size()
 
 
 def load_tokenizer(name: str) -> Tokenizer:
