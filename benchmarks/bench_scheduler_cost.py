@@ -12,7 +12,9 @@ all measured steps.
 
 With ``--predictor MODEL_DIR`` it also measures the in-engine length prediction
 (:mod:`econoserve.serving.prediction`): N requests without a prediction added to an EconoServe
-scheduler that predicts each from its prompt token ids; the mean and longest time per request.
+scheduler that predicts each from its prompt token ids; the mean and longest time per request
+(on a tiny model of the predictor's tokenizer's vocabulary size, so that the tokenizer fits).
+Refinement's cost: ``bench_serving_refinement.py``.
 
 Writes ``benchmarks/results/scheduler_cost.md`` and ``scheduler_cost.json``. Needs vLLM
 (``.venv-serving``)::
@@ -88,6 +90,12 @@ def timed_steps(scheduler, num_steps: int, num_running: int) -> list[float]:
 
 
 def predictor_cost(model_dir: Path, predictor: str, num_requests: int) -> dict:
+    from econoserve.serving.models import TinyModelSpec, build_tiny_model
+    from econoserve.serving.prediction import EnginePredictor
+
+    tokenizer = EnginePredictor.load(predictor).tokenizer
+    if tokenizer is not None:  # a text model's tokenizer must fit the engine's vocabulary
+        model_dir = build_tiny_model(TinyModelSpec(vocab_size=tokenizer.vocab_size), model_dir.parent)
     scheduler = build(model_dir, "econoserve", num_requests, predictor)
     from econoserve.serving.stepping import engine_request
 
