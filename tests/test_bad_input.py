@@ -225,3 +225,10 @@ def test_a_refined_predictor_that_cannot_be_used_is_refused_before_vllm_starts(c
     (llama / "config.json").write_text('{"vocab_size": 32000}')
     message = run_cli(capsys, *econoserve, refined_model, "--model", llama)
     assert "'gpt2' tokens (50257 ids)" in message and "32000 token ids" in message
+
+
+def test_a_distribution_predictor_that_is_no_classifier_is_refused_before_vllm_starts(capsys, tmp_path, trace_path,
+                                                                                      length_model):
+    message = run_cli(capsys, "serve", "--trace", trace_path, "-o", tmp_path / "out", "--scheduler", "econoserve",
+                      "--distribution-predictor", length_model)
+    assert f"{length_model}: a regression model; a predicted distribution comes from a classification model" in message

@@ -17,7 +17,9 @@ from econoserve.predictor.data import LabeledPrompts
 from econoserve.predictor.features import FeatureConfig
 from econoserve.predictor.model import LengthPredictor, PredictorConfig, train_predictor
 from econoserve.predictor.refine import RefinedLengthPredictor
-from econoserve.serving.decisions import ArrivalRecord, RefineRecord, UpdateRecord, replay_decision_log
+from econoserve.serving.decisions import (
+    ArrivalRecord, DecisionLog, RefineRecord, UpdateRecord, read_decision_log, replay_decision_log,
+)
 from econoserve.serving.replay import trace_request_id
 from test_serving_scheduler import _engine_request, _fake_step, _serve, _stepped_scheduler, _synthetic_trace
 
@@ -79,6 +81,58 @@ def test_a_text_model_predicts_from_decoded_prompt_ids(model_dir, tmp_path):
     assert _predicted(scheduler, "story") > 10 * _predicted(scheduler, "word")
 
 
+# --------------------------------------------------------------------- distributions
+@pytest.fixture(scope="module")
+def distribution_model(tmp_path_factory) -> str:
+    """A length-only classification model (50-token buckets) on label = prompt tokens / 2 + 1."""
+    tokens = np.random.default_rng(0).integers(4, 400, size=400)
+    data = LabeledPrompts(dataset="synthetic", part="train", tokenizer="opt", prompts=None, prompt_tokens=tokens,
+                          source_index=np.arange(400), targets={"reference": tokens // 2 + 1})
+    config = PredictorConfig(objective="classification", bucket_width=50, num_boost_round=20, num_threads=1,
+                             features=FeatureConfig(tokenizer="opt", use_text=False))
+    return str(train_predictor(data, config).save(tmp_path_factory.mktemp("distribution-model") / "model"))
+
+
+def test_a_distribution_model_gives_each_request_its_quantiles_and_the_log_replays(model_dir, tmp_path, length_model,
+                                                                                   distribution_model):
+    """The classifier's 16 equally likely lengths reach the policy (the point prediction still
+    comes from ``predictor``), EconoServe's Gittins ordering reads them, and the replay, fed the
+    logged quantiles, asks for exactly the batches executed."""
+    options = {"predictor": str(length_model), "distribution_predictor": distribution_model,
+               "policy_config": {"ordering_length": "gittins"}}
+    scheduler = _stepped_scheduler(model_dir, "econoserve", options=options)
+    classifier, point = LengthPredictor.load(distribution_model), LengthPredictor.load(length_model)
+    prompts = {"short": 20, "long": 300, "middle": 150}
+    for name, prompt_tokens in prompts.items():
+        scheduler.add_request(_engine_request(name, prompt_tokens, 8))
+    for name, prompt_tokens in prompts.items():
+        request = scheduler._mirrors[name].policy
+        (expected,) = classifier.predict_quantiles(None, np.array([prompt_tokens]), 16)
+        assert request.predicted_output_quantiles == tuple(expected) and len(expected) == 16
+        assert request.predicted_output_tokens == point.predict(None, np.array([prompt_tokens]))[0]
+    quantiles = {name: scheduler._mirrors[name].policy.predicted_output_quantiles for name in prompts}
+    assert np.median(quantiles["long"]) > 2 * np.median(quantiles["short"])
+    assert scheduler.distribution_predictor.cost.num_requests == 3
+    while scheduler.has_requests():
+        _fake_step(scheduler)
+    records = scheduler.decision_log.records
+    assert [r.predicted_output_quantiles for r in records if isinstance(r, ArrivalRecord)] == list(quantiles.values())
+    report = replay_decision_log(records)
+    assert report.equivalent, report.mismatch
+    log = DecisionLog(tmp_path / "decisions.jsonl")  # the JSON-lines round trip keeps them
+    for record in records:
+        log.add(record)
+    log.close()
+    assert read_decision_log(tmp_path / "decisions.jsonl") == records
+
+
+def test_a_distribution_must_come_from_a_classification_model(model_dir, length_model):
+    from econoserve.errors import PredictorError
+
+    with pytest.raises(PredictorError, match="a regression model; a predicted distribution comes from a classification"):
+        _stepped_scheduler(model_dir, "econoserve", options={"distribution_predictor": str(length_model)})
+
+
 # --------------------------------------------------------------------- refinement
 @pytest.mark.realdata
 def test_requests_past_k_tokens_are_refined_once_and_the_policy_gets_the_value(model_dir, refined_model):
@@ -130,7 +184,7 @@ def test_refinement_needs_predictions_to_refine(model_dir, refined_model):
     from econoserve.serving.scheduler import UnsupportedConfigError
 
     for policy, options in (("econoserve-oracle", {}), ("econoserve", {"predictions": "none"})):
-        with pytest.raises(UnsupportedConfigError, match="refines predicted lengths"):
+        with pytest.raises(UnsupportedConfigError, match="refined_predictor adds to predicted lengths"):
             _stepped_scheduler(model_dir, policy, options={"refined_predictor": str(refined_model), **options})
 
 

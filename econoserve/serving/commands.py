@@ -120,6 +120,11 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="econoserve / policy:NAME: a trained response-length model (econoserve predictor train) "
                              "that predicts, inside the scheduler, from the prompt token ids of requests that carry "
                              "no prediction (the trace's predicted_output_tokens still win)")
+    parser.add_argument("--distribution-predictor", type=Path, default=None, metavar="MODEL_DIR",
+                        help="econoserve / policy:NAME: a classification response-length model (econoserve predictor "
+                             "train --objective classification) that gives each request its predicted_output_quantiles "
+                             "from its prompt token ids (read by EconoServe's ordering_length, allocation_length and "
+                             "reserve_rule knobs)")
     parser.add_argument("--refined-predictor", type=Path, default=None, metavar="MODEL_DIR",
                         help="econoserve / policy:NAME: a refined response-length model (econoserve.predictor.refine; "
                              "the prompt-only model in MODEL_DIR/base): each request that has generated the model's k "
@@ -144,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
     options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"), args.predictor,
-                                args.refined_predictor, _engine_vocab_size(args.model))
+                                args.refined_predictor, _engine_vocab_size(args.model), args.distribution_predictor)
     from econoserve.serving.engine import require_vllm
 
     require_vllm()

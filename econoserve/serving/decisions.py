@@ -62,6 +62,8 @@ class ArrivalRecord:
     """The request's ``max_tokens`` [tokens]: its true length when it runs with ``ignore_eos``."""
     rejection: str | None
     """The policy's rejection reason, or ``None`` if it queued the request."""
+    predicted_output_quantiles: tuple[int, ...] | None = None
+    """The predicted length distribution [tokens], or ``None``."""
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,8 @@ def read_decision_log(path: str | Path) -> list[DecisionRecord]:
         cls = _KINDS[row.pop("kind")]
         if cls is StepRecord:
             row["scheduled"] = tuple(tuple(pair) for pair in row["scheduled"])
-        for name in ("preempted", "rejected", "finished"):
-            if name in row:
+        for name in ("preempted", "rejected", "finished", "predicted_output_quantiles"):
+            if row.get(name) is not None:
                 row[name] = tuple(row[name])
         records.append(cls(**row))
     return records
@@ -200,7 +202,8 @@ def replay_decision_log(records: Iterable[DecisionRecord]) -> ReplayReport:
     for record in records[1:]:
         if isinstance(record, ArrivalRecord):
             request = Request(record.policy_request_id, record.arrival_time_s, record.num_prompt_tokens,
-                              record.predicted_output_tokens, index=record.policy_request_id)
+                              record.predicted_output_tokens, index=record.policy_request_id,
+                              predicted_output_quantiles=record.predicted_output_quantiles)
             requests[record.policy_request_id] = request
             max_tokens[record.policy_request_id] = record.max_tokens
             rejection = policy.add_request(request)

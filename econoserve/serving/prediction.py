@@ -9,6 +9,14 @@ prompt's token ids. A length-only model uses their count; a text model decodes t
 tokenizer (``gpt2``/``opt`` for OPT-family engines, ``llama2`` for Llama-2 ones: the model's
 tokenizer must be the engine's) and computes its features from the text.
 
+**Predicted distributions**: a classification model (``econoserve predictor train --objective
+classification``) given as the scheduler's ``distribution_predictor`` gives each request its
+``predicted_output_quantiles`` (:data:`NUM_QUANTILES` equally likely lengths, the simulator's
+trace column; :meth:`EnginePredictor.predict_quantiles`), read by EconoServe's distribution knobs
+(``ordering_length``, ``allocation_length``, ``reserve_rule``); the point prediction still comes
+from the request or ``predictor``, as the simulator's traces pair a regression point with the
+classifier's quantiles.
+
 **Refinement** (:class:`EngineRefiner`): a refined model (:mod:`econoserve.predictor.refine`, a
 directory with the prompt-only model in ``base/``) predicts the length from the prompt *and* the
 response's first ``k`` tokens (``k`` = the model's ``prefix_tokens``, recorded in the model).
@@ -44,6 +52,9 @@ from econoserve.predictor.model import LengthPredictor
 from econoserve.predictor.refine import BASE_DIRECTORY, RefinedLengthPredictor
 from econoserve.workload.tokenizer import Tokenizer
 
+#: Points of a predicted length distribution (``LengthPredictor.predict_quantiles``' default,
+#: as the simulator's traces carry them).
+NUM_QUANTILES = 16
 #: Rows an engine model's embedding may have beyond its tokenizer's ids (padding to a multiple).
 VOCAB_PADDING_IDS = 128
 
@@ -93,6 +104,15 @@ class EnginePredictor:
         """Load a model directory (a :class:`~econoserve.errors.PredictorError` names what is wrong)."""
         model = LengthPredictor.load(directory)
         return cls(model, model.featurizer.tokenizer if model.needs_text else None)
+
+    def predict_quantiles(self, prompt_token_ids: Sequence[int]) -> tuple[int, ...]:
+        """Predicted length distribution [tokens, :data:`NUM_QUANTILES` sorted equally likely
+        lengths] of a prompt given as token ids (classification models only); timed."""
+        start = time.perf_counter()
+        prompts = [self.tokenizer.decode(prompt_token_ids)] if self.tokenizer is not None else None
+        (points,) = self.model.predict_quantiles(prompts, np.array([len(prompt_token_ids)], dtype=np.int64), NUM_QUANTILES)
+        self.cost.add(time.perf_counter() - start)
+        return tuple(int(v) for v in points)
 
     def check_engine(self, engine_vocab_size: int, directory: str | Path) -> None:
         """A text model's tokenizer must fit the engine's model (:func:`check_tokenizer_fits`)."""
@@ -155,16 +175,37 @@ class EngineRefiner:
         return int(value)
 
 
-def load_engine_models(predictor: str | Path | None, refined_predictor: str | Path | None,
-                       engine_vocab_size: int | None) -> tuple[EnginePredictor | None, EngineRefiner | None]:
-    """The arrival-time length model and the refined model of a policy scheduler (``None`` for
-    each directory not given), each checked against the engine model's ``engine_vocab_size``
-    [token ids] (:func:`check_tokenizer_fits`; ``None``: not checked); a
-    :class:`~econoserve.errors.PredictorError` names the problem."""
-    length_model = EnginePredictor.load(predictor) if predictor is not None else None
-    refiner = EngineRefiner.load(refined_predictor) if refined_predictor is not None else None
+@dataclass(frozen=True)
+class EngineModels:
+    """A policy scheduler's length models (``None`` for each not configured)."""
+
+    predictor: EnginePredictor | None = None
+    """Point predictions at arrival, for requests that carry none."""
+    distribution: EnginePredictor | None = None
+    """Predicted distributions at arrival (a classification model)."""
+    refiner: EngineRefiner | None = None
+    """Refined predictions at ``k`` generated tokens."""
+
+
+def load_engine_models(predictor: str | Path | None = None, distribution_predictor: str | Path | None = None,
+                       refined_predictor: str | Path | None = None,
+                       engine_vocab_size: int | None = None) -> EngineModels:
+    """Load a policy scheduler's length models from their directories (``None``: not used), each
+    checked against the engine model's ``engine_vocab_size`` [token ids] (:func:`check_tokenizer_fits`;
+    ``None``: not checked); a :class:`~econoserve.errors.PredictorError` names the problem."""
+    models = EngineModels(
+        EnginePredictor.load(predictor) if predictor is not None else None,
+        EnginePredictor.load(distribution_predictor) if distribution_predictor is not None else None,
+        EngineRefiner.load(refined_predictor) if refined_predictor is not None else None,
+    )
+    if models.distribution is not None and models.distribution.model.config.objective != "classification":
+        raise PredictorError(
+            f"{distribution_predictor}: a {models.distribution.model.config.objective} model; a predicted distribution "
+            "comes from a classification model (econoserve predictor train --objective classification)"
+        )
     if engine_vocab_size is not None:
-        for model, directory in ((length_model, predictor), (refiner, refined_predictor)):
+        for model, directory in ((models.predictor, predictor), (models.distribution, distribution_predictor),
+                                 (models.refiner, refined_predictor)):
             if model is not None:
                 model.check_engine(engine_vocab_size, directory)
-    return length_model, refiner
+    return models

@@ -60,10 +60,12 @@ def scheduler_class(name: str) -> str:
 
 
 def scheduler_options(name: str, policy_config: dict | None = None, predictor: str | Path | None = None,
-                      refined_predictor: str | Path | None = None, engine_vocab_size: int | None = None) -> dict:
+                      refined_predictor: str | Path | None = None, engine_vocab_size: int | None = None,
+                      distribution_predictor: str | Path | None = None) -> dict:
     """The ``additional_config["econoserve"]`` options a scheduler name implies (the policy, its
-    configuration overrides, the length model for requests without a prediction and the refined
-    model, :mod:`econoserve.serving.prediction`); empty for vLLM's own scheduler. Each is checked
+    configuration overrides, the length model for requests without a prediction, the
+    distribution model and the refined model, :mod:`econoserve.serving.prediction`); empty for
+    vLLM's own scheduler. Each is checked
     here, before vLLM starts: the models load, and, given the engine model's
     ``engine_vocab_size`` [token ids], their tokenizers fit it."""
     options: dict = {}
@@ -78,14 +80,15 @@ def scheduler_options(name: str, policy_config: dict | None = None, predictor: s
 
         make_config(options["policy"], policy_config)  # wrong fields, types or ranges: one line, before vLLM starts
         options["policy_config"] = dict(policy_config)
-    models = {"predictor": predictor, "refined_predictor": refined_predictor}
+    models = {"predictor": predictor, "distribution_predictor": distribution_predictor,
+              "refined_predictor": refined_predictor}
     for key, directory in models.items():
         if directory is not None and not options:
             raise UserError(f"scheduler {name!r} takes no {key} (vLLM's own policy uses no predictions)")
-    if predictor is not None or refined_predictor is not None:
+    if any(directory is not None for directory in models.values()):
         from econoserve.serving.prediction import load_engine_models
 
-        load_engine_models(predictor, refined_predictor, engine_vocab_size)  # one line now, not a traceback from vLLM
+        load_engine_models(**models, engine_vocab_size=engine_vocab_size)  # one line now, not a traceback from vLLM
         options.update({key: str(Path(directory).resolve()) for key, directory in models.items() if directory is not None})
     return options
 

@@ -44,6 +44,8 @@ always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-
 for :mod:`econoserve.serving.decisions`), ``stall_timeout_s``, ``predictor`` (a trained length
 model's directory: requests that carry no prediction get one from their prompt token ids, so
 unmodified clients get EconoServe's behaviour; :mod:`econoserve.serving.prediction`),
+``distribution_predictor`` (a classification length model's directory: each request's
+``predicted_output_quantiles`` from its prompt token ids; needs predictions ``request``),
 ``refined_predictor`` (a refined length model's directory, :mod:`econoserve.predictor.refine`:
 see *Refinement* below), and ``iteration_log`` (the per-step records of
 :class:`~econoserve.serving.recording.IterationRecordingMixin`).
@@ -163,6 +165,10 @@ class PolicySchedulerOptions:
         predictions ``request``, a request that carries no ``predicted_output_tokens`` gets the
         model's prediction from its prompt token ids (:mod:`econoserve.serving.prediction`), so an
         unmodified client gets EconoServe's behaviour; a request-supplied prediction still wins.
+    distribution_predictor:
+        Directory of a classification response-length model: with predictions ``request``, each
+        request gets its ``predicted_output_quantiles`` from its prompt token ids (read by
+        EconoServe's distribution knobs; :mod:`econoserve.serving.prediction`).
     refined_predictor:
         Directory of a refined response-length model (:mod:`econoserve.predictor.refine`): each
         request refined once at the model's ``k`` generated tokens (see the module docstring).
@@ -176,6 +182,7 @@ class PolicySchedulerOptions:
     keep_decisions: bool = False
     stall_timeout_s: float = 60.0
     predictor: str | None = None
+    distribution_predictor: str | None = None
     refined_predictor: str | None = None
 
     #: Keys of the section read by other parts of the package.
@@ -299,17 +306,18 @@ class PolicySchedulerCore(Scheduler):
         self.options = PolicySchedulerOptions.from_section(econoserve_options(self.vllm_config), self.default_policy)
         self.econoserve_policy: Policy = self._make_policy()
         self.prediction_source = self._prediction_source()
-        #: The length model for requests that carry no prediction (``None`` without ``predictor``)
-        #: and the refined model (``None`` without ``refined_predictor``); their ``cost`` totals the
-        #: time spent predicting / refining.
-        self.length_predictor, self.refiner = load_engine_models(
-            self.options.predictor, self.options.refined_predictor, self.vllm_config.model_config.get_vocab_size()
-        )
-        if self.refiner is not None and self.prediction_source != "request":
-            raise UnsupportedConfigError(
-                f"econoserve.refined_predictor refines predicted lengths, but {self.econoserve_policy.name} runs with "
-                f"predictions {self.prediction_source!r} (use predictions 'request')"
-            )
+        #: The length model for requests that carry no prediction (``None`` without ``predictor``),
+        #: the distribution model (``None`` without ``distribution_predictor``) and the refined model
+        #: (``None`` without ``refined_predictor``); their ``cost`` totals the time spent in each.
+        models = load_engine_models(self.options.predictor, self.options.distribution_predictor,
+                                    self.options.refined_predictor, self.vllm_config.model_config.get_vocab_size())
+        self.length_predictor, self.distribution_predictor, self.refiner = models.predictor, models.distribution, models.refiner
+        for name, model in (("distribution_predictor", self.distribution_predictor), ("refined_predictor", self.refiner)):
+            if model is not None and self.prediction_source != "request":
+                raise UnsupportedConfigError(
+                    f"econoserve.{name} adds to predicted lengths, but {self.econoserve_policy.name} runs with "
+                    f"predictions {self.prediction_source!r} (use predictions 'request')"
+                )
         self.decision_log = DecisionLog(self.options.decision_log, self.options.keep_decisions)
         self._log(lambda: LogHeader(
             policy=self.econoserve_policy.name,
@@ -386,6 +394,7 @@ class PolicySchedulerCore(Scheduler):
             predicted_output_tokens=mirror.policy.predicted_output_tokens,
             max_tokens=int(request.max_tokens),
             rejection=rejection,
+            predicted_output_quantiles=mirror.policy.predicted_output_quantiles,
         ))
         if rejection is not None:
             self._reject_engine_request(request, f"{self.econoserve_policy.name}: {rejection}")
@@ -414,6 +423,7 @@ class PolicySchedulerCore(Scheduler):
             request.num_prompt_tokens,
             self._predicted_length(request),
             index=self._next_policy_request_id,
+            predicted_output_quantiles=self._predicted_quantiles(request),
         )
         self._next_policy_request_id += 1
         return _Mirror(request, policy_request)
@@ -442,6 +452,12 @@ class PolicySchedulerCore(Scheduler):
                 f"integer, got {value!r}"
             )
         return int(value)
+
+    def _predicted_quantiles(self, request: EngineRequest) -> tuple[int, ...] | None:
+        """The distribution model's predicted lengths [tokens], with predictions ``request``."""
+        if self.distribution_predictor is None or request.prompt_token_ids is None:
+            return None
+        return self.distribution_predictor.predict_quantiles(request.prompt_token_ids)
 
     def _reject_engine_request(self, request: EngineRequest, reason: str) -> None:
         """Finish a request with FINISHED_ERROR now; its output goes out with the next update."""
