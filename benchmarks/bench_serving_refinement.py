@@ -6,7 +6,9 @@ once, at the model's ``k`` generated tokens: it decodes the prompt ids and the `
 with the model's tokenizer and runs the refined model, on the engine-core thread, inside
 ``update_from_output``. This script times that (:class:`~econoserve.serving.prediction.PredictionCost`)
 beside the arrival-time prediction of the same model's prompt-only base (``predictor`` =
-``DIR/base``), per prompt length.
+``DIR/base``), per prompt length, with requests arriving one per step (so each step refines at
+most one: the cost of one refinement alone) or all at once (so one step refines them all, in one
+call: the longest a step waits for refinement).
 
 It steps the real scheduler class on a real vLLM configuration and KV cache manager without a
 model (:mod:`econoserve.serving.stepping`): a stand-in model output samples seeded random token
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -55,9 +58,11 @@ def stand_in_random_output(scheduler, output, rng: np.random.Generator, vocab_si
                              sampled_token_ids=sampled)
 
 
-def measure(model_dir: Path, refined: Path, prompt_tokens: int, num_requests: int, vocab_size: int, seed: int) -> dict:
+def measure(model_dir: Path, refined: Path, prompt_tokens: int, num_requests: int, vocab_size: int, seed: int,
+            burst: bool) -> dict:
     """Serve ``num_requests`` requests of ``prompt_tokens`` random prompt ids and ``2 k`` output
-    tokens; the arrival-prediction and refinement costs [s] of the scheduler's models."""
+    tokens, one arriving per step or (``burst``) all at once; the arrival-prediction and
+    refinement costs of the scheduler's models."""
     from econoserve.serving.stepping import stepped_scheduler
     from vllm import SamplingParams
     from vllm.v1.request import Request
@@ -71,19 +76,21 @@ def measure(model_dir: Path, refined: Path, prompt_tokens: int, num_requests: in
         max_num_seqs=num_requests, additional_config={"econoserve": options},
     )
     output_tokens = 2 * scheduler.refiner.prefix_tokens
-    for index in range(num_requests):
-        prompt = rng.integers(100, vocab_size, prompt_tokens).tolist()
-        params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True)
-        scheduler.add_request(Request(f"r{index}", prompt, params, None))
-    while scheduler.has_requests():
+    params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True)
+    prompts = [rng.integers(100, vocab_size, prompt_tokens).tolist() for _ in range(num_requests)]
+    while prompts or scheduler.has_requests():
+        for _ in range(len(prompts) if burst else min(1, len(prompts))):
+            scheduler.add_request(Request(f"r{len(prompts)}", prompts.pop(), params, None))
         output = scheduler.schedule()
         scheduler.update_from_output(output, stand_in_random_output(scheduler, output, rng, vocab_size))
     arrival, refine = scheduler.length_predictor.cost, scheduler.refiner.cost
     if refine.num_requests != num_requests:
         raise RuntimeError(f"{refine.num_requests} of {num_requests} requests refined")
-    return {"prompt_tokens": prompt_tokens, "requests": num_requests, "k": scheduler.refiner.prefix_tokens,
+    return {"prompt_tokens": prompt_tokens, "arrivals": "all at once" if burst else "one per step",
+            "requests": num_requests, "k": scheduler.refiner.prefix_tokens,
             "arrival_mean_ms": arrival.mean_s * 1e3, "arrival_max_ms": arrival.max_s * 1e3,
-            "refine_mean_ms": refine.mean_s * 1e3, "refine_max_ms": refine.max_s * 1e3}
+            "refining_steps": refine.num_calls, "refine_mean_ms": refine.mean_s * 1e3,
+            "refine_longest_step_ms": refine.max_s * 1e3}
 
 
 def main() -> None:
@@ -105,21 +112,24 @@ def main() -> None:
     refiner = EngineRefiner.load(args.refined_predictor)
     vocab_size = refiner.tokenizer.vocab_size
     model_dir = build_tiny_model(TinyModelSpec(vocab_size=vocab_size), Path(tempfile.mkdtemp(prefix="bench-refine-")))
+    load_before = os.getloadavg()[0]
     rows = []
-    for prompt_tokens in tqdm(args.prompt_tokens, desc="prompt lengths", unit="row"):
-        rows.append(measure(model_dir, args.refined_predictor, prompt_tokens, args.requests, vocab_size, args.seed))
+    cells = [(prompt_tokens, burst) for prompt_tokens in args.prompt_tokens for burst in (False, True)]
+    for prompt_tokens, burst in tqdm(cells, desc="cells", unit="cell"):
+        rows.append(measure(model_dir, args.refined_predictor, prompt_tokens, args.requests, vocab_size, args.seed, burst))
         print(json.dumps(rows[-1]))
-    write(rows, refiner, args)
+    write(rows, refiner, args, (load_before, os.getloadavg()[0]))
 
 
-def write(rows: list[dict], refiner, args: argparse.Namespace) -> None:
+def write(rows: list[dict], refiner, args: argparse.Namespace, load: tuple[float, float]) -> None:
     import vllm
 
     name = "serving_refinement" + ("_quick" if args.quick else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "vllm": vllm.__version__, "model": args.refined_predictor.name, "tokenizer": refiner.tokenizer.name,
-            "k": refiner.prefix_tokens, "training_data": refiner.model.training_data.get("dataset")}
+            "k": refiner.prefix_tokens, "training_data": refiner.model.training_data.get("dataset"),
+            "cpus": os.cpu_count(), "load_average_1min": list(load)}
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# Engine-side refinement: cost per refined request inside vLLM's scheduler",
@@ -127,19 +137,25 @@ def write(rows: list[dict], refiner, args: argparse.Namespace) -> None:
         f"vLLM {meta['vllm']} (CPU build), EconoServe's policy scheduler stepped on a real vLLM configuration and KV "
         f"cache manager with a stand-in model output (seeded random token ids); refined model `{meta['model']}` "
         f"({meta['training_data']}, {meta['tokenizer']} tokens, k = {meta['k']}), its prompt-only base as the arrival "
-        f"predictor; {rows[0]['requests']} requests per row, each refined once at k tokens. Times on the engine-core "
-        "thread (`PredictionCost`): arrival in `add_request`, refinement in `update_from_output`. "
+        f"predictor; {rows[0]['requests']} requests per row, each refined once at k tokens, arriving one per step or "
+        "all at once (then the requests a step refines are predicted in one call). Times on the engine-core "
+        "thread (`PredictionCost`): arrival in `add_request` (per request), refinement in `update_from_output` "
+        "(mean per request; the longest a step waited for it). "
+        f"Machine: {meta['cpus']} CPUs, 1-minute load average {load[0]:.1f} before and {load[1]:.1f} after "
+        "(shared: the times vary by about 2x between runs). "
         "`benchmarks/bench_serving_refinement.py`" + (" --quick" if args.quick else "") + ".",
         "",
         "The random-weight engine generates meaningless text, so what refinement is worth is not measured here "
         "(the simulator measures it: `policy_probe_refine_full.md`); only what it costs.",
         "",
-        "| prompt [tokens] | requests | arrival prediction mean [ms] | arrival max [ms] | refinement mean [ms] | refinement max [ms] |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| prompt [tokens] | arrivals | requests | arrival prediction mean [ms] | arrival max [ms] | refining steps | "
+        "refinement mean per request [ms] | longest step's refinement [ms] |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        lines.append(f"| {row['prompt_tokens']} | {row['requests']} | {row['arrival_mean_ms']:.2f} | {row['arrival_max_ms']:.2f} | "
-                     f"{row['refine_mean_ms']:.2f} | {row['refine_max_ms']:.2f} |")
+        lines.append(f"| {row['prompt_tokens']} | {row['arrivals']} | {row['requests']} | {row['arrival_mean_ms']:.2f} | "
+                     f"{row['arrival_max_ms']:.2f} | {row['refining_steps']} | {row['refine_mean_ms']:.2f} | "
+                     f"{row['refine_longest_step_ms']:.2f} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -164,8 +164,8 @@ def test_requests_past_k_tokens_are_refined_once_and_the_policy_gets_the_value(m
         if isinstance(record, RefineRecord):
             before = records[index - 1]
             assert isinstance(before, (UpdateRecord, RefineRecord)) and before.step == record.step
-    cost = scheduler.refiner.cost
-    assert cost.num_requests == 2 and 0 < cost.max_s <= cost.total_s
+    cost = scheduler.refiner.cost  # one call per step that refines
+    assert cost.num_requests == 2 and cost.num_calls == len({r.step for r in refines}) and 0 < cost.max_s <= cost.total_s
     assert records[0].refine_after_tokens == k
 
     report = replay_decision_log(records)
