@@ -184,7 +184,7 @@ def test_refinement_needs_predictions_to_refine(model_dir, refined_model):
     from econoserve.serving.scheduler import UnsupportedConfigError
 
     for policy, options in (("econoserve-oracle", {}), ("econoserve", {"predictions": "none"})):
-        with pytest.raises(UnsupportedConfigError, match="refined_predictor adds to predicted lengths"):
+        with pytest.raises(UnsupportedConfigError, match="refined_predictor needs predictions 'request'"):
             _stepped_scheduler(model_dir, policy, options={"refined_predictor": str(refined_model), **options})
 
 

@@ -316,8 +316,8 @@ class PolicySchedulerCore(Scheduler):
         for name, model in (("distribution_predictor", self.distribution_predictor), ("refined_predictor", self.refiner)):
             if model is not None and self.prediction_source != "request":
                 raise UnsupportedConfigError(
-                    f"econoserve.{name} adds to predicted lengths, but {self.econoserve_policy.name} runs with "
-                    f"predictions {self.prediction_source!r} (use predictions 'request')"
+                    f"econoserve.{name} needs predictions 'request' (a predicted length it adds to), but "
+                    f"{self.econoserve_policy.name} runs with predictions {self.prediction_source!r}"
                 )
         self.decision_log = DecisionLog(self.options.decision_log, self.options.keep_decisions)
         self._log(lambda: LogHeader(
