@@ -190,13 +190,14 @@ def test_refinement_needs_predictions_to_refine(model_dir, refined_model):
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("probes", [False, True], ids=["plain", "probes-at-k"])
-def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, refined_model, probes):
+def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, refined_model, probes, monkeypatch):
     """The real CPU engine (random weights: the generated text, and so the refined values, mean
     nothing) with every request arriving at once (``time_scale=0``, a timing-independent
     schedule), plain or with probes at the same ``k`` (the best measured variant in the
     simulator): exact lengths, each request longer than ``k`` refined once at ``k`` tokens, none
-    of the others, and the pure-Python replay, fed the logged refinements, asks for exactly the
-    batches vLLM ran."""
+    of the others; the pure-Python replay, fed the logged refinements, asks for exactly the
+    batches vLLM ran, and the simulator, on the trace with the engine's refined values
+    (``trace_with_served_refinements``), refines the same requests at ``k`` to the same values."""
     trace = _synthetic_trace(24, seed=9, max_prompt=160, max_output=40, prediction_error=0.5)
     k = RefinedLengthPredictor.load(refined_model).prefix_tokens
     outputs = dict(zip(trace.requests["request_id"], trace.requests["output_tokens"]))
@@ -215,3 +216,24 @@ def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, ref
     assert report.equivalent, report.mismatch
     assert report.num_refined == len(refines) and report.num_finished == len(outputs)
     assert (report.policy.stats.extra.get("probes", 0) > 0) == probes
+
+    # the simulator, on the trace with the engine's refined values, refines the same requests alike
+    from econoserve.policy.base import Policy
+    from econoserve.serving.fidelity import EngineShape, simulation_config, trace_with_served_refinements
+    from econoserve.sim import simulate
+
+    simulated_refines = []
+    original = Policy.refine_prediction
+
+    def recording(policy, request, predicted_output_tokens):
+        simulated_refines.append((int(trace.requests["request_id"].iloc[request.index]), request.num_output_tokens,
+                                  predicted_output_tokens))
+        original(policy, request, predicted_output_tokens)
+
+    monkeypatch.setattr(Policy, "refine_prediction", recording)
+    shape = EngineShape.from_run_config(result.config)
+    config = simulation_config(shape, "econoserve", "roofline", model="opt-13b",
+                               policy_config={"probe_output_tokens": k, "probe_share": 0.25} if probes else {})
+    simulate(trace_with_served_refinements(trace, records), config)
+    served = sorted((rows[r.policy_request_id], r.num_output_tokens, r.predicted_output_tokens) for r in refines)
+    assert sorted(simulated_refines) == served

@@ -19,6 +19,10 @@ budget), ``econoserve`` by the same policy class the vLLM adapter runs. Errors a
 relative to the real value: ``|simulated - real| / real`` for JCT and TTFT, summarised by their
 median and 90th percentile.
 
+A run whose drop-in refined predictions (``refined_predictor``) is simulated on
+:func:`trace_with_served_refinements`: the trace with the refined values the engine computed
+(from its decision log), so the simulated policy gets the same refinements at the same ``k``.
+
 No vLLM import here: the comparison reads run directories, so it runs in the main environment.
 """
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -34,7 +38,10 @@ import pandas as pd
 from econoserve.errors import UserError
 from econoserve.policy import EngineLimits
 from econoserve.results import finished
+from econoserve.serving.decisions import ArrivalRecord, DecisionRecord, LogHeader, RefineRecord
+from econoserve.serving.replay import trace_request_id
 from econoserve.sim.engine import SimulationConfig
+from econoserve.workload.trace import Trace
 
 #: Real scheduler name (``econoserve serve --scheduler``) -> simulated policy.
 SIMULATED_POLICY: dict[str, str] = {"vllm": "vllm-chunked", "econoserve": "econoserve"}
@@ -115,6 +122,23 @@ def simulation_config(shape: EngineShape, scheduler: str, latency_model: str,
         **drop_in_estimates(shape, limits),
     )
     return SimulationConfig(**{**values, **overrides})
+
+
+def trace_with_served_refinements(trace: Trace, records: Iterable[DecisionRecord]) -> Trace:
+    """``trace`` with the refinement columns the drop-in's decision log implies (``records`` of a
+    served run of ``trace``): ``refine_after_tokens`` = the engine's ``k`` and
+    ``refined_output_tokens`` = the value the engine refined each request to (``k + 1`` for the
+    requests it did not refine, which the simulator never refines either: they end within ``k``
+    tokens). Unchanged when the run did not refine."""
+    records = list(records)
+    header = records[0] if records else None
+    if not isinstance(header, LogHeader) or header.refine_after_tokens is None:
+        return trace
+    k = header.refine_after_tokens
+    rows = {r.policy_request_id: trace_request_id(r.engine_request_id) for r in records if isinstance(r, ArrivalRecord)}
+    refined = {rows[r.policy_request_id]: r.predicted_output_tokens for r in records if isinstance(r, RefineRecord)}
+    values = [refined.get(int(request_id), k + 1) for request_id in trace.requests["request_id"]]
+    return trace.with_refinements(np.array(values, dtype=np.int64), k)
 
 
 #: Gaps between real steps [s] above this are idle time (waiting for an arrival), not a step's cost.
