@@ -24,14 +24,23 @@ from econoserve.workload.tokenizer import Tokenizer
 CONFIG = PredictorConfig(num_boost_round=40, prompt_decoupling_folds=3)
 
 
-class _WhitespaceBackend:
+class _WordBackend:
+    """One token per whitespace-separated word; ids decode back to the words."""
+
+    def __init__(self) -> None:
+        self.words: dict[str, int] = {}
+
     def encode(self, texts):
-        return [[0] * len(text.split()) for text in texts]
+        return [[self.words.setdefault(word, len(self.words)) for word in text.split()] for text in texts]
+
+    def decode(self, ids):
+        names = {i: word for word, i in self.words.items()}
+        return " ".join(names[i] for i in ids)
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer("llama2", _WhitespaceBackend())
+    return Tokenizer("llama2", _WordBackend())
 
 
 def coupled_prompts(size: int, seed: int) -> LabeledPrompts:
@@ -145,6 +154,17 @@ def test_save_load_round_trip_and_corrupt_metadata(decoupled, tmp_path, tokenize
     path.write_text(json.dumps(metadata))
     with pytest.raises(PredictorError, match="prompt_decoupling must hold"):
         LengthPredictor.load(tmp_path / "model", tokenizer=tokenizer)
+
+
+def test_the_engine_path_applies_it(decoupled, plain, tokenizer):
+    """The vLLM drop-in (:class:`~econoserve.serving.prediction.EnginePredictor`) predicts from
+    prompt token ids through :meth:`LengthPredictor.predict`, so it gets the decoupled lengths."""
+    from econoserve.serving.prediction import EnginePredictor
+
+    prompts = coupled_prompts(40, seed=7).prompts
+    engine = EnginePredictor(decoupled, tokenizer)
+    from_ids = [engine.predict(tokenizer.encode([p])[0]) for p in prompts]
+    assert from_ids == decoupled.predict(prompts).tolist() != plain.predict(prompts).tolist()
 
 
 def test_configuration_is_checked(data, tokenizer):
