@@ -180,3 +180,16 @@ def test_a_refined_predictor_cannot_extend_a_decoupled_base(decoupled):
 
     with pytest.raises(PredictorError, match="prompt-decoupled"):
         train_refined_predictor(decoupled, ["a"] * 20, ["b c"] * 20, np.full(20, 50))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--objective", "rank", "--prompt-decoupling-folds", "5"], "only a regression"),
+    (["--prompt-decoupling-folds", "1"], "prompt_decoupling_folds"),
+])
+def test_the_cli_refuses_a_bad_decoupling_in_one_line(capsys, tmp_path, extra, message):
+    from econoserve.cli import main
+
+    status = main(["predictor", "train", "--dataset", "alpaca", *extra, "-o", str(tmp_path / "model")])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "model").exists()
