@@ -87,6 +87,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("all prompts, rank objective, 300 rounds, neighbours 64, 5 folds", None,
             {"objective": "rank", "num_boost_round": 300}, {"neighbour_count": 64, "neighbour_folds": 5}),
     Variant("4000 prompts, prompt decoupling, 5 folds", 4000, {"prompt_decoupling_folds": 5}),
+    Variant("all prompts, prompt decoupling, 5 folds", None, {"prompt_decoupling_folds": 5}),
 )
 QUICK_VARIANTS: tuple[str, ...] = (VARIANTS[0].name, VARIANTS[1].name)
 
