@@ -58,7 +58,7 @@ ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no
                                          "econoserve-no-syncdecoupled")
 GOODPUT_TOLERANCE = 0.02
 #: The trained predictor's default training (``--max-train`` / ``--boost-rounds`` /
-#: ``--predictor-objective`` / ``--neighbours`` change it).
+#: ``--predictor-objective`` / ``--neighbours`` / ``--prompt-decoupling`` change it).
 PREDICTOR_DEFAULTS = PredictorTraining()
 #: Scheduler-spec option (not a policy knob): run on traces with refined predictions after this
 #: many generated tokens, e.g. ``econoserve[refine=32]``.
@@ -356,9 +356,10 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         "`stall` = share of time in steps below the token budget while requests waited. Means over seeds.",
         *([] if args.training == PREDICTOR_DEFAULTS else [
             "", f"Trained predictor: {args.predictor_objective}, {args.max_train or 'all'} training prompts, "
-            f"{args.boost_rounds} boosting rounds, {args.neighbours} neighbours (default "
+            f"{args.boost_rounds} boosting rounds, {args.neighbours} neighbours, prompt decoupling "
+            f"{'on' if args.prompt_decoupling else 'off'} (default "
             f"{PREDICTOR_DEFAULTS.objective}, {PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round}, "
-            f"{PREDICTOR_DEFAULTS.neighbour_count})."]),
+            f"{PREDICTOR_DEFAULTS.neighbour_count}, off)."]),
         "",
         "## Summary",
         "",
@@ -416,11 +417,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the trained point predictor's neighbour-length block over the M most similar "
                              f"training prompts, out-of-fold over {PREDICTOR_DEFAULTS.neighbour_folds} folds "
                              "(default 0: off)")
+    parser.add_argument("--prompt-decoupling", action="store_true",
+                        help="rescale the trained point predictor's log prediction by one prompt-length factor, "
+                             f"fitted on out-of-fold predictions over {PREDICTOR_DEFAULTS.folds} folds of its "
+                             "training prompts so that it leans on the prompt length no harder than the training "
+                             "truths do (econoserve.predictor.decoupling; regression objective only, not with "
+                             "refine=K; default off)")
     args = parser.parse_args(argv)
     if args.boost_rounds < 1 or (args.max_train is not None and args.max_train < 10) or args.neighbours < 0:
         parser.error("--boost-rounds must be >= 1, --max-train >= 10 (or 'all') and --neighbours >= 0")
+    if args.prompt_decoupling and args.predictor_objective != "regression":
+        parser.error(f"--prompt-decoupling needs --predictor-objective regression, got {args.predictor_objective}")
     args.training = replace(PREDICTOR_DEFAULTS, max_train=args.max_train, num_boost_round=args.boost_rounds,
-                            objective=args.predictor_objective, neighbour_count=args.neighbours)
+                            objective=args.predictor_objective, neighbour_count=args.neighbours,
+                            prompt_decoupling=args.prompt_decoupling)
     args.num_requests = args.num_requests or (1000 if args.quick else 2000)
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     if args.num_requests < 2:
@@ -437,6 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and args.neighbours:
             parser.error(f"{spec}: {REFINE_OPTION} cannot extend a predictor with --neighbours (its training "
                          "prompts would see themselves among the neighbours)")
+        if value is not None and args.prompt_decoupling:
+            parser.error(f"{spec}: {REFINE_OPTION} cannot extend a predictor with --prompt-decoupling (the refined "
+                         "predictions would not be decoupled)")
     names = args.regimes or (QUICK_REGIMES if args.quick else [r.name for r in REGIMES])
     args.regime_list = [r for r in REGIMES if r.name in names]
     return args

@@ -17,7 +17,10 @@ the loss (L1 = conditional median, L2 = conditional mean of the log length) and 
 objective (LightGBM lambdarank over random groups of training prompts, scores mapped to
 lengths through the training lengths' quantiles), and the neighbour-length block
 (:mod:`econoserve.predictor.neighbours`: statistics of the lengths of the 16 or 64 most similar
-training prompts, leave-one-out or out-of-fold over 5 folds on the training rows). Held-out
+training prompts, leave-one-out or out-of-fold over 5 folds on the training rows), and prompt
+decoupling (:mod:`econoserve.predictor.decoupling`: the log prediction rescaled by one
+prompt-length factor fitted on out-of-fold training predictions). ``spearman_vs_prompt``: the
+predictions' Spearman with the prompt length (the truths': in the header). Held-out
 prompts whose exact text is also a training prompt (ShareGPT holds duplicate records) are scored
 apart as well (``spearman_duplicates`` / ``spearman_others``). Every model is single-threaded and
 seeded. ``--quick`` trains only the default and its all-prompts counterpart.
@@ -83,6 +86,8 @@ VARIANTS: tuple[Variant, ...] = (
             {"neighbour_count": 64, "neighbour_folds": 5}),
     Variant("all prompts, rank objective, 300 rounds, neighbours 64, 5 folds", None,
             {"objective": "rank", "num_boost_round": 300}, {"neighbour_count": 64, "neighbour_folds": 5}),
+    Variant("4000 prompts, prompt decoupling, 5 folds", 4000, {"prompt_decoupling_folds": 5}),
+    Variant("all prompts, prompt decoupling, 5 folds", None, {"prompt_decoupling_folds": 5}),
 )
 QUICK_VARIANTS: tuple[str, ...] = (VARIANTS[0].name, VARIANTS[1].name)
 
@@ -108,6 +113,7 @@ def measure(variant: Variant, train, test) -> dict:
         "neighbours": config.features.neighbour_count, "neighbour_folds": config.features.neighbour_folds,
         "test_prompts": len(actual),
         "spearman": float(spearmanr(actual, predicted).statistic),
+        "spearman_vs_prompt": float(spearmanr(test.prompt_tokens, predicted).statistic),
         "kendall_tau": float(kendalltau(actual, predicted).statistic),
         "mae_tokens": float(np.mean(np.abs(predicted - actual))),
         "spearman_up_to_long": float(spearmanr(actual[~long], predicted[~long]).statistic),
@@ -169,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         f"trained on the training part, scored on all {len(test)} held-out requests. `spearman_up_to_long`: "
         f"among answers <= {LONG_TOKENS} tokens. `median_pred_short` / `_long`: median prediction of answers "
         f"<= {SHORT_TOKENS} / > {LONG_TOKENS} tokens; `short_predicted_over_100`: share of answers <= "
-        f"{SHORT_TOKENS} tokens predicted > {SHORT_PREDICTED_LONG_TOKENS}. `spearman_duplicates` / `_others`: "
+        f"{SHORT_TOKENS} tokens predicted > {SHORT_PREDICTED_LONG_TOKENS}. `spearman_vs_prompt`: the "
+        "predictions' Spearman with the prompt length (the true lengths': "
+        f"{spearmanr(test.prompt_tokens, test.labels('reference')).statistic:.3f}). `spearman_duplicates` / `_others`: "
         f"among the {int(np.isin(np.asarray(test.prompts, dtype=object), np.asarray(train.prompts, dtype=object)).sum())} "
         "held-out prompts whose exact text is also a training prompt / among the rest. "
         "`train_s`: one thread, on a shared machine.",

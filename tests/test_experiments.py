@@ -405,3 +405,19 @@ def test_predictor_training_neighbour_block_keys_its_own_cache_only_when_on():
     assert predictor_config(on, distribution=True).features == FeatureConfig()  # the distribution model: default features
     with pytest.raises(UserError, match="neighbour"):
         PredictorTraining(neighbour_folds=1)
+
+
+def test_predictor_training_prompt_decoupling_keys_its_own_cache_only_when_on():
+    from econoserve.experiments import PredictorTraining, predictor_directory
+    from econoserve.experiments.predictors import predictor_config
+
+    assert "prompt_decoupling" not in PredictorTraining().cache_key()  # caches from before the field stay valid
+    on = PredictorTraining(prompt_decoupling=True)
+    assert on.cache_key()["prompt_decoupling"] is True
+    plans = [make_plan("quick", predictor="train", predictor_training=t) for t in (PredictorTraining(), on)]
+    assert predictor_directory(plans[0], "sharegpt", "out") != predictor_directory(plans[1], "sharegpt", "out")
+    assert predictor_config(PredictorTraining()).prompt_decoupling_folds == 0
+    assert predictor_config(on).prompt_decoupling_folds == on.folds == 5
+    assert predictor_config(on, distribution=True).prompt_decoupling_folds == 0  # the distribution model: off
+    with pytest.raises(UserError, match="prompt_decoupling"):
+        PredictorTraining(prompt_decoupling=True, objective="rank")

@@ -96,7 +96,13 @@ class PredictorTraining:
     ``neighbour_count`` / ``neighbour_folds``: the point model's neighbour-length feature block
     (:class:`~econoserve.predictor.features.FeatureConfig`: the lengths of the ``neighbour_count``
     most similar training prompts, out-of-fold over ``neighbour_folds`` folds on the training
-    rows; 0 = off, the default). Left out of the cache key while off."""
+    rows; 0 = off, the default). Left out of the cache key while off.
+
+    ``prompt_decoupling``: rescale the point model's log prediction by one prompt-length factor,
+    fitted on out-of-fold predictions over :attr:`folds` folds of its training prompts, so that it
+    leans on the prompt length no harder than the training truths do
+    (:mod:`econoserve.predictor.decoupling`; ``regression`` only). Off by default, and left out of
+    the cache key while off."""
 
     max_train: int | None = 4000
     num_boost_round: int | None = 100
@@ -107,6 +113,7 @@ class PredictorTraining:
     objective: str = "regression"
     neighbour_count: int = 0
     neighbour_folds: int = 5
+    prompt_decoupling: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in POINT_OBJECTIVES:
@@ -115,15 +122,19 @@ class PredictorTraining:
         if self.neighbour_count < 0 or self.neighbour_folds < 0 or self.neighbour_folds == 1:
             raise UserError("predictor_training.neighbour_count must be >= 0 and neighbour_folds 0 "
                             f"(leave-one-out) or >= 2, got {self.neighbour_count} and {self.neighbour_folds}")
+        if self.prompt_decoupling and self.objective != "regression":
+            raise UserError(f"predictor_training.prompt_decoupling needs the regression objective, got {self.objective!r}")
 
     def cache_key(self) -> dict:
-        """The fields that determine the trained models (``objective`` and the neighbour block only
-        when not the default)."""
+        """The fields that determine the trained models (``objective``, the neighbour block and
+        ``prompt_decoupling`` only when not the default)."""
         key = asdict(self)
         if self.objective == "regression":
             del key["objective"]
         if not self.neighbour_count:
             del key["neighbour_count"], key["neighbour_folds"]
+        if not self.prompt_decoupling:
+            del key["prompt_decoupling"]
         return key
 
     @property

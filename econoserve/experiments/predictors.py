@@ -69,7 +69,8 @@ def ensure_predictor(plan: ExperimentPlan, dataset: str, output_dir: str | Path,
 
 def predictor_config(training: PredictorTraining, distribution: bool = False):
     """The :class:`~econoserve.predictor.PredictorConfig` ``training`` trains: its point model
-    (``objective``, with the neighbour-length block when ``neighbour_count`` is on) or, with
+    (``objective``, with the neighbour-length block when ``neighbour_count`` is on and prompt
+    decoupling over :attr:`~PredictorTraining.folds` folds when ``prompt_decoupling`` is) or, with
     ``distribution``, the length-distribution model (default features)."""
     from econoserve.predictor import PredictorConfig
     from econoserve.predictor.features import FeatureConfig
@@ -80,7 +81,8 @@ def predictor_config(training: PredictorTraining, distribution: bool = False):
         return PredictorConfig(objective=DISTRIBUTION_OBJECTIVE, **common)
     features = (FeatureConfig(neighbour_count=training.neighbour_count, neighbour_folds=training.neighbour_folds)
                 if training.neighbour_count else FeatureConfig())
-    return PredictorConfig(objective=training.objective, features=features, **common)
+    return PredictorConfig(objective=training.objective, features=features,
+                           prompt_decoupling_folds=training.folds if training.prompt_decoupling else 0, **common)
 
 
 def predict_lengths(plan: ExperimentPlan, dataset: str, trace: Trace, output_dir: str | Path,
@@ -156,14 +158,10 @@ def refined_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, 
 
 
 def cross_fit_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold (0 .. ``folds`` - 1) of each row: whole source records are assigned to folds by a
-    seeded permutation, round robin, so every fold holds about the same number of records."""
-    groups = np.unique(source_index)
-    if len(groups) < folds:
-        raise UserError(f"too few source records ({len(groups)}) for {folds} folds")
-    permuted = np.random.default_rng(seed).permutation(groups)
-    fold_of = dict(zip(permuted.tolist(), (np.arange(len(permuted)) % folds).tolist()))
-    return np.fromiter((fold_of[g] for g in source_index.tolist()), dtype=np.int64, count=len(source_index))
+    """Fold of each row, whole source records per fold (:func:`econoserve.predictor.data.record_folds`)."""
+    from econoserve.predictor.data import record_folds
+
+    return record_folds(source_index, folds, seed)
 
 
 def cross_fit_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, output_dir: str | Path) -> np.ndarray:

@@ -77,6 +77,11 @@ def _register_train(actions: argparse._SubParsersAction) -> None:
                        help="boosting rounds (default 500; 150 for classification, which grows one tree per bucket)")
     train.add_argument("--learning-rate", type=positive_float, default=PredictorConfig.learning_rate, help="default %(default)s")
     train.add_argument("--num-threads", type=positive_int, default=PredictorConfig.num_threads, help="LightGBM threads (default %(default)s)")
+    train.add_argument("--prompt-decoupling-folds", type=non_negative_int, default=0, metavar="K",
+                       help="regression only: rescale the log prediction by one prompt-length factor fitted on "
+                            "out-of-fold predictions over K folds of the training prompts, so that it leans on the "
+                            "prompt length no harder than the training truths do (econoserve.predictor.decoupling; "
+                            "K extra models; default 0: off)")
     train.add_argument("--max-train", type=positive_int, default=None, metavar="N", help="train on a seeded sample of N prompts")
     train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
     train.add_argument("-o", "--output", required=True, type=output_dir, metavar="MODEL_DIR", help="model directory to write")
@@ -102,6 +107,7 @@ def _train(args: argparse.Namespace) -> int:
         num_boost_round=args.num_boost_round,
         learning_rate=args.learning_rate,
         features=features,
+        prompt_decoupling_folds=args.prompt_decoupling_folds,
     )
     split = SplitSpec(test_fraction=args.test_fraction, seed=args.seed)
     tokenizer = args.tokenizer

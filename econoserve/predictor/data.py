@@ -146,6 +146,17 @@ def sample_rows(num_rows: int, size: int | None, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_rows, size=size, replace=False))
 
 
+def record_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold (0 .. ``folds`` - 1) of each row: whole source records are assigned to folds by a
+    seeded permutation, round robin, so every fold holds about the same number of records."""
+    groups = np.unique(source_index)
+    if len(groups) < folds:
+        raise PredictorError(f"too few source records ({len(groups)}) for {folds} folds")
+    permuted = np.random.default_rng(seed).permutation(groups)
+    fold_of = dict(zip(permuted.tolist(), (np.arange(len(permuted)) % folds).tolist()))
+    return np.fromiter((fold_of[g] for g in source_index.tolist()), dtype=np.int64, count=len(source_index))
+
+
 def default_label(dataset: str) -> str:
     """``max`` for ``alpaca-vicuna`` (Zheng et al.'s protocol), else ``reference``."""
     return "max" if dataset == VICUNA_DATASET else REFERENCE_LABEL

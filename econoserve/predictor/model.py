@@ -31,6 +31,14 @@ Objectives (:class:`PredictorConfig`):
                     ``RANK_MAP_POINTS`` stored quantiles, rounded, >= 1), so the predicted lengths
                     rank as the scores do and allocation still gets tokens.
 
+**Prompt decoupling** (``prompt_decoupling_folds = K >= 2``, ``regression`` only; 0 = off, the
+default): the log-score is rescaled by one prompt-length factor fitted on out-of-fold predictions
+over ``K`` folds of the training prompts (``K`` extra models), so that the predictions lean on the
+prompt length no harder than the training truths do (Spearman-matched):
+``log-score + slope * (log prompt_tokens - centre)``; see :mod:`econoserve.predictor.decoupling`.
+The model applies it itself in :meth:`LengthPredictor.predict` (so every caller, the vLLM engine's
+included, gets it), and saves it in ``metadata.json`` (``prompt_decoupling``).
+
 A saved model is a directory: ``model.txt`` (LightGBM), ``metadata.json`` (format version,
 package and LightGBM versions, configuration, label, feature names, training-data sha256s,
 calibration, held-out metrics, sha256 of every file), and the featurizer's ``vocabulary.json`` /
@@ -50,11 +58,13 @@ from typing import Any, Sequence
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from econoserve import __version__
 from econoserve.errors import PredictorError, UserError
-from econoserve.predictor.data import LabeledPrompts
+from econoserve.predictor.data import LabeledPrompts, record_folds
+from econoserve.predictor.decoupling import PromptDecoupling, fit_prompt_decoupling
 from econoserve.predictor.features import FeatureConfig, PromptFeaturizer
 from econoserve.validation import check_field_values
 from econoserve.workload.registry import file_sha256
@@ -96,6 +106,8 @@ class PredictorConfig:
     lambda_l2: float = 1.0
     max_bin: int = 63
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    #: Prompt decoupling (module docstring): folds of its out-of-fold fit, 0 = off.
+    prompt_decoupling_folds: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -114,6 +126,9 @@ class PredictorConfig:
             raise PredictorError(f"regression_loss must be one of {', '.join(REGRESSION_LOSSES)}")
         if self.num_threads < 1 or (self.num_boost_round is not None and self.num_boost_round < 1):
             raise PredictorError("num_threads and num_boost_round must be >= 1")
+        if self.prompt_decoupling_folds and (self.prompt_decoupling_folds < 2 or self.objective != "regression"):
+            raise PredictorError("prompt_decoupling_folds must be 0 (off) or >= 2 folds, and only a regression "
+                                 f"model can be decoupled (got {self.prompt_decoupling_folds} with {self.objective})")
 
     @property
     def boost_rounds(self) -> int:
@@ -176,6 +191,8 @@ class LengthPredictor:
     #: ``rank`` models: quantiles of the training prompts' scores and of their lengths [tokens]
     #: at the same ``RANK_MAP_POINTS`` levels (the score -> length map); None otherwise.
     score_length_map: dict[str, list[float]] | None = None
+    #: The fitted prompt decoupling (``config.prompt_decoupling_folds``), None when off.
+    prompt_decoupling: PromptDecoupling | None = None
 
     # ----------------------------------------------------------------- prediction
     @property
@@ -197,7 +214,14 @@ class LengthPredictor:
         if self.needs_text and prompts is None:
             raise PredictorError("this model uses prompt-text features; the input has no prompt text")
         matrix = self.featurizer.transform(prompts, None if self.needs_text else prompt_tokens)
-        return self._lengths_from_scores(self.booster.predict(matrix, num_threads=num_threads))
+        return self._lengths_from_scores(self._scores(matrix, num_threads))
+
+    def _scores(self, matrix, num_threads: int = 1) -> np.ndarray:
+        """The booster's scores of a feature matrix, prompt-decoupled when the model is."""
+        scores = self.booster.predict(matrix, num_threads=num_threads)
+        if self.prompt_decoupling is None:
+            return scores
+        return self.prompt_decoupling.adjust(scores, _prompt_token_column(matrix))
 
     def predict_class_probabilities(self, prompts: Sequence[str] | None, prompt_tokens=None) -> np.ndarray:
         """Bucket probabilities (rows = prompts), classification models only."""
@@ -280,6 +304,7 @@ class LengthPredictor:
             "num_classes": self.num_classes,
             "metrics": self.metrics,
             **({} if self.score_length_map is None else {"score_length_map": self.score_length_map}),
+            **({} if self.prompt_decoupling is None else {"prompt_decoupling": self.prompt_decoupling.to_dict()}),
         }
 
     # ----------------------------------------------------------------- persistence
@@ -323,6 +348,8 @@ class LengthPredictor:
             num_classes=int(metadata["num_classes"]),
             metrics=metadata.get("metrics", {}),
             score_length_map=_score_length_map(directory, metadata, config),
+            prompt_decoupling=(PromptDecoupling.from_dict(metadata.get("prompt_decoupling"), str(directory))
+                               if config.prompt_decoupling_folds else None),
         )
 
 
@@ -405,6 +432,12 @@ def _score_length_map(directory: Path, metadata: dict[str, Any], config: Predict
         raise PredictorError(f"{directory}: metadata score_length_map must hold {RANK_MAP_POINTS} sorted "
                              "scores and lengths (corrupt model?)")
     return {"scores": [float(v) for v in value["scores"]], "lengths": [float(v) for v in value["lengths"]]}
+
+
+def _prompt_token_column(matrix) -> np.ndarray:
+    """The ``prompt_tokens`` feature [tokens] (column 0, :meth:`PromptFeaturizer.feature_names`)."""
+    column = matrix[:, 0]
+    return np.asarray(column.toarray() if sp.issparse(column) else column, dtype=np.float64).ravel()
 
 
 def rank_relevance(lengths: np.ndarray, levels: int) -> np.ndarray:
@@ -510,6 +543,8 @@ def train_predictor(
         predictor.score_length_map = score_length_map(booster.predict(matrix), lengths[fit_rows])  # (quantiles: order-free)
     if calibration_rows is not None:
         predictor.quantile_log_offset = _conformal_offset(predictor, data.subset(calibration_rows), label)
+    if config.prompt_decoupling_folds:
+        predictor.prompt_decoupling = _fit_prompt_decoupling(data, config, label, tokenizer)
     predictor.training_data = {
         "dataset": data.dataset,
         "part": data.part,
@@ -551,6 +586,24 @@ def _conformal_offset(predictor: LengthPredictor, calibration: LabeledPrompts, l
     size = len(residuals)
     rank = min(math.ceil((size + 1) * predictor.config.quantile), size)
     return float(np.sort(residuals)[rank - 1])
+
+
+def _fit_prompt_decoupling(data: LabeledPrompts, config: PredictorConfig, label: str,
+                           tokenizer: Tokenizer | None) -> PromptDecoupling:
+    """The prompt decoupling of a model trained on ``data`` (module docstring): fitted on the
+    log-scores each training prompt gets from a model of the same configuration (decoupling off)
+    trained on the other ``prompt_decoupling_folds`` folds of ``data`` (whole source records per
+    fold)."""
+    folds = config.prompt_decoupling_folds
+    fold = record_folds(data.source_index, folds, config.seed)
+    inner = replace(config, prompt_decoupling_folds=0)
+    scores = np.zeros(len(data))
+    for k in tqdm(range(folds), desc="prompt decoupling folds", unit="fold", disable=None):
+        held, rest = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+        model = train_predictor(data.subset(rest), inner, label=label, tokenizer=tokenizer)
+        part = data.subset(held)
+        scores[held] = model._scores(model.featurizer.transform(part.prompts, part.prompt_tokens))
+    return fit_prompt_decoupling(scores, data.prompt_tokens, data.labels(label), folds)
 
 
 def _num_buckets(lengths: np.ndarray, config: PredictorConfig) -> int:

@@ -205,6 +205,9 @@ def train_refined_predictor(base: LengthPredictor, prompts: Sequence[str], respo
     if base.config.features.neighbour_count:
         raise PredictorError("the refined predictor cannot extend a base with the neighbour-length block "
                              "(its training prompts would see themselves among the neighbours)")
+    if base.prompt_decoupling is not None:
+        raise PredictorError("the refined predictor cannot extend a prompt-decoupled base (its refined "
+                             "predictions would not be decoupled)")
     settings = replace(base.config, objective="regression")  # a rank base's settings, regressing
     k = config.prefix_tokens
     rows = np.flatnonzero(lengths > k)
