@@ -112,7 +112,8 @@ requests, 2 seeds; ``benchmarks/results/policy_kvcost_notes.md``), goodput / Sar
 1.22 / 1.21 / 1.16 at ``u = 4``, 1.20 / 1.23 / 1.11 at ``u = 16``; trained predictor 1.01 / 1.09 /
 1.03 at ``u = 0``, 1.05 / 1.12 / 1.06 at ``u = 4``, 1.08 / 1.24 / 1.07 at ``u = 1024`` (p99 JCT
 0.99 / 1.06 / 1.00x); with probes and refinement at ``k = 16`` 1.05 / 1.13 / 1.03 at ``u = 0``,
-1.15 / 1.43 / 1.08 at ``u = 256`` (p99 JCT 1.04 / 1.19 / 1.04x). Short prompts are served first
+1.15 / 1.43 / 1.08 at ``u = 256`` (p99 JCT 1.04 / 1.19 / 1.04x); Azure conv with +-50 % lengths
+1.05 -> 1.12 at ``u = 256`` (p99 JCT 1.18x -> 1.27x). Short prompts are served first
 (ShareGPT 80 GB: prompts of at most 64 tokens TTFT p90 14 s -> 0.3 s near the goodput rate),
 long prompts wait longer. The trained predictor keeps gaining up to ``u`` in the hundreds: it
 ranks long prompts short (Spearman of prediction vs prompt -0.70, truth -0.37), and large ``u``
