@@ -167,6 +167,23 @@ def test_ordering_length_weight_shrinks_how_far_a_short_prediction_passes_earlie
         assert policy.allocated_output_tokens(policy.pt_queue()[order.index(0)]) == 96  # allocation unchanged
 
 
+def test_ordering_prompt_weight_puts_the_longer_prompt_of_two_equal_predictions_later():
+    # Both predicted 32 tokens. Request 0 (prompt 512) arrived 2 s before request 1 (prompt 16).
+    # By SLO slack (u = 0) the keys are 4 * (0.512 + 32 * 0.05) = 8.448 s and
+    # 2 + 4 * (0.016 + 1.6) = 8.464 s: request 0 first. With u = 1 the keys use the KV-time
+    # equivalent sqrt(32**2 + 2 * prompt * 32): 183.8 tokens for request 0 (key 38.8 s) against
+    # 45.3 for request 1 (key 11.1 s): the long prompt goes later; allocations stay 32.
+    for weight, order in ((0.0, [0, 1]), (1.0, [1, 0])):
+        policy = _policy(1000, ordering_prompt_weight=weight)
+        long_prompt = _add(policy, 0, 512, 32, arrival=0.0)
+        _add(policy, 1, 16, 32, arrival=2.0)
+        assert [r.request_id for r in policy.pt_queue()] == order
+        assert [policy.allocated_output_tokens(r) for r in policy.pt_queue()] == [32, 32]
+        equivalent = 32.0 if weight == 0 else (32**2 + 2 * 512 * 32) ** 0.5
+        assert policy.pt_key(long_prompt) == pytest.approx(4 * (0.512 + equivalent * 0.05))
+        assert not _run(policy, {0: 32, 1: 32})
+
+
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
     # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2
@@ -395,5 +412,7 @@ def test_probe_knobs_are_checked():
         EconoServeConfig(probe_output_tokens=16, backfill_output_tokens=16)
     with pytest.raises(ValueError, match="probe_output_tokens"):
         EconoServeConfig(probe_output_tokens=0)
+    with pytest.raises(ValueError, match="ordering_prompt_weight"):
+        EconoServeConfig(ordering_prompt_weight=-0.5)
     with pytest.raises(ValueError, match="probe_exit"):
         EconoServeConfig(probe_output_tokens=16, probe_exit="stop")

@@ -126,8 +126,8 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 #: EconoServe's admission and ordering knobs at settings the defaults do not reach: KVCPipe for
 #: every request with and without the prefill delay, heavy overbooking (preemption is then the
 #: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length, backfill,
-#: the predicted distribution's ordering, allocation and reserve rules, and probes (going on,
-#: pausing or evicted at k).
+#: the predicted distribution's ordering, allocation and reserve rules, probes (going on,
+#: pausing or evicted at k), and KV-cost ordering (with paused probes in the merged key order).
 ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
@@ -140,6 +140,8 @@ ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_exit": "pause", "reserve_ratio": 0.0},
     {"kvcpipe": "all", "probe_output_tokens": 8, "probe_share": 0.5, "probe_exit": "evict", "overbooking": 0.2},
     {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_exit": "evict", "reserve_ratio": 0.0},
+    {"kvcpipe": "all", "ordering_prompt_weight": 4.0, "probe_output_tokens": 4, "probe_share": 0.2,
+     "probe_exit": "pause"},
 )
 
 
@@ -184,8 +186,8 @@ def test_every_policy_keeps_within_the_executors_caps(name, workload, token_cap,
     assert (iterations["token_budget"] <= token_cap).all()
 
 
-@pytest.mark.parametrize("options", ({}, ECONOSERVE_VARIANTS[0], ECONOSERVE_VARIANTS[2]),
-                         ids=("default", "overbooking", "curve"))
+@pytest.mark.parametrize("options", ({}, ECONOSERVE_VARIANTS[0], ECONOSERVE_VARIANTS[2], ECONOSERVE_VARIANTS[-1]),
+                         ids=("default", "overbooking", "curve", "kv-cost-ordering"))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads(), k=st.integers(1, 40), data=st.data())
 def test_refined_predictions_swap_once_at_k_and_keep_the_invariants(options, workload, k, data):
