@@ -296,7 +296,7 @@ def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int,
             k = refine_of(scheduler)
             rows.append({
                 "regime": regime.name, "seed": seed, "scheduler": scheduler, "kv_bound": regime.kv_bound,
-                "predictions": ("oracle" if scheduler == "econoserve-oracle"
+                "predictions": ("oracle" if parse_scheduler(scheduler)[0] == "econoserve-oracle"
                                 else regime.predictions + ("" if k is None else f", refined after {k} tokens")),
                 "goodput_rps": found[scheduler], "best_baseline": best, "reference_rate_rps": found[best],
                 "slo_attainment": at["slo_attainment"], "mean_jct_s": at["mean_jct_s"], "p99_jct_s": at["p99_jct_s"],
