@@ -201,25 +201,29 @@ def test_preemption_is_the_last_resort_and_takes_the_lowest_priority_gt():
 
 
 # --------------------------------------------------------------------- ordering
-def test_pt_and_gt_queues_follow_their_formulas():
+@pytest.mark.parametrize("u", [0.0, 64.0])
+def test_pt_and_gt_queues_follow_their_formulas(u):
     t_prefill, t_decode, slo, weight = 1e-3, 0.05, 4.0, 0.2
     limits = {"prefill_time_per_token_s": t_prefill, "decode_time_per_step_s": t_decode}
     policy = _policy(1000, rl_bucket=16, slo_scale=slo, gt_occupancy_weight=weight, limits=limits,
-                     max_num_seqs=1)
+                     max_num_seqs=1, ordering_prompt_weight=u)
     specs = [(0.0, 900, 16), (0.1, 16, 400), (0.2, 300, 32), (0.3, 40, 48), (0.4, 600, 200)]
     for i, (arrival, prompt, predicted) in enumerate(specs):
         _add(policy, i, prompt, predicted, arrival=arrival)
 
+    def kv_time_equivalent(prompt, predicted):  # predictions are bucket multiples
+        return (predicted**2 + 2 * u * prompt * predicted) ** 0.5
+
     def pt_key(arrival, prompt, predicted):
-        isolated = prompt * t_prefill + predicted * t_decode  # predictions are bucket multiples
+        isolated = prompt * t_prefill + kv_time_equivalent(prompt, predicted) * t_decode
         return arrival + slo * isolated - isolated
 
     expected = sorted(range(5), key=lambda i: pt_key(*specs[i]))
     assert [r.request_id for r in policy.pt_queue()] == expected
 
     def gt_key(arrival, prompt, predicted):
-        isolated = prompt * t_prefill + predicted * t_decode
-        remaining = (predicted - 1) * t_decode
+        isolated = prompt * t_prefill + kv_time_equivalent(prompt, predicted) * t_decode
+        remaining = (kv_time_equivalent(prompt, predicted) - 1) * t_decode
         return arrival + slo * isolated - remaining - weight * prompt * t_decode
 
     gts = [_make_gt(policy, r) for r in policy.pt_queue()]
@@ -349,13 +353,14 @@ def test_a_preempted_gt_whose_recompute_outgrew_the_usable_cache_resumes_on_the_
     # 320 one-token blocks, 16 of them the global reserve (found by the property test). Request 15
     # is predicted 1 token, true 157: it outgrows everything and is preempted while request 9
     # (predicted 88) holds its allocation; its recompute (157 + >147 generated tokens) no longer
-    # fits the 304 ordinary blocks: it must resume on the reserve, never hang or be lost.
+    # fits the 304 ordinary blocks: it must resume on the reserve, never hang or be lost. The
+    # keys are slack alone (ordering_prompt_weight 0), the order the property test found it in.
     prompts, outputs, predicted = [1] * 20, [1] * 20, [1] * 20
     prompts[9], outputs[9], predicted[9] = 8, 2, 88
     prompts[15], outputs[15], predicted[15] = 157, 157, 1
     trace = trace_from_lists([0.0] * 20, prompts, outputs, predicted)
     config = SimulationConfig(scheduler="econoserve-no-kvcpipe", block_size=1, num_kv_blocks=320, max_model_len=512,
-                              check_invariants=True, policy_config={"token_budget": 8, "max_num_seqs": 8})
+                              check_invariants=True, policy_config={"token_budget": 8, "max_num_seqs": 8, "ordering_prompt_weight": 0.0})
     result = simulate(trace, config)
     assert (result.requests.status == "finished").all()
     assert result.requests.generated_tokens.tolist() == outputs

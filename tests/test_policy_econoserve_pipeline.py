@@ -15,7 +15,10 @@ from econoserve.sim.synthetic import trace_from_lists
 
 
 def _policy(num_kv_blocks: int, budget: int = 4096, **config):
-    config = {"reserve_ratio": 0.0, "rl_padding": 0.0, "rl_bucket": 16, "kvcpipe": "all", **config}
+    """EconoServe on a small cache, exact allocations; Ordering's keys are SLO slack alone
+    (``ordering_prompt_weight`` 0), so the scenarios' keys can be worked by hand."""
+    config = {"reserve_ratio": 0.0, "rl_padding": 0.0, "rl_bucket": 16, "kvcpipe": "all",
+              "ordering_prompt_weight": 0.0, **config}
     limits = EngineLimits(num_kv_blocks=num_kv_blocks, block_size=16, max_model_len=2048, saturating_token_budget=budget,
                           prefill_time_per_token_s=1e-3, decode_time_per_step_s=0.05)
     return make_policy("econoserve", limits, config)

@@ -106,18 +106,23 @@ equivalent ``L_kv = sqrt(L**2 + 2 * u * prompt * L)``, the output length of a pr
 holding ``L * (u * prompt + L / 2)`` token-steps: ``key = arrival + (slo_scale - 1) * (prompt *
 T_p + L_kv * T_d)`` for a PT not started, still static while it waits. Of two requests with the
 same prediction the longer prompt goes later; ``u = 1`` counts the prompt's KV in full, a large
-``u`` orders by ``prompt * L`` (plus arrival). Default 0 (slack alone). Measured (full mode, 2000
-requests, 2 seeds; ``benchmarks/results/policy_kvcost_notes.md``), goodput / Sarathi's at 80 GB /
-40 GB / Gamma CV 3: true lengths 1.17 / 1.17 / 1.14 at ``u = 0``, 1.22 / 1.19 / 1.17 at ``u = 1``,
-1.22 / 1.21 / 1.16 at ``u = 4``, 1.20 / 1.23 / 1.11 at ``u = 16``; trained predictor 1.01 / 1.09 /
-1.03 at ``u = 0``, 1.05 / 1.12 / 1.06 at ``u = 4``, 1.08 / 1.24 / 1.07 at ``u = 1024`` (p99 JCT
-0.99 / 1.06 / 1.00x); with probes and refinement at ``k = 16`` 1.05 / 1.13 / 1.03 at ``u = 0``,
-1.15 / 1.43 / 1.08 at ``u = 256`` (p99 JCT 1.04 / 1.19 / 1.04x); Azure conv with +-50 % lengths
-1.05 -> 1.12 at ``u = 256`` (p99 JCT 1.18x -> 1.27x). Short prompts are served first
-(ShareGPT 80 GB: prompts of at most 64 tokens TTFT p90 14 s -> 0.3 s near the goodput rate),
-long prompts wait longer. The trained predictor keeps gaining up to ``u`` in the hundreds: it
-ranks long prompts short (Spearman of prediction vs prompt -0.70, truth -0.37), and large ``u``
-trusts the prompt length over the prediction.
+``u`` orders by ``prompt * L`` (plus arrival). Default 64 (0: slack alone). Measured (full mode,
+2000 requests, 2 seeds; ``benchmarks/results/policy_kvcost_notes.md``), goodput / Sarathi's at 80
+GB / 40 GB / Gamma CV 3 with the trained predictor: 1.01 / 1.09 / 1.03 at ``u = 0``, 1.05 / 1.12 /
+1.06 at ``u = 4``, **1.07 / 1.19 / 1.06 at ``u = 64``**, 1.08 / 1.22 / 1.07 at ``u = 256`` (p99 JCT
+0.99-1.04x Sarathi's at every ``u``); true lengths 1.17 / 1.17 / 1.14 at ``u = 0``, 1.22 / 1.21 /
+1.16 at ``u = 4``, 1.19 / 1.31 / 1.12 at ``u = 64`` (p99 JCT 0.98 / 1.11 / 1.02x); beyond ShareGPT,
+``u = 0`` -> 64 -> 256: Alpaca 1.06 -> 1.11 -> 1.11, QMSum 1.05 -> 1.17 -> 1.19, Azure conv (+-50 %
+lengths) 1.05 -> 1.09 -> 1.12 (p99 JCT 1.18x -> 1.24x -> 1.27x), Azure code 1.28 -> 2.05 -> 2.07
+(p99 1.15x -> 1.23x -> 1.24x). 64 takes nearly all of 256's gain with half the keys' spread (the
+arrival time counts twice as much). With probes and refinement at ``k = 16``: 1.05 / 1.13 / 1.03
+at ``u = 0``, 1.16 / 1.36 / 1.08 at ``u = 64`` (p99 JCT 1.04 / 1.17 / 1.04x). Short prompts are
+served first (ShareGPT 80 GB: prompts of at most 64 tokens TTFT p90 14 s -> 0.3 s near the
+goodput rate), long prompts wait longer. The trained predictor keeps gaining up to ``u`` in the
+hundreds: it ranks long prompts short (Spearman of prediction vs prompt -0.70, truth -0.37), and a
+large ``u`` trusts the prompt length over the prediction; a prompt-decoupled predictor
+(``PredictorConfig.prompt_decoupling_folds``) adds nothing on top (1.09 / 1.21 / 1.07 at ``u =
+64``).
 
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
@@ -377,9 +382,9 @@ class EconoServeConfig:
         of a prompt-less request that holds as many KV token-steps as this one
         (``L * (u * prompt + L / 2)``); ``u = 1`` counts the prompt's KV in full, and of two
         requests with the same predicted length the longer prompt is pushed later; a large ``u``
-        orders by ``prompt * L`` with the arrival time counting less. 0 (default) = the keys
-        count the prompt only by its prefill time (SLO slack alone). Measured: see the module
-        docstring (*Ordering*).
+        orders by ``prompt * L`` with the arrival time counting less. Default 64; 0 = the keys
+        count the prompt only by its prefill time (SLO slack alone, the default before issue
+        10's measurements). Measured: see the module docstring (*Ordering*).
     """
 
     rl_bucket: int = 32
@@ -409,7 +414,7 @@ class EconoServeConfig:
     probe_output_tokens: int | None = None
     probe_share: float = 0.1
     probe_exit: str = "continue"
-    ordering_prompt_weight: float = 0.0
+    ordering_prompt_weight: float = 64.0
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:

@@ -53,19 +53,21 @@ def workloads() -> dict[str, tuple[Trace, dict[str, object]]]:
 
 
 #: Policy configuration the tables were frozen with, where a policy's defaults changed since on
-#: purpose (EconoServe's admission, issue 10: the frozen tables are the earlier exact-allocation
-#: defaults, so they still pin the simulator's mechanics rather than the policy's tuning).
+#: purpose (issue 10: EconoServe's admission, and Ordering's KV cost ``ordering_prompt_weight``;
+#: the frozen tables are the earlier defaults, exact allocation and slack-only keys, so they
+#: still pin the simulator's mechanics rather than the policy's tuning).
 FROZEN_POLICY_CONFIG: dict[str, dict[str, object]] = {
-    **{name: {"kvcpipe": "curve", "reserve_ratio": 0.05}
+    **{name: {"kvcpipe": "curve", "reserve_ratio": 0.05, "ordering_prompt_weight": 0.0}
        for name in ("econoserve", "econoserve-no-ordering", "econoserve-no-syncdecoupled", "econoserve-oracle")},
-    "econoserve-no-kvcpipe": {"reserve_ratio": 0.05},
+    "econoserve-no-kvcpipe": {"reserve_ratio": 0.05, "ordering_prompt_weight": 0.0},
 }
 
 
 #: EconoServe and its ablations at their *current* default configuration (KVCPipe for every
-#: request, ``kvcpipe="all"``), which the frozen tables above do not run: pinned by the sha256 of
-#: their tables only (``sha256_defaults.json``), so that work on the simulator's speed (issue 15)
-#: is checked to leave every result bit for bit unchanged. Refreeze (``--defaults``) only when a
+#: request, ``kvcpipe="all"``; Ordering's KV cost, ``ordering_prompt_weight=64``), which the
+#: frozen tables above do not run: pinned by the sha256 of their tables only
+#: (``sha256_defaults.json``), so that work on the simulator's speed (issue 15) is checked to
+#: leave every result bit for bit unchanged. Refreeze (``--defaults``) only when a
 #: change is meant to alter EconoServe's default behaviour.
 DEFAULT_CONFIG_SCHEDULERS: tuple[str, ...] = (
     "econoserve", "econoserve-no-kvcpipe", "econoserve-no-ordering", "econoserve-no-syncdecoupled", "econoserve-oracle",
