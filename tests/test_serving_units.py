@@ -293,6 +293,30 @@ def test_rounds_are_compared_side_by_side_and_the_median_round_is_kept(tmp_path)
         ServingStudy(trace_path=tmp_path / "t.parquet", output_dir=tmp_path, repeats=0)
 
 
+def test_a_served_run_is_reused_only_for_the_same_code(tmp_path, monkeypatch):
+    """A real run is served once per inputs; the package's source is one of them, so a change of
+    the policy's code or defaults serves the trace again instead of reusing the old run."""
+    from econoserve.serving import study as study_module
+
+    served = []
+
+    def fake_serve(study, arguments):
+        served.append(arguments)
+        out = arguments[arguments.index("-o") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setattr(study_module, "run_econoserve", fake_serve)
+    trace_path = _trace().write(tmp_path / "trace.parquet")
+    study = study_module.ServingStudy(trace_path=trace_path, output_dir=tmp_path / "out")
+    first = study_module.serve(study, "econoserve", log=lambda _: None)
+    assert study_module.serve(study, "econoserve", log=lambda _: None) == first and len(served) == 1
+    monkeypatch.setattr(study_module, "code_digest", lambda: "other code")
+    study_module.serve(study, "econoserve", log=lambda _: None)
+    assert len(served) == 2
+
+
 def test_figure15_shows_kv_reservations_and_preemptions():
     import matplotlib
 

@@ -15,7 +15,9 @@ checked against each run.
 vLLM runs in its own environment (``.venv-serving``, see ``scripts/install_serving.sh``), so
 steps 1 and 2 run ``python -m econoserve`` there as subprocesses; this module itself never imports
 vLLM, and runs in the notebook's kernel. A step whose output already exists for the same inputs
-is reused (``reuse=True``), so a notebook can be re-run to redraw figures.
+is reused (``reuse=True``), so a notebook can be re-run to redraw figures; a served run's inputs
+include the package's source (:func:`~econoserve.experiments.backends.code_digest`), so a run
+served by other code (another policy default) is never reused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.experiments.backends import code_digest
 from econoserve.results import read_iterations, read_requests
 from econoserve.serving.fidelity import (EngineShape, error_summary, request_errors, served_limits, simulation_config,
                                          wall_step_table)
@@ -364,7 +367,7 @@ def serve(study: ServingStudy, scheduler: str, round_index: int = 0, log=print) 
     the run directory, ``real/<scheduler>/round-<k>``."""
     run_dir = Path(study.output_dir) / "real" / _safe(scheduler) / f"round-{round_index}"
     inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode, "round": round_index,
-              "trace_sha256": _sha256(Path(study.trace_path))}
+              "trace_sha256": _sha256(Path(study.trace_path)), "code": code_digest()}
     if not _reusable(study, run_dir / "summary.json", inputs):
         log(f"serving the trace with scheduler {scheduler} ({study.mode}, round {round_index + 1} of {study.repeats}) ...")
         run_econoserve(study, ["serve", "--trace", str(study.trace_path), "-o", str(run_dir),
