@@ -123,6 +123,17 @@ hundreds: it ranks long prompts short (Spearman of prediction vs prompt -0.70, t
 large ``u`` trusts the prompt length over the prediction; a prompt-decoupled predictor
 (``PredictorConfig.prompt_decoupling_folds``) adds nothing on top (1.09 / 1.21 / 1.07 at ``u =
 64``).
+Promotion (``ordering_promotion_share = f``): KV-cost ordering passes long-prompt, long-prediction
+requests, and under sustained load some are passed by hundreds of later arrivals (Azure conv at
+Sarathi-Serve's goodput rate: the p99 JCT requests have ~1000-token prompts and ~900-token
+predictions, wait 110-230 s for their first token and are passed by 250-500 later arrivals). Aging
+(``ordering_horizon_s``) cannot bound this at a large ``u``: every key lies beyond ``arrival + H``,
+so the order becomes FCFS. Promotion bounds the wait by the request's own SLO budget instead: a
+PT still queued at ``arrival + f * slo_scale * iso_0`` (``iso_0 = prompt * T_p + L * T_d``, the
+slack-only isolated time, without the KV cost) is promoted, its key becomes that promotion time,
+so from then on it is passed only by PTs whose keys are already past; the others keep their
+static keys. A min-heap of promotion times re-sorts a PT once (a PT preempted later keeps its
+promoted key); promotion is not an event, the new order counts from the next admission.
 
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
@@ -227,6 +238,7 @@ executor passes the true length as the prediction).
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -385,6 +397,15 @@ class EconoServeConfig:
         orders by ``prompt * L`` with the arrival time counting less. Default 64; 0 = the keys
         count the prompt only by its prefill time (SLO slack alone, the default before issue
         10's measurements). Measured: see the module docstring (*Ordering*).
+    ordering_promotion_share:
+        Bound on how long Ordering may pass a PT, ``f`` [fraction of its estimated SLO budget]: a
+        PT still queued ``f * slo_scale * iso_0`` after its arrival (``iso_0`` its estimated
+        isolated time with the slack-only length, i.e. without ``ordering_prompt_weight``'s KV
+        cost) is *promoted*: its PT key (and later its GT key's base) becomes that promotion time,
+        so from then on only PTs whose keys are already past pass it (promoted PTs go in the order
+        of their promotion times). ``f = 1 - 1 / slo_scale`` promotes a PT when its slack-only
+        slack runs out; ``None`` = never promoted. Measured: see the module docstring
+        (*Ordering*).
     """
 
     rl_bucket: int = 32
@@ -415,6 +436,7 @@ class EconoServeConfig:
     probe_share: float = 0.1
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
+    ordering_promotion_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -430,7 +452,8 @@ class EconoServeConfig:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
-        require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens")
+        require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
+                         "ordering_promotion_share")
         if not 0 < self.probe_share <= 1:
             raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
@@ -490,10 +513,14 @@ class EconoServePolicy(Policy):
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
+        self._promotions: list[tuple[float, int, Request]] = []  # heap of (promotion time [s], seq, PT)
+        self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
                             "probe_evictions"):
                 self.stats.extra[counter] = 0
+        if self._promotes:
+            self.stats.extra["promotions"] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
                         "gt_evictions", "backfills"):
@@ -586,9 +613,10 @@ class EconoServePolicy(Policy):
         return max(request.num_tokens - 1, min(tokens, self.limits.max_model_len, cap))
 
     # ------------------------------------------------------------------ ordering
-    def _ordering_output_tokens(self, request: Request) -> float:
+    def _ordering_output_tokens(self, request: Request, kv_cost: bool = True) -> float:
         """The response length Ordering's keys use: ``ordering_length_weight`` x the allocation,
-        or the Gittins rank or a quantile of the predicted distribution (``ordering_length``) [tokens]."""
+        or the Gittins rank or a quantile of the predicted distribution (``ordering_length``), as
+        its KV-time equivalent (``ordering_prompt_weight``) unless not ``kv_cost`` [tokens]."""
         cfg = self.config
         points = request.predicted_output_quantiles
         if cfg.ordering_length == "point" or (points is None and request.predicted_output_tokens is None):
@@ -600,14 +628,14 @@ class EconoServePolicy(Policy):
             length = float(points[min(len(points) - 1, int(cfg.ordering_quantile * len(points)))])
         length *= cfg.ordering_length_weight
         u = cfg.ordering_prompt_weight
-        if u == 0 or length <= 0:
+        if u == 0 or length <= 0 or not kv_cost:
             return length
         return math.sqrt(length * length + 2.0 * u * request.num_prompt_tokens * length)
 
-    def _isolated_estimate_s(self, request: Request) -> float:
+    def _isolated_estimate_s(self, request: Request, kv_cost: bool = True) -> float:
         limits = self.limits
         return (request.num_prompt_tokens * limits.prefill_time_per_token_s
-                + self._ordering_output_tokens(request) * limits.decode_time_per_step_s)
+                + self._ordering_output_tokens(request, kv_cost) * limits.decode_time_per_step_s)
 
     def _remaining_estimate_s(self, request: Request) -> float:
         limits = self.limits
@@ -620,6 +648,8 @@ class EconoServePolicy(Policy):
         """PT queue key [s]: latest start that meets the estimated deadline (smaller first)."""
         if self.config.no_ordering:
             return request.arrival_time_s
+        if request.request_id in self._promoted:
+            return self._promoted[request.request_id]
         deadline = request.arrival_time_s + self.config.slo_scale * self._isolated_estimate_s(request)
         key = deadline - self._remaining_estimate_s(request)
         horizon = self.config.ordering_horizon_s
@@ -635,6 +665,36 @@ class EconoServePolicy(Policy):
 
     def _push_pt(self, request: Request) -> None:
         bisect.insort(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
+        if self._promotes and request.request_id not in self._promoted:
+            heapq.heappush(self._promotions, (self._promotion_time_s(request), next(self._sequence), request))
+
+    @property
+    def _promotes(self) -> bool:
+        """Promotion of long-waiting PTs (``ordering_promotion_share``; not without Ordering)."""
+        return self.config.ordering_promotion_share is not None and not self.config.no_ordering
+
+    def _promotion_time_s(self, request: Request) -> float:
+        """When a queued PT is promoted [s]: arrival + ``ordering_promotion_share`` x its estimated
+        SLO budget (``slo_scale`` x isolated time with the slack-only length)."""
+        budget_s = self.config.slo_scale * self._isolated_estimate_s(request, kv_cost=False)
+        return request.arrival_time_s + self.config.ordering_promotion_share * budget_s
+
+    def _promote_waiting(self, now_s: float) -> None:
+        """Promote every queued PT whose promotion time has come: its key becomes that time (see
+        ``ordering_promotion_share``) and it is re-sorted; entries of PTs that have left the queue
+        or whose promotion time changed (a refined prediction) are dropped. Not an event: the
+        new order counts from the next admission (so skipping steady decode steps, during which
+        nothing is admitted, changes nothing)."""
+        while self._promotions and self._promotions[0][0] <= now_s:
+            at_s, _, request = heapq.heappop(self._promotions)
+            rid = request.request_id
+            index = next((i for i, entry in enumerate(self._pt_queue) if entry[2] is request), None)
+            if index is None or rid in self._promoted or at_s != self._promotion_time_s(request):
+                continue
+            del self._pt_queue[index]
+            self._promoted[rid] = at_s
+            self._push_pt(request)
+            self.stats.extra["promotions"] += 1
 
     def _push_gt(self, request: Request) -> None:
         key = self.gt_key(request)
@@ -720,6 +780,7 @@ class EconoServePolicy(Policy):
         self._allocation_target.pop(rid, None)
         self._allocated_output_tokens.pop(rid, None)
         self._gt_key.pop(rid, None)
+        self._promoted.pop(rid, None)
 
     # ------------------------------------------------------------------ probes
     def _probe_reached_k(self, request: Request) -> bool:
@@ -872,6 +933,8 @@ class EconoServePolicy(Policy):
 
     # ------------------------------------------------------------------ one step
     def _schedule(self, now_s: float) -> SchedulerDecision:
+        if self._promotions:
+            self._promote_waiting(now_s)
         if self.config.no_syncdecoupled:
             return self._schedule_coupled(now_s)
         decision = SchedulerDecision()
