@@ -143,7 +143,7 @@ ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "probe_output_tokens": 1, "probe_share": 1.0, "probe_exit": "evict", "reserve_ratio": 0.0},
     {"kvcpipe": "all", "ordering_prompt_weight": 4.0, "probe_output_tokens": 4, "probe_share": 0.2,
      "probe_exit": "pause"},
-    {"kvcpipe": "all", "ordering_prompt_weight": 64.0, "ordering_promotion_share": 0.05, "overbooking": 0.2},
+    {"kvcpipe": "all", "ordering_prompt_weight": 64.0, "ordering_promotion_wait_s": 0.05, "overbooking": 0.2},
 )
 
 

@@ -397,15 +397,14 @@ class EconoServeConfig:
         orders by ``prompt * L`` with the arrival time counting less. Default 64; 0 = the keys
         count the prompt only by its prefill time (SLO slack alone, the default before issue
         10's measurements). Measured: see the module docstring (*Ordering*).
-    ordering_promotion_share:
-        Bound on how long Ordering may pass a PT, ``f`` [fraction of its estimated SLO budget]: a
-        PT still queued ``f * slo_scale * iso_0`` after its arrival (``iso_0`` its estimated
-        isolated time with the slack-only length, i.e. without ``ordering_prompt_weight``'s KV
-        cost) is *promoted*: its PT key (and later its GT key's base) becomes that promotion time,
-        so from then on only PTs whose keys are already past pass it (promoted PTs go in the order
-        of their promotion times). ``f = 1 - 1 / slo_scale`` promotes a PT when its slack-only
-        slack runs out; ``None`` = never promoted. Measured: see the module docstring
-        (*Ordering*).
+    ordering_promotion_wait_s:
+        Bound on how long Ordering may pass a PT, ``W`` [s]: a PT still queued ``W`` after its
+        arrival is *promoted*: its PT key (and later its GT key's base) becomes its promotion
+        time ``arrival + W``, so from then on only PTs whose keys are already past (in practice
+        other promoted PTs, in arrival order) go before it; a PT started within ``W`` never
+        sees it. The dynamic counterpart of ``ordering_horizon_s`` (whose cap applies from the
+        arrival on, and at a large ``ordering_prompt_weight`` caps every key: FCFS). ``None`` =
+        never promoted. Measured: see the module docstring (*Ordering*).
     """
 
     rl_bucket: int = 32
@@ -436,7 +435,7 @@ class EconoServeConfig:
     probe_share: float = 0.1
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
-    ordering_promotion_share: float | None = None
+    ordering_promotion_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -453,7 +452,7 @@ class EconoServeConfig:
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
         require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
-                         "ordering_promotion_share")
+                         "ordering_promotion_wait_s")
         if not 0 < self.probe_share <= 1:
             raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
@@ -613,10 +612,9 @@ class EconoServePolicy(Policy):
         return max(request.num_tokens - 1, min(tokens, self.limits.max_model_len, cap))
 
     # ------------------------------------------------------------------ ordering
-    def _ordering_output_tokens(self, request: Request, kv_cost: bool = True) -> float:
+    def _ordering_output_tokens(self, request: Request) -> float:
         """The response length Ordering's keys use: ``ordering_length_weight`` x the allocation,
-        or the Gittins rank or a quantile of the predicted distribution (``ordering_length``), as
-        its KV-time equivalent (``ordering_prompt_weight``) unless not ``kv_cost`` [tokens]."""
+        or the Gittins rank or a quantile of the predicted distribution (``ordering_length``) [tokens]."""
         cfg = self.config
         points = request.predicted_output_quantiles
         if cfg.ordering_length == "point" or (points is None and request.predicted_output_tokens is None):
@@ -628,14 +626,14 @@ class EconoServePolicy(Policy):
             length = float(points[min(len(points) - 1, int(cfg.ordering_quantile * len(points)))])
         length *= cfg.ordering_length_weight
         u = cfg.ordering_prompt_weight
-        if u == 0 or length <= 0 or not kv_cost:
+        if u == 0 or length <= 0:
             return length
         return math.sqrt(length * length + 2.0 * u * request.num_prompt_tokens * length)
 
-    def _isolated_estimate_s(self, request: Request, kv_cost: bool = True) -> float:
+    def _isolated_estimate_s(self, request: Request) -> float:
         limits = self.limits
         return (request.num_prompt_tokens * limits.prefill_time_per_token_s
-                + self._ordering_output_tokens(request, kv_cost) * limits.decode_time_per_step_s)
+                + self._ordering_output_tokens(request) * limits.decode_time_per_step_s)
 
     def _remaining_estimate_s(self, request: Request) -> float:
         limits = self.limits
@@ -666,30 +664,25 @@ class EconoServePolicy(Policy):
     def _push_pt(self, request: Request) -> None:
         bisect.insort(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
         if self._promotes and request.request_id not in self._promoted:
-            heapq.heappush(self._promotions, (self._promotion_time_s(request), next(self._sequence), request))
+            promote_at_s = request.arrival_time_s + self.config.ordering_promotion_wait_s
+            heapq.heappush(self._promotions, (promote_at_s, next(self._sequence), request))
 
     @property
     def _promotes(self) -> bool:
-        """Promotion of long-waiting PTs (``ordering_promotion_share``; not without Ordering)."""
-        return self.config.ordering_promotion_share is not None and not self.config.no_ordering
-
-    def _promotion_time_s(self, request: Request) -> float:
-        """When a queued PT is promoted [s]: arrival + ``ordering_promotion_share`` x its estimated
-        SLO budget (``slo_scale`` x isolated time with the slack-only length)."""
-        budget_s = self.config.slo_scale * self._isolated_estimate_s(request, kv_cost=False)
-        return request.arrival_time_s + self.config.ordering_promotion_share * budget_s
+        """Promotion of long-waiting PTs (``ordering_promotion_wait_s``; not without Ordering)."""
+        return self.config.ordering_promotion_wait_s is not None and not self.config.no_ordering
 
     def _promote_waiting(self, now_s: float) -> None:
-        """Promote every queued PT whose promotion time has come: its key becomes that time (see
-        ``ordering_promotion_share``) and it is re-sorted; entries of PTs that have left the queue
-        or whose promotion time changed (a refined prediction) are dropped. Not an event: the
-        new order counts from the next admission (so skipping steady decode steps, during which
-        nothing is admitted, changes nothing)."""
+        """Promote every queued PT whose promotion time (arrival + ``ordering_promotion_wait_s``)
+        has come: its key becomes that time and it is re-sorted; entries of PTs that have left
+        the queue (or were promoted already) are dropped. Not an event: the new order counts
+        from the next admission (so skipping steady decode steps, during which nothing is
+        admitted, changes nothing)."""
         while self._promotions and self._promotions[0][0] <= now_s:
             at_s, _, request = heapq.heappop(self._promotions)
             rid = request.request_id
             index = next((i for i, entry in enumerate(self._pt_queue) if entry[2] is request), None)
-            if index is None or rid in self._promoted or at_s != self._promotion_time_s(request):
+            if index is None or rid in self._promoted:
                 continue
             del self._pt_queue[index]
             self._promoted[rid] = at_s
