@@ -123,17 +123,27 @@ hundreds: it ranks long prompts short (Spearman of prediction vs prompt -0.70, t
 large ``u`` trusts the prompt length over the prediction; a prompt-decoupled predictor
 (``PredictorConfig.prompt_decoupling_folds``) adds nothing on top (1.09 / 1.21 / 1.07 at ``u =
 64``).
-Promotion (``ordering_promotion_share = f``): KV-cost ordering passes long-prompt, long-prediction
-requests, and under sustained load some are passed by hundreds of later arrivals (Azure conv at
-Sarathi-Serve's goodput rate: the p99 JCT requests have ~1000-token prompts and ~900-token
-predictions, wait 110-230 s for their first token and are passed by 250-500 later arrivals). Aging
-(``ordering_horizon_s``) cannot bound this at a large ``u``: every key lies beyond ``arrival + H``,
-so the order becomes FCFS. Promotion bounds the wait by the request's own SLO budget instead: a
-PT still queued at ``arrival + f * slo_scale * iso_0`` (``iso_0 = prompt * T_p + L * T_d``, the
-slack-only isolated time, without the KV cost) is promoted, its key becomes that promotion time,
-so from then on it is passed only by PTs whose keys are already past; the others keep their
-static keys. A min-heap of promotion times re-sorts a PT once (a PT preempted later keeps its
-promoted key); promotion is not an event, the new order counts from the next admission.
+Promotion (``ordering_promotion_wait_s = W``): KV-cost ordering passes long-prompt, long-prediction
+requests; in a burst some are passed by hundreds of later arrivals (Azure conv, 2000 requests,
+seed 0, at Sarathi-Serve's goodput rate: the p99 JCT requests have ~1000-token prompts and ~600
+output tokens, wait a median 62 s (at most 124 s) for their first token against Sarathi's 16 s,
+and are passed by a median 133 later arrivals). Aging (``ordering_horizon_s``) cannot bound this
+at a large ``u``: every key lies beyond ``arrival + H``, so the order becomes FCFS. Promotion
+applies the cap only once it is reached: a PT still queued at ``arrival + W`` is *promoted*, its
+key becomes ``arrival + W`` (so only PTs whose keys are already past, in practice other promoted
+PTs, in arrival order, go before it); a PT started within ``W`` never sees it and the others
+keep their static keys. A min-heap of promotion times re-sorts each PT once (a PT preempted
+later keeps its promoted key); promotion is not an event, the new order counts from the next
+admission. Off by default: it bounds the tail but gives back most of the goodput gain, because
+near the goodput rate many PTs wait longer than ``W`` and the order among them becomes FCFS.
+Measured (full mode; ``benchmarks/results/policy_tail_notes.md``), goodput / Sarathi's (p99 JCT
+/ Sarathi's) at ``u = 64`` without it and with ``W`` = 5 / 10 / 20 s: Azure conv 1.09 (1.24x) ->
+1.02 (0.97x) / 1.03 (0.99x) / 1.04 (1.11x); Azure code 2.05 (1.23x) -> 1.48 (0.99x) / 1.73
+(1.16x) / 1.98 (1.26x); ShareGPT 40 GB 1.19 (1.01x) -> 1.06 / 1.09 at 10 / 20 s (0.98 / 0.99x),
+80 GB 1.06 (0.99x) -> 1.03 / 1.04; true lengths at 40 GB 1.31 (1.11x) -> 1.01 (1.10x) / 1.04
+(1.13x): there the p99 requests are ~1000-token answers whose JCT is mostly their own decode.
+An SLO-relative bound (promotion after a share of the request's slack-only SLO budget, in place
+of ``W``) was worse on both counts (Azure code 1.51 / 1.37 at shares 0.8 / 0.5).
 
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
