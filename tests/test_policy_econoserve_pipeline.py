@@ -205,6 +205,8 @@ def test_ordering_promotion_stops_later_arrivals_passing_a_request_that_waited_i
         assert policy.pt_key(waiting) == pytest.approx(5.0 if promoted else kv_time_key)
         assert [r.request_id for r in policy.pt_queue()] == [i for i in ([0, 1, 2] if promoted else [1, 2, 0]) if i != first]
         assert not _run(policy, {0: 32, 1: 32, 2: 32}, now=now)
+    with pytest.raises(ValueError, match="ordering_promotion_wait_s"):
+        EconoServeConfig(ordering_promotion_wait_s=0.0)
 
 
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
