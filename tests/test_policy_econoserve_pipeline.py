@@ -187,6 +187,28 @@ def test_ordering_prompt_weight_puts_the_longer_prompt_of_two_equal_predictions_
         assert not _run(policy, {0: 32, 1: 32})
 
 
+def test_ordering_promotion_stops_later_arrivals_passing_a_request_that_waited_its_bound():
+    # KV-cost ordering (u = 1): request 0 (prompt 512, predicted 32, arrival 0) has key 38.8 s
+    # (see the test above); requests 1 and 2 (prompt 16, predicted 32) arrive at 2 s and 4 s with
+    # keys 11.1 s and 13.1 s, so both pass it. With ordering_promotion_wait_s = 5 it is promoted
+    # at 5 s: its key becomes 5 s, below theirs, and it starts first (one sequence at a time);
+    # at 4.9 s it is not promoted yet.
+    for wait, now, first in ((None, 5.1, 1), (5.0, 4.9, 1), (5.0, 5.1, 0)):
+        policy = _policy(1000, ordering_prompt_weight=1.0, ordering_promotion_wait_s=wait, max_num_seqs=1)
+        waiting = _add(policy, 0, 512, 32, arrival=0.0)
+        _add(policy, 1, 16, 32, arrival=2.0)
+        _add(policy, 2, 16, 32, arrival=4.0)
+        decision = step(policy, {0: 32, 1: 32, 2: 32}, now=now, check_invariants=True)
+        assert [r.request_id for r in decision.scheduled] == [first]
+        promoted = wait is not None and now >= wait
+        kv_time_key = 4 * (0.512 + (32**2 + 2 * 512 * 32) ** 0.5 * 0.05)
+        assert policy.pt_key(waiting) == pytest.approx(5.0 if promoted else kv_time_key)
+        assert [r.request_id for r in policy.pt_queue()] == [i for i in ([0, 1, 2] if promoted else [1, 2, 0]) if i != first]
+        assert not _run(policy, {0: 32, 1: 32, 2: 32}, now=now)
+    with pytest.raises(ValueError, match="ordering_promotion_wait_s"):
+        EconoServeConfig(ordering_promotion_wait_s=0.0)
+
+
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
     # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2

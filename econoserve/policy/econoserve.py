@@ -123,6 +123,27 @@ hundreds: it ranks long prompts short (Spearman of prediction vs prompt -0.70, t
 large ``u`` trusts the prompt length over the prediction; a prompt-decoupled predictor
 (``PredictorConfig.prompt_decoupling_folds``) adds nothing on top (1.09 / 1.21 / 1.07 at ``u =
 64``).
+Promotion (``ordering_promotion_wait_s = W``): KV-cost ordering passes long-prompt, long-prediction
+requests; in a burst some are passed by hundreds of later arrivals (Azure conv, 2000 requests,
+seed 0, at Sarathi-Serve's goodput rate: the p99 JCT requests have ~1000-token prompts and ~600
+output tokens, wait a median 62 s (at most 124 s) for their first token against Sarathi's 16 s,
+and are passed by a median 133 later arrivals). Aging (``ordering_horizon_s``) cannot bound this
+at a large ``u``: every key lies beyond ``arrival + H``, so the order becomes FCFS. Promotion
+applies the cap only once it is reached: a PT still queued at ``arrival + W`` is *promoted*, its
+key becomes ``arrival + W`` (so only PTs whose keys are already past, in practice other promoted
+PTs, in arrival order, go before it); a PT started within ``W`` never sees it and the others
+keep their static keys. A min-heap of promotion times re-sorts each PT once (a PT preempted
+later keeps its promoted key); promotion is not an event, the new order counts from the next
+admission. Off by default: it bounds the tail but gives back most of the goodput gain, because
+near the goodput rate many PTs wait longer than ``W`` and the order among them becomes FCFS.
+Measured (full mode; ``benchmarks/results/policy_tail_notes.md``), goodput / Sarathi's (p99 JCT
+/ Sarathi's) at ``u = 64`` without it and with ``W`` = 5 / 10 / 20 s: Azure conv 1.09 (1.24x) ->
+1.02 (0.97x) / 1.03 (0.99x) / 1.04 (1.11x); Azure code 2.05 (1.23x) -> 1.48 (0.99x) / 1.73
+(1.16x) / 1.98 (1.26x); ShareGPT 40 GB 1.19 (1.01x) -> 1.06 / 1.09 at 10 / 20 s (0.98 / 0.99x),
+80 GB 1.06 (0.99x) -> 1.03 / 1.04; true lengths at 40 GB 1.31 (1.11x) -> 1.01 (1.10x) / 1.04
+(1.13x): there the p99 requests are ~1000-token answers whose JCT is mostly their own decode.
+An SLO-relative bound (promotion after a share of the request's slack-only SLO budget, in place
+of ``W``) was worse on both counts (Azure code 1.51 / 1.37 at shares 0.8 / 0.5).
 
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
@@ -227,6 +248,7 @@ executor passes the true length as the prediction).
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 from dataclasses import dataclass, replace
@@ -385,6 +407,14 @@ class EconoServeConfig:
         orders by ``prompt * L`` with the arrival time counting less. Default 64; 0 = the keys
         count the prompt only by its prefill time (SLO slack alone, the default before issue
         10's measurements). Measured: see the module docstring (*Ordering*).
+    ordering_promotion_wait_s:
+        Bound on how long Ordering may pass a PT, ``W`` [s]: a PT still queued ``W`` after its
+        arrival is *promoted*: its PT key (and later its GT key's base) becomes its promotion
+        time ``arrival + W``, so from then on only PTs whose keys are already past (in practice
+        other promoted PTs, in arrival order) go before it; a PT started within ``W`` never
+        sees it. The dynamic counterpart of ``ordering_horizon_s`` (whose cap applies from the
+        arrival on, and at a large ``ordering_prompt_weight`` caps every key: FCFS). ``None`` =
+        never promoted. Measured: see the module docstring (*Ordering*).
     """
 
     rl_bucket: int = 32
@@ -415,6 +445,7 @@ class EconoServeConfig:
     probe_share: float = 0.1
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
+    ordering_promotion_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -430,7 +461,8 @@ class EconoServeConfig:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
-        require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens")
+        require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
+                         "ordering_promotion_wait_s")
         if not 0 < self.probe_share <= 1:
             raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
@@ -490,10 +522,14 @@ class EconoServePolicy(Policy):
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
+        self._promotions: list[tuple[float, int, Request]] = []  # heap of (promotion time [s], seq, PT)
+        self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
                             "probe_evictions"):
                 self.stats.extra[counter] = 0
+        if self._promotes:
+            self.stats.extra["promotions"] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
                         "gt_evictions", "backfills"):
@@ -620,6 +656,8 @@ class EconoServePolicy(Policy):
         """PT queue key [s]: latest start that meets the estimated deadline (smaller first)."""
         if self.config.no_ordering:
             return request.arrival_time_s
+        if request.request_id in self._promoted:
+            return self._promoted[request.request_id]
         deadline = request.arrival_time_s + self.config.slo_scale * self._isolated_estimate_s(request)
         key = deadline - self._remaining_estimate_s(request)
         horizon = self.config.ordering_horizon_s
@@ -635,6 +673,31 @@ class EconoServePolicy(Policy):
 
     def _push_pt(self, request: Request) -> None:
         bisect.insort(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
+        if self._promotes and request.request_id not in self._promoted:
+            promote_at_s = request.arrival_time_s + self.config.ordering_promotion_wait_s
+            heapq.heappush(self._promotions, (promote_at_s, next(self._sequence), request))
+
+    @property
+    def _promotes(self) -> bool:
+        """Promotion of long-waiting PTs (``ordering_promotion_wait_s``; not without Ordering)."""
+        return self.config.ordering_promotion_wait_s is not None and not self.config.no_ordering
+
+    def _promote_waiting(self, now_s: float) -> None:
+        """Promote every queued PT whose promotion time (arrival + ``ordering_promotion_wait_s``)
+        has come: its key becomes that time and it is re-sorted; entries of PTs that have left
+        the queue (or were promoted already) are dropped. Not an event: the new order counts
+        from the next admission (so skipping steady decode steps, during which nothing is
+        admitted, changes nothing)."""
+        while self._promotions and self._promotions[0][0] <= now_s:
+            at_s, _, request = heapq.heappop(self._promotions)
+            rid = request.request_id
+            index = next((i for i, entry in enumerate(self._pt_queue) if entry[2] is request), None)
+            if index is None or rid in self._promoted:
+                continue
+            del self._pt_queue[index]
+            self._promoted[rid] = at_s
+            self._push_pt(request)
+            self.stats.extra["promotions"] += 1
 
     def _push_gt(self, request: Request) -> None:
         key = self.gt_key(request)
@@ -720,6 +783,7 @@ class EconoServePolicy(Policy):
         self._allocation_target.pop(rid, None)
         self._allocated_output_tokens.pop(rid, None)
         self._gt_key.pop(rid, None)
+        self._promoted.pop(rid, None)
 
     # ------------------------------------------------------------------ probes
     def _probe_reached_k(self, request: Request) -> bool:
@@ -872,6 +936,8 @@ class EconoServePolicy(Policy):
 
     # ------------------------------------------------------------------ one step
     def _schedule(self, now_s: float) -> SchedulerDecision:
+        if self._promotions:
+            self._promote_waiting(now_s)
         if self.config.no_syncdecoupled:
             return self._schedule_coupled(now_s)
         decision = SchedulerDecision()
