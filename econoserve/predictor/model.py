@@ -176,6 +176,11 @@ class PredictorConfig:
         return params
 
 
+#: Points of a predicted length distribution (:meth:`LengthPredictor.predict_quantiles`), as the
+#: simulator's traces and the vLLM drop-in carry them in ``predicted_output_quantiles``.
+NUM_QUANTILE_POINTS = 16
+
+
 @dataclass
 class LengthPredictor:
     """A trained response-length model: featurizer + LightGBM booster + metadata."""
@@ -231,7 +236,7 @@ class LengthPredictor:
         return self.booster.predict(matrix, num_threads=1)
 
     def predict_quantiles(self, prompts: Sequence[str] | None, prompt_tokens: np.ndarray | None = None,
-                          num_points: int = 16) -> np.ndarray:
+                          num_points: int = NUM_QUANTILE_POINTS) -> np.ndarray:
         """The predicted distribution of each response length as ``num_points`` equally likely
         lengths [tokens, int64, sorted, >= 1] (rows = prompts), classification models only: the
         ``(i + 0.5) / num_points`` quantiles of the bucket probabilities, each bucket's

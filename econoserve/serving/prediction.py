@@ -11,7 +11,7 @@ tokenizer must be the engine's) and computes its features from the text.
 
 **Predicted distributions**: a classification model (``econoserve predictor train --objective
 classification``) given as the scheduler's ``distribution_predictor`` gives each request its
-``predicted_output_quantiles`` (:data:`NUM_QUANTILES` equally likely lengths, the simulator's
+``predicted_output_quantiles`` (:data:`NUM_QUANTILE_POINTS` equally likely lengths, the simulator's
 trace column; :meth:`EnginePredictor.predict_quantiles`), read by EconoServe's distribution knobs
 (``ordering_length``, ``allocation_length``, ``reserve_rule``); the point prediction still comes
 from the request or ``predictor``, as the simulator's traces pair a regression point with the
@@ -48,13 +48,10 @@ from pathlib import Path
 import numpy as np
 
 from econoserve.errors import PredictorError
-from econoserve.predictor.model import LengthPredictor
+from econoserve.predictor.model import NUM_QUANTILE_POINTS, LengthPredictor
 from econoserve.predictor.refine import BASE_DIRECTORY, RefinedLengthPredictor
 from econoserve.workload.tokenizer import Tokenizer
 
-#: Points of a predicted length distribution (``LengthPredictor.predict_quantiles``' default,
-#: as the simulator's traces carry them).
-NUM_QUANTILES = 16
 #: Rows an engine model's embedding may have beyond its tokenizer's ids (padding to a multiple).
 VOCAB_PADDING_IDS = 128
 
@@ -111,11 +108,12 @@ class EnginePredictor:
         return cls(model, model.featurizer.tokenizer if model.needs_text else None)
 
     def predict_quantiles(self, prompt_token_ids: Sequence[int]) -> tuple[int, ...]:
-        """Predicted length distribution [tokens, :data:`NUM_QUANTILES` sorted equally likely
+        """Predicted length distribution [tokens, :data:`NUM_QUANTILE_POINTS` sorted equally likely
         lengths] of a prompt given as token ids (classification models only); timed."""
         start = time.perf_counter()
         prompts = [self.tokenizer.decode(prompt_token_ids)] if self.tokenizer is not None else None
-        (points,) = self.model.predict_quantiles(prompts, np.array([len(prompt_token_ids)], dtype=np.int64), NUM_QUANTILES)
+        prompt_tokens = np.array([len(prompt_token_ids)], dtype=np.int64)
+        (points,) = self.model.predict_quantiles(prompts, prompt_tokens, NUM_QUANTILE_POINTS)
         self.cost.add(time.perf_counter() - start)
         return tuple(int(v) for v in points)
 
