@@ -209,26 +209,6 @@ def test_ordering_promotion_stops_later_arrivals_passing_a_request_that_waited_i
         EconoServeConfig(ordering_promotion_wait_s=0.0)
 
 
-def test_ordering_pass_limit_promotes_a_request_once_that_many_later_arrivals_started_ahead_of_it():
-    # KV-cost ordering (u = 1), one sequence at a time: request 0 (prompt 512, predicted 32,
-    # arrival 0, key 38.8 s) and requests 1-3 (prompt 16, predicted 32, arriving at 2, 4, 6 s,
-    # keys 11.1-15.1 s). Unbounded, all three pass request 0. With ordering_pass_limit = P it is
-    # promoted after the P-th of them starts: at the next step its key becomes now (7 s), below
-    # the later arrivals' keys, so it starts next.
-    for limit, order in ((None, [1, 2, 3, 0]), (1, [1, 0, 2, 3]), (2, [1, 2, 0, 3]), (3, [1, 2, 3, 0])):
-        policy = _policy(1000, ordering_prompt_weight=1.0, ordering_pass_limit=limit, max_num_seqs=1)
-        for rid, prompt, arrival in ((0, 512, 0.0), (1, 16, 2.0), (2, 16, 4.0), (3, 16, 6.0)):
-            _add(policy, rid, prompt, 32, arrival=arrival)
-        started = []
-        while policy.has_unfinished_requests():
-            decision = step(policy, {0: 32, 1: 32, 2: 32, 3: 32}, now=7.0, check_invariants=True)
-            started += [r.request_id for r in decision.scheduled if r.request_id not in started]
-        assert started == order
-        assert policy.stats.extra.get("promotions", 0) == (0 if limit is None else 1)
-    with pytest.raises(ValueError, match="ordering_pass_limit"):
-        EconoServeConfig(ordering_pass_limit=0)
-
-
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
     # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2

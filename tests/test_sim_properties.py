@@ -128,8 +128,7 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 #: backstop), the tail and curve modes, aging, late demotion, a shrunk ordering length, backfill,
 #: the predicted distribution's ordering, allocation and reserve rules, probes (going on,
 #: pausing or evicted at k), KV-cost ordering (with paused probes in the merged key order) and
-#: promotion of long-waiting PTs (re-sorted while they wait, preempted requests among them) and of
-#: PTs passed too often (passes counted at plain and probe starts).
+#: promotion of long-waiting PTs (re-sorted while they wait, preempted requests among them).
 ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
@@ -145,8 +144,6 @@ ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "ordering_prompt_weight": 4.0, "probe_output_tokens": 4, "probe_share": 0.2,
      "probe_exit": "pause"},
     {"kvcpipe": "all", "ordering_prompt_weight": 64.0, "ordering_promotion_wait_s": 0.05, "overbooking": 0.2},
-    {"kvcpipe": "all", "ordering_prompt_weight": 64.0, "ordering_pass_limit": 2, "overbooking": 0.2,
-     "probe_output_tokens": 4, "probe_share": 0.2},
 )
 
 
@@ -191,9 +188,9 @@ def test_every_policy_keeps_within_the_executors_caps(name, workload, token_cap,
     assert (iterations["token_budget"] <= token_cap).all()
 
 
-@pytest.mark.parametrize("options", ({}, ECONOSERVE_VARIANTS[0], ECONOSERVE_VARIANTS[2], ECONOSERVE_VARIANTS[-3],
-                                     ECONOSERVE_VARIANTS[-2], ECONOSERVE_VARIANTS[-1]),
-                         ids=("default", "overbooking", "curve", "kv-cost-ordering", "promotion", "pass-limit"))
+@pytest.mark.parametrize("options", ({}, ECONOSERVE_VARIANTS[0], ECONOSERVE_VARIANTS[2], ECONOSERVE_VARIANTS[-2],
+                                     ECONOSERVE_VARIANTS[-1]),
+                         ids=("default", "overbooking", "curve", "kv-cost-ordering", "promotion"))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads(), k=st.integers(1, 40), data=st.data())
 def test_refined_predictions_swap_once_at_k_and_keep_the_invariants(options, workload, k, data):

@@ -415,13 +415,6 @@ class EconoServeConfig:
         sees it. The dynamic counterpart of ``ordering_horizon_s`` (whose cap applies from the
         arrival on, and at a large ``ordering_prompt_weight`` caps every key: FCFS). ``None`` =
         never promoted. Measured: see the module docstring (*Ordering*).
-    ordering_pass_limit:
-        Bound on how often Ordering may pass a PT, ``P`` [requests]: a PT that ``P`` later
-        arrivals have started ahead of (counted at each PT start over the queued PTs that arrived
-        before it; a preempted request keeps its count) is promoted as with
-        ``ordering_promotion_wait_s``, its key becoming the time of the next step. Bounds the delay
-        Ordering *adds* to a request, not the queueing every order has under load (which ``W``
-        also counts). ``None`` = not bounded. Measured: see the module docstring (*Ordering*).
     """
 
     rl_bucket: int = 32
@@ -453,7 +446,6 @@ class EconoServeConfig:
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
     ordering_promotion_wait_s: float | None = None
-    ordering_pass_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -470,7 +462,7 @@ class EconoServeConfig:
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
         require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
-                         "ordering_promotion_wait_s", "ordering_pass_limit")
+                         "ordering_promotion_wait_s")
         if not 0 < self.probe_share <= 1:
             raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
@@ -532,13 +524,11 @@ class EconoServePolicy(Policy):
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
         self._promotions: list[tuple[float, int, Request]] = []  # heap of (promotion time [s], seq, PT)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
-        self._passes: dict[int, int] = {}  # queued PT -> later arrivals started ahead of it
-        self._passed_out: list[Request] = []  # PTs passed ordering_pass_limit times: promoted next step
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
                             "probe_evictions"):
                 self.stats.extra[counter] = 0
-        if self._promotes or self._limits_passes:
+        if self._promotes:
             self.stats.extra["promotions"] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
@@ -692,50 +682,22 @@ class EconoServePolicy(Policy):
         """Promotion of long-waiting PTs (``ordering_promotion_wait_s``; not without Ordering)."""
         return self.config.ordering_promotion_wait_s is not None and not self.config.no_ordering
 
-    @property
-    def _limits_passes(self) -> bool:
-        """Promotion of PTs passed ``ordering_pass_limit`` times (not without Ordering)."""
-        return self.config.ordering_pass_limit is not None and not self.config.no_ordering
-
     def _promote_waiting(self, now_s: float) -> None:
         """Promote every queued PT whose promotion time (arrival + ``ordering_promotion_wait_s``)
-        has come. Not an event: the new order counts from the next admission (so skipping steady
-        decode steps, during which nothing is admitted, changes nothing)."""
+        has come: its key becomes that time and it is re-sorted; entries of PTs that have left
+        the queue (or were promoted already) are dropped. Not an event: the new order counts
+        from the next admission (so skipping steady decode steps, during which nothing is
+        admitted, changes nothing)."""
         while self._promotions and self._promotions[0][0] <= now_s:
             at_s, _, request = heapq.heappop(self._promotions)
-            self._promote(request, at_s)
-
-    def _count_passes(self, passer: Request) -> None:
-        """``passer`` starts ahead of every queued PT: one pass against each that arrived before
-        it and is not promoted; a PT reaching ``ordering_pass_limit`` passes is promoted at the
-        next step (:meth:`_promote_passed`; the queue is not re-sorted while PTs are started)."""
-        limit = self.config.ordering_pass_limit
-        arrival_s = passer.arrival_time_s
-        for _, _, waiting in self._pt_queue:
-            rid = waiting.request_id
-            if waiting.arrival_time_s < arrival_s and rid not in self._promoted:
-                passes = self._passes.get(rid, 0) + 1
-                self._passes[rid] = passes
-                if passes == limit:
-                    self._passed_out.append(waiting)
-
-    def _promote_passed(self, now_s: float) -> None:
-        """Promote the PTs passed ``ordering_pass_limit`` times, at ``now_s``."""
-        for request in self._passed_out:
-            self._promote(request, now_s)
-        self._passed_out.clear()
-
-    def _promote(self, request: Request, key_s: float) -> None:
-        """Re-sort a queued PT with the key ``key_s`` [s] for good (later pushes keep it); nothing
-        if it has left the PT queue or was promoted already."""
-        rid = request.request_id
-        index = next((i for i, entry in enumerate(self._pt_queue) if entry[2] is request), None)
-        if index is None or rid in self._promoted:
-            return
-        del self._pt_queue[index]
-        self._promoted[rid] = key_s
-        self._push_pt(request)
-        self.stats.extra["promotions"] += 1
+            rid = request.request_id
+            index = next((i for i, entry in enumerate(self._pt_queue) if entry[2] is request), None)
+            if index is None or rid in self._promoted:
+                continue
+            del self._pt_queue[index]
+            self._promoted[rid] = at_s
+            self._push_pt(request)
+            self.stats.extra["promotions"] += 1
 
     def _push_gt(self, request: Request) -> None:
         key = self.gt_key(request)
@@ -822,7 +784,6 @@ class EconoServePolicy(Policy):
         self._allocated_output_tokens.pop(rid, None)
         self._gt_key.pop(rid, None)
         self._promoted.pop(rid, None)
-        self._passes.pop(rid, None)
 
     # ------------------------------------------------------------------ probes
     def _probe_reached_k(self, request: Request) -> bool:
@@ -977,8 +938,6 @@ class EconoServePolicy(Policy):
     def _schedule(self, now_s: float) -> SchedulerDecision:
         if self._promotions:
             self._promote_waiting(now_s)
-        if self._passed_out:
-            self._promote_passed(now_s)
         if self.config.no_syncdecoupled:
             return self._schedule_coupled(now_s)
         decision = SchedulerDecision()
@@ -1356,8 +1315,6 @@ class EconoServePolicy(Policy):
         ``recompute`` may draw on the global reserve) and schedule its first chunk within
         ``budget``; returns the chunk [tokens]."""
         request = self._pt_queue.pop(index)[2]
-        if self._limits_passes:
-            self._count_passes(request)
         rid = request.request_id
         reserved = self.kv_cache.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
         if reserved:
