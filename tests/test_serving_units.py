@@ -240,6 +240,58 @@ def test_scaled_lengths_fit_the_context_and_keep_their_order():
         scale_lengths(Trace.from_frame(frame), 0, max_model_len=1024)
 
 
+def test_a_regime_has_a_rate_or_a_load_and_an_override_replaces_the_other():
+    from econoserve.serving.study import REGIMES, StudyRegime, study_setting
+
+    assert REGIMES["kv-bound"].load is not None and REGIMES["light-load"].rate_rps is not None
+    fixed = study_setting("kv-bound", rate_rps=2.0, num_requests=None)
+    assert (fixed.rate_rps, fixed.load, fixed.num_requests) == (2.0, None, REGIMES["kv-bound"].num_requests)
+    relative = study_setting("light-load", load=0.5)
+    assert (relative.rate_rps, relative.load) == (None, 0.5)
+    for bad in ({"rate_rps": 2.0, "load": 0.5}, {"load": -1.0}, {"rate_rps": float("inf")}):
+        with pytest.raises(UserError, match="rate|load"):
+            study_setting("kv-bound", **bad)
+    with pytest.raises(UserError, match="either a rate or a load"):
+        StudyRegime("alpaca", num_requests=8, kv_cache_tokens=8192, max_model_len=2048)
+    with pytest.raises(UserError, match="regime 'nope'"):
+        study_setting("nope")
+
+
+def test_a_load_sets_the_rate_from_the_engines_simulated_capacity(tmp_path):
+    """The capacity is the throughput of a simulated burst (every request at once): steps twice as
+    slow halve it exactly. ``at_load`` rescales the arrivals to ``load`` x capacity, keeping the
+    requests, their order and their spacing, and records the rate in the trace's spec."""
+    from dataclasses import replace
+
+    from econoserve.serving.study import EngineOptions, ServingStudy, at_load, engine_capacity_rps
+    from econoserve.sim.latency import FittedLatencyModel
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"request_id": range(40), "arrival_time_s": np.cumsum(rng.exponential(0.5, 40)),
+                          "prompt_tokens": rng.integers(16, 400, 40), "output_tokens": rng.integers(1, 200, 40),
+                          "dataset": "x"})
+    frame["predicted_output_tokens"] = frame["output_tokens"]
+    path = Trace.from_frame(frame, {"spec": {"rate_rps": 2.0}}).write(tmp_path / "trace.parquet")
+    coefficients = {"prefill_tokens": 1e-4, "decode_tokens": 2e-4, "context_tokens": 1e-6}
+    fast = FittedLatencyModel(0.005, coefficients).save(tmp_path / "fast.json")
+    slow = FittedLatencyModel(0.010, {k: 2 * v for k, v in coefficients.items()}).save(tmp_path / "slow.json")
+    study = ServingStudy(trace_path=path, output_dir=tmp_path / "out", load=0.8,
+                         engine=EngineOptions(kv_cache_tokens=2048, max_model_len=1024))
+    trace = Trace.read(path)
+    capacity = engine_capacity_rps(trace, study, fast)
+    assert capacity == pytest.approx(2 * engine_capacity_rps(trace, study, slow), rel=1e-9)
+    served, measured = at_load(study, fast, log=lambda _: None)
+    assert measured == capacity and served.load is None and served.trace_path != path
+    rescaled = Trace.read(served.trace_path)
+    np.testing.assert_allclose(rescaled.requests["arrival_time_s"], trace.requests["arrival_time_s"] * 2.0 / (0.8 * capacity))
+    pd.testing.assert_frame_equal(rescaled.requests.drop(columns="arrival_time_s"),
+                                  trace.requests.drop(columns="arrival_time_s"))
+    assert rescaled.metadata["spec"]["rate_rps"] == pytest.approx(0.8 * capacity)
+    assert at_load(replace(study, load=None), fast) == (replace(study, load=None), None)
+    with pytest.raises(UserError, match="load"):
+        replace(study, load=0.0)
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_study_trace_with_a_trained_predictor_draws_only_held_out_requests(tmp_path):

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,32 +52,59 @@ DEFAULT_SERVING_PYTHON = ".venv-serving/bin/python"
 class StudyRegime:
     """A workload and an engine size for the study (notebook 04's ``regime`` parameter).
 
-    ``length_scale`` multiplies every prompt, response and predicted length [tokens] (rounded up):
-    a dataset's lengths brought to the tiny model's context; what still exceeds
-    ``max_model_len`` is clipped (:func:`scale_lengths`).
+    The arrival rate is either fixed, ``rate_rps`` [req/s], or relative to the engine, ``load``
+    [fraction]: the rate becomes ``load`` x the engine's capacity, measured once the engine is
+    profiled (:func:`engine_capacity_rps`), so the regime means the same on a faster or slower
+    machine. Exactly one of the two is set. ``length_scale`` multiplies every prompt, response and
+    predicted length [tokens] (rounded up): a dataset's lengths brought to the tiny model's
+    context; what still exceeds ``max_model_len`` is clipped (:func:`scale_lengths`).
     """
 
     dataset: str
     num_requests: int
-    rate_rps: float
     kv_cache_tokens: int
     max_model_len: int
+    rate_rps: float | None = None
+    load: float | None = None
     length_scale: float = 1.0
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if (self.rate_rps is None) == (self.load is None):
+            raise UserError(f"a study regime has either a rate or a load, got rate {self.rate_rps} and load {self.load}")
+        for name in ("rate_rps", "load"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise UserError(f"{name} must be a positive number, got {value}")
+
 
 #: The regimes notebook 04 offers. ``kv-bound`` (the default): ShareGPT's conversational lengths
-#: scaled to a 1024-token context, a KV cache of a few dozen such requests, and a rate past what
-#: vLLM's scheduler serves without preempting on the one-thread CPU engine (simulated with the
-#: engine's fitted step times, vLLM preempts about a third of the requests). ``light-load``:
-#: Alpaca's short answers on a large cache at a moderate rate (both schedulers serve alike,
-#: nothing is preempted).
+#: scaled to a 1024-token context, a KV cache of a few dozen such requests, and arrivals at 0.9x
+#: the engine's capacity (what vLLM's scheduler serves with every request arriving at once),
+#: where vLLM's scheduler runs out of KV blocks and preempts (simulated on the engine's
+#: fitted step times, about a quarter of the requests). ``light-load``: Alpaca's short answers on
+#: a large cache at a moderate rate (both schedulers serve alike, nothing is preempted).
 REGIMES: dict[str, StudyRegime] = {
-    "kv-bound": StudyRegime("sharegpt", num_requests=160, rate_rps=3.0, kv_cache_tokens=2048, max_model_len=1024,
+    "kv-bound": StudyRegime("sharegpt", num_requests=160, load=0.9, kv_cache_tokens=2048, max_model_len=1024,
                             length_scale=0.5, description="ShareGPT lengths x0.5, 2048-token KV cache"),
     "light-load": StudyRegime("alpaca", num_requests=160, rate_rps=20.0, kv_cache_tokens=8192, max_model_len=2048,
                               description="Alpaca lengths, 8192-token KV cache, at most ~14% KV use"),
 }
+
+
+def study_setting(regime: str, **overrides) -> StudyRegime:
+    """``REGIMES[regime]`` with every override that is not ``None`` (a ``StudyRegime`` field); a
+    ``rate_rps`` given replaces the regime's ``load`` and a ``load`` its ``rate_rps``."""
+    if regime not in REGIMES:
+        raise UserError(f"regime {regime!r}: choose one of {', '.join(REGIMES)}")
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if "rate_rps" in given and "load" in given:
+        raise UserError("give a rate or a load, not both")
+    if "rate_rps" in given:
+        given["load"] = None
+    elif "load" in given:
+        given["rate_rps"] = None
+    return replace(REGIMES[regime], **given)
 
 
 def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
@@ -108,8 +136,9 @@ def scale_lengths(trace: Trace, factor: float, max_model_len: int) -> Trace:
 def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str = "llama2", seed: int = 0,
                 cache_dir: str | Path = "results/04_vllm_serving", training=None) -> Trace:
     """The study's trace: ``setting.num_requests`` requests of ``setting.dataset`` with seeded
-    Poisson arrivals at ``setting.rate_rps``, predicted lengths, and lengths scaled to the engine
-    (:func:`scale_lengths`).
+    Poisson arrivals at ``setting.rate_rps`` (with a ``load``: at 1 req/s, to be rescaled once
+    the engine's capacity is known, see :func:`run_study`), predicted lengths, and lengths scaled
+    to the engine (:func:`scale_lengths`).
 
     ``predictor``: ``train`` (default) = the dataset's own predictor, trained as notebook 03 trains
     it (quick profile: the dataset's training part, cached under ``cache_dir/predictors``), with
@@ -119,6 +148,7 @@ def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str =
     whole dataset. ``training``: the trained predictor's
     :class:`~econoserve.experiments.PredictorTraining` (``None`` = notebook 03's quick default).
     """
+    rate_rps = 1.0 if setting.rate_rps is None else setting.rate_rps
     if predictor == "train":
         from econoserve.experiments.plan import make_plan
         from econoserve.experiments.predictors import predict_lengths
@@ -128,13 +158,13 @@ def study_trace(setting: StudyRegime, predictor: str = "train", tokenizer: str =
         plan = make_plan("quick", datasets=[setting.dataset], predictor="train", num_requests=setting.num_requests,
                          seed=seed, sensitivity=False, tokenizer=tokenizer, **extra)
         pool = request_pool(setting.dataset, plan, plan.deployments[0], with_text=True)
-        trace = at_rate(unit_rate_trace(pool, setting.dataset, setting.num_requests, seed), setting.rate_rps)
+        trace = at_rate(unit_rate_trace(pool, setting.dataset, setting.num_requests, seed), rate_rps)
         trace = predict_lengths(plan, setting.dataset, trace, cache_dir)
     else:
         from econoserve.workload.datasets import TraceSpec, build_trace
 
         trace = build_trace(TraceSpec(dataset=setting.dataset, tokenizer=tokenizer, num_requests=setting.num_requests,
-                                      rate_rps=setting.rate_rps, seed=seed))
+                                      rate_rps=rate_rps, seed=seed))
         if predictor == "oracle":
             trace = trace.with_predictions(trace.requests["output_tokens"])
         else:
@@ -208,6 +238,9 @@ class ServingStudy:
     timeout_s: float = 900.0
     repeats: int = 1
     """Interleaved rounds of real runs (see the module docstring)."""
+    load: float | None = None
+    """Serve the trace's arrivals rescaled to this share of the engine's capacity
+    (:func:`engine_capacity_rps`, measured on the profile); ``None`` = as they are."""
 
     def __post_init__(self) -> None:
         if not self.schedulers:
@@ -216,6 +249,8 @@ class ServingStudy:
             raise UserError(f"repeats must be >= 1, got {self.repeats}")
         if self.mode not in ("offline", "server"):
             raise UserError(f"mode {self.mode!r}: choose offline or server")
+        if self.load is not None and not (self.load > 0 and math.isfinite(self.load)):
+            raise UserError(f"load must be a positive number, got {self.load}")
 
 
 @dataclass
@@ -237,15 +272,22 @@ class StudyResult:
     summary: pd.DataFrame
     latency_model: FittedLatencyModel
     rounds: pd.DataFrame
+    rate_rps: float
+    """The served trace's arrival rate [req/s] (its spec's)."""
+    capacity_rps: float | None = None
+    """The engine's capacity the rate was set from (``ServingStudy.load``), else ``None``."""
 
 
 def run_study(study: ServingStudy, log=print) -> StudyResult:
-    """Profile, serve under every scheduler, simulate and compare (see the module docstring)."""
+    """Profile, serve under every scheduler, simulate and compare (see the module docstring);
+    with ``study.load``, the trace is first rescaled to that share of the engine's capacity
+    (written to ``output_dir/trace_at_load.parquet``, which the runs then serve)."""
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trace = Trace.read(study.trace_path)
     latency = fit_profile(study, log)
     latency_path = latency.save(out / "latency_model.json")
+    study, capacity_rps = at_load(study, latency_path, log)
+    trace = Trace.read(study.trace_path)
     run_dirs: dict[str, list[Path]] = {scheduler: [] for scheduler in study.schedulers}
     for round_index in range(study.repeats):
         for scheduler in study.schedulers:
@@ -271,7 +313,49 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
     summary = pd.DataFrame(rows).merge(_refitted_errors(study, trace, real_requests, real_iterations, limits),
                                        on="scheduler")
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
-                       pd.concat(error_tables, ignore_index=True), summary, latency, rounds)
+                       pd.concat(error_tables, ignore_index=True), summary, latency, rounds,
+                       rate_rps=_spec_rate(trace, study.trace_path), capacity_rps=capacity_rps)
+
+
+def engine_capacity_rps(trace: Trace, study: ServingStudy, latency_model: str | Path) -> float:
+    """The engine's capacity for ``trace``'s requests [req/s]: the throughput of the study's first
+    scheduler (vLLM's own, by default), simulated on this engine shape with ``latency_model``
+    (the fitted profile) and every request arriving at once. Depends on the step times and the
+    KV cache, not on the arrival rate."""
+    frame = trace.requests.copy()
+    frame["arrival_time_s"] = 0.0
+    burst = Trace.from_frame(frame, trace.metadata, source="<all requests at once>")
+    config = simulation_config(study.engine.shape(), study.schedulers[0].removeprefix("policy:"), str(latency_model))
+    return float(simulate(burst, config).summary["throughput_rps"])
+
+
+def at_load(study: ServingStudy, latency_model: str | Path, log=print) -> tuple[ServingStudy, float | None]:
+    """With ``study.load``: the study with its trace's arrivals rescaled to ``load`` x
+    :func:`engine_capacity_rps` (written beside the runs, ``trace_at_load.parquet``; the
+    arrivals' order and spacing kept), and that capacity [req/s]; otherwise the study as it is."""
+    if study.load is None:
+        return study, None
+    trace = Trace.read(study.trace_path)
+    capacity_rps = engine_capacity_rps(trace, study, latency_model)
+    rate_rps = study.load * capacity_rps
+    frame = trace.requests.copy()
+    frame["arrival_time_s"] = frame["arrival_time_s"] * (_spec_rate(trace, study.trace_path) / rate_rps)
+    metadata = json.loads(json.dumps(trace.metadata))
+    metadata.setdefault("spec", {})["rate_rps"] = rate_rps
+    metadata["load"] = {"load": study.load, "capacity_rps": capacity_rps, "capacity_scheduler": study.schedulers[0]}
+    path = Trace.from_frame(frame, metadata, source="<trace at load>").write(Path(study.output_dir) / "trace_at_load.parquet")
+    log(f"engine capacity {capacity_rps:.2f} req/s ({study.schedulers[0]}, simulated on the profiled step times, "
+        f"every request at once): serving at {rate_rps:.2f} req/s (load {study.load})")
+    return replace(study, trace_path=path, load=None), capacity_rps
+
+
+def _spec_rate(trace: Trace, path: Path) -> float:
+    """The arrival rate [req/s] ``trace`` (read from ``path``) was built at: its metadata's
+    ``spec.rate_rps``."""
+    rate = (trace.metadata.get("spec") or {}).get("rate_rps")
+    if not rate:
+        raise UserError(f"{path}: the trace records no arrival rate (metadata spec.rate_rps)")
+    return float(rate)
 
 
 #: Real-run metrics compared round by round against the first scheduler's (``rounds_table``).
