@@ -415,11 +415,6 @@ class EconoServeConfig:
         sees it. The dynamic counterpart of ``ordering_horizon_s`` (whose cap applies from the
         arrival on, and at a large ``ordering_prompt_weight`` caps every key: FCFS). ``None`` =
         never promoted. Measured: see the module docstring (*Ordering*).
-    displacement_margin_s:
-        Priority displacement, ``M`` [s] (``kvcpipe="all"`` only): when the next PT is refused for
-        KV, generating GTs whose GT key is more than ``M`` later than its PT key are preempted by
-        recompute, largest key first, until it fits or none is left; a request is displaced at
-        most once. ``None`` = never.
     """
 
     rl_bucket: int = 32
@@ -451,7 +446,6 @@ class EconoServeConfig:
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
     ordering_promotion_wait_s: float | None = None
-    displacement_margin_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -471,8 +465,6 @@ class EconoServeConfig:
                          "ordering_promotion_wait_s")
         if not 0 < self.probe_share <= 1:
             raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
-        if self.displacement_margin_s is not None and self.displacement_margin_s < 0:
-            raise ValueError(f"displacement_margin_s must be >= 0, got {self.displacement_margin_s}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
             raise ValueError(f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         if self.ordering_length_weight < 0:
@@ -532,15 +524,12 @@ class EconoServePolicy(Policy):
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
         self._promotions: list[tuple[float, int, Request]] = []  # heap of (promotion time [s], seq, PT)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
-        self._displaced: set[int] = set()  # requests preempted once by priority displacement
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
                             "probe_evictions"):
                 self.stats.extra[counter] = 0
         if self._promotes:
             self.stats.extra["promotions"] = 0
-        if self._displaces:
-            self.stats.extra["displacements"] = 0
         for counter in ("groups_formed", "gt_admissions", "kvcpipe_loans", "curve_admissions",
                         "deferred_allocation_blocks", "reserve_extension_blocks", "free_extension_blocks",
                         "gt_evictions", "backfills"):
@@ -795,7 +784,6 @@ class EconoServePolicy(Policy):
         self._allocated_output_tokens.pop(rid, None)
         self._gt_key.pop(rid, None)
         self._promoted.pop(rid, None)
-        self._displaced.discard(rid)
 
     # ------------------------------------------------------------------ probes
     def _probe_reached_k(self, request: Request) -> bool:
@@ -959,8 +947,6 @@ class EconoServePolicy(Policy):
         if invoke:
             self._event = False
             self._admit_generation_groups(decision)
-        if self._pt_queue and self._displaces and (invoke or self._pt_waits_for_budget):
-            self._displace_for_next_pt(decision, now_s)
         self._schedule_generation(decision)
         budget = self.token_budget - decision.num_decode_tokens
         budget = self._schedule_prompt_chunks(budget, decision)
@@ -972,37 +958,6 @@ class EconoServePolicy(Policy):
             self._evict_for_head(decision)
         decision.invoked = invoke or bool(decision.preempted)
         return decision
-
-    @property
-    def _displaces(self) -> bool:
-        """Priority displacement (``displacement_margin_s``; KVCPipe for every request, Ordering)."""
-        return self.config.displacement_margin_s is not None and self._pipelined and not self.config.no_ordering
-
-    def _displace_for_next_pt(self, decision: SchedulerDecision, now_s: float) -> None:
-        """Priority displacement (before this step's decodes are scheduled): while the next PT
-        would be refused for KV, preempt the generating GT with the largest key, if that key is
-        more than ``displacement_margin_s`` later than the PT's and it was never displaced."""
-        entry = self._pt_queue[self._next_pt(now_s)]
-        limit = entry[0] + self.config.displacement_margin_s
-        while not self._fits_now(entry[2]):
-            victims = [r for r in self.running if r.request_id in self._generating
-                       and r.request_id not in self._displaced and r.request_id not in self._probing
-                       and self._gt_key.get(r.request_id, -math.inf) > limit]
-            if not victims:
-                return
-            victim = max(victims, key=lambda r: (self._gt_key[r.request_id], -r.num_output_tokens))
-            self._displaced.add(victim.request_id)
-            self._preempt(victim, decision)
-            self.stats.extra["displacements"] += 1
-
-    def _fits_now(self, request: Request) -> bool:
-        """Would :meth:`_admit_prompts` admit the PT ``request`` by KV now (its prompt in the free
-        pool, the kept-free blocks aside, and its term in the occupancy curve)?"""
-        kv = self.kv_cache
-        room = kv.num_free_blocks + (kv.num_global_reserve_free if request.num_output_tokens > 0 else 0)
-        if kv.blocks_for(request.num_pending_tokens) + self._kept_free_blocks() > room:
-            return False
-        return self._flight_admits(request, self._flight_terms()[1])
 
     def _admit_generation_groups(self, decision: SchedulerDecision) -> None:
         """Time-synced admission: groups of same-bucket GTs, in priority order, each GT with its
