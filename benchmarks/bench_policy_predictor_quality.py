@@ -368,15 +368,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     args.log_sigmas = tuple(sorted(set(args.log_sigmas)))
     args.output = args.output or "policy_predictor_quality" + ("_quick" if args.quick else "")
+    from econoserve.errors import UserError
+    from econoserve.policy import parse_policy_spec
+
+    for spec in args.schedulers:
+        try:
+            parse_policy_spec(spec)
+        except UserError as exc:
+            parser.error(str(exc))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     from econoserve.errors import UserError
-    from econoserve.policy import policy_names
+    from econoserve.policy import parse_policy_spec, policy_names
 
     args = parse_args(argv)
-    unknown = sorted({board.parse_scheduler(s)[0] for s in args.schedulers} - set(policy_names()))
+    unknown = sorted({parse_policy_spec(s)[0] for s in args.schedulers} - set(policy_names()))
     if unknown:
         print(f"bench_policy_predictor_quality: unknown scheduler(s) {', '.join(unknown)}", file=sys.stderr)
         return 2

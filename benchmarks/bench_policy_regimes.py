@@ -46,7 +46,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from econoserve.errors import UserError
 from econoserve.experiments.plan import POINT_OBJECTIVES, PredictorTraining
+from econoserve.policy import parse_policy_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -121,7 +123,6 @@ def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
     (``refined_output_tokens``, ``refine_after_tokens``; the same requests and arrivals);
     ``training``: the trained predictor's :class:`~econoserve.experiments.plan.PredictorTraining`."""
     import econoserve.experiments as ex
-    from econoserve.errors import UserError
 
     plan = _plan(regime, num_requests, seeds, training)
     deployment = plan.deployments[0]
@@ -187,27 +188,14 @@ def _replay_trace(regime: Regime, plan, deployment, num_requests: int, seed: int
 
 
 # --------------------------------------------------------------------- runs
-def parse_scheduler(spec: str) -> tuple[str, dict[str, object]]:
-    """``name`` or ``name[knob=value,...]`` (values as JSON, else strings) -> name, overrides."""
-    name, _, rest = spec.partition("[")
-    options: dict[str, object] = {}
-    for item in filter(None, rest.rstrip("]").split(",")):
-        knob, _, text = item.partition("=")
-        try:
-            options[knob] = json.loads(text)
-        except json.JSONDecodeError:
-            options[knob] = text
-    return name, options
-
-
 def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: bool = False) -> dict:
     """One simulation of ``trace`` at ``rate`` [req/s] by ``scheduler`` (see
-    :func:`parse_scheduler`; its ``refine`` option chose the trace, see :func:`score_regime`);
+    :func:`~econoserve.policy.parse_policy_spec`; its ``refine`` option chose the trace, see :func:`score_regime`);
     the summary (+ step diagnostics)."""
     from econoserve.experiments import at_rate
     from econoserve.sim import SimulationConfig, simulate
 
-    name, options = parse_scheduler(scheduler)
+    name, options = parse_policy_spec(scheduler)
     options.pop(REFINE_OPTION, None)
     config = SimulationConfig(scheduler=name, policy_config=options, model=regime.model, gpu=regime.gpu, seed=seed,
                               predictions="trace")
@@ -263,7 +251,7 @@ def burst_throughput(trace, regime: Regime, seed: int) -> float:
 
 def refine_of(scheduler: str) -> int | None:
     """The scheduler spec's ``refine`` option: refined predictions after that many tokens."""
-    value = parse_scheduler(scheduler)[1].get(REFINE_OPTION)
+    value = parse_policy_spec(scheduler)[1].get(REFINE_OPTION)
     return None if value is None else int(value)
 
 
@@ -296,7 +284,7 @@ def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int,
             k = refine_of(scheduler)
             rows.append({
                 "regime": regime.name, "seed": seed, "scheduler": scheduler, "kv_bound": regime.kv_bound,
-                "predictions": ("oracle" if parse_scheduler(scheduler)[0] == "econoserve-oracle"
+                "predictions": ("oracle" if parse_policy_spec(scheduler)[0] == "econoserve-oracle"
                                 else regime.predictions + ("" if k is None else f", refined after {k} tokens")),
                 "goodput_rps": found[scheduler], "best_baseline": best, "reference_rate_rps": found[best],
                 "slo_attainment": at["slo_attainment"], "mean_jct_s": at["mean_jct_s"], "p99_jct_s": at["p99_jct_s"],
@@ -441,7 +429,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if missing:
         parser.error(f"--schedulers must include every baseline ({', '.join(BASELINES)})")
     for spec in args.schedulers:
-        value = parse_scheduler(spec)[1].get(REFINE_OPTION)
+        try:
+            value = parse_policy_spec(spec)[1].get(REFINE_OPTION)
+        except UserError as exc:
+            parser.error(str(exc))
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             parser.error(f"{spec}: {REFINE_OPTION} must be a positive number of tokens, got {value!r}")
         if value is not None and args.neighbours:
@@ -456,11 +447,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from econoserve.errors import UserError
     from econoserve.policy import policy_names
 
     args = parse_args(argv)
-    unknown = sorted({parse_scheduler(s)[0] for s in args.schedulers} - set(policy_names()))
+    unknown = sorted({parse_policy_spec(s)[0] for s in args.schedulers} - set(policy_names()))
     if unknown:
         print(f"bench_policy_regimes: unknown scheduler(s) {', '.join(unknown)}", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ from econoserve.policy import (
     EngineLimits,
     Request,
     RequestStatus,
+    make_config,
     make_policy,
+    parse_policy_spec,
     policy_names,
 )
 from econoserve.sim import SimulationConfig, simulate
@@ -32,6 +34,19 @@ def test_registry_names_and_errors():
     with pytest.raises(UserError, match="token_budget must be > 0"):
         make_policy("fastgen", limits, {"token_budget": 0})
     assert make_policy("sarathi", limits, {"token_budget": 256}).token_budget == 256
+
+
+def test_a_policy_spec_is_a_name_and_overrides_that_configure_it():
+    assert parse_policy_spec("sarathi") == ("sarathi", {})
+    name, overrides = parse_policy_spec("econoserve[ordering_prompt_weight=0,kvcpipe=curve,ordering_promotion_wait_s=2.5]")
+    assert (name, overrides) == ("econoserve", {"ordering_prompt_weight": 0, "kvcpipe": "curve",
+                                                "ordering_promotion_wait_s": 2.5})
+    config = make_config(name, overrides)
+    assert (config.ordering_prompt_weight, config.kvcpipe, config.ordering_promotion_wait_s) == (0, "curve", 2.5)
+    assert parse_policy_spec("econoserve[]") == ("econoserve", {})
+    for bad in ("econoserve[kvcpipe=curve", "econoserve[kvcpipe]", "econoserve[=3]"):
+        with pytest.raises(UserError, match="scheduler 'econoserve"):
+            parse_policy_spec(bad)
 
 
 def test_policies_never_see_the_true_length():

@@ -292,6 +292,26 @@ def test_a_load_sets_the_rate_from_the_engines_simulated_capacity(tmp_path):
         replace(study, load=0.0)
 
 
+def test_a_study_serves_and_simulates_a_configured_policy_by_its_spec(tmp_path):
+    """``econoserve[knob=value]`` in a study: served with ``--policy-config`` and simulated with the
+    same overrides, in a directory of its own; vLLM's own scheduler takes none."""
+    from econoserve.serving.study import ServingStudy, _safe, _simulation, serve_arguments
+
+    spec = "econoserve[ordering_promotion_wait_s=5,ordering_prompt_weight=0]"
+    study = ServingStudy(trace_path=tmp_path / "trace.parquet", output_dir=tmp_path, schedulers=("vllm", spec))
+    arguments = serve_arguments(study, spec, tmp_path / "run")
+    flag = arguments.index("--policy-config")
+    assert arguments[arguments.index("--scheduler") + 1] == "econoserve"
+    assert json.loads(arguments[flag + 1]) == {"ordering_promotion_wait_s": 5, "ordering_prompt_weight": 0}
+    assert "--policy-config" not in serve_arguments(study, "vllm", tmp_path / "run")
+    config = _simulation(study, spec, tmp_path / "model.json")
+    assert config.scheduler == "econoserve" and config.policy_config["ordering_promotion_wait_s"] == 5
+    assert _simulation(study, "vllm", tmp_path / "model.json").scheduler == "vllm-chunked"
+    assert _safe(spec) == "econoserve-ordering_promotion_wait_s-5-ordering_prompt_weight-0" != _safe("econoserve")
+    with pytest.raises(UserError, match="takes no policy configuration"):
+        ServingStudy(trace_path=tmp_path / "trace.parquet", output_dir=tmp_path, schedulers=("vllm[x=1]",))
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_study_trace_with_a_trained_predictor_draws_only_held_out_requests(tmp_path):

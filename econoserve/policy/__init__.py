@@ -6,6 +6,7 @@
   allocations and reservations;
 * :class:`Policy` - owns the queues and the KV cache; ``add_request``, ``schedule``,
   ``update_from_output``; counts its own invocations and wall time;
+* :func:`parse_policy_spec` - ``name[knob=value,...]`` specs (benchmarks, notebook 04);
 * :func:`make_policy` - ``vllm``, ``vllm-chunked``, ``orca``, ``sarathi``, ``fastgen``, and
   ``econoserve`` with its ablations ``econoserve-no-kvcpipe``, ``econoserve-no-ordering``,
   ``econoserve-no-syncdecoupled``, ``econoserve-oracle``.
@@ -20,6 +21,7 @@ from econoserve.policy.registry import (
     PolicyConfigError,
     make_config,
     make_policy,
+    parse_policy_spec,
     policy_names,
     register_policy,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "SchedulerStats",
     "make_config",
     "make_policy",
+    "parse_policy_spec",
     "policy_names",
     "register_policy",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Mapping
 
 from econoserve.errors import UserError
@@ -36,6 +37,26 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 def policy_names() -> tuple[str, ...]:
     return tuple(POLICIES)
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """A scheduler spec, ``name`` or ``name[knob=value,...]``, as its name and configuration
+    overrides (each value parsed as JSON, else kept as a string), e.g.
+    ``econoserve[ordering_prompt_weight=0,kvcpipe=curve]`` -> ``("econoserve",
+    {"ordering_prompt_weight": 0, "kvcpipe": "curve"})``. Names and knobs are not checked here."""
+    name, bracket, rest = spec.partition("[")
+    if bracket and not rest.endswith("]"):
+        raise PolicyConfigError(f"scheduler {spec!r}: overrides go in brackets, name[knob=value,...]")
+    options: dict[str, object] = {}
+    for item in filter(None, rest[:-1].split(",") if bracket else ()):
+        knob, equals, text = item.partition("=")
+        if not equals or not knob:
+            raise PolicyConfigError(f"scheduler {spec!r}: {item!r} is not knob=value")
+        try:
+            options[knob] = json.loads(text)
+        except json.JSONDecodeError:
+            options[knob] = text
+    return name, options
 
 
 def make_config(name: str, config: Mapping[str, object] | object | None = None) -> object:

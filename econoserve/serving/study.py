@@ -5,7 +5,8 @@ checked against each run.
    and fit the simulator's latency model to it
    (:meth:`~econoserve.sim.latency.FittedLatencyModel.fit`, relative error, outliers dropped);
 2. **serve** the trace under each scheduler (``econoserve serve``: ``vllm`` is vLLM's own
-   scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy), in
+   scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy; either
+   of the last two with configuration overrides, ``econoserve[knob=value,...]``), in
    ``repeats`` interleaved rounds (round 1 serves every scheduler once, then round 2, ...), so a
    change in the machine's load reaches every scheduler alike; the comparison is the median over
    rounds of each round's side-by-side ratio;
@@ -26,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -36,11 +38,12 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.experiments.backends import code_digest
+from econoserve.policy import parse_policy_spec
 from econoserve.results import read_iterations, read_requests
 from econoserve.serving.fidelity import (EngineShape, error_summary, request_errors, served_limits, simulation_config,
                                          wall_step_table)
 from econoserve.serving.profiler import ProfileGrid
-from econoserve.sim import SimulationResult, simulate
+from econoserve.sim import SimulationConfig, SimulationResult, simulate
 from econoserve.sim.latency import FittedLatencyModel
 from econoserve.workload.trace import Trace
 
@@ -251,6 +254,10 @@ class ServingStudy:
             raise UserError(f"mode {self.mode!r}: choose offline or server")
         if self.load is not None and not (self.load > 0 and math.isfinite(self.load)):
             raise UserError(f"load must be a positive number, got {self.load}")
+        for scheduler in self.schedulers:
+            name, overrides = parse_policy_spec(scheduler)
+            if overrides and name == "vllm":
+                raise UserError(f"scheduler {scheduler!r}: vLLM's own scheduler takes no policy configuration")
 
 
 @dataclass
@@ -301,9 +308,7 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
         real_iterations[scheduler] = read_iterations(run_dir)
         real_summaries[scheduler] = json.loads((run_dir / "summary.json").read_text())
         limits[scheduler] = served_limits(json.loads((run_dir / "config.json").read_text()))
-        config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(latency_path),
-                                   limits[scheduler])
-        simulated[scheduler] = simulate(trace, config)
+        simulated[scheduler] = simulate(trace, _simulation(study, scheduler, latency_path, limits[scheduler]))
         simulated[scheduler].write(out / "simulated" / _safe(scheduler))
         errors = request_errors(real_requests[scheduler], simulated[scheduler].requests)
         error_tables.append(errors.assign(scheduler=scheduler))
@@ -325,8 +330,7 @@ def engine_capacity_rps(trace: Trace, study: ServingStudy, latency_model: str | 
     frame = trace.requests.copy()
     frame["arrival_time_s"] = 0.0
     burst = Trace.from_frame(frame, trace.metadata, source="<all requests at once>")
-    config = simulation_config(study.engine.shape(), study.schedulers[0].removeprefix("policy:"), str(latency_model))
-    return float(simulate(burst, config).summary["throughput_rps"])
+    return float(simulate(burst, _simulation(study, study.schedulers[0], latency_model)).summary["throughput_rps"])
 
 
 def at_load(study: ServingStudy, latency_model: str | Path, log=print) -> tuple[ServingStudy, float | None]:
@@ -420,8 +424,7 @@ def _refitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str,
         for prefix, (steps, source) in fits.items():
             path = FittedLatencyModel.fit(steps, source=source).save(
                 Path(study.output_dir) / prefix.replace("fit", "_fit") / f"{_safe(scheduler)}.json")
-            config = simulation_config(study.engine.shape(), scheduler.removeprefix("policy:"), str(path), limits[scheduler])
-            result = simulate(trace, config)
+            result = simulate(trace, _simulation(study, scheduler, path, limits[scheduler]))
             summary = error_summary(request_errors(real_requests[scheduler], result.requests))
             row.update({f"{prefix}_median_jct_error": summary["median_jct_error"],
                         f"{prefix}_p90_jct_error": summary["p90_jct_error"],
@@ -454,10 +457,27 @@ def serve(study: ServingStudy, scheduler: str, round_index: int = 0, log=print) 
               "trace_sha256": _sha256(Path(study.trace_path)), "code": code_digest()}
     if not _reusable(study, run_dir / "summary.json", inputs):
         log(f"serving the trace with scheduler {scheduler} ({study.mode}, round {round_index + 1} of {study.repeats}) ...")
-        run_econoserve(study, ["serve", "--trace", str(study.trace_path), "-o", str(run_dir),
-                               "--scheduler", scheduler, "--mode", study.mode, *study.engine.flags()])
+        run_econoserve(study, serve_arguments(study, scheduler, run_dir))
         _stamp(run_dir / "summary.json", inputs)
     return run_dir
+
+
+def serve_arguments(study: ServingStudy, scheduler: str, run_dir: Path) -> list[str]:
+    """``econoserve serve`` arguments for one run of ``scheduler``: a spec's name and its overrides
+    (``econoserve[ordering_prompt_weight=0]``: ``--scheduler econoserve --policy-config '{...}'``)."""
+    name, overrides = parse_policy_spec(scheduler)
+    config = ["--policy-config", json.dumps(overrides, sort_keys=True)] if overrides else []
+    return ["serve", "--trace", str(study.trace_path), "-o", str(run_dir), "--scheduler", name, *config,
+            "--mode", study.mode, *study.engine.flags()]
+
+
+def _simulation(study: ServingStudy, scheduler: str, latency_model: str | Path,
+                limits: dict | None = None) -> SimulationConfig:
+    """The simulation of ``scheduler`` (a spec, see :func:`serve_arguments`) on the study's engine
+    with ``latency_model``, its policy given the drop-in's estimates (``limits``: the served run's)."""
+    name, overrides = parse_policy_spec(scheduler)
+    return simulation_config(study.engine.shape(), name.removeprefix("policy:"), str(latency_model), limits,
+                             **({"policy_config": overrides} if overrides else {}))
 
 
 def run_econoserve(study: ServingStudy, arguments: list[str]) -> None:
@@ -507,7 +527,8 @@ def _simulated_metrics(result: SimulationResult) -> dict[str, float]:
 
 
 def _safe(name: str) -> str:
-    return name.replace(":", "-").replace("/", "-")
+    """``name`` (a scheduler spec) as one directory name: ``[:/=,]`` become ``-``, ``]`` goes."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.replace("]", "")).strip("-")
 
 
 def _sha256(path: Path) -> str:
