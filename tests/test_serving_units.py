@@ -290,6 +290,9 @@ def test_a_load_sets_the_rate_from_the_engines_simulated_capacity(tmp_path):
     assert at_load(replace(study, load=None), fast) == (replace(study, load=None), None)
     with pytest.raises(UserError, match="load"):
         replace(study, load=0.0)
+    bare = Trace.from_frame(frame).write(tmp_path / "bare.parquet")  # no spec: no rate to rescale from
+    with pytest.raises(UserError, match="bare.parquet: the trace records no arrival rate"):
+        at_load(replace(study, trace_path=bare), fast)
 
 
 def test_a_study_serves_and_simulates_a_configured_policy_by_its_spec(tmp_path):

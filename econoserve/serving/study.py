@@ -280,7 +280,8 @@ class StudyResult:
     latency_model: FittedLatencyModel
     rounds: pd.DataFrame
     rate_rps: float
-    """The served trace's arrival rate [req/s] (its spec's)."""
+    """The served trace's arrival rate [req/s]: its spec's, or for a trace that records none, the
+    mean over its arrivals."""
     capacity_rps: float | None = None
     """The engine's capacity the rate was set from (``ServingStudy.load``), else ``None``."""
 
@@ -319,7 +320,7 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
                                        on="scheduler")
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency, rounds,
-                       rate_rps=_spec_rate(trace, study.trace_path), capacity_rps=capacity_rps)
+                       rate_rps=_arrival_rate(trace), capacity_rps=capacity_rps)
 
 
 def engine_capacity_rps(trace: Trace, study: ServingStudy, latency_model: str | Path) -> float:
@@ -351,6 +352,16 @@ def at_load(study: ServingStudy, latency_model: str | Path, log=print) -> tuple[
     log(f"engine capacity {capacity_rps:.2f} req/s ({study.schedulers[0]}, simulated on the profiled step times, "
         f"every request at once): serving at {rate_rps:.2f} req/s (load {study.load})")
     return replace(study, trace_path=path, load=None), capacity_rps
+
+
+def _arrival_rate(trace: Trace) -> float:
+    """``trace``'s arrival rate [req/s]: its spec's ``rate_rps``, else the mean over its arrivals."""
+    rate = (trace.metadata.get("spec") or {}).get("rate_rps")
+    if rate:
+        return float(rate)
+    arrivals = trace.requests["arrival_time_s"]
+    span = float(arrivals.max() - arrivals.min())
+    return (len(arrivals) - 1) / span if span > 0 else math.inf
 
 
 def _spec_rate(trace: Trace, path: Path) -> float:
