@@ -50,7 +50,9 @@ def build(model_dir: Path, name: str, num_running: int, predictor: str | None = 
     from econoserve.serving.stepping import stepped_scheduler
 
     blocks_per_request = -(-(PROMPT_TOKENS + 2 * OUTPUT_TOKENS) // BLOCK_SIZE)  # EconoServe pads its reservation
-    options = {"econoserve": {"policy": "econoserve", **({"predictor": predictor} if predictor else {})}}
+    # every request decodes: EconoServe's own max_num_seqs (256) raised to the cell's count
+    options = {"econoserve": {"policy": "econoserve", "policy_config": {"max_num_seqs": num_running},
+                              **({"predictor": predictor} if predictor else {})}}
     return stepped_scheduler(
         model_dir, SCHEDULERS[name], num_blocks=num_running * blocks_per_request + 64, block_size=BLOCK_SIZE,
         max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=max(2048, 2 * num_running), max_num_seqs=num_running,
@@ -141,7 +143,15 @@ def main() -> None:
 
 
 def _model_label(path: str) -> str:
-    return Path(path).name
+    """The saved model as its training describes it (dataset, objective, rounds, n-gram vocabulary),
+    from its ``metadata.json``; the directory's name for a model without one."""
+    metadata = Path(path) / "metadata.json"
+    if not metadata.exists():
+        return Path(path).name
+    saved = json.loads(metadata.read_text())
+    config, data = saved.get("config", {}), saved.get("training_data", {})
+    return (f"{data.get('dataset', '?')} {config.get('objective', '?')} model, {config.get('num_boost_round', '?')} "
+            f"rounds, n-gram vocabulary {config.get('features', {}).get('ngram_vocabulary_size', '?')}")
 
 
 def write(rows: list[dict], prediction: dict | None, args: argparse.Namespace) -> None:
