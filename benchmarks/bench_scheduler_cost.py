@@ -50,9 +50,7 @@ def build(model_dir: Path, name: str, num_running: int, predictor: str | None = 
     from econoserve.serving.stepping import stepped_scheduler
 
     blocks_per_request = -(-(PROMPT_TOKENS + 2 * OUTPUT_TOKENS) // BLOCK_SIZE)  # EconoServe pads its reservation
-    # every request decodes: EconoServe's own max_num_seqs (256) raised to the cell's count
-    options = {"econoserve": {"policy": "econoserve", "policy_config": {"max_num_seqs": num_running},
-                              **({"predictor": predictor} if predictor else {})}}
+    options = {"econoserve": {"policy": "econoserve", **({"predictor": predictor} if predictor else {})}}
     return stepped_scheduler(
         model_dir, SCHEDULERS[name], num_blocks=num_running * blocks_per_request + 64, block_size=BLOCK_SIZE,
         max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=max(2048, 2 * num_running), max_num_seqs=num_running,

@@ -194,6 +194,13 @@ def test_engine_limits_and_budgets_come_from_the_engine(model_dir):
     assert _stepped_scheduler(model_dir, "vllm").econoserve_policy.token_budget == 256
     orca = _stepped_scheduler(model_dir, "orca").econoserve_policy
     assert (orca.token_budget, orca.max_num_seqs) == (256, 8)
+    # an engine batching more than a policy's own default (256, vLLM's) lends it its max_num_seqs,
+    # unless the policy's configuration sets one
+    wide = _stepped_scheduler(model_dir, "sarathi", num_blocks=17, max_num_batched_tokens=512, max_num_seqs=300)
+    assert wide.econoserve_policy.max_num_seqs == 300
+    capped = _stepped_scheduler(model_dir, "sarathi", num_blocks=17, max_num_batched_tokens=512, max_num_seqs=300,
+                                options={"policy_config": {"max_num_seqs": 100}})
+    assert capped.econoserve_policy.max_num_seqs == 100
     if _policy_registered("econoserve"):  # EconoServe derives its budget from the limits
         econoserve = _stepped_scheduler(model_dir, "econoserve", options={"limits": {"saturating_token_budget": 128}})
         assert econoserve.econoserve_policy.token_budget == 128

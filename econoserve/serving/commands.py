@@ -114,8 +114,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
                              "policy:econoserve-oracle (default: %(default)s)")
     parser.add_argument("--policy-config", default=None, metavar="JSON",
                         help="econoserve / policy:NAME: overrides of the policy's configuration fields as a "
-                             "JSON object, e.g. '{\"rl_bucket\": 16}'; token budget and max_num_seqs fields "
-                             "default to the engine's --max-num-batched-tokens and --max-num-seqs")
+                             "JSON object, e.g. '{\"rl_bucket\": 16}'; max_num_seqs defaults to the engine's "
+                             "--max-num-seqs, and a policy's token budget is capped by --max-num-batched-tokens")
     parser.add_argument("--predictor", type=Path, default=None, metavar="MODEL_DIR",
                         help="econoserve / policy:NAME: a trained response-length model (econoserve predictor train) "
                              "that predicts, inside the scheduler, from the prompt token ids of requests that carry "

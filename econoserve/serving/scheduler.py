@@ -37,7 +37,7 @@ Options of the section (:class:`PolicySchedulerOptions`): ``policy`` (a register
 default ``econoserve``), ``policy_config`` (overrides of the policy's configuration fields; the
 engine's ``max_num_batched_tokens`` and ``max_num_seqs`` reach every policy as the hard caps of
 :class:`~econoserve.policy.EngineLimits`, and each policy uses the smaller of its own token budget
-/ ``max_num_seqs`` and those), ``predictions`` (``request``: ``SamplingParams.extra_args
+/ ``max_num_seqs`` and those; a ``max_num_seqs`` the overrides leave unset is the engine's), ``predictions`` (``request``: ``SamplingParams.extra_args
 ["predicted_output_tokens"]``; ``oracle``: ``max_tokens``; ``none``; default ``request``, and
 always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-oracle``), ``limits`` (overrides of the
 :class:`~econoserve.policy.EngineLimits` time estimates), ``decision_log`` (a JSON-lines file
@@ -348,7 +348,17 @@ class PolicySchedulerCore(Scheduler):
                 f"{type(self).__name__} runs the {self.policy_family} policies, not {name!r}; "
                 "use econoserve.serving.scheduler.PolicyScheduler for any policy"
             )
-        return make_policy(name, self.engine_limits(), make_config(name, self.options.policy_config))
+        return make_policy(name, self.engine_limits(), make_config(name, self._policy_config(name)))
+
+    def _policy_config(self, name: str) -> dict[str, Any]:
+        """The policy's configuration overrides; a policy with a ``max_num_seqs`` knob that the
+        overrides leave unset takes the engine's ``max_num_seqs`` (its own default stands for vLLM's,
+        and here vLLM's is known), so the drop-in batches as many requests as vLLM would."""
+        config = dict(self.options.policy_config)
+        fields = {f.name for f in dataclasses.fields(POLICIES[name].config_class)}
+        if "max_num_seqs" in fields:
+            config.setdefault("max_num_seqs", self.max_num_running_reqs)
+        return config
 
     def engine_limits(self) -> EngineLimits:
         """The policy's view of this engine: vLLM's real KV pool less its null block, its block size,
