@@ -14,6 +14,7 @@ from econoserve.policy import (
     make_policy,
     parse_policy_spec,
     policy_names,
+    with_engine_max_num_seqs,
 )
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import synthetic_trace, trace_from_lists
@@ -47,6 +48,18 @@ def test_a_policy_spec_is_a_name_and_overrides_that_configure_it():
     for bad in ("econoserve[kvcpipe=curve", "econoserve[kvcpipe]", "econoserve[=3]"):
         with pytest.raises(UserError, match="scheduler 'econoserve"):
             parse_policy_spec(bad)
+
+
+def test_inside_an_engine_a_policy_batches_what_the_engine_allows_unless_configured():
+    for name in ("econoserve", "sarathi", "vllm-chunked"):
+        assert with_engine_max_num_seqs(name, None, 512) == {"max_num_seqs": 512}
+        assert with_engine_max_num_seqs(name, {"max_num_seqs": 8, "token_budget": 64}, 512) == {
+            "max_num_seqs": 8, "token_budget": 64}
+        assert make_policy(name, EngineLimits(num_kv_blocks=100, max_seqs_per_step=512),
+                           with_engine_max_num_seqs(name, None, 512)).max_num_seqs == 512
+    assert make_policy("sarathi", EngineLimits(num_kv_blocks=100, max_seqs_per_step=512)).max_num_seqs == 256
+    with pytest.raises(UserError, match="unknown scheduler 'nope'"):
+        with_engine_max_num_seqs("nope", None, 8)
 
 
 def test_policies_never_see_the_true_length():

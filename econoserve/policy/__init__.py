@@ -24,6 +24,7 @@ from econoserve.policy.registry import (
     parse_policy_spec,
     policy_names,
     register_policy,
+    with_engine_max_num_seqs,
 )
 from econoserve.policy.request import Request, RequestStatus
 
@@ -45,4 +46,5 @@ __all__ = [
     "parse_policy_spec",
     "policy_names",
     "register_policy",
+    "with_engine_max_num_seqs",
 ]

@@ -59,6 +59,17 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, object]]:
     return name, options
 
 
+def with_engine_max_num_seqs(name: str, overrides: Mapping[str, object] | None, max_num_seqs: int) -> dict[str, object]:
+    """Policy ``name``'s configuration ``overrides`` for a run inside an engine that batches at
+    most ``max_num_seqs`` requests: a ``max_num_seqs`` knob they leave unset becomes the engine's
+    (a policy's own default, 256, stands for vLLM's; inside an engine, vLLM's is known). The vLLM
+    drop-in and its simulated counterpart both build their policies with it."""
+    config = dict(overrides or {})
+    if any(f.name == "max_num_seqs" for f in dataclasses.fields(_policy_class(name).config_class)):
+        config.setdefault("max_num_seqs", max_num_seqs)
+    return config
+
+
 def make_config(name: str, config: Mapping[str, object] | object | None = None) -> object:
     """The policy's configuration dataclass, from a mapping of field overrides (or as given)."""
     cls = _policy_class(name)

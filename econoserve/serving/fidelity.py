@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
-from econoserve.policy import EngineLimits
+from econoserve.policy import EngineLimits, with_engine_max_num_seqs
 from econoserve.results import finished
 from econoserve.serving.decisions import ArrivalRecord, DecisionRecord, LogHeader, RefineRecord
 from econoserve.serving.replay import trace_request_id
@@ -110,9 +110,13 @@ def simulation_config(shape: EngineShape, scheduler: str, latency_model: str,
                       limits: Mapping[str, Any] | None = None, **overrides: Any) -> SimulationConfig:
     """The simulation of ``scheduler`` (a real scheduler name or a policy name) on that engine,
     its policy given the drop-in's estimates (:func:`drop_in_estimates`; ``limits`` = the served
-    run's ``econoserve.limits``, :func:`served_limits`)."""
+    run's ``econoserve.limits``, :func:`served_limits`) and, as in the drop-in, the engine's
+    ``max_num_seqs`` unless ``overrides``' ``policy_config`` sets one
+    (:func:`~econoserve.policy.with_engine_max_num_seqs`)."""
+    name = SIMULATED_POLICY.get(scheduler, scheduler)
+    overrides["policy_config"] = with_engine_max_num_seqs(name, overrides.get("policy_config"), shape.max_num_seqs)
     values = dict(
-        scheduler=SIMULATED_POLICY.get(scheduler, scheduler),
+        scheduler=name,
         max_tokens_per_step=shape.max_num_batched_tokens,
         max_seqs_per_step=shape.max_num_seqs,
         block_size=shape.block_size,

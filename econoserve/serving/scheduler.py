@@ -104,7 +104,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import Request as EngineRequest
 from vllm.v1.request import RequestStatus as EngineRequestStatus
 
-from econoserve.policy import EngineLimits, Policy, Request, SchedulerDecision, make_config, make_policy
+from econoserve.policy import (EngineLimits, Policy, Request, SchedulerDecision, make_config, make_policy,
+                               with_engine_max_num_seqs)
 from econoserve.policy.registry import POLICIES
 from econoserve.serving.decisions import (
     AbortRecord, ArrivalRecord, DecisionLog, DecisionRecord, LogHeader, RefineRecord, StepRecord, UpdateRecord,
@@ -348,17 +349,8 @@ class PolicySchedulerCore(Scheduler):
                 f"{type(self).__name__} runs the {self.policy_family} policies, not {name!r}; "
                 "use econoserve.serving.scheduler.PolicyScheduler for any policy"
             )
-        return make_policy(name, self.engine_limits(), make_config(name, self._policy_config(name)))
-
-    def _policy_config(self, name: str) -> dict[str, Any]:
-        """The policy's configuration overrides; a policy with a ``max_num_seqs`` knob that the
-        overrides leave unset takes the engine's ``max_num_seqs`` (its own default stands for vLLM's,
-        and here vLLM's is known), so the drop-in batches as many requests as vLLM would."""
-        config = dict(self.options.policy_config)
-        fields = {f.name for f in dataclasses.fields(POLICIES[name].config_class)}
-        if "max_num_seqs" in fields:
-            config.setdefault("max_num_seqs", self.max_num_running_reqs)
-        return config
+        config = with_engine_max_num_seqs(name, self.options.policy_config, self.max_num_running_reqs)
+        return make_policy(name, self.engine_limits(), make_config(name, config))
 
     def engine_limits(self) -> EngineLimits:
         """The policy's view of this engine: vLLM's real KV pool less its null block, its block size,
