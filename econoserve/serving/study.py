@@ -488,7 +488,7 @@ def _simulation(study: ServingStudy, scheduler: str, latency_model: str | Path,
     with ``latency_model``, its policy given the drop-in's estimates (``limits``: the served run's)."""
     name, overrides = parse_policy_spec(scheduler)
     return simulation_config(study.engine.shape(), name.removeprefix("policy:"), str(latency_model), limits,
-                             **({"policy_config": overrides} if overrides else {}))
+                             policy_config=overrides)
 
 
 def run_econoserve(study: ServingStudy, arguments: list[str]) -> None:
