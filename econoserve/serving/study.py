@@ -284,6 +284,9 @@ class StudyResult:
     mean over its arrivals."""
     capacity_rps: float | None = None
     """The engine's capacity the rate was set from (``ServingStudy.load``), else ``None``."""
+    served_capacity_rps: float | None = None
+    """The engine's capacity recomputed on the first scheduler's own steps (its median round's
+    wall time per step, the ``selffit`` model): ``rate_rps`` over it is the load the runs saw."""
 
 
 def run_study(study: ServingStudy, log=print) -> StudyResult:
@@ -318,9 +321,11 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
                      **_simulated_metrics(simulated[scheduler]), **error_summary(errors, len(trace))})
     summary = pd.DataFrame(rows).merge(_refitted_errors(study, trace, real_requests, real_iterations, limits),
                                        on="scheduler")
+    own_steps = out / "self_fit" / f"{_safe(study.schedulers[0])}.json"
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency, rounds,
-                       rate_rps=_arrival_rate(trace), capacity_rps=capacity_rps)
+                       rate_rps=_arrival_rate(trace), capacity_rps=capacity_rps,
+                       served_capacity_rps=engine_capacity_rps(trace, study, own_steps))
 
 
 def engine_capacity_rps(trace: Trace, study: ServingStudy, latency_model: str | Path) -> float:
