@@ -33,15 +33,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from econoserve.errors import UserError
-from econoserve.experiments.workloads import at_rate
 from econoserve.serving.fidelity import simulation_config
-from econoserve.serving.study import REGIMES, EngineOptions, ServingStudy, engine_capacity_rps, study_trace
+from econoserve.serving.study import (REGIMES, EngineOptions, ServingStudy, engine_capacity_rps, rescaled_to_rate,
+                                      study_trace)
 from econoserve.sim import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: Notebook 04's engine (its defaults for the kv-bound regime).
-ENGINE = EngineOptions(max_num_seqs=64, max_num_batched_tokens=2048, kv_cache_tokens=REGIMES["kv-bound"].kv_cache_tokens,
-                       max_model_len=REGIMES["kv-bound"].max_model_len)
+#: Notebook 04's engine for the kv-bound regime (the notebook's batch defaults are EngineOptions').
+ENGINE = EngineOptions(kv_cache_tokens=REGIMES["kv-bound"].kv_cache_tokens, max_model_len=REGIMES["kv-bound"].max_model_len)
 
 
 def configurations(weights: list[float], waits: list[float | None]) -> list[tuple[str, dict]]:
@@ -61,7 +60,7 @@ def simulate_seed(seed: int, args: argparse.Namespace, grid: list[tuple[str, dic
     latency = args.results / "latency_model.json"
     study = ServingStudy(trace_path=args.results / "trace.parquet", output_dir=args.results, engine=ENGINE)
     rate_rps = args.load * engine_capacity_rps(trace, study, latency)
-    trace = at_rate(trace, rate_rps)
+    trace = rescaled_to_rate(trace, rate_rps, f"{setting.dataset} trace, seed {seed}")
     frames = []
     for scheduler, config in grid:
         result = simulate(trace, simulation_config(ENGINE.shape(), scheduler, str(latency), policy_config=config))

@@ -75,10 +75,13 @@ class StudyRegime:
     def __post_init__(self) -> None:
         if (self.rate_rps is None) == (self.load is None):
             raise UserError(f"a study regime has either a rate or a load, got rate {self.rate_rps} and load {self.load}")
-        for name in ("rate_rps", "load"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise UserError(f"{name} must be a positive number, got {value}")
+        _require_positive_or_none("rate_rps", self.rate_rps)
+        _require_positive_or_none("load", self.load)
+
+
+def _require_positive_or_none(name: str, value: float | None) -> None:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{name} must be a positive number, got {value}")
 
 
 #: The regimes notebook 04 offers. ``kv-bound`` (the default): ShareGPT's conversational lengths
@@ -252,8 +255,7 @@ class ServingStudy:
             raise UserError(f"repeats must be >= 1, got {self.repeats}")
         if self.mode not in ("offline", "server"):
             raise UserError(f"mode {self.mode!r}: choose offline or server")
-        if self.load is not None and not (self.load > 0 and math.isfinite(self.load)):
-            raise UserError(f"load must be a positive number, got {self.load}")
+        _require_positive_or_none("load", self.load)
         for scheduler in self.schedulers:
             name, overrides = parse_policy_spec(scheduler)
             if overrides and name == "vllm":
@@ -321,7 +323,7 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
                      **_simulated_metrics(simulated[scheduler]), **error_summary(errors, len(trace))})
     summary = pd.DataFrame(rows).merge(_refitted_errors(study, trace, real_requests, real_iterations, limits),
                                        on="scheduler")
-    own_steps = out / "self_fit" / f"{_safe(study.schedulers[0])}.json"
+    own_steps = _refit_path(study, "selffit", study.schedulers[0])
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency, rounds,
                        rate_rps=_arrival_rate(trace), capacity_rps=capacity_rps,
@@ -348,34 +350,42 @@ def at_load(study: ServingStudy, latency_model: str | Path, log=print) -> tuple[
     trace = Trace.read(study.trace_path)
     capacity_rps = engine_capacity_rps(trace, study, latency_model)
     rate_rps = study.load * capacity_rps
-    frame = trace.requests.copy()
-    frame["arrival_time_s"] = frame["arrival_time_s"] * (_spec_rate(trace, study.trace_path) / rate_rps)
-    metadata = json.loads(json.dumps(trace.metadata))
-    metadata.setdefault("spec", {})["rate_rps"] = rate_rps
-    metadata["load"] = {"load": study.load, "capacity_rps": capacity_rps, "capacity_scheduler": study.schedulers[0]}
-    path = Trace.from_frame(frame, metadata, source="<trace at load>").write(Path(study.output_dir) / "trace_at_load.parquet")
+    rescaled = rescaled_to_rate(trace, rate_rps, study.trace_path)
+    rescaled.metadata["load"] = {"load": study.load, "capacity_rps": capacity_rps,
+                                 "capacity_scheduler": study.schedulers[0]}
+    path = rescaled.write(Path(study.output_dir) / "trace_at_load.parquet")
     log(f"engine capacity {capacity_rps:.2f} req/s ({study.schedulers[0]}, simulated on the profiled step times, "
         f"every request at once): serving at {rate_rps:.2f} req/s (load {study.load})")
     return replace(study, trace_path=path, load=None), capacity_rps
 
 
+def rescaled_to_rate(trace: Trace, rate_rps: float, path: str | Path) -> Trace:
+    """``trace`` (read from ``path``) with its arrivals rescaled from the rate it was built at (its
+    spec's ``rate_rps``) to ``rate_rps`` [req/s]: the same requests, order and relative spacing."""
+    built_rps = _spec_rate(trace)
+    if built_rps is None:
+        raise UserError(f"{path}: the trace records no arrival rate (metadata spec.rate_rps)")
+    frame = trace.requests.copy()
+    frame["arrival_time_s"] = frame["arrival_time_s"] * (built_rps / rate_rps)
+    metadata = json.loads(json.dumps(trace.metadata))
+    metadata.setdefault("spec", {})["rate_rps"] = rate_rps
+    return Trace.from_frame(frame, metadata, source=f"<{path} at {rate_rps:.3g} req/s>")
+
+
 def _arrival_rate(trace: Trace) -> float:
     """``trace``'s arrival rate [req/s]: its spec's ``rate_rps``, else the mean over its arrivals."""
-    rate = (trace.metadata.get("spec") or {}).get("rate_rps")
-    if rate:
-        return float(rate)
+    rate = _spec_rate(trace)
+    if rate is not None:
+        return rate
     arrivals = trace.requests["arrival_time_s"]
     span = float(arrivals.max() - arrivals.min())
     return (len(arrivals) - 1) / span if span > 0 else math.inf
 
 
-def _spec_rate(trace: Trace, path: Path) -> float:
-    """The arrival rate [req/s] ``trace`` (read from ``path``) was built at: its metadata's
-    ``spec.rate_rps``."""
+def _spec_rate(trace: Trace) -> float | None:
+    """The arrival rate [req/s] ``trace`` was built at (its metadata's ``spec.rate_rps``), if any."""
     rate = (trace.metadata.get("spec") or {}).get("rate_rps")
-    if not rate:
-        raise UserError(f"{path}: the trace records no arrival rate (metadata spec.rate_rps)")
-    return float(rate)
+    return float(rate) if rate else None
 
 
 #: Real-run metrics compared round by round against the first scheduler's (``rounds_table``).
@@ -438,8 +448,7 @@ def _refitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str,
                                 f"real runs other than {scheduler}")
         row = {"scheduler": scheduler}
         for prefix, (steps, source) in fits.items():
-            path = FittedLatencyModel.fit(steps, source=source).save(
-                Path(study.output_dir) / prefix.replace("fit", "_fit") / f"{_safe(scheduler)}.json")
+            path = FittedLatencyModel.fit(steps, source=source).save(_refit_path(study, prefix, scheduler))
             result = simulate(trace, _simulation(study, scheduler, path, limits[scheduler]))
             summary = error_summary(request_errors(real_requests[scheduler], result.requests))
             row.update({f"{prefix}_median_jct_error": summary["median_jct_error"],
@@ -448,6 +457,11 @@ def _refitted_errors(study: ServingStudy, trace: Trace, real_requests: dict[str,
                         f"{prefix}_num_preemptions": int(result.summary["num_preemptions"])})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _refit_path(study: ServingStudy, prefix: str, scheduler: str) -> Path:
+    """Where :func:`_refitted_errors` saves ``scheduler``'s ``selffit`` / ``crossfit`` model."""
+    return Path(study.output_dir) / prefix.replace("fit", "_fit") / f"{_safe(scheduler)}.json"
 
 
 def fit_profile(study: ServingStudy, log=print) -> FittedLatencyModel:
