@@ -209,36 +209,6 @@ def test_ordering_promotion_stops_later_arrivals_passing_a_request_that_waited_i
         EconoServeConfig(ordering_promotion_wait_s=0.0)
 
 
-def _start_order(policy, true_output, now: float) -> list[int]:
-    """Step until done; the request ids in the order they were first scheduled."""
-    started = []
-    while policy.has_unfinished_requests():
-        for request in step(policy, true_output, now, check_invariants=True).scheduled:
-            if request.request_id not in started:
-                started.append(request.request_id)
-    return started
-
-
-def test_ordering_promotion_every_shares_out_the_promoted_requests_turns():
-    # As above (u = 1, one sequence at a time), with two long-prompt requests promoted by 6 s
-    # (arrivals 0 and 0.5 s: promoted keys 5 and 5.5 s) and two short ones (keys 11.1 and 13.1 s).
-    # Plain promotion (N = 0) starts both promoted first; with N = 1 a promoted request goes
-    # only after one unpromoted start since the last promoted one, so the turns alternate,
-    # unpromoted first; with N = 4 the unpromoted go first while there are any.
-    true_output = {0: 32, 1: 32, 2: 32, 3: 32}
-    for every, order in ((0, [0, 3, 1, 2]), (1, [1, 0, 2, 3]), (4, [1, 2, 0, 3])):
-        policy = _policy(1000, ordering_prompt_weight=1.0, ordering_promotion_wait_s=5.0,
-                         ordering_promotion_every=every, max_num_seqs=1)
-        for rid, prompt, arrival in ((0, 512, 0.0), (3, 512, 0.5), (1, 16, 2.0), (2, 16, 4.0)):
-            _add(policy, rid, prompt, 32, arrival=arrival)
-        assert _start_order(policy, true_output, now=6.0) == order
-        assert policy.stats.extra["promotions"] == 2
-    with pytest.raises(ValueError, match="ordering_promotion_every needs ordering_promotion_wait_s"):
-        EconoServeConfig(ordering_promotion_every=2)
-    with pytest.raises(ValueError, match="ordering_promotion_every"):
-        EconoServeConfig(ordering_promotion_wait_s=5.0, ordering_promotion_every=-1)
-
-
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
     # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2

@@ -415,13 +415,6 @@ class EconoServeConfig:
         sees it. The dynamic counterpart of ``ordering_horizon_s`` (whose cap applies from the
         arrival on, and at a large ``ordering_prompt_weight`` caps every key: FCFS). ``None`` =
         never promoted. Measured: see the module docstring (*Ordering*).
-    ordering_promotion_every:
-        Share of admissions promoted PTs may take, as ``N`` [PT starts]: a promoted PT goes
-        first only once at least ``N`` unpromoted PTs have started since the last promoted one;
-        until then the first unpromoted PT in key order goes in its place (the promoted PTs
-        wait, in their order, for the next turn). ``0`` = promoted PTs always go first (plain
-        promotion). Only with ``ordering_promotion_wait_s``. Measured: see the module
-        docstring (*Ordering*).
     """
 
     rl_bucket: int = 32
@@ -453,7 +446,6 @@ class EconoServeConfig:
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
     ordering_promotion_wait_s: float | None = None
-    ordering_promotion_every: int = 0
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -489,10 +481,6 @@ class EconoServeConfig:
             raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
         if self.probe_exit not in PROBE_EXITS:
             raise ValueError(f"probe_exit must be one of {', '.join(PROBE_EXITS)}, got {self.probe_exit!r}")
-        if self.ordering_promotion_every < 0:
-            raise ValueError(f"ordering_promotion_every must be >= 0, got {self.ordering_promotion_every}")
-        if self.ordering_promotion_every and self.ordering_promotion_wait_s is None:
-            raise ValueError("ordering_promotion_every needs ordering_promotion_wait_s (it shares out promoted PTs' turns)")
         if self.probe_output_tokens is not None and self.backfill_output_tokens is not None:
             raise ValueError("probe_output_tokens and backfill_output_tokens are two ways past a refused PT: set one")
 
@@ -536,7 +524,6 @@ class EconoServePolicy(Policy):
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
         self._promotions: list[tuple[float, int, Request]] = []  # heap of (promotion time [s], seq, PT)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
-        self._unpromoted_starts = 0  # unpromoted PTs started since the last promoted one
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
                             "probe_evictions"):
@@ -1260,26 +1247,12 @@ class EconoServePolicy(Policy):
     def _next_pt(self, now_s: float) -> int:
         """Index in the PT queue of the PT to start next: the head, or with ``late_demotion_s``
         the first whose key is at most that far in the past (late PTs yield to any PT that can
-        still meet its estimated deadline; the head when every PT is late), then given to an
-        unpromoted PT if promoted PTs do not have their turn (:meth:`_promotion_turn`)."""
+        still meet its estimated deadline; the head when every PT is late)."""
         late = self.config.late_demotion_s
-        index = 0
-        if late is not None and not self.config.no_ordering:
-            index = bisect.bisect_left(self._pt_queue, (now_s - late,))
-            index = index if index < len(self._pt_queue) else 0
-        return self._promotion_turn(index)
-
-    def _promotion_turn(self, index: int) -> int:
-        """With ``ordering_promotion_every = N``: ``index`` if its PT is unpromoted or promoted
-        PTs have their turn (``N`` unpromoted starts since the last promoted one), else the
-        first unpromoted PT after it (``index`` itself when every PT from there is promoted)."""
-        every = self.config.ordering_promotion_every
-        if not every or self._unpromoted_starts >= every:
-            return index
-        for position in range(index, len(self._pt_queue)):
-            if self._pt_queue[position][2].request_id not in self._promoted:
-                return position
-        return index
+        if late is None or self.config.no_ordering:
+            return 0
+        index = bisect.bisect_left(self._pt_queue, (now_s - late,))
+        return index if index < len(self._pt_queue) else 0
 
     def _next_backfill(self, start: int) -> int | None:
         """Index of the first PT from ``start`` on whose allocation is at most
@@ -1343,7 +1316,6 @@ class EconoServePolicy(Policy):
         ``budget``; returns the chunk [tokens]."""
         request = self._pt_queue.pop(index)[2]
         rid = request.request_id
-        self._unpromoted_starts = 0 if rid in self._promoted else self._unpromoted_starts + 1
         reserved = self.kv_cache.reserve(rid, request.num_pending_tokens, use_global_reserve=recompute)
         if reserved:
             decision.kv_reservations[rid] = reserved
