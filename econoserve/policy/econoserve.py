@@ -522,7 +522,7 @@ class EconoServePolicy(Policy):
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
-        self._promotions: list[tuple[float, int, Request]] = []  # heap of (promotion time [s], seq, PT)
+        self._promotions: list[tuple[float, int, tuple]] = []  # heap of (promotion time [s], seq, PT queue entry)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
@@ -672,10 +672,11 @@ class EconoServePolicy(Policy):
         return self.pt_key(request) - bonus
 
     def _push_pt(self, request: Request) -> None:
-        bisect.insort(self._pt_queue, (self.pt_key(request), next(self._sequence), request))
+        entry = (self.pt_key(request), next(self._sequence), request)
+        bisect.insort(self._pt_queue, entry)
         if self._promotes and request.request_id not in self._promoted:
             promote_at_s = request.arrival_time_s + self.config.ordering_promotion_wait_s
-            heapq.heappush(self._promotions, (promote_at_s, next(self._sequence), request))
+            heapq.heappush(self._promotions, (promote_at_s, next(self._sequence), entry))
 
     @property
     def _promotes(self) -> bool:
@@ -689,10 +690,11 @@ class EconoServePolicy(Policy):
         from the next admission (so skipping steady decode steps, during which nothing is
         admitted, changes nothing)."""
         while self._promotions and self._promotions[0][0] <= now_s:
-            at_s, _, request = heapq.heappop(self._promotions)
+            at_s, _, entry = heapq.heappop(self._promotions)
+            request = entry[2]
             rid = request.request_id
-            index = next((i for i, entry in enumerate(self._pt_queue) if entry[2] is request), None)
-            if index is None or rid in self._promoted:
+            index = bisect.bisect_left(self._pt_queue, entry)  # (key, unique seq): no request compared
+            if index == len(self._pt_queue) or self._pt_queue[index] is not entry or rid in self._promoted:
                 continue
             del self._pt_queue[index]
             self._promoted[rid] = at_s
