@@ -522,7 +522,7 @@ class EconoServePolicy(Policy):
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
-        self._promotions: list[tuple[float, int, tuple]] = []  # heap of (promotion time [s], seq, PT queue entry)
+        self._promotions: list[tuple[float, int, tuple[float, int, Request]]] = []  # (promotion time [s], seq, PT queue entry)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
