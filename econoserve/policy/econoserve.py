@@ -685,19 +685,19 @@ class EconoServePolicy(Policy):
 
     def _promote_waiting(self, now_s: float) -> None:
         """Promote every queued PT whose promotion time (arrival + ``ordering_promotion_wait_s``)
-        has come: its key becomes that time and it is re-sorted; entries of PTs that have left
-        the queue (or were promoted already) are dropped. Not an event: the new order counts
-        from the next admission (so skipping steady decode steps, during which nothing is
-        admitted, changes nothing)."""
+        has come: its key becomes that time and it is re-sorted; entries no longer queued (the PT
+        started, or was re-keyed or re-queued under a new entry) are dropped. Not an event: the
+        new order counts from the next admission (so skipping steady decode steps, during which
+        nothing is admitted, changes nothing)."""
         while self._promotions and self._promotions[0][0] <= now_s:
             at_s, _, entry = heapq.heappop(self._promotions)
             request = entry[2]
-            rid = request.request_id
-            index = bisect.bisect_left(self._pt_queue, entry)  # (key, unique seq): no request compared
-            if index == len(self._pt_queue) or self._pt_queue[index] is not entry or rid in self._promoted:
+            # the entry still queued (bisection on its unique (key, seq)); a promoted PT's entry never is
+            index = bisect.bisect_left(self._pt_queue, entry)
+            if index == len(self._pt_queue) or self._pt_queue[index] is not entry:
                 continue
             del self._pt_queue[index]
-            self._promoted[rid] = at_s
+            self._promoted[request.request_id] = at_s
             self._push_pt(request)
             self.stats.extra["promotions"] += 1
 

@@ -359,17 +359,18 @@ def at_load(study: ServingStudy, latency_model: str | Path, log=print) -> tuple[
     return replace(study, trace_path=path, load=None), capacity_rps
 
 
-def rescaled_to_rate(trace: Trace, rate_rps: float, path: str | Path) -> Trace:
-    """``trace`` (read from ``path``) with its arrivals rescaled from the rate it was built at (its
-    spec's ``rate_rps``) to ``rate_rps`` [req/s]: the same requests, order and relative spacing."""
+def rescaled_to_rate(trace: Trace, rate_rps: float, source: str | Path) -> Trace:
+    """``trace`` with its arrivals rescaled from the rate it was built at (its spec's ``rate_rps``)
+    to ``rate_rps`` [req/s]: the same requests, order and relative spacing. ``source`` (its file,
+    or a description) names it in errors and in the result's source."""
     built_rps = _spec_rate(trace)
     if built_rps is None:
-        raise UserError(f"{path}: the trace records no arrival rate (metadata spec.rate_rps)")
+        raise UserError(f"{source}: the trace records no arrival rate (metadata spec.rate_rps)")
     frame = trace.requests.copy()
     frame["arrival_time_s"] = frame["arrival_time_s"] * (built_rps / rate_rps)
     metadata = json.loads(json.dumps(trace.metadata))
     metadata.setdefault("spec", {})["rate_rps"] = rate_rps
-    return Trace.from_frame(frame, metadata, source=f"<{path} at {rate_rps:.3g} req/s>")
+    return Trace.from_frame(frame, metadata, source=f"<{source} at {rate_rps:.3g} req/s>")
 
 
 def _arrival_rate(trace: Trace) -> float:
