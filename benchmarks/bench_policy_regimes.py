@@ -15,10 +15,13 @@ Alpaca; QMSum; the Azure 2023 conversation and code traces with their real times
 dataset has text (the per-dataset LightGBM model of notebook 03, trained on the training part and
 cached under ``results/policy_regimes/predictors/``; QMSum cross-fitted), the true lengths
 perturbed by +-50 % where it has none (Azure), and the true lengths (``econoserve-oracle``)
-everywhere. A scheduler spec with ``refine=K`` (e.g. ``econoserve[refine=32]``) runs on the same
-requests with the *refined* prediction (:mod:`econoserve.predictor.refine`: prompt + the response's
-first K tokens, trained on the same training part, cached beside the point model), which the
-simulator hands the policy once a request has generated K tokens. With ``--distribution`` the traces also carry the predicted length distribution
+everywhere. Where the predictor is trained (not cross-fitted) the deployment also has the
+*refined* model (:mod:`econoserve.predictor.refine`: prompt + the response's first ``k`` tokens,
+trained on the same training part, cached beside the point model; ``k`` =
+``PredictorTraining.refine_after_tokens``, 16), and the simulator hands every scheduler the
+refined prediction once a request has generated ``k`` tokens (EconoServe's probes need it). A
+scheduler spec with ``refine=K`` runs on the same requests refined after ``K`` tokens instead
+(``econoserve[refine=32]``), or with ``refine=0`` on the prompt-only predictions. With ``--distribution`` the traces also carry the predicted length distribution
 (``predicted_output_quantiles``: 16 equally likely lengths) for EconoServe's
 ``ordering_length`` / ``allocation_length`` / ``reserve_rule`` knobs: from the dataset's
 classification model (50-token buckets, trained on the same prompts, cached beside the point
@@ -63,7 +66,7 @@ GOODPUT_TOLERANCE = 0.02
 #: ``--predictor-objective`` / ``--neighbours`` / ``--prompt-decoupling`` change it).
 PREDICTOR_DEFAULTS = PredictorTraining()
 #: Scheduler-spec option (not a policy knob): run on traces with refined predictions after this
-#: many generated tokens, e.g. ``econoserve[refine=32]``.
+#: many generated tokens instead of the default's, e.g. ``econoserve[refine=32]``; 0 = none.
 REFINE_OPTION = "refine"
 
 
@@ -127,7 +130,7 @@ def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
     plan = _plan(regime, num_requests, seeds, training)
     deployment = plan.deployments[0]
     cross_fit = regime.arrival != "replay" and ex.uses_cross_fit(plan, regime.dataset, deployment)
-    if refine is not None and (regime.arrival == "replay" or cross_fit):
+    if refine is not None and not refinable(regime, num_requests, training):
         raise UserError(f"{regime.name}: refine needs a trained (not cross-fitted) predictor and response text")
     if regime.arrival == "replay":
         return {seed: _replay_trace(regime, plan, deployment, num_requests, seed, distribution) for seed in seeds}
@@ -136,8 +139,7 @@ def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
     if cross_fit:
         pool["predicted_output_tokens"] = ex.cross_fit_predictions(plan, regime.dataset, pool, CACHE)
     if refine is not None:
-        pool["refined_output_tokens"] = ex.refined_predictions(plan, regime.dataset, pool, CACHE, refine)
-        pool["refine_after_tokens"] = refine
+        pool = ex.with_refinements(plan, regime.dataset, pool, CACHE, refine)
     traces = {}
     for seed in seeds:
         trace = ex.unit_rate_trace(pool, regime.dataset, num_requests, seed, {"regime": regime.name})
@@ -249,28 +251,45 @@ def burst_throughput(trace, regime: Regime, seed: int) -> float:
     return float(run(trace, regime, "sarathi", 1e6, seed)["throughput_rps"])
 
 
-def refine_of(scheduler: str) -> int | None:
-    """The scheduler spec's ``refine`` option: refined predictions after that many tokens."""
+def refinable(regime: Regime, num_requests: int, training=None) -> bool:
+    """Can ``regime``'s traces of ``num_requests`` requests carry refined predictions: a trained,
+    not cross-fitted predictor (cross-fitted where the held-out part is smaller than a trace) on a
+    dataset with response text (the refined model reads the response's first tokens)?"""
+    import econoserve.experiments as ex
+    from econoserve.workload.datasets import load_requests
+
+    if regime.arrival == "replay" or regime.predictions != "trained":
+        return False
+    plan = _plan(regime, num_requests, (0,), training)
+    if ex.uses_cross_fit(plan, regime.dataset, plan.deployments[0]):
+        return False
+    return "response_text" in load_requests(regime.dataset, plan.tokenizer).columns
+
+
+def refine_of(scheduler: str, default: int | None) -> int | None:
+    """Refined predictions after how many tokens ``scheduler`` runs on: its spec's ``refine``
+    option (0: none), else ``default`` (the regime's, :func:`score_regime`)."""
     value = parse_policy_spec(scheduler)[1].get(REFINE_OPTION)
-    return None if value is None else int(value)
+    return default if value is None else (int(value) or None)
 
 
 def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int, seeds: tuple[int, ...],
                  progress, distribution: bool = False, training=None) -> pd.DataFrame:
-    """Every scheduler's goodput and diagnostics in ``regime``; a scheduler with the ``refine=k``
-    option runs on the same traces with refined predictions after ``k`` tokens; ``training``: the
-    trained predictor's :class:`~econoserve.experiments.plan.PredictorTraining` (None: default)."""
-    refines = sorted({k for k in map(refine_of, schedulers) if k is not None})
-    traces = unit_rate_traces(regime, num_requests, seeds, distribution, training=training)
-    refined = {k: unit_rate_traces(regime, num_requests, seeds, distribution, refine=k, training=training)
-               for k in refines}
+    """Every scheduler's goodput and diagnostics in ``regime``. Where the regime is
+    :func:`refinable` every scheduler runs on traces refined after ``training``'s
+    ``refine_after_tokens`` (the deployment's refined model), one with the ``refine=k`` option
+    after ``k`` tokens (0: none), all on the same requests and arrivals; ``training``: the trained
+    predictor's :class:`~econoserve.experiments.plan.PredictorTraining` (None: default)."""
+    training = training or PREDICTOR_DEFAULTS
+    default = training.refine_after_tokens if refinable(regime, num_requests, training) else None
+    traces = {k: unit_rate_traces(regime, num_requests, seeds, distribution, refine=k, training=training)
+              for k in sorted({refine_of(s, default) for s in schedulers}, key=lambda k: k or 0)}
     rows = []
-    for seed, plain in traces.items():
+    for seed in seeds:
         def trace_for(scheduler: str):
-            k = refine_of(scheduler)
-            return plain if k is None else refined[k][seed]
+            return traces[refine_of(scheduler, default)][seed]
 
-        guess = 0.8 * burst_throughput(plain, regime, seed)
+        guess = 0.8 * burst_throughput(trace_for("sarathi"), regime, seed)
         found: dict[str, float] = {}
         for scheduler in schedulers:
             start = time.perf_counter()
@@ -281,7 +300,7 @@ def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int,
         best = max(BASELINES, key=lambda s: found.get(s, -1.0))
         for scheduler in schedulers:
             at = run(trace_for(scheduler), regime, scheduler, found[best], seed, tables=True)
-            k = refine_of(scheduler)
+            k = refine_of(scheduler, default)
             rows.append({
                 "regime": regime.name, "seed": seed, "scheduler": scheduler, "kv_bound": regime.kv_bound,
                 "predictions": ("oracle" if parse_policy_spec(scheduler)[0] == "econoserve-oracle"
@@ -345,9 +364,10 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         *([] if args.training == PREDICTOR_DEFAULTS else [
             "", f"Trained predictor: {args.predictor_objective}, {args.max_train or 'all'} training prompts, "
             f"{args.boost_rounds} boosting rounds, {args.neighbours} neighbours, prompt decoupling "
-            f"{'on' if args.prompt_decoupling else 'off'} (default "
-            f"{PREDICTOR_DEFAULTS.objective}, {PREDICTOR_DEFAULTS.max_train}, {PREDICTOR_DEFAULTS.num_boost_round}, "
-            f"{PREDICTOR_DEFAULTS.neighbour_count}, off)."]),
+            f"{'on' if args.prompt_decoupling else 'off'}, refined after {args.training.refine_after_tokens} tokens "
+            f"(default {PREDICTOR_DEFAULTS.objective}, {PREDICTOR_DEFAULTS.max_train}, "
+            f"{PREDICTOR_DEFAULTS.num_boost_round}, {PREDICTOR_DEFAULTS.neighbour_count}, off, "
+            f"{PREDICTOR_DEFAULTS.refine_after_tokens})."]),
         "",
         "## Summary",
         "",
@@ -384,7 +404,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="schedulers to score (default: baselines + EconoServe variants); a name may carry "
                              "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]', and "
                              "'refine=K': the same requests with the prediction refined after K generated tokens "
-                             "from the response so far (trained regimes only), e.g. 'econoserve[refine=32]'")
+                             "from the response so far instead of the default's "
+                             f"{PREDICTOR_DEFAULTS.refine_after_tokens} (trained regimes only), e.g. "
+                             "'econoserve[refine=32]'; 'refine=0': the prompt-only predictions")
     parser.add_argument("--output", default="policy_regimes",
                         help="file stem of the tables under benchmarks/results/ (default policy_regimes)")
     parser.add_argument("--distribution", action="store_true",
@@ -404,13 +426,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--neighbours", type=int, default=PREDICTOR_DEFAULTS.neighbour_count, metavar="M",
                         help="the trained point predictor's neighbour-length block over the M most similar "
                              f"training prompts, out-of-fold over {PREDICTOR_DEFAULTS.neighbour_folds} folds "
-                             "(default 0: off)")
+                             "(default 0: off; no refined model then)")
     parser.add_argument("--prompt-decoupling", action="store_true",
                         help="rescale the trained point predictor's log prediction by one prompt-length factor, "
                              f"fitted on out-of-fold predictions over {PREDICTOR_DEFAULTS.folds} folds of its "
                              "training prompts so that it leans on the prompt length no harder than the training "
-                             "truths do (econoserve.predictor.decoupling; regression objective only, not with "
-                             "refine=K; default off)")
+                             "truths do (econoserve.predictor.decoupling; regression objective only; no refined "
+                             "model then; default off)")
     args = parser.parse_args(argv)
     if args.boost_rounds < 1 or (args.max_train is not None and args.max_train < 10) or args.neighbours < 0:
         parser.error("--boost-rounds must be >= 1, --max-train >= 10 (or 'all') and --neighbours >= 0")
@@ -418,7 +440,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--prompt-decoupling needs --predictor-objective regression, got {args.predictor_objective}")
     args.training = replace(PREDICTOR_DEFAULTS, max_train=args.max_train, num_boost_round=args.boost_rounds,
                             objective=args.predictor_objective, neighbour_count=args.neighbours,
-                            prompt_decoupling=args.prompt_decoupling)
+                            prompt_decoupling=args.prompt_decoupling,
+                            refine_after_tokens=(None if args.neighbours or args.prompt_decoupling
+                                                 else PREDICTOR_DEFAULTS.refine_after_tokens))
     args.num_requests = args.num_requests or (1000 if args.quick else 2000)
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     if args.num_requests < 2:
@@ -433,12 +457,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             value = parse_policy_spec(spec)[1].get(REFINE_OPTION)
         except UserError as exc:
             parser.error(str(exc))
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            parser.error(f"{spec}: {REFINE_OPTION} must be a positive number of tokens, got {value!r}")
-        if value is not None and args.neighbours:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            parser.error(f"{spec}: {REFINE_OPTION} must be a number of tokens (0: none), got {value!r}")
+        if value and args.neighbours:
             parser.error(f"{spec}: {REFINE_OPTION} cannot extend a predictor with --neighbours (its training "
                          "prompts would see themselves among the neighbours)")
-        if value is not None and args.prompt_decoupling:
+        if value and args.prompt_decoupling:
             parser.error(f"{spec}: {REFINE_OPTION} cannot extend a predictor with --prompt-decoupling (the refined "
                          "predictions would not be decoupled)")
     names = args.regimes or (QUICK_REGIMES if args.quick else [r.name for r in REGIMES])

@@ -396,7 +396,7 @@ def test_predictor_training_neighbour_block_keys_its_own_cache_only_when_on():
 
     assert PredictorTraining().cache_key() == PredictorTraining(neighbour_folds=0).cache_key()
     assert "neighbour_count" not in PredictorTraining().cache_key()  # caches from before the fields stay valid
-    on = PredictorTraining(neighbour_count=16)
+    on = PredictorTraining(neighbour_count=16, refine_after_tokens=None)
     assert on.cache_key()["neighbour_count"] == 16 and on.cache_key()["neighbour_folds"] == 5
     plans = [make_plan("quick", predictor="train", predictor_training=t) for t in (PredictorTraining(), on)]
     assert predictor_directory(plans[0], "sharegpt", "out") != predictor_directory(plans[1], "sharegpt", "out")
@@ -412,7 +412,7 @@ def test_predictor_training_prompt_decoupling_keys_its_own_cache_only_when_on():
     from econoserve.experiments.predictors import predictor_config
 
     assert "prompt_decoupling" not in PredictorTraining().cache_key()  # caches from before the field stay valid
-    on = PredictorTraining(prompt_decoupling=True)
+    on = PredictorTraining(prompt_decoupling=True, refine_after_tokens=None)
     assert on.cache_key()["prompt_decoupling"] is True
     plans = [make_plan("quick", predictor="train", predictor_training=t) for t in (PredictorTraining(), on)]
     assert predictor_directory(plans[0], "sharegpt", "out") != predictor_directory(plans[1], "sharegpt", "out")
@@ -420,4 +420,53 @@ def test_predictor_training_prompt_decoupling_keys_its_own_cache_only_when_on():
     assert predictor_config(on).prompt_decoupling_folds == on.folds == 5
     assert predictor_config(on, distribution=True).prompt_decoupling_folds == 0  # the distribution model: off
     with pytest.raises(UserError, match="prompt_decoupling"):
-        PredictorTraining(prompt_decoupling=True, objective="rank")
+        PredictorTraining(prompt_decoupling=True, objective="rank", refine_after_tokens=None)
+
+
+def test_predictor_training_refines_by_default_and_never_keys_the_prompt_only_cache_by_it():
+    """The deployment's refined model (``refine_after_tokens``, default 16) is a partner of the
+    prompt-only model, not part of it: the prompt-only cache key ignores it; only ``train``
+    plans refine; it cannot extend a neighbour-block or prompt-decoupled model."""
+    from econoserve.experiments import PredictorTraining, predictor_directory, refine_after_tokens
+
+    assert PredictorTraining().refine_after_tokens == 16
+    assert PredictorTraining().cache_key() == PredictorTraining(refine_after_tokens=None).cache_key()
+    plans = [make_plan("quick", predictor="train", predictor_training=PredictorTraining(refine_after_tokens=k))
+             for k in (16, None)]
+    assert predictor_directory(plans[0], "sharegpt", "out") == predictor_directory(plans[1], "sharegpt", "out")
+    assert [refine_after_tokens(p) for p in plans] == [16, None]
+    assert refine_after_tokens(make_plan("quick", predictor="oracle")) is None
+    for bad in ({"refine_after_tokens": 0}, {"neighbour_count": 8}, {"prompt_decoupling": True}):
+        with pytest.raises(UserError, match="refine_after_tokens"):
+            PredictorTraining(**bad)
+
+
+@pytest.mark.realdata
+def test_trained_traces_carry_the_refined_model_where_the_dataset_has_responses(tmp_path, monkeypatch):
+    """A ``train`` plan's pool carries the refinement columns (k = ``refine_after_tokens``) for a
+    dataset with response text whose predictions are not cross-fitted (Alpaca); none for a
+    cross-fitted one (QMSum), for ``refine_after_tokens=None`` or for true lengths; and the
+    unit-rate trace keeps them row by row. (The models are stubbed: this checks the wiring.)"""
+    import econoserve.experiments.runner as runner
+
+    calls = []
+
+    def fake_refined(plan, dataset, pool, output_dir, prefix_tokens):
+        calls.append((dataset, prefix_tokens, "response_text" in pool.columns))
+        return pool.assign(refined_output_tokens=pool["output_tokens"] + 1, refine_after_tokens=prefix_tokens)
+
+    monkeypatch.setattr(runner, "with_refinements", fake_refined)
+    monkeypatch.setattr(runner, "cross_fit_predictions", lambda plan, dataset, pool, out: pool["output_tokens"].to_numpy())
+    deployment = DeploymentSpec()
+    plan = make_plan("quick", predictor="train", num_requests=2000)
+    pool, cross_fit = runner.predicted_pool(plan, "alpaca", deployment, tmp_path)
+    assert not cross_fit and calls == [("alpaca", 16, True)]
+    assert (pool["refine_after_tokens"] == 16).all() and "response_text" not in pool.columns
+    trace = unit_rate_trace(pool, "alpaca", 50, seed=0)
+    requests = trace.requests
+    assert trace.has_refinements and (requests["refined_output_tokens"] == requests["output_tokens"] + 1).all()
+    pool, cross_fit = runner.predicted_pool(plan, "qmsum", deployment, tmp_path)
+    assert cross_fit and "refine_after_tokens" not in pool.columns and len(calls) == 1
+    for other in (make_plan("quick", predictor="train", refine_after_tokens=None), make_plan("quick", predictor="oracle")):
+        pool, _ = runner.predicted_pool(other, "alpaca", deployment, tmp_path)
+        assert "refine_after_tokens" not in pool.columns and len(calls) == 1

@@ -24,8 +24,9 @@ def _policy(num_kv_blocks: int, budget: int = 4096, **config):
     return make_policy("econoserve", limits, config)
 
 
-def _add(policy, request_id, prompt, predicted, arrival=0.0) -> Request:
-    request = Request(request_id, arrival, prompt, predicted_output_tokens=predicted)
+def _add(policy, request_id, prompt, predicted, arrival=0.0, refine_after_tokens=None) -> Request:
+    request = Request(request_id, arrival, prompt, predicted_output_tokens=predicted,
+                      refine_after_tokens=refine_after_tokens)
     assert policy.add_request(request) is None
     return request
 
@@ -215,7 +216,7 @@ def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # (arrived later, predicted 16: 31 tokens = 2 blocks) fits beside request 0. Without backfill
     # it waits behind request 1; with backfill_output_tokens = 16 it starts in the same step.
     for backfill, started in ((None, [0]), (16, [0, 2])):
-        policy = _policy(10, backfill_output_tokens=backfill)
+        policy = _policy(10, backfill_output_tokens=backfill, probe_output_tokens=None)
         _add(policy, 0, 16, 96, arrival=0.0)
         _add(policy, 1, 16, 96, arrival=0.0)
         _add(policy, 2, 16, 16, arrival=20.0)
@@ -326,15 +327,16 @@ def test_a_short_answer_predicted_long_starts_at_once_as_a_probe_and_finishes_be
     # predicted 96) peaks at 111 tokens = 7 blocks <= 10 - 3. Request 1 is predicted 96 too
     # (7 + 7 > 7: the curve refuses it) but answers in 4 tokens. Without probes it waits for
     # request 0 to end; as a probe (16 + 16 - 1 tokens = 2 blocks <= 3) it starts in the first
-    # step and finishes while request 0 still runs.
+    # step and finishes while request 0 still runs. Only a request the executor will refine by k
+    # may probe: unrefined (or refined only after k) it waits as without probes.
     true_output = {0: 96, 1: 4}
-    for probe, started in ((None, [0]), (16, [0, 1])):
+    for probe, refine, started in ((None, 16, [0]), (16, None, [0]), (16, 32, [0]), (16, 16, [0, 1]), (32, 16, [0, 1])):
         policy = _policy(10, probe_output_tokens=probe, probe_share=0.3)
-        _add(policy, 0, 16, 96)
-        _add(policy, 1, 16, 96)
+        _add(policy, 0, 16, 96, refine_after_tokens=refine)
+        _add(policy, 1, 16, 96, refine_after_tokens=refine)
         assert [r.request_id for r in step(policy, true_output, check_invariants=True).scheduled] == started
         _until(policy, true_output, lambda: not policy.kv_cache.holds(1) and not policy.pt_queue())
-        assert policy.kv_cache.holds(0) == (probe is not None)  # request 0 still runs
+        assert policy.kv_cache.holds(0) == (len(started) == 2)  # request 0 still runs
         assert not _run(policy, true_output)
     assert policy.stats.extra["probes"] == 1 and policy.stats.extra["probes_past_k"] == 0
 
@@ -344,8 +346,8 @@ def _probe_at_k(num_kv_blocks: int, **config):
     prediction, true 40 tokens) is refused by the curve, starts as a probe (k = 16, lane
     ``floor(0.3 x num_kv_blocks)``) and is stepped until it has generated its 16 tokens."""
     policy = _policy(num_kv_blocks, probe_output_tokens=16, probe_share=0.3, **config)
-    _add(policy, 0, 16, 96)
-    request = _add(policy, 1, 16, 96)
+    _add(policy, 0, 16, 96, refine_after_tokens=16)
+    request = _add(policy, 1, 16, 96, refine_after_tokens=16)
     true_output = {0: 96, 1: 40}
     _until(policy, true_output, lambda: request.num_output_tokens == 16)
     assert policy.stats.extra["probes"] == 1
@@ -419,11 +421,11 @@ def test_a_paused_probe_is_passed_only_by_a_smaller_key(arrival, passes):
     # (7 + 2 + 2 <= 12 - 1) and the lane has no room for its probe (2 > 3 - 2). Arrived at 0 s
     # (key 3.26 s) it starts at once; at 20 s (key 23.26 s) it waits until request 1 resumes.
     policy = _policy(12, probe_output_tokens=16, probe_share=0.25, probe_exit="pause")
-    _add(policy, 0, 16, 96)
-    paused = _add(policy, 1, 16, 96)
+    _add(policy, 0, 16, 96, refine_after_tokens=16)
+    paused = _add(policy, 1, 16, 96, refine_after_tokens=16)
     true_output = {0: 96, 1: 40, 2: 16}
     _until(policy, true_output, lambda: paused.num_output_tokens == 16)
-    late = _add(policy, 2, 16, 16, arrival=arrival)
+    late = _add(policy, 2, 16, 16, arrival=arrival, refine_after_tokens=16)
     _until(policy, true_output, lambda: late in policy.running or paused in policy.running)
     assert (late in policy.running) == passes
     assert (paused in policy.gt_queue()) == passes

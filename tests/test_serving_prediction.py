@@ -193,8 +193,8 @@ def test_refinement_needs_predictions_to_refine(model_dir, refined_model):
 def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, refined_model, probes, monkeypatch):
     """The real CPU engine (random weights: the generated text, and so the refined values, mean
     nothing) with every request arriving at once (``time_scale=0``, a timing-independent
-    schedule), plain or with probes at the same ``k`` (the best measured variant in the
-    simulator): exact lengths, each request longer than ``k`` refined once at ``k`` tokens, none
+    schedule), without probes or with probes at the same ``k`` (the default's rule, in a
+    wider lane): exact lengths, each request longer than ``k`` refined once at ``k`` tokens, none
     of the others; the pure-Python replay, fed the logged refinements, asks for exactly the
     batches vLLM ran, and the simulator, on the trace with the engine's refined values
     (``trace_with_served_refinements``), refines the same requests at ``k`` to the same values."""
@@ -202,9 +202,10 @@ def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, ref
     k = RefinedLengthPredictor.load(refined_model).prefix_tokens
     outputs = dict(zip(trace.requests["request_id"], trace.requests["output_tokens"]))
     assert 0 < sum(n > k for n in outputs.values()) < len(outputs)
+    policy_config = {"probe_output_tokens": k, "probe_share": 0.25} if probes else {"probe_output_tokens": None}
     result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=1024, max_model_len=448,
                              time_scale=0.0, options={"refined_predictor": str(refined_model)},
-                             policy_config={"probe_output_tokens": k, "probe_share": 0.25} if probes else None)
+                             policy_config=policy_config)
     requests = result.requests
     assert (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()
@@ -233,7 +234,7 @@ def test_refinement_runs_in_the_real_engine_and_replays(model_dir, tmp_path, ref
     monkeypatch.setattr(Policy, "refine_prediction", recording)
     shape = EngineShape.from_run_config(result.config)
     config = simulation_config(shape, "econoserve", "roofline", model="opt-13b",
-                               policy_config={"probe_output_tokens": k, "probe_share": 0.25} if probes else {})
+                               policy_config=policy_config)
     simulate(trace_with_served_refinements(trace, records), config)
     served = sorted((rows[r.policy_request_id], r.num_output_tokens, r.predicted_output_tokens) for r in refines)
     assert sorted(simulated_refines) == served

@@ -372,19 +372,21 @@ def test_econoserve_serves_a_trace_with_exact_lengths_and_its_decisions_replay(m
     assert report.num_steps == len(steps) and report.num_finished == 32
 
 
+@pytest.mark.realdata
 @pytest.mark.parametrize("probe_exit", ["continue", "pause", "evict"])
-def test_econoserve_probes_run_in_the_real_engine_and_replay(model_dir, tmp_path, probe_exit):
-    """EconoServe's probes (a knob of the same policy object) inside vLLM: +-50 % predictions and
-    a cache the load overfills, so the curve refuses prompts and probes start (and, by
-    ``probe_exit``, go on, pause or are evicted at k tokens); every request gets exactly its
-    length, KV stays within the cache, and the pure-Python replay asks for exactly the batches
-    vLLM ran. Every request arrives at once (``time_scale=0``), so the schedule, and with it
-    which probes pause or are evicted, does not depend on how fast this machine steps."""
+def test_econoserve_probes_run_in_the_real_engine_and_replay(model_dir, tmp_path, refined_model, probe_exit):
+    """EconoServe's probes (a knob of the same policy object) inside vLLM with a refined model at
+    ``k = 8`` (without one nothing probes): +-50 % predictions and a cache the load overfills, so
+    the curve refuses prompts and probes start (and, by ``probe_exit``, go on, pause or are
+    evicted at k tokens); every request gets exactly its length, KV stays within the cache, and
+    the pure-Python replay asks for exactly the batches vLLM ran. Every request arrives at once
+    (``time_scale=0``), so the schedule, and with it which probes pause or are evicted, does not
+    depend on how fast this machine steps."""
     _require_policy("econoserve")
     trace = _synthetic_trace(24, seed=9, max_prompt=160, max_output=64, prediction_error=0.5)
     config = {"probe_output_tokens": 8, "probe_share": 0.25, "probe_exit": probe_exit}
     result, records = _serve(model_dir, tmp_path, trace, "econoserve", kv_cache_tokens=1024, max_model_len=448,
-                             policy_config=config, time_scale=0.0)
+                             policy_config=config, time_scale=0.0, options={"refined_predictor": str(refined_model)})
     requests = result.requests
     assert (requests["status"] == "finished").all()
     assert (requests["generated_tokens"] == trace.requests["output_tokens"].to_numpy()).all()

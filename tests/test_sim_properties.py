@@ -130,7 +130,7 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 #: pausing or evicted at k), KV-cost ordering (with paused probes in the merged key order) and
 #: promotion of long-waiting PTs (re-sorted while they wait, preempted requests among them).
 ECONOSERVE_VARIANTS = (
-    {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32},
+    {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32, "probe_output_tokens": None},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
     {"kvcpipe": "curve", "late_demotion_s": 0.01, "ordering_length_weight": 0.25},
     {"kvcpipe": "tail", "overbooking": 0.2},
@@ -149,9 +149,15 @@ ECONOSERVE_VARIANTS = (
 
 @pytest.mark.parametrize("options", ECONOSERVE_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workload=workloads())
-def test_econoserve_variants_never_over_commit_and_finish_every_request_once(options, workload):
+@given(workload=workloads(), data=st.data())
+def test_econoserve_variants_never_over_commit_and_finish_every_request_once(options, workload, data):
+    """Every variant on a drawn workload (with probes, its trace carries refined predictions at
+    the probes' ``k``: only a request refined by ``k`` probes): no KV over-commit, every request
+    finishes once or is rejected with a reason, skip-ahead changes nothing."""
     trace, block_size, num_kv_blocks, budget = workload
+    if options.get("probe_output_tokens"):
+        refined = data.draw(st.lists(st.integers(1, 300), min_size=len(trace), max_size=len(trace)))
+        trace = trace.with_refinements(refined, options["probe_output_tokens"])
     config = _config("econoserve", block_size, num_kv_blocks, budget)
     config = SimulationConfig(**{**config.to_dict(), "policy_config": {**config.policy_config, **options}})
     result = simulate(trace, config)  # check_invariants: the KV accounting after every step

@@ -54,8 +54,12 @@ Documented choices:
   at which the observation and per-scheduler figures are drawn. Two significant digits.
 * **Predictions.** ``predictor``: a saved model directory, ``oracle`` (the true lengths), ``none``,
   or ``train`` (train a per-dataset LightGBM regression model on the training part, cached under
-  ``output_dir/predictors/``). Baselines ignore predictions; ``econoserve-oracle`` always uses
-  true lengths.
+  ``output_dir/predictors/``). With ``train`` the deployment also has a refined model
+  (``PredictorTraining.refine_after_tokens``, default 16 tokens): where the dataset has response
+  text and is not cross-fitted (Alpaca, ShareGPT; not QMSum) the traces carry each request's
+  prediction refined after its first 16 tokens, which the simulator hands the policy then (and
+  which EconoServe's probes need). Baselines ignore predictions; ``econoserve-oracle`` always uses
+  true lengths (and is never refined).
 * **SLO.** ``slo_scale`` is the simulator's SLO (JCT <= scale x isolated time) and, for policies
   whose configuration has a ``slo_scale`` field (EconoServe's Ordering), theirs too.
 """
@@ -96,9 +100,11 @@ from econoserve.experiments.predictors import (
     ensure_refined_predictor,
     predict_lengths,
     predictor_directory,
+    refine_after_tokens,
     refined_directory,
     refined_predictions,
     uses_cross_fit,
+    with_refinements,
 )
 from econoserve.experiments.runner import (
     TASKS_DIRECTORY,
@@ -153,6 +159,7 @@ __all__ = [
     "predict_lengths",
     "predictor_directory",
     "rate_grid",
+    "refine_after_tokens",
     "refined_directory",
     "refined_predictions",
     "request_pool",
@@ -162,6 +169,7 @@ __all__ = [
     "simulation_config",
     "unit_rate_trace",
     "uses_cross_fit",
+    "with_refinements",
     "without_schedulers",
     "without_text",
 ]

@@ -102,7 +102,16 @@ class PredictorTraining:
     fitted on out-of-fold predictions over :attr:`folds` folds of its training prompts, so that it
     leans on the prompt length no harder than the training truths do
     (:mod:`econoserve.predictor.decoupling`; ``regression`` only). Off by default, and left out of
-    the cache key while off."""
+    the cache key while off.
+
+    ``refine_after_tokens`` (``k``): the deployment also has a *refined* model
+    (:mod:`econoserve.predictor.refine`: the length from the prompt and the response's first ``k``
+    tokens, trained on the same training part), so traces of a dataset with response text whose
+    predictor is trained, not cross-fitted, carry ``refined_output_tokens`` /
+    ``refine_after_tokens`` and the executor refines each request's prediction after ``k``
+    tokens (EconoServe's probes need it). Default 16; ``None`` = the prompt-only model alone. It
+    does not change the prompt-only model (not in its cache key), and it cannot extend a model
+    with the neighbour block or prompt decoupling."""
 
     max_train: int | None = 4000
     num_boost_round: int | None = 100
@@ -114,6 +123,7 @@ class PredictorTraining:
     neighbour_count: int = 0
     neighbour_folds: int = 5
     prompt_decoupling: bool = False
+    refine_after_tokens: int | None = 16
 
     def __post_init__(self) -> None:
         if self.objective not in POINT_OBJECTIVES:
@@ -124,11 +134,17 @@ class PredictorTraining:
                             f"(leave-one-out) or >= 2, got {self.neighbour_count} and {self.neighbour_folds}")
         if self.prompt_decoupling and self.objective != "regression":
             raise UserError(f"predictor_training.prompt_decoupling needs the regression objective, got {self.objective!r}")
+        if self.refine_after_tokens is not None and self.refine_after_tokens < 1:
+            raise UserError(f"predictor_training.refine_after_tokens must be >= 1 or None, got {self.refine_after_tokens}")
+        if self.refine_after_tokens is not None and (self.neighbour_count or self.prompt_decoupling):
+            raise UserError("predictor_training.refine_after_tokens: a refined model cannot extend a predictor with "
+                            "the neighbour block or prompt decoupling; set refine_after_tokens=None")
 
     def cache_key(self) -> dict:
-        """The fields that determine the trained models (``objective``, the neighbour block and
-        ``prompt_decoupling`` only when not the default)."""
+        """The fields that determine the prompt-only models (``objective``, the neighbour block and
+        ``prompt_decoupling`` only when not the default; never ``refine_after_tokens``)."""
         key = asdict(self)
+        del key["refine_after_tokens"]
         if self.objective == "regression":
             del key["objective"]
         if not self.neighbour_count:
@@ -256,6 +272,7 @@ def make_plan(
     jobs: int = 2,
     sensitivity: bool | SensitivityPlan = True,
     policy_configs: Mapping[str, Mapping[str, object]] | None = None,
+    refine_after_tokens: int | None = PredictorTraining.refine_after_tokens,
     **overrides,
 ) -> ExperimentPlan:
     """The plan of ``profile`` with the notebook's parameters applied (``None`` = the profile's).
@@ -265,6 +282,8 @@ def make_plan(
     dataset -> list; ``None`` = the automatic grid. ``seed``: one seed or a list.
     ``policy_configs``: per scheduler, overrides of its policy's knobs (e.g.
     ``{"sarathi": {"token_budget": 1024}}``), applied to every run of that scheduler.
+    ``refine_after_tokens``: ``k`` of the trained predictor's refined partner
+    (:class:`PredictorTraining`; ``None`` = prompt-only predictions).
     ``overrides``: any other :class:`ExperimentPlan` field.
     """
     if profile not in PROFILES:
@@ -317,7 +336,8 @@ def make_plan(
         seeds=seeds,
         slo_scale=float(slo_scale),
         predictor=str(predictor),
-        predictor_training=defaults["predictor_training"],
+        predictor_training=replace(defaults["predictor_training"],
+                                   refine_after_tokens=None if refine_after_tokens is None else int(refine_after_tokens)),
         sensitivity=sens,
         jobs=int(jobs),
         policy_configs={str(k): dict(v) for k, v in (policy_configs or {}).items()},

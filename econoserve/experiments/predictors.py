@@ -157,6 +157,25 @@ def refined_predictions(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, 
     return model.predict(pool["prompt_text"].tolist(), pool["response_text"].tolist())
 
 
+def refine_after_tokens(plan: ExperimentPlan) -> int | None:
+    """``k`` of the plan's refined model [tokens] (``predictor_training.refine_after_tokens``), or
+    ``None`` where traces carry no refinements: a predictor other than ``train`` (oracle lengths
+    need none; a saved model has no refined partner)."""
+    return plan.predictor_training.refine_after_tokens if plan.predictor == "train" else None
+
+
+def with_refinements(plan: ExperimentPlan, dataset: str, pool: pd.DataFrame, output_dir: str | Path,
+                     prefix_tokens: int) -> pd.DataFrame:
+    """``pool`` (with ``prompt_text`` and ``response_text``) with the trace columns of a refinement
+    after ``prefix_tokens`` tokens: ``refined_output_tokens`` (:func:`refined_predictions`) and
+    ``refine_after_tokens``; the executor hands the refined value to the policy once a request has
+    generated that many tokens unfinished."""
+    pool = pool.copy()
+    pool["refined_output_tokens"] = refined_predictions(plan, dataset, pool, output_dir, prefix_tokens)
+    pool["refine_after_tokens"] = prefix_tokens
+    return pool
+
+
 def cross_fit_folds(source_index: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold of each row, whole source records per fold (:func:`econoserve.predictor.data.record_folds`)."""
     from econoserve.predictor.data import record_folds

@@ -28,7 +28,13 @@ from econoserve.experiments.plan import (
     rate_grid,
     without_schedulers,
 )
-from econoserve.experiments.predictors import cross_fit_predictions, predict_lengths, uses_cross_fit
+from econoserve.experiments.predictors import (
+    cross_fit_predictions,
+    predict_lengths,
+    refine_after_tokens,
+    uses_cross_fit,
+    with_refinements,
+)
 from econoserve.experiments.workloads import at_rate, perturb_lengths, request_pool, unit_rate_trace, without_text
 from econoserve.results import read_results, write_results
 from econoserve.sim.cluster import simulate
@@ -154,6 +160,24 @@ class ExperimentResults:
 TASKS_DIRECTORY = "tasks"
 
 
+def predicted_pool(plan: ExperimentPlan, dataset: str, deployment: DeploymentSpec,
+                   output_dir: str | Path) -> tuple[pd.DataFrame, bool]:
+    """``dataset``'s request pool for ``deployment`` (:func:`request_pool`, with prompt text where
+    the plan predicts from it) and whether its predictions are cross-fitted: then the pool holds
+    them (``predicted_output_tokens``); else, with a trained predictor and response text, it holds
+    the refinement columns of the plan's refined model (``refined_output_tokens``,
+    ``refine_after_tokens``; see :class:`PredictorTraining`)."""
+    cross_fit = uses_cross_fit(plan, dataset, deployment)
+    refine = None if cross_fit else refine_after_tokens(plan)
+    pool = request_pool(dataset, plan, deployment, with_text=plan.predictor not in ("oracle", "none"),
+                        held_out=False if cross_fit else None, with_responses=refine is not None)
+    if cross_fit:
+        pool["predicted_output_tokens"] = cross_fit_predictions(plan, dataset, pool, output_dir)
+    if refine is not None and "response_text" in pool.columns:
+        pool = with_refinements(plan, dataset, pool, output_dir, refine).drop(columns=["response_text"])
+    return pool, cross_fit
+
+
 def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool = True,
                     allow_missing: bool = False, backend: Backend | None = None) -> ExperimentResults:
     """Run ``plan``: saturation bursts, the rate sweep (main schedulers and ablations; iteration
@@ -179,14 +203,10 @@ def run_experiments(plan: ExperimentPlan, output_dir: str | Path, progress: bool
     clock = time.perf_counter()
 
     # traces: one unit-rate trace per deployment, dataset and seed, with predictions
-    needs_text = run_plan.predictor not in ("oracle", "none")
     traces: dict[tuple[str, str, int], Trace] = {}
     for deployment in run_plan.deployments:
         for dataset in run_plan.datasets:
-            cross_fit = uses_cross_fit(run_plan, dataset, deployment)
-            pool = request_pool(dataset, run_plan, deployment, with_text=needs_text, held_out=False if cross_fit else None)
-            if cross_fit:
-                pool["predicted_output_tokens"] = cross_fit_predictions(run_plan, dataset, pool, output_dir)
+            pool, cross_fit = predicted_pool(run_plan, dataset, deployment, output_dir)
             for seed in run_plan.seeds:
                 trace = unit_rate_trace(pool, dataset, run_plan.num_requests, seed,
                                         {"deployment": deployment.name, "predictor": run_plan.predictor,

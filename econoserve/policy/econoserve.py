@@ -115,7 +115,7 @@ GB / 40 GB / Gamma CV 3 with the trained predictor: 1.01 / 1.09 / 1.03 at ``u = 
 ``u = 0`` -> 64 -> 256: Alpaca 1.06 -> 1.11 -> 1.11, QMSum 1.05 -> 1.17 -> 1.19, Azure conv (+-50 %
 lengths) 1.05 -> 1.09 -> 1.12 (p99 JCT 1.18x -> 1.24x -> 1.27x), Azure code 1.28 -> 2.05 -> 2.07
 (p99 1.15x -> 1.23x -> 1.24x). 64 takes nearly all of 256's gain with half the keys' spread (the
-arrival time counts twice as much). With probes and refinement at ``k = 16``: 1.05 / 1.13 / 1.03
+arrival time counts twice as much). With probes (lane 0.1) and refinement at ``k = 16``: 1.05 / 1.13 / 1.03
 at ``u = 0``, 1.16 / 1.36 / 1.08 at ``u = 64`` (p99 JCT 1.04 / 1.17 / 1.04x). Short prompts are
 served first (ShareGPT 80 GB: prompts of at most 64 tokens TTFT p90 14 s -> 0.3 s near the
 goodput rate), long prompts wait longer. The trained predictor keeps gaining up to ``u`` in the
@@ -157,8 +157,12 @@ goodput rate +0.3 / +0.5 / -0.1 / +0.1 points: within the 2 % bisection step.
 
 **Probes** (``probe_output_tokens = k``, ``probe_share = s``, ``probe_exit``, with
 ``kvcpipe="all"``; in the spirit of FastServe's skip-join MLFQ: a request's first ``k`` tokens do
-not trust its predicted length). A *probe lane* of ``L = floor(s * num_blocks)`` blocks is set
-aside: a probe counts its *probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the
+not trust its predicted length). Only a request whose prediction the executor will refine by
+``k`` tokens (``Request.refine_after_tokens <= k``, *Refined predictions* below) may probe: a probe
+starts before its length is trusted and is re-sized when the refined prediction arrives; without
+one it would only defer the same prediction (measured below). A *probe lane* of ``L = floor(s *
+num_blocks)`` blocks is set aside from the first arrival refined by ``k`` on (an executor without
+refinement keeps none, and the policy is then exactly the one without probes): a probe counts its *probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the
 curve's capacity (point 6) for a full-term admission is the usual one less the lane's unused
 part, ``L - sum(probe sizes)``; in the curve a probe is a *hold* term (its probe size from now
 on). PT admission as before until the curve or the free pool refuses a PT; from that PT on, in
@@ -183,8 +187,17 @@ in flight; else it is *evicted*: preempted by recompute (its KV freed at once; i
 kept, to be re-prefilled with the prompt; counted as a preemption and in ``probe_evictions``) and
 queued as a PT by its PT key, admitted later by the curve with its full term (prompt + ``k``
 tokens from its prefill on, ``A - k`` to grow), never as a probe again. KV is never over-committed
-(every block comes from the free pool or the reserve). Off by default: measured (quick mode, 1000
-requests; ``benchmarks/results/policy_probe_quick.md``, ``policy_probe_notes.md``) goodput /
+(every block comes from the free pool or the reserve). **Default ``k = 16, s = 0.03``,
+``continue``**, measured with refinement at ``k`` in full mode (2000 requests, 2 seeds;
+``benchmarks/results/policy_probe_share_notes.md``): goodput / Sarathi's at 80 GB / 40 GB / Gamma
+CV 3 1.12 / 1.18 / 1.07 (p99 JCT 1.03 / 1.03 / 1.01x), against 1.06 / 1.19 / 1.06 without probes
+or refinement; on three more traces 1.10-1.12 at 80 GB (1.07 without). The lane's width is the
+trade: with ``s = 0.1`` 1.16 / 1.36 / 1.08 but p99 1.17x at 40 GB (probes that go on past ``k``
+over-fill the curve: 2.7 % of requests preempted there, 1.4 % with ``s = 0.03``). Probes without
+refinement (the rule above forbids them) measured 1.07-1.10 at 80 GB and raised the Azure
+conversation trace's p99 JCT from 1.24x to 1.33x Sarathi's. Earlier settings (quick mode, 1000
+requests, probes without refinement; ``benchmarks/results/policy_probe_quick.md``,
+``policy_probe_notes.md``) goodput /
 Sarathi's at 80 GB / 40 GB / Gamma CV 3 / Azure conv: default 1.03 / 1.07 / 1.03 / 1.07 (p99
 JCT 0.98 / 0.99 / 1.00 / 1.09x); ``k = 16, s = 0.1`` 1.04 / 1.09 / 1.03 / 1.07 (0.99 / 1.04 /
 1.00 / 1.27x); ``k = 32, s = 0.2`` 1.06 / 1.09 / 1.04 / 1.09 (1.01 / 1.14 / 1.00 / 1.66x);
@@ -202,7 +215,7 @@ time: goodput / Sarathi's in full mode (2000 requests, 2 seeds) at 80 GB / 40 GB
 1.08 / 1.07 / 1.01 (p99 JCT 1.03 / 1.39 / 1.01x) with ``k = 32, s = 0.2``, against 1.05 / 1.13 /
 1.03 (1.02 / 1.10 / 1.01x) for ``continue`` at ``k = 16, s = 0.1`` with refinement (below).
 Evicting against the lane-reduced capacity of a new PT instead (all probes past ``k`` but the
-few that fit it) was worse than the default everywhere (35-58 % of requests preempted at 40 GB).
+few that fit it) was worse than ``continue`` everywhere (35-58 % of requests preempted at 40 GB).
 
 **The predicted distribution** (optional; ``predicted_output_quantiles`` of a request: ``K``
 equally likely lengths ``s_1 <= .. <= s_K`` [tokens], e.g. the bucket quantiles of the
@@ -235,9 +248,10 @@ kept. Measured (2000 requests, 2 seeds; ``benchmarks/results/policy_refine_notes
 than 16 tokens at Spearman 0.68 (prompt-only 0.53). Goodput / Sarathi's at 80 GB / 40 GB / Gamma
 CV 3 was 1.01 / 1.10 / 1.03 with refinement at ``k = 16`` (default 1.01 / 1.09 / 1.03): the refined
 value arrives after the request was admitted, and admission order is where the oracle gains. With
-probes at the same ``k`` it was 1.05 / 1.13 / 1.03 (p99 JCT 1.02 / 1.10 / 1.01x), the best measured
-with the trained predictor, and still short of 1.10 at 80 GB and with Gamma arrivals. Without the
-columns nothing changes.
+probes at the same ``k`` (lane 0.1, ``u = 0``) it was 1.05 / 1.13 / 1.03 (p99 JCT 1.02 / 1.10 /
+1.01x); with the KV-cost order and the default lane see *Probes*. The executor declares the
+refinement point at arrival (``Request.refine_after_tokens``), so the policy knows which requests
+may probe. Without refinement nothing changes, and nothing probes.
 
 **Ablations** (point 9): ``no_kvcpipe``, ``no_ordering``, ``no_syncdecoupled`` (one coupled
 queue: a request decodes as soon as its prompt is done, KV on demand as in vLLM, the victim of
@@ -377,16 +391,19 @@ class EconoServeConfig:
     probe_output_tokens:
         Length of the length-agnostic first phase ``k`` [tokens], with ``kvcpipe="all"``: once
         the occupancy curve (or the free pool) refuses a PT, it and the PTs behind it in key
-        order that have generated fewer than ``k`` tokens may start as *probes* in the probe
-        lane (``probe_share``), each counted there at ``prompt + k - 1`` tokens whatever its
-        prediction; at ``k`` generated tokens a probe leaves the lane (see the module
-        docstring, *Probes*); ``None`` = no probes. Not with ``backfill_output_tokens`` (two
-        ways past a refused PT).
+        order that have generated fewer than ``k`` tokens and whose prediction the executor
+        will refine by then (``Request.refine_after_tokens <= k``) may start as *probes* in the
+        probe lane (``probe_share``), each counted there at ``prompt + k - 1`` tokens whatever
+        its prediction; at ``k`` generated tokens a probe leaves the lane (see the module
+        docstring, *Probes*). Default 16; ``None`` = no probes. Without refinement (no refined
+        model, true lengths) nothing probes. Not with ``backfill_output_tokens`` (two ways past
+        a refused PT: set ``probe_output_tokens=None`` to backfill).
     probe_share:
         The probe lane [fraction of the KV blocks]: probes hold at most this share of the cache,
         each counted at its probe size ``blocks_for(prompt + k - 1)``, and the lane's unused
-        part is kept out of the curve's capacity for full-term admissions. Used only with
-        ``probe_output_tokens``.
+        part is kept out of the curve's capacity for full-term admissions. Default 0.03 (the
+        narrowest lane that keeps the 80 GB gain; wider lanes over-fill the curve past ``k``,
+        see *Probes*). Used only with ``probe_output_tokens``.
     probe_exit:
         What a probe does at ``k`` tokens unfinished: ``continue``, it goes on as a plain
         request (its full term enters the curve; preemption is the backstop); ``pause``, it
@@ -441,8 +458,8 @@ class EconoServeConfig:
     ordering_quantile: float = 0.25
     reserve_rule: str = "fixed"
     allocation_length: str = "point"
-    probe_output_tokens: int | None = None
-    probe_share: float = 0.1
+    probe_output_tokens: int | None = 16
+    probe_share: float = 0.03
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
     ordering_promotion_wait_s: float | None = None
@@ -482,7 +499,8 @@ class EconoServeConfig:
         if self.probe_exit not in PROBE_EXITS:
             raise ValueError(f"probe_exit must be one of {', '.join(PROBE_EXITS)}, got {self.probe_exit!r}")
         if self.probe_output_tokens is not None and self.backfill_output_tokens is not None:
-            raise ValueError("probe_output_tokens and backfill_output_tokens are two ways past a refused PT: set one")
+            raise ValueError("probe_output_tokens and backfill_output_tokens are two ways past a refused PT: "
+                             "set probe_output_tokens=None to backfill")
 
 
 def _pipelines_every_request(cfg: EconoServeConfig) -> bool:
@@ -522,6 +540,7 @@ class EconoServePolicy(Policy):
         self._probing: dict[int, Request] = {}  # probes (running or paused) not yet admitted further
         self._paused: set[int] = set()  # probes at k tokens waiting in the GT queue
         self._exiting: dict[int, Request] = {}  # probes at k tokens, to go on or be evicted next step
+        self._lane_open = False  # the executor refines by k (see _enqueue): the probe lane exists
         self._promotions: list[tuple[float, int, tuple[float, int, Request]]] = []  # (promotion time [s], seq, PT queue entry)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
         if self._probes_on:
@@ -718,6 +737,8 @@ class EconoServePolicy(Policy):
         return None
 
     def _enqueue(self, request: Request) -> None:
+        if self._probes_on and not self._lane_open and self._refined_by_k(request):
+            self._lane_open = True  # the executor refines predictions: probes may start from now on
         self._push_pt(request)
         self._event = True  # an arrival
 
@@ -841,14 +862,21 @@ class EconoServePolicy(Policy):
             self._preempt(request, decision)
             members, flight = self._flight_terms()
 
+    def _refined_by_k(self, request: Request) -> bool:
+        """Will the executor refine ``request``'s prediction by ``k`` tokens (``refine_after_tokens <= k``)?"""
+        refine_at = request.refine_after_tokens
+        return refine_at is not None and refine_at <= self.config.probe_output_tokens
+
     def _probe_eligible(self, request: Request) -> bool:
-        """A PT may start as a probe if it has not yet generated ``k`` tokens (a preempted probe
-        may probe again; a request admitted further may not)."""
-        return request.num_output_tokens < self.config.probe_output_tokens
+        """A PT may start as a probe if the executor will refine its prediction by ``k`` tokens
+        and it has not yet generated ``k`` tokens (a preempted probe may probe again; a request
+        admitted further may not)."""
+        return self._refined_by_k(request) and request.num_output_tokens < self.config.probe_output_tokens
 
     def _lane_blocks(self) -> int:
-        """The probe lane: ``probe_share`` of the KV blocks [blocks]."""
-        return int(self.config.probe_share * self.kv_cache.num_blocks)
+        """The probe lane: ``probe_share`` of the KV blocks once the first request refined by
+        ``k`` has arrived, else none (an executor without refinement never probes) [blocks]."""
+        return int(self.config.probe_share * self.kv_cache.num_blocks) if self._lane_open else 0
 
     def _lane_used_blocks(self, excluded: Request | None = None) -> int:
         """The probe sizes of the probes (running or paused) but ``excluded`` [blocks]."""
@@ -861,10 +889,10 @@ class EconoServePolicy(Policy):
 
     def _start_probes(self, start: int, budget: int, decision: SchedulerDecision) -> None:
         """Start PTs from index ``start`` of the PT queue on, in queue order, as probes in the
-        probe lane (see the module docstring): skipping PTs that have generated ``k`` tokens,
+        probe lane (see the module docstring): skipping PTs not eligible (:meth:`_probe_eligible`),
         stopping at the first whose probe size does not fit in the lane's unused part or whose
-        prompt does not fit in the free pool. Nothing without ``probe_output_tokens``."""
-        if not self._probes_on:
+        prompt does not fit in the free pool. Nothing without an open lane (:meth:`_lane_blocks`)."""
+        if not self._lane_open:
             return
         kv = self.kv_cache
         share_left = self._lane_blocks() - self._lane_used_blocks()
@@ -1223,7 +1251,7 @@ class EconoServePolicy(Policy):
         kv = self.kv_cache
         capacity = int((kv.num_blocks - self._curve_reserve_blocks(candidate)) * (1.0 + self.config.overbooking))
         in_lane = candidate.request_id in self._paused or candidate.request_id in self._exiting
-        if self._probes_on and not in_lane:  # the lane's unused part
+        if self._lane_open and not in_lane:  # the lane's unused part
             capacity -= max(0, self._lane_blocks() - self._lane_used_blocks(excluded=candidate))
         return capacity
 

@@ -13,7 +13,8 @@ Preemption by recompute (vLLM's default) frees the request's KV and resets
 generated (``num_tokens`` of them), then sampling continues where it stopped.
 
 A policy sees ``predicted_output_tokens`` (a predictor's guess, or ``None``; the executor may
-refine it once from the tokens generated so far), optionally its
+refine it once from the tokens generated so far, at ``refine_after_tokens`` known at arrival),
+optionally its
 ``predicted_output_quantiles`` (the predicted distribution), and never the true
 response length: only the executor (simulator or real engine) knows when a request stops.
 """
@@ -52,6 +53,10 @@ class Request:
     predicted_output_quantiles:
         The predicted distribution of the response length as ``K`` equally likely lengths
         [tokens] (the ``(i + 0.5) / K`` quantiles, sorted), or ``None`` (a point prediction only).
+    refine_after_tokens:
+        Tokens generated at which the executor will refine ``predicted_output_tokens`` [tokens]
+        (it has a refined model; :meth:`~econoserve.policy.Policy.refine_prediction`), known at
+        arrival, or ``None`` (it never will).
     refined_after_tokens:
         Tokens generated when the executor refined ``predicted_output_tokens`` from the tokens
         so far (:meth:`~econoserve.policy.Policy.refine_prediction`), or ``None`` (the
@@ -77,6 +82,7 @@ class Request:
         "num_prompt_tokens",
         "predicted_output_tokens",
         "predicted_output_quantiles",
+        "refine_after_tokens",
         "refined_after_tokens",
         "num_output_tokens",
         "num_computed_tokens",
@@ -94,6 +100,7 @@ class Request:
         predicted_output_tokens: int | None = None,
         index: int = -1,
         predicted_output_quantiles: tuple[int, ...] | None = None,
+        refine_after_tokens: int | None = None,
     ) -> None:
         if num_prompt_tokens <= 0:
             raise ValueError(f"request {request_id}: num_prompt_tokens must be > 0, got {num_prompt_tokens}")
@@ -102,6 +109,7 @@ class Request:
         self.num_prompt_tokens = num_prompt_tokens
         self.predicted_output_tokens = predicted_output_tokens
         self.predicted_output_quantiles = predicted_output_quantiles
+        self.refine_after_tokens = refine_after_tokens
         self.refined_after_tokens: int | None = None
         self.num_output_tokens = 0
         self.num_computed_tokens = 0

@@ -203,7 +203,8 @@ def replay_decision_log(records: Iterable[DecisionRecord]) -> ReplayReport:
         if isinstance(record, ArrivalRecord):
             request = Request(record.policy_request_id, record.arrival_time_s, record.num_prompt_tokens,
                               record.predicted_output_tokens, index=record.policy_request_id,
-                              predicted_output_quantiles=record.predicted_output_quantiles)
+                              predicted_output_quantiles=record.predicted_output_quantiles,
+                              refine_after_tokens=header.refine_after_tokens)
             requests[record.policy_request_id] = request
             max_tokens[record.policy_request_id] = record.max_tokens
             rejection = policy.add_request(request)

@@ -427,6 +427,7 @@ class PolicySchedulerCore(Scheduler):
             self._predicted_length(request),
             index=self._next_policy_request_id,
             predicted_output_quantiles=self._predicted_quantiles(request),
+            refine_after_tokens=self.refiner.prefix_tokens if self.refiner is not None else None,
         )
         self._next_policy_request_id += 1
         return _Mirror(request, policy_request)

@@ -239,7 +239,8 @@ class Replica:
         if predicted is not None and self.role != "colocated":
             predicted = 1 if self.role == "prefill" else max(1, predicted - 1)
         request = Request(ledger.request_ids[row], ledger.arrival_time_s[row], ledger.prompt_tokens[row],
-                          predicted, index=row, predicted_output_quantiles=self.predicted_quantiles[row])
+                          predicted, index=row, predicted_output_quantiles=self.predicted_quantiles[row],
+                          refine_after_tokens=self.refinements[0][row] if self.refinements is not None else None)
         ledger.requests[row] = request
         reason = self.rejection(row)
         if reason is None:
