@@ -470,3 +470,20 @@ def test_trained_traces_carry_the_refined_model_where_the_dataset_has_responses(
     for other in (make_plan("quick", predictor="train", refine_after_tokens=None), make_plan("quick", predictor="oracle")):
         pool, _ = runner.predicted_pool(other, "alpaca", deployment, tmp_path)
         assert "refine_after_tokens" not in pool.columns and len(calls) == 1
+
+
+def test_sensitivity_to_prediction_error_drops_the_refined_model():
+    """Figure 14's ``rl_error`` runs predict perturbed true lengths, which no refined model
+    refines: their traces lose the refinement columns; the other knobs keep the trace."""
+    from econoserve.experiments import sensitivity_jobs
+
+    trace = unit_rate_trace(_pool(60), "alpaca", 40, seed=0)
+    trace = trace.with_predictions(trace.requests["output_tokens"]).with_refinements(
+        trace.requests["output_tokens"] + 3, 16)
+    plan = make_plan("quick", datasets=["alpaca"], predictor="train", num_requests=40)
+    deployment = plan.deployments[0]
+    jobs = sensitivity_jobs(plan, {(deployment.name, "alpaca", 0): trace}, {deployment.name: deployment},
+                            {(deployment.name, "alpaca"): ((1.0,), 1.0)})
+    assert {job.keys["knob"] for job in jobs} == set(SENSITIVITY_KNOBS)
+    for job in jobs:
+        assert job.trace.has_refinements == (job.keys["knob"] != "rl_error")

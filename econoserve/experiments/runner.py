@@ -312,9 +312,10 @@ def sensitivity_jobs(plan: ExperimentPlan, traces: Mapping[tuple[str, str, int],
                 for knob in SENSITIVITY_KNOBS:
                     for value in sens.values(knob):
                         knob_trace, options = trace, {}
-                        if knob == "rl_error":
+                        if knob == "rl_error":  # perturbed true lengths, which no refined model refines
                             truth = trace.requests["output_tokens"].to_numpy(np.int64)
-                            knob_trace = trace.with_predictions(perturb_lengths(truth, float(value), seed))
+                            knob_trace = trace.without_refinements().with_predictions(
+                                perturb_lengths(truth, float(value), seed))
                         else:
                             options[knob] = value
                         keys = {"deployment": name, "dataset": dataset, "scheduler": sens.scheduler, "seed": seed,

@@ -188,6 +188,14 @@ class Trace:
         frame["refined_output_tokens"] = np.asarray(refined_output_tokens)
         return Trace.from_frame(frame, self.metadata, source="<refined predictions>")
 
+    def without_refinements(self) -> "Trace":
+        """A copy without ``refined_output_tokens`` / ``refine_after_tokens`` (the refined model's
+        values belong with the predictor it extends: drop them before predicting otherwise)."""
+        if not self.has_refinements:
+            return self
+        frame = self.requests.drop(columns=["refined_output_tokens", "refine_after_tokens"])
+        return Trace(frame, dict(self.metadata))
+
     def head(self, num_requests: int) -> "Trace":
         """The first ``num_requests`` requests in arrival order."""
         return Trace(self.requests.iloc[:num_requests].reset_index(drop=True), dict(self.metadata))
