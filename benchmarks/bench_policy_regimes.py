@@ -21,7 +21,8 @@ trained on the same training part, cached beside the point model; ``k`` =
 ``PredictorTraining.refine_after_tokens``, 16), and the simulator hands every scheduler the
 refined prediction once a request has generated ``k`` tokens (EconoServe's probes need it). A
 scheduler spec with ``refine=K`` runs on the same requests refined after ``K`` tokens instead
-(``econoserve[refine=32]``), or with ``refine=0`` on the prompt-only predictions. With ``--distribution`` the traces also carry the predicted length distribution
+(``econoserve[refine=32]``), or with ``refine=0`` on the prompt-only predictions. With
+``--distribution`` the traces also carry the predicted length distribution
 (``predicted_output_quantiles``: 16 equally likely lengths) for EconoServe's
 ``ordering_length`` / ``allocation_length`` / ``reserve_rule`` knobs: from the dataset's
 classification model (50-token buckets, trained on the same prompts, cached beside the point
