@@ -162,11 +162,12 @@ not trust its predicted length). Only a request whose prediction the executor wi
 starts before its length is trusted and is re-sized when the refined prediction arrives; without
 one it would only defer the same prediction (measured below). A *probe lane* of ``L = floor(s *
 num_blocks)`` blocks is set aside from the first arrival refined by ``k`` on (an executor without
-refinement keeps none, and the policy is then exactly the one without probes): a probe counts its *probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the
-curve's capacity (point 6) for a full-term admission is the usual one less the lane's unused
-part, ``L - sum(probe sizes)``; in the curve a probe is a *hold* term (its probe size from now
-on). PT admission as before until the curve or the free pool refuses a PT; from that PT on, in
-key order, PTs that have generated fewer than ``k`` tokens start as probes while their probe
+refinement keeps none, and the policy is then exactly the one without probes): a probe counts its
+*probe size* ``blocks_for(prompt + k - 1)`` against the lane, and the curve's capacity (point 6)
+for a full-term admission is the usual one less the lane's unused part, ``L - sum(probe sizes)``;
+in the curve a probe is a *hold* term (its probe size from now on). PT admission as before until
+the curve or the free pool refuses a PT; from that PT on, in key order, PTs refined by ``k`` that
+have generated fewer than ``k`` tokens start as probes while their probe
 size fits in the lane's unused part and their prompt in the free pool (stop at the first that
 does not). A probe whose request ends within ``k`` tokens finishes like any request. At ``k``
 tokens unfinished (``probe_exit``): with ``continue`` (default) it leaves the lane and goes on as a
@@ -896,7 +897,7 @@ class EconoServePolicy(Policy):
             return
         kv = self.kv_cache
         share_left = self._lane_blocks() - self._lane_used_blocks()
-        for entry in [e for e in self._pt_queue[start:] if self._probe_eligible(e[2])]:
+        for entry in (e for e in self._pt_queue[start:] if self._probe_eligible(e[2])):  # lazy: most stop early
             if budget <= 0:
                 self._pt_waits_for_budget = True
                 return
