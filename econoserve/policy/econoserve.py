@@ -288,8 +288,6 @@ ALLOCATION_LENGTHS: tuple[str, ...] = ("point", "mean")
 RESERVE_RULES: tuple[str, ...] = ("fixed", "overrun")
 #: What a probe does at ``probe_output_tokens`` tokens unfinished (see ``probe_exit``).
 PROBE_EXITS: tuple[str, ...] = ("continue", "pause", "evict")
-#: Which generating GT a grower that finds no block preempts (see ``preemption_victim``).
-PREEMPTION_VICTIMS: tuple[str, ...] = ("key", "recent", "fewest_tokens")
 #: The start [steps] of a *hold* term in the occupancy curve: a term that starts growing this far
 #: in the future never grows, so it holds ``blocks_for(base)`` from now on (a probe, see
 #: ``probe_output_tokens``).
@@ -466,7 +464,6 @@ class EconoServeConfig:
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
     ordering_promotion_wait_s: float | None = None
-    preemption_victim: str = "key"
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -500,9 +497,6 @@ class EconoServeConfig:
             raise ValueError(f"allocation_length must be one of {', '.join(ALLOCATION_LENGTHS)}, got {self.allocation_length!r}")
         if self.reserve_rule not in RESERVE_RULES:
             raise ValueError(f"reserve_rule must be one of {', '.join(RESERVE_RULES)}, got {self.reserve_rule!r}")
-        if self.preemption_victim not in PREEMPTION_VICTIMS:
-            raise ValueError(f"preemption_victim must be one of {', '.join(PREEMPTION_VICTIMS)}, "
-                             f"got {self.preemption_victim!r}")
         if self.probe_exit not in PROBE_EXITS:
             raise ValueError(f"probe_exit must be one of {', '.join(PROBE_EXITS)}, got {self.probe_exit!r}")
         if self.probe_output_tokens is not None and self.backfill_output_tokens is not None:
@@ -1156,11 +1150,6 @@ class EconoServePolicy(Policy):
         guests = [r for r in generating if kv.lender_of(r.request_id) == grower.request_id]
         if not guests and kv.lender_of(grower.request_id) is not None:
             return grower
-        rule = self.config.preemption_victim
-        if rule == "recent":
-            return max(guests or generating, key=lambda r: r.admission_order)
-        if rule == "fewest_tokens":
-            return max(guests or generating, key=lambda r: (-r.num_computed_tokens, self._gt_key.get(r.request_id, 0.0)))
         return max(guests or generating, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
 
     def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
