@@ -128,19 +128,13 @@ def unit_rate_traces(regime: Regime, num_requests: int, seeds: tuple[int, ...],
     ``training``: the trained predictor's :class:`~econoserve.experiments.plan.PredictorTraining`."""
     import econoserve.experiments as ex
 
-    plan = _plan(regime, num_requests, seeds, training)
-    deployment = plan.deployments[0]
-    cross_fit = regime.arrival != "replay" and ex.uses_cross_fit(plan, regime.dataset, deployment)
     if refine is not None and not refinable(regime, num_requests, training):
         raise UserError(f"{regime.name}: refine needs a trained (not cross-fitted) predictor and response text")
+    plan = _plan(regime, num_requests, seeds, replace(training or PREDICTOR_DEFAULTS, refine_after_tokens=refine))
+    deployment = plan.deployments[0]
     if regime.arrival == "replay":
         return {seed: _replay_trace(regime, plan, deployment, num_requests, seed, distribution) for seed in seeds}
-    pool = ex.request_pool(regime.dataset, plan, deployment, with_text=True, held_out=False if cross_fit else None,
-                           with_responses=refine is not None)
-    if cross_fit:
-        pool["predicted_output_tokens"] = ex.cross_fit_predictions(plan, regime.dataset, pool, CACHE)
-    if refine is not None:
-        pool = ex.with_refinements(plan, regime.dataset, pool, CACHE, refine)
+    pool, cross_fit = ex.predicted_pool(plan, regime.dataset, deployment, CACHE)
     traces = {}
     for seed in seeds:
         trace = ex.unit_rate_trace(pool, regime.dataset, num_requests, seed, {"regime": regime.name})

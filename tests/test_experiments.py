@@ -429,7 +429,9 @@ def test_predictor_training_refines_by_default_and_never_keys_the_prompt_only_ca
     plans refine; it cannot extend a neighbour-block or prompt-decoupled model."""
     from econoserve.experiments import PredictorTraining, predictor_directory, refine_after_tokens
 
-    assert PredictorTraining().refine_after_tokens == 16
+    from econoserve.policy import EconoServeConfig
+
+    assert PredictorTraining().refine_after_tokens == EconoServeConfig().probe_output_tokens == 16  # the default probes
     assert PredictorTraining().cache_key() == PredictorTraining(refine_after_tokens=None).cache_key()
     plans = [make_plan("quick", predictor="train", predictor_training=PredictorTraining(refine_after_tokens=k))
              for k in (16, None)]

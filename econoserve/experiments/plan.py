@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from econoserve.errors import UserError
-from econoserve.policy import policy_names
+from econoserve.policy import EconoServeConfig, policy_names
 from econoserve.sim.engine import SimulationConfig
 
 PROFILES: tuple[str, ...] = ("quick", "full")
@@ -109,7 +109,8 @@ class PredictorTraining:
     tokens, trained on the same training part), so traces of a dataset with response text whose
     predictor is trained, not cross-fitted, carry ``refined_output_tokens`` /
     ``refine_after_tokens`` and the executor refines each request's prediction after ``k``
-    tokens (EconoServe's probes need it). Default 16; ``None`` = the prompt-only model alone. It
+    tokens (EconoServe's probes need it). Default: EconoServe's probe length
+    (``EconoServeConfig.probe_output_tokens``, 16); ``None`` = the prompt-only model alone. It
     does not change the prompt-only model (not in its cache key), and it cannot extend a model
     with the neighbour block or prompt decoupling."""
 
@@ -123,7 +124,7 @@ class PredictorTraining:
     neighbour_count: int = 0
     neighbour_folds: int = 5
     prompt_decoupling: bool = False
-    refine_after_tokens: int | None = 16
+    refine_after_tokens: int | None = EconoServeConfig.probe_output_tokens  # so the default policy probes
 
     def __post_init__(self) -> None:
         if self.objective not in POINT_OBJECTIVES:
