@@ -3,6 +3,8 @@ invariants under every ablation with predictions perturbed by up to +-100 %."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -31,6 +33,7 @@ def _policy(num_kv_blocks: int, name: str = "econoserve", limits: dict | None = 
     config.setdefault("kvcpipe", "curve")
     config.setdefault("reserve_ratio", 0.0)
     config.setdefault("rl_padding", 0.0)
+    config.setdefault("prefill_decode_steps", None)  # no prefill cap: the token budget bounds a step
     return make_policy(name, _limits(num_kv_blocks, **(limits or {})), config)
 
 
@@ -268,6 +271,12 @@ def test_the_token_budget_comes_from_the_latency_model_and_can_be_overridden():
     assert limits.saturating_token_budget == derived
     result = simulate(trace, config)
     assert result.config["policy"]["token_budget"] == derived
+    # by default a step carries at most the prompt tokens of 1.75 isolated decode steps
+    cap = int(1.75 * limits.decode_time_per_step_s / limits.prefill_time_per_token_s)
+    assert 0 < cap < derived
+    assert result.iterations.num_prefill_tokens.max() == cap
+    uncapped = simulate(trace, replace(config, policy_config={"prefill_decode_steps": None}))
+    assert uncapped.iterations.num_prefill_tokens.max() > cap
     overridden = simulate(trace, SimulationConfig(scheduler="econoserve", predictions="oracle",
                                                   policy_config={"token_budget": 300}))
     iterations = overridden.iterations

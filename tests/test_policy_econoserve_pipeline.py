@@ -16,9 +16,10 @@ from econoserve.sim.synthetic import trace_from_lists
 
 def _policy(num_kv_blocks: int, budget: int = 4096, **config):
     """EconoServe on a small cache, exact allocations; Ordering's keys are SLO slack alone
-    (``ordering_prompt_weight`` 0), so the scenarios' keys can be worked by hand."""
+    (``ordering_prompt_weight`` 0), so the scenarios' keys can be worked by hand, and a step's
+    prompt tokens are bounded by the token budget ``budget`` alone (no prefill cap)."""
     config = {"reserve_ratio": 0.0, "rl_padding": 0.0, "rl_bucket": 16, "kvcpipe": "all",
-              "ordering_prompt_weight": 0.0, **config}
+              "ordering_prompt_weight": 0.0, "prefill_decode_steps": None, **config}
     limits = EngineLimits(num_kv_blocks=num_kv_blocks, block_size=16, max_model_len=2048, saturating_token_budget=budget,
                           prefill_time_per_token_s=1e-3, decode_time_per_step_s=0.05)
     return make_policy("econoserve", limits, config)
@@ -129,6 +130,30 @@ def test_more_overbooking_never_admits_fewer_prompts(overbooking):
         _add(policy, rid, 16, 64)
     admitted = step(policy, {rid: 64 for rid in range(6)}, check_invariants=True).num_prefill_requests
     assert admitted == (4 if overbooking == 0.0 else 6)
+
+
+def test_a_step_carries_at_most_the_prompt_tokens_of_k_decode_steps():
+    # T_d / T_p = 0.05 s / 1 ms = 50 prompt tokens per isolated decode step. With k = 1.5 a step
+    # carries at most 75 prompt tokens beside its decodes: a 400-token prompt goes in chunks of 75;
+    # a token budget of 60 bounds the step below that (prompt tokens + decodes <= 60); with k unset
+    # the token budget alone bounds the step.
+    for k, saturating, prompt_cap in ((1.5, 4096, 75), (1.5, 60, 75), (None, 4096, 4096)):
+        policy = _policy(1000, budget=saturating, prefill_decode_steps=k)
+        assert policy.token_budget == saturating
+        assert policy.prefill_cap_tokens == prompt_cap
+        _add(policy, 0, 400, 8)
+        _add(policy, 1, 16, 8, arrival=0.01)
+        true_output = {0: 8, 1: 8}
+        chunks = []
+        while policy.has_unfinished_requests():
+            decision = step(policy, true_output, check_invariants=True)
+            assert decision.num_prefill_tokens <= min(prompt_cap, saturating)
+            assert decision.num_prefill_tokens + decision.num_decode_tokens <= saturating
+            chunks.append(decision.num_prefill_tokens)
+        assert sum(chunks) == 416  # every prompt token once
+        assert max(chunks) == min(prompt_cap, saturating, 416)
+    with pytest.raises(ValueError, match="prefill_decode_steps"):
+        EconoServeConfig(prefill_decode_steps=0.0)
 
 
 # --------------------------------------------------------------------- ordering

@@ -20,8 +20,29 @@ prediction the allocation is the model's context (Orca's rule).
 **Steps** (point 3). Every step runs every generating GT (one token each) and fills the rest of
 the token budget with prompt tokens, longest-waiting first within the PT order, chunking long
 prompts. The token budget is ``token_budget`` or, by default, the engine's saturating token
-budget (the smallest step size past which the latency model's throughput rises by less than a
-few percent, :func:`econoserve.sim.latency.saturating_token_budget`).
+budget (the smallest step size past which the latency model's prefill throughput rises by less
+than a few percent, :func:`econoserve.sim.latency.saturating_token_budget`). *Prefill cap*
+(``prefill_decode_steps = k``): a step carries at most the prompt tokens whose prefill takes
+``k`` isolated decode steps, ``k * T_d / T_p`` (``T_d`` = ``decode_time_per_step_s``, ``T_p`` =
+``prefill_time_per_token_s`` of the engine), so prefill adds at most about ``k * T_d`` to every
+generating request's time between tokens. Default ``k = 1.75``: 252 prompt tokens a step for
+OPT-13B or Llama-2-13B on an A100-80GB (``T_d / T_p`` = 144), 317 on an A100-40GB (181), against
+a token budget of 448. Where few requests decode (24-35 a step at 40 GB and on the Azure
+conversation trace) a step is bound by reading the weights and the KV: part of a small prefill
+hides under that read, and every decode stays fast; where about 100 decode (ShareGPT at 80 GB,
+Gamma arrivals) or prompts are short and many (Alpaca), larger steps drain bursts of prompts
+faster. Measured (full mode, 2000 requests, 2 seeds; ``benchmarks/results/policy_prefill_cap_full.md``),
+goodput / Sarathi-Serve's (p99 JCT / Sarathi's) with ``k`` = 1.5 / 1.75 / 2, without a cap
+(``None``, the default before) in brackets: ShareGPT 80 GB 1.10 / 1.12 / 1.11 (1.12), 40 GB
+1.22 / 1.20 / 1.19 (1.18), Gamma CV 3 1.07 at each (1.07), Alpaca 1.11 (1.11), QMSum 1.14 / 1.16
+/ 1.16 (1.17; p99 1.10 / 1.02 / 0.96x), Azure conv 1.15 / 1.13 / 1.12 (1.09; p99 0.99 / 1.05 /
+1.14x against 1.24x), Azure code 2.12 / 2.15 / 2.17 (2.05; p99 1.20 / 1.20 / 1.16x against
+1.23x). A cap on the whole step (decodes included) instead costs where many decode (at 256
+tokens: 80 GB 1.10, Gamma 1.05, Alpaca 1.08; ``policy_budget_sweep_full.md``). Sarathi-Serve at a
+256-token budget instead of its 512, against its own goodput: 80 GB 0.99, 40 GB 1.04, Gamma 0.93,
+Azure conv 1.06. Two adaptive caps, tried and not kept (``policy_step_budget_notes.md``): only
+while a PT waits for KV (Azure conv 1.09-1.10), and rising with the prompt backlog (Azure conv
+1.10-1.12, 80 GB 1.08-1.11).
 
 **PT admission** (point 4). With KVCPipe for every request (``kvcpipe="all"``, the default) a
 PT starts when KV for its prompt is free and the predicted occupancy curve (point 6) admits it.
@@ -313,6 +334,12 @@ class EconoServeConfig:
     token_budget:
         Most tokens in a step, GT decodes + prompt tokens [tokens]; ``None`` = the engine's
         saturating token budget (from the latency model).
+    prefill_decode_steps:
+        Prefill cap ``k`` [isolated decode steps]: a step carries at most the prompt tokens whose
+        prefill takes ``k`` isolated decode steps, ``max(1, k * T_d / T_p)`` from the engine's
+        time estimates (:attr:`EconoServePolicy.prefill_cap_tokens`), within the token budget;
+        ``None`` = the token budget alone (the default before issue 10's step measurements;
+        see the module docstring, *Steps*).
     max_num_seqs:
         Most requests scheduled in a step, GTs + PTs [requests] (vLLM's default 256).
     slo_scale:
@@ -439,6 +466,7 @@ class EconoServeConfig:
     rl_padding: float = 0.1
     reserve_ratio: float = 0.02
     token_budget: int | None = None
+    prefill_decode_steps: float | None = 1.75
     max_num_seqs: int = 256
     slo_scale: float = 5.0
     gt_occupancy_weight: float = 0.1
@@ -470,7 +498,8 @@ class EconoServeConfig:
             raise ValueError(f"kvcpipe must be one of {', '.join(KVCPIPE_MODES)}, got {self.kvcpipe!r}")
         if self.prompt_admission not in PROMPT_ADMISSION_RULES:
             raise ValueError(f"prompt_admission must be one of {', '.join(PROMPT_ADMISSION_RULES)}, got {self.prompt_admission!r}")
-        require_positive(self, "rl_bucket", "token_budget", "max_num_seqs", "slo_scale", "fallback_output_tokens")
+        require_positive(self, "rl_bucket", "token_budget", "prefill_decode_steps", "max_num_seqs", "slo_scale",
+                         "fallback_output_tokens")
         if self.rl_padding < 0:
             raise ValueError(f"rl_padding must be >= 0, got {self.rl_padding}")
         if not 0 <= self.reserve_ratio < 1:
@@ -527,6 +556,7 @@ class EconoServePolicy(Policy):
         cfg = self.config
         self.decides_every_step = cfg.no_syncdecoupled
         self._pipelined = _pipelines_every_request(cfg)
+        self._prefill_cap_tokens = self._derive_prefill_cap_tokens()
         self._pt_queue: list[tuple[float, int, Request]] = []
         self._gt_queue: list[tuple[float, int, Request]] = []
         self._generating: set[int] = set()
@@ -564,6 +594,24 @@ class EconoServePolicy(Policy):
     # ------------------------------------------------------------------ views
     def _own_token_budget(self) -> int:
         return self.config.token_budget or self.limits.saturating_token_budget
+
+    def _prompt_budget(self, num_decodes: int) -> int:
+        """Most prompt tokens a step with ``num_decodes`` decodes may carry [tokens]: what the
+        token budget leaves, at most the prompt tokens of ``prefill_decode_steps`` isolated
+        decode steps (:attr:`prefill_cap_tokens`)."""
+        return min(self.token_budget - num_decodes, self.prefill_cap_tokens)
+
+    @property
+    def prefill_cap_tokens(self) -> int:
+        """The prompt tokens whose prefill takes ``prefill_decode_steps = k`` isolated decode
+        steps, ``max(1, k * T_d / T_p)`` [tokens]; the token budget if ``k`` is None."""
+        return self._prefill_cap_tokens
+
+    def _derive_prefill_cap_tokens(self) -> int:
+        k, limits = self.config.prefill_decode_steps, self.limits
+        if k is None:
+            return self.token_budget
+        return max(1, int(k * limits.decode_time_per_step_s / limits.prefill_time_per_token_s))
 
     def _own_max_num_seqs(self) -> int:
         return self.config.max_num_seqs
@@ -979,7 +1027,7 @@ class EconoServePolicy(Policy):
             self._event = False
             self._admit_generation_groups(decision)
         self._schedule_generation(decision)
-        budget = self.token_budget - decision.num_decode_tokens
+        budget = self._prompt_budget(decision.num_decode_tokens)
         budget = self._schedule_prompt_chunks(budget, decision)
         if self._pt_queue and budget > 0 and (invoke or self._pt_waits_for_budget):
             invoke = True
@@ -1206,7 +1254,7 @@ class EconoServePolicy(Policy):
         for request in self.running:
             (gts if request.request_id in generating else pts).append(request)
         gts += [entry[2] for entry in self._gt_queue]
-        per_step = max(1, self.token_budget - len(gts))
+        per_step = max(1, self._prompt_budget(len(gts)))
         ahead = np.cumsum([r.num_pending_tokens for r in pts], dtype=np.int64)
         start = [0] * len(gts) + (-(-ahead // per_step)).tolist() if self.config.prefill_delay else [0] * (len(gts) + len(pts))
         base = [r.num_computed_tokens for r in gts] + [r.num_tokens for r in pts]
@@ -1230,7 +1278,7 @@ class EconoServePolicy(Policy):
         pending = request.num_pending_tokens
         if self.config.prefill_delay:
             num_gts = len(self._generating) + len(self._gt_queue)
-            per_step = max(1, self.token_budget - num_gts)
+            per_step = max(1, self._prompt_budget(num_gts))
             ahead = sum(r.num_pending_tokens for r in self.running if r.request_id not in self._generating)
             delay = -(-(ahead + pending) // per_step)
         else:
@@ -1407,7 +1455,7 @@ class EconoServePolicy(Policy):
                 budget -= 1
         for victim in decision.preempted:
             decision.kv_allocations.pop(victim.request_id, None)
-        budget = self._schedule_prompt_chunks(budget, decision)
+        budget = self._schedule_prompt_chunks(min(budget, self.prefill_cap_tokens), decision)
         if budget > 0:
             self._admit_prompts(budget, decision, now_s)
         return decision

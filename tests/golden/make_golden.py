@@ -53,13 +53,14 @@ def workloads() -> dict[str, tuple[Trace, dict[str, object]]]:
 
 
 #: Policy configuration the tables were frozen with, where a policy's defaults changed since on
-#: purpose (issue 10: EconoServe's admission, and Ordering's KV cost ``ordering_prompt_weight``;
-#: the frozen tables are the earlier defaults, exact allocation and slack-only keys, so they
-#: still pin the simulator's mechanics rather than the policy's tuning).
+#: purpose (issue 10: EconoServe's admission, Ordering's KV cost ``ordering_prompt_weight`` and
+#: the cap on a step's prompt tokens ``prefill_decode_steps``; the frozen tables are the earlier
+#: defaults, exact allocation, slack-only keys and no prefill cap, so they still pin the
+#: simulator's mechanics rather than the policy's tuning).
 FROZEN_POLICY_CONFIG: dict[str, dict[str, object]] = {
-    **{name: {"kvcpipe": "curve", "reserve_ratio": 0.05, "ordering_prompt_weight": 0.0}
+    **{name: {"kvcpipe": "curve", "reserve_ratio": 0.05, "ordering_prompt_weight": 0.0, "prefill_decode_steps": None}
        for name in ("econoserve", "econoserve-no-ordering", "econoserve-no-syncdecoupled", "econoserve-oracle")},
-    "econoserve-no-kvcpipe": {"reserve_ratio": 0.05, "ordering_prompt_weight": 0.0},
+    "econoserve-no-kvcpipe": {"reserve_ratio": 0.05, "ordering_prompt_weight": 0.0, "prefill_decode_steps": None},
 }
 
 
