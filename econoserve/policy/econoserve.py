@@ -42,7 +42,9 @@ tokens: 80 GB 1.10, Gamma 1.05, Alpaca 1.08; ``policy_budget_sweep_full.md``). S
 256-token budget instead of its 512, against its own goodput: 80 GB 0.99, 40 GB 1.04, Gamma 0.93,
 Azure conv 1.06. Two adaptive caps, tried and not kept (``policy_step_budget_notes.md``): only
 while a PT waits for KV (Azure conv 1.09-1.10), and rising with the prompt backlog (Azure conv
-1.10-1.12, 80 GB 1.08-1.11).
+1.10-1.12, 80 GB 1.08-1.11). The cost: prefill is slower, so under an SLO on the first token the
+cap needs more GPUs where prompts arrive fast (notebook 05's TTFT + TPOT SLO: OPT-13B ShareGPT at
+60 req/s 6 GPUs against DistServe's 8, 4 without the cap).
 
 **PT admission** (point 4). With KVCPipe for every request (``kvcpipe="all"``, the default) a
 PT starts when KV for its prompt is free and the predicted occupancy curve (point 6) admits it.
