@@ -25,7 +25,7 @@ than a few percent, :func:`econoserve.sim.latency.saturating_token_budget`). *Pr
 (``prefill_decode_steps = k``): a step carries at most the prompt tokens whose prefill takes
 ``k`` isolated decode steps, ``k * T_d / T_p`` (``T_d`` = ``decode_time_per_step_s``, ``T_p`` =
 ``prefill_time_per_token_s`` of the engine), so prefill adds at most about ``k * T_d`` to every
-generating request's time between tokens. Default ``k = 1.75``: 252 prompt tokens a step for
+generating request's time between tokens. Default ``k = 1.75``: 251-252 prompt tokens a step for
 OPT-13B or Llama-2-13B on an A100-80GB (``T_d / T_p`` = 144), 317 on an A100-40GB (181), against
 a token budget of 448. Where few requests decode (24-35 a step at 40 GB and on the Azure
 conversation trace) a step is bound by reading the weights and the KV: part of a small prefill
