@@ -44,7 +44,9 @@ Azure conv 1.06. Two adaptive caps, tried and not kept (``policy_step_budget_not
 while a PT waits for KV (Azure conv 1.09-1.10), and rising with the prompt backlog (Azure conv
 1.10-1.12, 80 GB 1.08-1.11). The cost: prefill is slower, so under an SLO on the first token the
 cap needs more GPUs where prompts arrive fast (notebook 05's TTFT + TPOT SLO: OPT-13B ShareGPT at
-60 req/s 6 GPUs against DistServe's 8, 4 without the cap).
+60 req/s 6 GPUs against DistServe's 8, 4 without the cap), and where prompts are long and the model
+large (notebook 03's full profile, Llama-2-70B QMSum: goodput on the rate grid 1.48x vLLM's, 1.73x
+without the cap).
 
 **PT admission** (point 4). With KVCPipe for every request (``kvcpipe="all"``, the default) a
 PT starts when KV for its prompt is free and the predicted occupancy curve (point 6) admits it.
