@@ -205,7 +205,8 @@ def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: b
 
 def step_diagnostics(iterations: pd.DataFrame) -> dict[str, float]:
     """Time-averaged KV shares [fraction of the cache], requests decoding per step, and the share
-    of time in steps below the token budget while requests waited (prompt admission stalled)."""
+    of time in steps below the token budget while requests waited (prompt admission stalled; for
+    EconoServe this includes steps held to its prefill cap, ``prefill_decode_steps``)."""
     if iterations.empty:
         return {}
     weight = iterations["duration_s"].to_numpy(float)
