@@ -271,8 +271,9 @@ def test_the_token_budget_comes_from_the_latency_model_and_can_be_overridden():
     assert limits.saturating_token_budget == derived
     result = simulate(trace, config)
     assert result.config["policy"]["token_budget"] == derived
-    # by default a step carries at most the prompt tokens of 1.75 isolated decode steps
-    cap = int(1.75 * limits.decode_time_per_step_s / limits.prefill_time_per_token_s)
+    # by default a step carries at most the prompt tokens of prefill_decode_steps isolated decode steps
+    k = EconoServeConfig().prefill_decode_steps
+    cap = int(k * limits.decode_time_per_step_s / limits.prefill_time_per_token_s)
     assert 0 < cap < derived
     assert result.iterations.num_prefill_tokens.max() == cap
     uncapped = simulate(trace, replace(config, policy_config={"prefill_decode_steps": None}))

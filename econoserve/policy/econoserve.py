@@ -560,7 +560,9 @@ class EconoServePolicy(Policy):
         cfg = self.config
         self.decides_every_step = cfg.no_syncdecoupled
         self._pipelined = _pipelines_every_request(cfg)
-        self._prefill_cap_tokens = self._derive_prefill_cap_tokens()
+        k = cfg.prefill_decode_steps
+        self._prefill_cap_tokens = self.token_budget if k is None else max(
+            1, int(k * limits.decode_time_per_step_s / limits.prefill_time_per_token_s))
         self._pt_queue: list[tuple[float, int, Request]] = []
         self._gt_queue: list[tuple[float, int, Request]] = []
         self._generating: set[int] = set()
@@ -610,12 +612,6 @@ class EconoServePolicy(Policy):
         """The prompt tokens whose prefill takes ``prefill_decode_steps = k`` isolated decode
         steps, ``max(1, k * T_d / T_p)`` [tokens]; the token budget if ``k`` is None."""
         return self._prefill_cap_tokens
-
-    def _derive_prefill_cap_tokens(self) -> int:
-        k, limits = self.config.prefill_decode_steps, self.limits
-        if k is None:
-            return self.token_budget
-        return max(1, int(k * limits.decode_time_per_step_s / limits.prefill_time_per_token_s))
 
     def _own_max_num_seqs(self) -> int:
         return self.config.max_num_seqs
@@ -1447,8 +1443,7 @@ class EconoServePolicy(Policy):
         """Without SyncDecoupled: one queue, decodes first, prompt chunks under the budget, KV on
         demand; a preemption takes the lowest-priority running request. Decides every step."""
         decision = SchedulerDecision()
-        budget = self.token_budget
-        decoding = [r for r in self.running if r.is_decoding][:budget]
+        decoding = [r for r in self.running if r.is_decoding][:self.token_budget]
         for request in decoding:
             while request.status == RequestStatus.RUNNING and not self._allocate(request, 1, decision):
                 victim = max(self.running, key=lambda r: (self.pt_key(r), -r.num_output_tokens))
@@ -1456,10 +1451,9 @@ class EconoServePolicy(Policy):
         for request in decoding:
             if request.status == RequestStatus.RUNNING:
                 decision.add(request, 1)
-                budget -= 1
         for victim in decision.preempted:
             decision.kv_allocations.pop(victim.request_id, None)
-        budget = self._schedule_prompt_chunks(min(budget, self.prefill_cap_tokens), decision)
+        budget = self._schedule_prompt_chunks(self._prompt_budget(decision.num_decode_tokens), decision)
         if budget > 0:
             self._admit_prompts(budget, decision, now_s)
         return decision
