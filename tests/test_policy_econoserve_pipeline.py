@@ -235,6 +235,46 @@ def test_ordering_promotion_stops_later_arrivals_passing_a_request_that_waited_i
         EconoServeConfig(ordering_promotion_wait_s=0.0)
 
 
+def test_promotion_gate_promotes_only_while_the_measured_slo_attainment_holds():
+    # The scenario above at 5.1 s (request 0 waited past W = 5 s), after earlier requests finished
+    # at 5.1 s (prompt 16, 4 output tokens: isolated estimate 0.016 + 4 * 0.05 = 0.216 s, SLO
+    # 5 x that = 1.08 s): arrived at 5.0 s they met it (JCT 0.1 s), at 0.0 s they missed it (5.1 s).
+    # They run in batches, one after another. The gate (promotion_attainment a over the last
+    # promotion_window N finished) lets request 0 be promoted and go first only with N finished
+    # and at least a * N of them met.
+    cases = (  # (a, N, batches of arrivals of the finished requests, request 0 promoted)
+        (1.0, 2, ((5.0, 5.0),), True),
+        (1.0, 2, ((5.0, 0.0),), False),  # attainment 1/2 < 1
+        (0.5, 2, ((5.0, 0.0),), True),
+        (0.5, 3, ((5.0, 5.0),), False),  # the window is not full yet
+        (0.5, 2, ((0.0, 0.0), (5.0, 5.0)), True),  # only the last N count
+        (0.5, 2, ((5.0, 5.0), (0.0, 0.0)), False),
+    )
+    for attainment, window, batches, promoted in cases:
+        policy = _policy(1000, ordering_prompt_weight=1.0, ordering_promotion_wait_s=5.0, max_num_seqs=1,
+                         promotion_attainment=attainment, promotion_window=window)
+        rid = 10
+        for arrivals in batches:
+            batch = {}
+            for arrival in arrivals:
+                _add(policy, rid, 16, 4, arrival=arrival)
+                batch[rid] = 4
+                rid += 1
+            assert not _run(policy, batch, now=5.1)
+        waiting = _add(policy, 0, 512, 32, arrival=0.0)
+        _add(policy, 1, 16, 32, arrival=2.0)
+        _add(policy, 2, 16, 32, arrival=4.0)
+        decision = step(policy, {0: 32, 1: 32, 2: 32}, now=5.1, check_invariants=True)
+        assert [r.request_id for r in decision.scheduled] == [0 if promoted else 1]
+        kv_time_key = 4 * (0.512 + (32**2 + 2 * 512 * 32) ** 0.5 * 0.05)
+        assert policy.pt_key(waiting) == pytest.approx(5.0 if promoted else kv_time_key)
+    for bad, match in (({"promotion_attainment": 0.9}, "set ordering_promotion_wait_s"),
+                       ({"promotion_attainment": 0.0, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
+                       ({"promotion_window": 0}, "promotion_window")):
+        with pytest.raises(ValueError, match=match):
+            EconoServeConfig(**bad)
+
+
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
     # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2
