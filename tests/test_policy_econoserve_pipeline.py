@@ -275,6 +275,23 @@ def test_promotion_gate_promotes_only_while_the_measured_slo_attainment_holds():
             EconoServeConfig(**bad)
 
 
+def test_a_shut_promotion_gate_keeps_the_promotion_heap_bounded_by_the_queue():
+    # The gate never opens (a window of 10**6 finished requests): every PT becomes due 0.01 s
+    # after its arrival and stays unpromoted. 400 requests arrive and finish one by one; the
+    # heap of due promotions holds those of PTs still queued and at most 2 x the queue + 64.
+    policy = _policy(1000, ordering_promotion_wait_s=0.01, promotion_attainment=0.5, promotion_window=10**6)
+    largest = 0
+    for rid in range(400):
+        now = rid * 1.0
+        _add(policy, rid, 16, 4, arrival=now)
+        _add(policy, 1000 + rid, 16, 4, arrival=now)  # a second one that waits behind it
+        while policy.has_unfinished_requests():
+            step(policy, {rid: 4, 1000 + rid: 4}, now=now + 0.5, check_invariants=True)
+            largest = max(largest, len(policy._promotions))
+    assert policy.stats.extra["promotions"] == 0
+    assert largest <= 2 * 2 + 64 + 1
+
+
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():
     # 10 blocks of 16 tokens. Request 0 (prompt 16, predicted 96) peaks at 111 tokens = 7 blocks;
     # request 1 (same, next in order) would make the peak 14 > 10 and is refused; request 2

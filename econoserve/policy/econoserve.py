@@ -1081,11 +1081,23 @@ class EconoServePolicy(Policy):
         window = self._slo_met
         return len(window) == window.maxlen and self._slo_met_count >= self.config.promotion_attainment * window.maxlen
 
+    def _prune_promotions(self) -> None:
+        """While the gate is shut, due promotions stay in the heap: drop those of PTs no longer
+        queued once they outnumber the queue twice over (the heap stays O(queue), amortized O(1)
+        a PT)."""
+        if len(self._promotions) > 2 * len(self._pt_queue) + 64:
+            queued = {id(entry) for entry in self._pt_queue}
+            self._promotions = [p for p in self._promotions if id(p[2]) in queued]
+            heapq.heapify(self._promotions)
+
     def _schedule(self, now_s: float) -> SchedulerDecision:
         if self._finished_unscored:
             self._score_finished(now_s)
-        if self._promotions and self._promotion_open():
-            self._promote_waiting(now_s)
+        if self._promotions:
+            if self._promotion_open():
+                self._promote_waiting(now_s)
+            else:
+                self._prune_promotions()
         if self.config.no_syncdecoupled:
             return self._schedule_coupled(now_s)
         decision = SchedulerDecision()
