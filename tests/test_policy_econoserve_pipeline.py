@@ -8,7 +8,8 @@ import pytest
 from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, make_policy
-from econoserve.policy.econoserve import EconoServeConfig, expected_overrun_tokens, gittins_rank_tokens
+from econoserve.policy.econoserve import (PRUNE_SLACK_ENTRIES, EconoServeConfig, expected_overrun_tokens,
+                                         gittins_rank_tokens)
 from econoserve.policy.kv_cache import KVCache
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
@@ -278,7 +279,8 @@ def test_promotion_gate_promotes_only_while_the_measured_slo_attainment_holds():
 def test_a_shut_promotion_gate_keeps_the_promotion_heap_bounded_by_the_queue():
     # The gate never opens (a window of 10**6 finished requests): every PT becomes due 0.01 s
     # after its arrival and stays unpromoted. 400 requests arrive and finish one by one; the
-    # heap of due promotions holds those of PTs still queued and at most 2 x the queue + 64.
+    # heap of due promotions holds those of PTs still queued and at most 2 x the queue (2 PTs)
+    # + PRUNE_SLACK_ENTRIES, and one more pushed before the next step prunes.
     policy = _policy(1000, ordering_promotion_wait_s=0.01, promotion_attainment=0.5, promotion_window=10**6)
     largest = 0
     for rid in range(400):
@@ -289,7 +291,7 @@ def test_a_shut_promotion_gate_keeps_the_promotion_heap_bounded_by_the_queue():
             step(policy, {rid: 4, 1000 + rid: 4}, now=now + 0.5, check_invariants=True)
             largest = max(largest, len(policy._promotions))
     assert policy.stats.extra["promotions"] == 0
-    assert largest <= 2 * 2 + 64 + 1
+    assert largest <= 2 * 2 + PRUNE_SLACK_ENTRIES + 1
 
 
 def test_backfill_lets_a_short_request_pass_a_prompt_the_curve_refused():

@@ -333,6 +333,9 @@ PROBE_EXITS: tuple[str, ...] = ("continue", "pause", "evict")
 #: in the future never grows, so it holds ``blocks_for(base)`` from now on (a probe, see
 #: ``probe_output_tokens``).
 HOLD_START_STEPS = 2**40
+#: Entries the promotion heap may hold beyond twice the PT queue before a shut promotion gate
+#: prunes those of PTs no longer queued (a bound on memory, not a policy setting).
+PRUNE_SLACK_ENTRIES = 64
 
 
 @dataclass(frozen=True)
@@ -614,6 +617,7 @@ class EconoServePolicy(Policy):
         self._lane_open = False  # the executor refines by k (see _enqueue): the probe lane exists
         self._promotions: list[tuple[float, int, tuple[float, int, Request]]] = []  # (promotion time [s], seq, PT queue entry)
         self._promoted: dict[int, float] = {}  # promoted requests -> their promotion time [s]
+        self._gates_promotion = self._promotes and cfg.promotion_attainment is not None
         self._finished_unscored: list[Request] = []  # finished since the last step, for the promotion gate
         self._slo_met: collections.deque[bool] = collections.deque(maxlen=self.config.promotion_window)
         self._slo_met_count = 0  # True entries of _slo_met
@@ -745,17 +749,19 @@ class EconoServePolicy(Policy):
             return length
         return math.sqrt(length * length + 2.0 * u * request.num_prompt_tokens * length)
 
-    def _isolated_estimate_s(self, request: Request) -> float:
+    def _time_estimate_s(self, prompt_tokens: float, output_tokens: float) -> float:
+        """The engine's estimate of prefilling ``prompt_tokens`` and decoding ``output_tokens``
+        alone, ``prompt * T_p + output * T_d`` [s]."""
         limits = self.limits
-        return (request.num_prompt_tokens * limits.prefill_time_per_token_s
-                + self._ordering_output_tokens(request) * limits.decode_time_per_step_s)
+        return prompt_tokens * limits.prefill_time_per_token_s + output_tokens * limits.decode_time_per_step_s
+
+    def _isolated_estimate_s(self, request: Request) -> float:
+        return self._time_estimate_s(request.num_prompt_tokens, self._ordering_output_tokens(request))
 
     def _remaining_estimate_s(self, request: Request) -> float:
-        limits = self.limits
         remaining_output = self._ordering_output_tokens(request) - request.num_output_tokens
         pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
-        return (pending_prompt * limits.prefill_time_per_token_s
-                + max(0, remaining_output) * limits.decode_time_per_step_s)
+        return self._time_estimate_s(pending_prompt, max(0, remaining_output))
 
     def pt_key(self, request: Request) -> float:
         """PT queue key [s]: latest start that meets the estimated deadline (smaller first)."""
@@ -1057,21 +1063,15 @@ class EconoServePolicy(Policy):
         """Score the requests finished since the last step against their SLO (JCT to ``now_s``
         at most ``slo_scale`` x the isolated estimate with the true output length) into the
         promotion gate's window."""
-        limits = self.limits
         window = self._slo_met
         for request in self._finished_unscored:
-            isolated_s = (request.num_prompt_tokens * limits.prefill_time_per_token_s
-                          + request.num_output_tokens * limits.decode_time_per_step_s)
+            isolated_s = self._time_estimate_s(request.num_prompt_tokens, request.num_output_tokens)
             met = now_s - request.arrival_time_s <= self.config.slo_scale * isolated_s
             if len(window) == window.maxlen:
                 self._slo_met_count -= window[0]
             window.append(met)
             self._slo_met_count += met
         self._finished_unscored.clear()
-
-    @property
-    def _gates_promotion(self) -> bool:
-        return self._promotes and self.config.promotion_attainment is not None
 
     def _promotion_open(self) -> bool:
         """Promotion applies now: no gate, or a full window (``promotion_window``) with SLO
@@ -1083,9 +1083,9 @@ class EconoServePolicy(Policy):
 
     def _prune_promotions(self) -> None:
         """While the gate is shut, due promotions stay in the heap: drop those of PTs no longer
-        queued once they outnumber the queue twice over (the heap stays O(queue), amortized O(1)
-        a PT)."""
-        if len(self._promotions) > 2 * len(self._pt_queue) + 64:
+        queued once they outnumber the queue twice over, plus :data:`PRUNE_SLACK_ENTRIES` (the
+        heap stays O(queue), amortized O(1) a PT)."""
+        if len(self._promotions) > 2 * len(self._pt_queue) + PRUNE_SLACK_ENTRIES:
             queued = {id(entry) for entry in self._pt_queue}
             self._promotions = [p for p in self._promotions if id(p[2]) in queued]
             heapq.heapify(self._promotions)
