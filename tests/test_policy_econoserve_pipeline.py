@@ -172,12 +172,15 @@ def test_ordering_horizon_bounds_how_far_a_request_can_be_passed():
         assert order[: order.index(0)] == passed_by
 
 
-def test_late_demotion_lets_requests_that_can_still_make_their_deadline_go_first():
-    # Request 0's key (latest start meeting its deadline) is already past at t = 10 s; request 1
-    # can still make it: with late_demotion_s = 0 request 1 is started first; the cache has room
-    # for one prompt only.
+@pytest.mark.parametrize("prompt_weight", [0.0, 64.0])
+def test_late_demotion_lets_requests_that_can_still_make_their_deadline_go_first(prompt_weight):
+    # Request 0's latest start meeting its deadline, 5 * (0.016 + 0.2) - 0.216 = 0.864 s, is
+    # already past at t = 10 s; request 1's (10.764 s) is not: with late_demotion_s = 0 request 1
+    # is started first; the cache has room for one prompt only. With the KV cost (u = 64) the keys
+    # lie 18.2 s after each arrival, so request 0's key is not past; lateness is still judged by
+    # the slack alone.
     for late, first in ((None, 0), (0.0, 1)):
-        policy = _policy(3, late_demotion_s=late, max_num_seqs=1)
+        policy = _policy(3, late_demotion_s=late, max_num_seqs=1, ordering_prompt_weight=prompt_weight)
         _add(policy, 0, 16, 4, arrival=0.0)
         _add(policy, 1, 16, 4, arrival=9.9)
         decision = step(policy, {0: 4, 1: 4}, now=10.0, check_invariants=True)

@@ -112,10 +112,13 @@ more KV goes earlier (it releases more KV sooner), weighted against its SLO slac
 change while a request waits, so the queues stay sorted without re-scoring. Without Ordering
 both queues are FCFS. Aging (``ordering_horizon_s = H``): the PT key is capped at
 ``arrival + H``, so a request is never passed by one that arrived more than ``H`` later. Late
-demotion (``late_demotion_s = D``): a PT whose key is more than ``D`` in the past (it can no
-longer meet its estimated deadline) yields to the first PT that still can. Both are off by
-default: on the scoreboard neither raised goodput (aging at 30 s cut the p99 JCT of true-length
-Ordering by 12 % on ShareGPT at 80 GB but cost 2-8 % goodput at 40 GB). Shrunk length
+demotion (``late_demotion_s = D``): a PT whose latest start by its SLO slack alone (the key
+without the KV cost below) is more than ``D`` in the past (it can no longer meet its estimated
+deadline) yields to the first PT that still can. Both are off by default: on the scoreboard
+neither raised goodput (aging at 30 s cut the p99 JCT of true-length Ordering by 12 % on ShareGPT
+at 80 GB but cost 2-8 % goodput at 40 GB; late demotion with ``D`` = 0 / 5 s, full mode: 80 GB
+1.12 -> 1.11 / 1.12, Gamma CV 3 1.07 -> 1.07 / 1.07, ``benchmarks/results/policy_hopeless_a_full.md``:
+the misses there are short answers whose decode alone takes most of their budget). Shrunk length
 (``ordering_length_weight = w``): the keys use ``w * A`` output tokens instead of ``A``, i.e.
 ``key = arrival + (slo_scale - 1) * (prompt * T_p + w * A * T_d)`` for a PT not started (a
 linear calibration ``c + w * A`` of the prediction; ``c`` cancels in the order). Default 1:
@@ -406,9 +409,9 @@ class EconoServeConfig:
         Aging of Ordering [s]: a request is never passed by one that arrived more than this
         later (its key is capped at ``arrival + ordering_horizon_s``); ``None`` = no cap.
     late_demotion_s:
-        Ordering under overload [s]: a PT whose key (latest start that meets its estimated
-        deadline) is more than this in the past yields to every PT that can still meet its
-        deadline; ``None`` = strict key order.
+        Ordering under overload [s]: a PT whose latest start that meets its estimated deadline
+        (by its SLO slack alone, whatever ``ordering_prompt_weight``) is more than this in the past
+        yields to every PT that can still meet its deadline; ``None`` = strict key order.
     ordering_length_weight:
         Shrinkage ``w`` of the predicted response length in Ordering's keys [fraction]: the keys
         use ``w * A`` output tokens instead of ``A`` (allocation and KVCPipe still use ``A``).
@@ -762,6 +765,14 @@ class EconoServePolicy(Policy):
         remaining_output = self._ordering_output_tokens(request) - request.num_output_tokens
         pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
         return self._time_estimate_s(pending_prompt, max(0, remaining_output))
+
+    def _latest_start_s(self, request: Request) -> float:
+        """The latest start that meets the request's estimated deadline by its SLO slack alone
+        [s]: the PT key without the KV cost (``ordering_prompt_weight``), promotion or aging."""
+        length = self.config.ordering_length_weight * self.allocated_output_tokens(request)
+        deadline = request.arrival_time_s + self.config.slo_scale * self._time_estimate_s(request.num_prompt_tokens, length)
+        pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
+        return deadline - self._time_estimate_s(pending_prompt, max(0.0, length - request.num_output_tokens))
 
     def pt_key(self, request: Request) -> float:
         """PT queue key [s]: latest start that meets the estimated deadline (smaller first)."""
@@ -1411,8 +1422,10 @@ class EconoServePolicy(Policy):
         late = self.config.late_demotion_s
         if late is None or self.config.no_ordering:
             return 0
-        index = bisect.bisect_left(self._pt_queue, (now_s - late,))
-        return index if index < len(self._pt_queue) else 0
+        for index, entry in enumerate(self._pt_queue):
+            if self._latest_start_s(entry[2]) >= now_s - late:
+                return index
+        return 0
 
     def _next_backfill(self, start: int) -> int | None:
         """Index of the first PT from ``start`` on whose allocation is at most
