@@ -179,14 +179,17 @@ request finished): the tail is bounded while the SLO has headroom, and Ordering 
 bound once it has not. It answers the frontier above, where the target wants the tail at the
 baseline's goodput rate (EconoServe meets 97-99 % of SLOs there) and the gain at a higher rate
 (where a fixed ``W`` turns the order to FCFS). Off by default: it costs 1-2 % of goodput at
-ShareGPT 80 GB, the headline regime, which then sits at 1.09-1.11. Measured (full mode;
-``benchmarks/results/policy_tail_notes.md``), ``W`` = 10 s, ``a`` = 0.97, ``N`` = 300 / 500,
-goodput / Sarathi's (p99 JCT / Sarathi's): Azure conv 1.13 (1.05x) -> 1.12 (0.93x / 0.92x)
+ShareGPT 80 GB, the headline regime, which then sits at 1.09-1.11. Measured (full mode, with
+the 3 % probe lane; ``benchmarks/results/policy_tail_notes.md``), ``W`` = 10 s, ``a`` = 0.97,
+``N`` = 300 / 500, goodput / Sarathi's (p99 JCT / Sarathi's): Azure conv 1.13 (1.05x) -> 1.12 (0.93x / 0.92x)
 where plain ``W`` = 10 s gives 1.07 (0.89x); ShareGPT 80 GB 1.12 -> 1.11 / 1.10; 40 GB 1.20 ->
 1.17 / 1.20; QMSum 1.16 -> 1.15 / 1.16; Gamma, Alpaca and Azure code unchanged. On Azure code
 the misses come in the bursts: in the steps where a PT has waited ``W`` the last 300 finished
 requests met a median 92 % of their SLOs (seed 0 at Sarathi's rate; 97.6 % over the run), and
-nothing is promoted; its tail (a closing burst of ~140 requests in 22 s) stays at 1.20x.
+nothing is promoted; its tail (a closing burst of ~140 requests in 22 s) stays at 1.20x. With
+``a`` = 0.98, ``N`` = 500 and the 5 % lane: Azure conv 1.12 (0.93x), ShareGPT 80 GB 1.13 and 40 GB
+1.29 (as the default), but on three more traces 80 GB 1.12 -> 1.11 and the 40 GB tail 1.10x -> 1.08x:
+the window of finished requests lags the queue, so the gate is still open when an overload begins.
 
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
@@ -231,13 +234,18 @@ in flight; else it is *evicted*: preempted by recompute (its KV freed at once; i
 kept, to be re-prefilled with the prompt; counted as a preemption and in ``probe_evictions``) and
 queued as a PT by its PT key, admitted later by the curve with its full term (prompt + ``k``
 tokens from its prefill on, ``A - k`` to grow), never as a probe again. KV is never over-committed
-(every block comes from the free pool or the reserve). **Default ``k = 16, s = 0.03``,
-``continue``**, measured with refinement at ``k`` in full mode (2000 requests, 2 seeds;
-``benchmarks/results/policy_probe_share_notes.md``): goodput / Sarathi's at 80 GB / 40 GB / Gamma
-CV 3 1.12 / 1.18 / 1.07 (p99 JCT 1.03 / 1.03 / 1.01x), against 1.06 / 1.19 / 1.06 without probes
-or refinement; on three more traces 1.10-1.12 at 80 GB (1.07 without). The lane's width is the
-trade: with ``s = 0.1`` 1.16 / 1.36 / 1.08 but p99 1.17x at 40 GB (probes that go on past ``k``
-over-fill the curve: 2.7 % of requests preempted there, 1.4 % with ``s = 0.03``). Probes without
+(every block comes from the free pool or the reserve). **Default ``k = 16, s = 0.05``,
+``continue``**, measured with refinement at ``k`` and the prefill cap in full mode (2000
+requests, 2 seeds; ``benchmarks/results/policy_probe_share_notes.md``, last section): goodput /
+Sarathi's at 80 GB / 40 GB / Gamma CV 3 1.13 / 1.29 / 1.07 (p99 JCT 1.03 / 1.02 / 1.01x), against
+1.12 / 1.20 / 1.07 (1.02 / 1.00 / 0.99x) with ``s = 0.03``, the default before; on three more
+traces 1.12 / 1.32 (p99 1.02 / 1.10x) against 1.11 / 1.24 (1.01 / 1.12x). The lane's width is the
+trade: with ``s = 0.1`` 1.15 / 1.37 / 1.07 but p99 1.12x at 40 GB (probes that go on past ``k``
+over-fill the curve: 2.5 % of requests preempted there at Sarathi's goodput rate, 2.0 % with
+``s = 0.05``, 1.4 % with ``s = 0.03``). Before the prefill cap the same lanes measured 1.12 / 1.18 /
+1.07 (p99 1.03 / 1.03 / 1.01x) at ``s = 0.03``, 1.14 / 1.27 / 1.07 (p99 1.05 / 1.07 / 1.03x) at
+``s = 0.05`` and 1.16 / 1.36 / 1.08 (p99 40 GB 1.17x) at ``s = 0.1``: with the cap, a wider lane
+costs less at the tail (40 GB p99 1.02x against 1.07x at ``s = 0.05``). Probes without
 refinement (the rule above forbids them) measured 1.07-1.10 at 80 GB and raised the Azure
 conversation trace's p99 JCT from 1.24x to 1.33x Sarathi's. Earlier settings (quick mode, 1000
 requests, probes without refinement; ``benchmarks/results/policy_probe_quick.md``,
@@ -455,9 +463,10 @@ class EconoServeConfig:
     probe_share:
         The probe lane [fraction of the KV blocks]: probes hold at most this share of the cache,
         each counted at its probe size ``blocks_for(prompt + k - 1)``, and the lane's unused
-        part is kept out of the curve's capacity for full-term admissions. Default 0.03 (the
-        narrowest lane that keeps the 80 GB gain; wider lanes over-fill the curve past ``k``,
-        see *Probes*). Used only with ``probe_output_tokens``.
+        part is kept out of the curve's capacity for full-term admissions. Default 0.05 (with the
+        prefill cap, the widest lane that keeps the p99 JCT within 1.05x Sarathi-Serve's at 40
+        GB; wider lanes over-fill the curve past ``k``, see *Probes*). Used only with
+        ``probe_output_tokens``.
     probe_exit:
         What a probe does at ``k`` tokens unfinished: ``continue``, it goes on as a plain
         request (its full term enters the curve; preemption is the backstop); ``pause``, it
@@ -525,7 +534,7 @@ class EconoServeConfig:
     reserve_rule: str = "fixed"
     allocation_length: str = "point"
     probe_output_tokens: int | None = 16
-    probe_share: float = 0.03
+    probe_share: float = 0.05
     probe_exit: str = "continue"
     ordering_prompt_weight: float = 64.0
     ordering_promotion_wait_s: float | None = None
