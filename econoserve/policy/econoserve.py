@@ -767,21 +767,19 @@ class EconoServePolicy(Policy):
         limits = self.limits
         return prompt_tokens * limits.prefill_time_per_token_s + output_tokens * limits.decode_time_per_step_s
 
-    def _isolated_estimate_s(self, request: Request) -> float:
-        return self._time_estimate_s(request.num_prompt_tokens, self._ordering_output_tokens(request))
-
-    def _remaining_estimate_s(self, request: Request) -> float:
-        remaining_output = self._ordering_output_tokens(request) - request.num_output_tokens
+    def _latest_start_s(self, request: Request, output_tokens: float) -> float:
+        """The latest start that meets the request's estimated deadline, ``arrival + slo_scale *
+        (prompt * T_p + L * T_d)``, for a response of ``L = output_tokens``: the deadline less the
+        estimate of what remains (the pending prompt, ``L`` less the tokens generated) [s]."""
+        deadline = request.arrival_time_s + self.config.slo_scale * self._time_estimate_s(request.num_prompt_tokens,
+                                                                                           output_tokens)
         pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
-        return self._time_estimate_s(pending_prompt, max(0, remaining_output))
+        return deadline - self._time_estimate_s(pending_prompt, max(0, output_tokens - request.num_output_tokens))
 
-    def _latest_start_s(self, request: Request) -> float:
-        """The latest start that meets the request's estimated deadline by its SLO slack alone
-        [s]: the PT key without the KV cost (``ordering_prompt_weight``), promotion or aging."""
-        length = self.config.ordering_length_weight * self.allocated_output_tokens(request)
-        deadline = request.arrival_time_s + self.config.slo_scale * self._time_estimate_s(request.num_prompt_tokens, length)
-        pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
-        return deadline - self._time_estimate_s(pending_prompt, max(0.0, length - request.num_output_tokens))
+    def _slack_start_s(self, request: Request) -> float:
+        """The latest start by SLO slack alone [s]: the PT key's formula for ``w`` x the
+        allocation, without the KV cost (``ordering_prompt_weight``), promotion or aging."""
+        return self._latest_start_s(request, self.config.ordering_length_weight * self.allocated_output_tokens(request))
 
     def pt_key(self, request: Request) -> float:
         """PT queue key [s]: latest start that meets the estimated deadline (smaller first)."""
@@ -789,8 +787,7 @@ class EconoServePolicy(Policy):
             return request.arrival_time_s
         if request.request_id in self._promoted:
             return self._promoted[request.request_id]
-        deadline = request.arrival_time_s + self.config.slo_scale * self._isolated_estimate_s(request)
-        key = deadline - self._remaining_estimate_s(request)
+        key = self._latest_start_s(request, self._ordering_output_tokens(request))
         horizon = self.config.ordering_horizon_s
         return key if horizon is None else min(key, request.arrival_time_s + horizon)
 
@@ -1426,13 +1423,14 @@ class EconoServePolicy(Policy):
 
     def _next_pt(self, now_s: float) -> int:
         """Index in the PT queue of the PT to start next: the head, or with ``late_demotion_s``
-        the first whose key is at most that far in the past (late PTs yield to any PT that can
-        still meet its estimated deadline; the head when every PT is late)."""
+        the first whose latest start by SLO slack alone is at most that far in the past (late PTs
+        yield to any PT that can still meet its estimated deadline; the head when every PT is
+        late). O(queue) with the knob on: the queue is sorted by key, not by slack."""
         late = self.config.late_demotion_s
         if late is None or self.config.no_ordering:
             return 0
         for index, entry in enumerate(self._pt_queue):
-            if self._latest_start_s(entry[2]) >= now_s - late:
+            if self._slack_start_s(entry[2]) >= now_s - late:
                 return index
         return 0
 
