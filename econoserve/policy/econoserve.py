@@ -767,14 +767,19 @@ class EconoServePolicy(Policy):
         limits = self.limits
         return prompt_tokens * limits.prefill_time_per_token_s + output_tokens * limits.decode_time_per_step_s
 
+    def _deadline_s(self, request: Request, output_tokens: float) -> float:
+        """The request's estimated deadline for a response of ``L = output_tokens``,
+        ``arrival + slo_scale * (prompt * T_p + L * T_d)`` [s]."""
+        isolated_s = self._time_estimate_s(request.num_prompt_tokens, output_tokens)
+        return request.arrival_time_s + self.config.slo_scale * isolated_s
+
     def _latest_start_s(self, request: Request, output_tokens: float) -> float:
-        """The latest start that meets the request's estimated deadline, ``arrival + slo_scale *
-        (prompt * T_p + L * T_d)``, for a response of ``L = output_tokens``: the deadline less the
-        estimate of what remains (the pending prompt, ``L`` less the tokens generated) [s]."""
-        deadline = request.arrival_time_s + self.config.slo_scale * self._time_estimate_s(request.num_prompt_tokens,
-                                                                                           output_tokens)
+        """The latest start that meets :meth:`_deadline_s` for a response of ``L =
+        output_tokens``: the deadline less the estimate of what remains (the pending prompt,
+        ``L`` less the tokens generated) [s]."""
         pending_prompt = 0 if request.is_decoding else request.num_pending_tokens
-        return deadline - self._time_estimate_s(pending_prompt, max(0, output_tokens - request.num_output_tokens))
+        remaining_s = self._time_estimate_s(pending_prompt, max(0, output_tokens - request.num_output_tokens))
+        return self._deadline_s(request, output_tokens) - remaining_s
 
     def _slack_start_s(self, request: Request) -> float:
         """The latest start by SLO slack alone [s]: the PT key's formula for ``w`` x the
@@ -1077,13 +1082,12 @@ class EconoServePolicy(Policy):
 
     # ------------------------------------------------------------------ one step
     def _score_finished(self, now_s: float) -> None:
-        """Score the requests finished since the last step against their SLO (JCT to ``now_s``
-        at most ``slo_scale`` x the isolated estimate with the true output length) into the
-        promotion gate's window."""
+        """Score the requests finished since the last step against their SLO (finished by
+        ``now_s`` within :meth:`_deadline_s` for the true output length) into the promotion
+        gate's window."""
         window = self._slo_met
         for request in self._finished_unscored:
-            isolated_s = self._time_estimate_s(request.num_prompt_tokens, request.num_output_tokens)
-            met = now_s - request.arrival_time_s <= self.config.slo_scale * isolated_s
+            met = now_s <= self._deadline_s(request, request.num_output_tokens)
             if len(window) == window.maxlen:
                 self._slo_met_count -= window[0]
             window.append(met)
