@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from econoserve.errors import UserError
 from econoserve.serving.fidelity import simulation_config
-from econoserve.serving.study import (REGIMES, EngineOptions, ServingStudy, engine_capacity_rps, rescaled_to_rate,
+from econoserve.serving.study import (REGIMES, ServingStudy, engine_capacity_rps, rescaled_to_rate,
                                       study_trace)
 from econoserve.sim import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Notebook 04's engine for the kv-bound regime (the notebook's batch defaults are EngineOptions').
-ENGINE = EngineOptions(kv_cache_tokens=REGIMES["kv-bound"].kv_cache_tokens, max_model_len=REGIMES["kv-bound"].max_model_len)
+ENGINE = REGIMES["kv-bound"].engine()
 
 
 def configurations(weights: list[float], waits: list[float | None]) -> list[tuple[str, dict]]:

@@ -126,3 +126,17 @@ def test_goodput_from_a_sweep_table():
     result = metrics.goodput_from_table(table, by=["scheduler"]).set_index("scheduler")
     assert result.loc["a", "goodput_rps"] == 2  # 4 rps meets it again, but 3 rps did not
     assert math.isnan(result.loc["b", "goodput_rps"])
+
+
+def test_interpolated_goodput_is_where_attainment_crosses_the_target_after_the_sustained_rate():
+    table = pd.DataFrame({
+        "scheduler": ["a"] * 4 + ["b"] * 3 + ["c"] * 2,
+        "rate_rps": [1, 2, 3, 4] + [1, 2, 3] + [1, 2],
+        "slo_attainment": [1.0, 0.95, 0.85, 0.92] + [0.99, 0.95, 0.91] + [0.5, 0.4],
+    })
+    result = metrics.goodput_from_table(table, by=["scheduler"], interpolate=True).set_index("scheduler")
+    assert result.loc["a", "goodput_rps"] == pytest.approx(2.5)  # 0.95 at 2, 0.85 at 3: halfway; not past 3
+    assert result.loc["b", "goodput_rps"] == 3  # every swept rate meets it: the highest
+    assert math.isnan(result.loc["c", "goodput_rps"])
+    grid = metrics.goodput_from_table(table, by=["scheduler"]).set_index("scheduler")
+    assert (result["goodput_rps"].dropna() >= grid["goodput_rps"].dropna()).all()

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from econoserve.errors import UserError
-from econoserve.serving.fidelity import EngineShape, error_summary, request_errors, served_limits, simulation_config
+from econoserve.serving.fidelity import (EngineShape, error_summary, request_errors, served_limits, simulation_config,
+                                         with_slo)
 from econoserve.policy import EngineLimits, make_policy
 from econoserve.sim import build_setup, simulate
 from econoserve.sim.synthetic import synthetic_trace
@@ -54,6 +55,28 @@ def test_a_simulation_compared_with_itself_has_no_error():
     result = simulate(trace, simulation_config(shape, "vllm", "roofline", model="opt-13b"))
     errors = request_errors(result.requests, result.requests)
     assert len(errors) == 40 and errors.jct_error.max() == 0.0
+
+
+def test_real_runs_are_scored_against_the_simulators_slo():
+    """with_slo fills a served run's SLO columns by the simulator's own definition: scoring a
+    simulated run's requests again reproduces its isolated times, deadlines and SLO verdicts, under
+    KV pressure (some requests miss) and at another SLO scale; unfinished requests never meet it."""
+    shape = EngineShape(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=1024, block_size=32, kv_cache_tokens=2048)
+    trace = synthetic_trace(60, rate_rps=40, prompt_tokens=(8, 300), output_tokens=(1, 200), seed=4)
+    for slo_scale in (5.0, 2.0):
+        config = simulation_config(shape, "vllm", "roofline", model="opt-13b", slo_scale=slo_scale)
+        _, latency, _ = build_setup(config)
+        simulated = simulate(trace, config).requests
+        assert 0 < simulated.slo_met.mean() < 1  # the check sees both verdicts
+        scored = with_slo(simulated.assign(isolated_time_s=np.nan, slo_deadline_s=np.nan, slo_met=False),
+                          latency, slo_scale)
+        np.testing.assert_allclose(scored.isolated_time_s, simulated.isolated_time_s, rtol=1e-12)
+        np.testing.assert_allclose(scored.slo_deadline_s, simulated.slo_deadline_s, rtol=1e-12)
+        assert (scored.slo_met == simulated.slo_met).all()
+    failed = with_slo(simulated.assign(status="failed"), latency, 5.0)
+    assert not failed.slo_met.any()
+    with pytest.raises(UserError, match="slo_scale"):
+        with_slo(simulated, latency, 0.0)
 
 
 def test_a_served_policy_is_simulated_with_the_drop_ins_time_estimates_not_the_latency_models():

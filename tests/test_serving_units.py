@@ -255,6 +255,8 @@ def test_a_regime_has_a_rate_or_a_load_and_an_override_replaces_the_other():
         StudyRegime("alpaca", num_requests=8, kv_cache_tokens=8192, max_model_len=2048)
     with pytest.raises(UserError, match="regime 'nope'"):
         study_setting("nope")
+    engine = REGIMES["kv-bound"].engine(max_num_seqs=8)  # the regime's cache and context, the other options given
+    assert (engine.kv_cache_tokens, engine.max_model_len, engine.max_num_seqs) == (2048, 1024, 8)
 
 
 def test_a_load_sets_the_rate_from_the_engines_simulated_capacity(tmp_path):

@@ -215,17 +215,27 @@ def goodput_from_table(
     attainment_column: str = "slo_attainment",
     by: tuple[str, ...] | list[str] = (),
     target: float = GOODPUT_TARGET,
+    interpolate: bool = False,
 ) -> pd.DataFrame | float:
     """Highest swept rate with attainment >= ``target`` and every lower swept rate also meeting
-    it (NaN if none). With ``by`` columns, one row per group."""
+    it (NaN if none). With ``interpolate``, the rate where attainment falls to ``target``
+    between that rate and the next swept one, linearly (the highest swept rate where every one
+    meets it): a finer estimate on a coarse sweep. With ``by`` columns, one row per group."""
 
     def highest(group: pd.DataFrame) -> float:
         group = group.sort_values(rate_column)
-        ok = group[attainment_column].to_numpy(float) >= target
+        rates = group[rate_column].to_numpy(float)
+        attainment = group[attainment_column].to_numpy(float)
+        ok = attainment >= target
         if not ok.size or not ok[0]:
             return math.nan
-        last = np.argmin(ok) - 1 if not ok.all() else len(ok) - 1
-        return float(group[rate_column].iloc[last])
+        if ok.all():
+            return float(rates[-1])
+        last = int(np.argmin(ok)) - 1
+        if not interpolate:
+            return float(rates[last])
+        share = (attainment[last] - target) / (attainment[last] - attainment[last + 1])
+        return float(rates[last] + share * (rates[last + 1] - rates[last]))
 
     if not by:
         return highest(table)

@@ -37,10 +37,11 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.policy import EngineLimits, with_engine_max_num_seqs
-from econoserve.results import finished
+from econoserve.results import FINISHED, finished
 from econoserve.serving.decisions import ArrivalRecord, DecisionRecord, LogHeader, RefineRecord
 from econoserve.serving.replay import trace_request_id
 from econoserve.sim.engine import SimulationConfig
+from econoserve.sim.latency import LatencyModel, isolated_execution_times_s
 from econoserve.workload.trace import Trace
 
 #: Real scheduler name (``econoserve serve --scheduler``) -> simulated policy.
@@ -158,6 +159,22 @@ def wall_step_table(iterations: pd.DataFrame) -> pd.DataFrame:
     duration = iterations["duration_s"].to_numpy(float)
     gap = np.append(start[1:] - (start[:-1] + duration[:-1]), 0.0)
     return iterations.assign(duration_s=duration + np.where((gap > 0) & (gap < MAX_STEP_GAP_S), gap, 0.0))
+
+
+def with_slo(requests: pd.DataFrame, latency: LatencyModel, slo_scale: float = 5.0) -> pd.DataFrame:
+    """A real run's requests table with the SLO columns a simulation fills (NaN / False in a
+    served run, :mod:`econoserve.serving.results`), by the simulator's definition: the isolated
+    time by ``latency`` (the engine's profile, fitted) for the request's prompt and true output
+    length [s], the deadline ``arrival + slo_scale`` x it [s], met when the request finished by
+    then. The same function of the same columns as a simulated run's, so real and simulated
+    attainment compare like for like."""
+    if not slo_scale > 0:
+        raise UserError(f"slo_scale must be > 0, got {slo_scale}")
+    isolated = isolated_execution_times_s(latency, requests["prompt_tokens"].to_numpy(np.int64),
+                                          requests["output_tokens"].to_numpy(np.int64))
+    deadline = requests["arrival_time_s"].to_numpy(float) + slo_scale * isolated
+    met = (requests["status"] == FINISHED).to_numpy() & (requests["finish_time_s"].to_numpy(float) <= deadline)
+    return requests.assign(isolated_time_s=isolated, slo_deadline_s=deadline, slo_met=met)
 
 
 def request_errors(real: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:

@@ -78,6 +78,11 @@ class StudyRegime:
         _require_positive_or_none("rate_rps", self.rate_rps)
         _require_positive_or_none("load", self.load)
 
+    def engine(self, **options) -> "EngineOptions":
+        """The engine this regime is served on: its KV cache and context, ``options`` (other
+        :class:`EngineOptions` fields) or their defaults for the rest."""
+        return EngineOptions(kv_cache_tokens=self.kv_cache_tokens, max_model_len=self.max_model_len, **options)
+
 
 def _require_positive_or_none(name: str, value: float | None) -> None:
     if value is not None and not (value > 0 and math.isfinite(value)):
