@@ -218,8 +218,8 @@ def goodput_from_table(
     interpolate: bool = False,
 ) -> pd.DataFrame | float:
     """Highest swept rate with attainment >= ``target`` and every lower swept rate also meeting
-    it (NaN if none). With ``interpolate``, the rate where attainment falls to ``target``
-    between that rate and the next swept one, linearly (the highest swept rate where every one
+    it (NaN if none). With ``interpolate``, the rate where attainment falls to ``target``,
+    linearly between that rate and the next swept one (the highest swept rate where every one
     meets it): a finer estimate on a coarse sweep. With ``by`` columns, one row per group."""
 
     def highest(group: pd.DataFrame) -> float:
