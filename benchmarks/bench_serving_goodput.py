@@ -52,7 +52,7 @@ from econoserve.results import read_requests
 from econoserve.serving.fidelity import simulation_config, with_slo
 from econoserve.serving.study import (REGIMES, ServingStudy, engine_capacity_rps, rescaled_to_rate,
                                       serve, serving_python_available, study_trace)
-from econoserve.sim import simulate
+from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.latency import FittedLatencyModel
 from econoserve.workload.trace import Trace
 
@@ -93,14 +93,15 @@ def measure(args: argparse.Namespace, traces: dict[float, Path], latency: Fitted
     """Every scheduler at every load: simulated on the profile, then served in ``args.rounds``
     interleaved rounds; real and simulated requests scored by the same SLO (:func:`with_slo`)."""
     latency_path = str(args.results / "latency_model.json")
+    served = {load: Trace.read(path) for load, path in traces.items()}
+    rates = {load: float(trace.metadata["spec"]["rate_rps"]) for load, trace in served.items()}
     rows = []
-    for load, path in traces.items():
-        trace = Trace.read(path)
+    for load, trace in served.items():
         for scheduler in args.schedulers:
             name, overrides = parse_policy_spec(scheduler)
             result = simulate(trace, simulation_config(ENGINE.shape(), name, latency_path, policy_config=overrides))
             rows.append(cell(scheduler, load, SIMULATED_ROUND, with_slo(result.requests, latency, args.slo_scale),
-                             _rate(trace)))
+                             rates[load]))
     if args.simulate_only:
         return pd.DataFrame(rows)
     runs = [(r, load, s) for r in range(args.rounds) for load in traces for s in args.schedulers]
@@ -110,13 +111,8 @@ def measure(args: argparse.Namespace, traces: dict[float, Path], latency: Fitted
                              repeats=args.rounds)
         run_dir = serve(study, scheduler, round_index, log=tqdm.write)
         requests = with_slo(read_requests(run_dir), latency, args.slo_scale)
-        rows.append(cell(scheduler, load, round_index, requests, _rate(Trace.read(path))))
+        rows.append(cell(scheduler, load, round_index, requests, rates[load]))
     return pd.DataFrame(rows)
-
-
-def _rate(trace: Trace) -> float:
-    """The arrival rate ``trace`` was rescaled to [req/s]."""
-    return float(trace.metadata["spec"]["rate_rps"])
 
 
 def goodput_table(cells: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -156,12 +152,12 @@ def markdown(cells: pd.DataFrame, goodputs: pd.DataFrame, args: argparse.Namespa
     for scheduler in schedulers:
         mine = goodputs[goodputs["scheduler"] == scheduler].set_index("round")
         values = [_goodput_text(mine.loc[r]) for r in rounds]
-        real_rows = mine.loc[[r for r in rounds if r in mine.index]]
-        median = f"{real_rows['interpolated_goodput_load'].median():.2f}" if len(real_rows) else "-"
+        real_rows = mine.loc[rounds]
+        median = f"{real_rows['interpolated_goodput_load'].median():.2f}" if rounds else "-"
         ratios = real_rows["goodput_ratio"]
-        ratio = (f"{ratios.median():.2f} ({ratios.min():.2f}-{ratios.max():.2f})" if len(ratios) else "-")
-        sim = _goodput_text(mine.loc[SIMULATED_ROUND]) if SIMULATED_ROUND in mine.index else "-"
-        sim_ratio = f"{mine.loc[SIMULATED_ROUND, 'goodput_ratio']:.2f}" if SIMULATED_ROUND in mine.index else "-"
+        ratio = f"{ratios.median():.2f} ({ratios.min():.2f}-{ratios.max():.2f})" if rounds else "-"
+        sim = _goodput_text(mine.loc[SIMULATED_ROUND])
+        sim_ratio = f"{mine.loc[SIMULATED_ROUND, 'goodput_ratio']:.2f}"
         lines.append(f"| {scheduler} | " + " | ".join([*values, median, sim, ratio, sim_ratio]) + " |")
     lines += ["", "## SLO attainment, mean / p99 JCT [s] per load (real: median of rounds; sim)", "",
               "| load | rate [req/s] | " + " | ".join(f"{s} real | {s} sim" for s in schedulers) + " |",
@@ -186,9 +182,8 @@ def _per_load(cells: pd.DataFrame, schedulers: list[str], text) -> list[tuple[fl
         for scheduler in schedulers:
             mine = group[group["scheduler"] == scheduler]
             served = mine[mine["round"] != SIMULATED_ROUND]
-            simulated = mine[mine["round"] == SIMULATED_ROUND]
             parts += [text(served.median(numeric_only=True)) if len(served) else "-",
-                      text(simulated.iloc[0]) if len(simulated) else "-"]
+                      text(mine[mine["round"] == SIMULATED_ROUND].iloc[0])]
         rows.append((load, float(group["rate_rps"].iloc[0]), parts))
     return rows
 
@@ -228,7 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="trace seed (default: %(default)s)")
     parser.add_argument("--schedulers", nargs="+", default=["vllm", "econoserve"],
                         help="served schedulers, the first the reference (default: %(default)s)")
-    parser.add_argument("--slo-scale", type=float, default=5.0, help="SLO: JCT <= this x isolated (default: %(default)s)")
+    parser.add_argument("--slo-scale", type=float, default=SimulationConfig.slo_scale,
+                        help="SLO: JCT <= this x isolated, the simulator's default unless given (default: %(default)s)")
     parser.add_argument("--target", type=float, default=0.9, help="SLO attainment goodput needs (default: %(default)s)")
     parser.add_argument("--simulate-only", action="store_true", help="only the simulated cells (seconds, no vLLM)")
     parser.add_argument("--work-dir", type=Path, default=Path("results/serving_goodput"),

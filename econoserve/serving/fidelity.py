@@ -161,7 +161,7 @@ def wall_step_table(iterations: pd.DataFrame) -> pd.DataFrame:
     return iterations.assign(duration_s=duration + np.where((gap > 0) & (gap < MAX_STEP_GAP_S), gap, 0.0))
 
 
-def with_slo(requests: pd.DataFrame, latency: LatencyModel, slo_scale: float = 5.0) -> pd.DataFrame:
+def with_slo(requests: pd.DataFrame, latency: LatencyModel, slo_scale: float) -> pd.DataFrame:
     """A real run's requests table with the SLO columns a simulation fills (NaN / False in a
     served run, :mod:`econoserve.serving.results`), by the simulator's definition: the isolated
     time by ``latency`` (the engine's profile, fitted) for the request's prompt and true output
