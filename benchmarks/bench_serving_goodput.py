@@ -47,12 +47,12 @@ from tqdm import tqdm
 
 from econoserve.analysis.metrics import goodput_from_table
 from econoserve.errors import UserError
-from econoserve.policy import parse_policy_spec
+from econoserve.policy import DEFAULT_SLO_SCALE, parse_policy_spec
 from econoserve.results import read_requests
 from econoserve.serving.fidelity import simulation_config, with_slo
 from econoserve.serving.study import (REGIMES, ServingStudy, engine_capacity_rps, rescaled_to_rate,
                                       serve, serving_python_available, study_trace)
-from econoserve.sim import SimulationConfig, simulate
+from econoserve.sim import simulate
 from econoserve.sim.latency import FittedLatencyModel
 from econoserve.workload.trace import Trace
 
@@ -223,8 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="trace seed (default: %(default)s)")
     parser.add_argument("--schedulers", nargs="+", default=["vllm", "econoserve"],
                         help="served schedulers, the first the reference (default: %(default)s)")
-    parser.add_argument("--slo-scale", type=float, default=SimulationConfig.slo_scale,
-                        help="SLO: JCT <= this x isolated, the simulator's default unless given (default: %(default)s)")
+    parser.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE,
+                        help="SLO: JCT <= this x isolated time (default: %(default)s, the package's)")
     parser.add_argument("--target", type=float, default=0.9, help="SLO attainment goodput needs (default: %(default)s)")
     parser.add_argument("--simulate-only", action="store_true", help="only the simulated cells (seconds, no vLLM)")
     parser.add_argument("--work-dir", type=Path, default=Path("results/serving_goodput"),

@@ -44,6 +44,7 @@ import pandas as pd
 
 from econoserve import experiments as exp
 from econoserve.errors import UserError
+from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.experiments.placement import (
     DISTSERVE,
     Hardware,
@@ -81,7 +82,7 @@ class GPUsNeededPlan:
     max_gpus: int = 64
     systems: tuple[str, ...] = COLOCATED_SYSTEMS
     slo_kinds: tuple[str, ...] = ("ttft-tpot", "jct")
-    slo_scale: float = 5.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     target_multiples: tuple[float, ...] = (1.0, 2.0, 4.0)
     num_requests: int = 2000
     seed: int = 0

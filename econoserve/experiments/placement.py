@@ -48,6 +48,7 @@ from econoserve.experiments.plan import BURST_RATE_RPS
 from econoserve.experiments.workloads import at_rate
 from econoserve.analysis.metrics import GOODPUT_TARGET, goodput_search, ttft_tpot_slo_attainment
 from econoserve.errors import UserError
+from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.sim.catalog import DEFAULT_NETWORK, get_gpu, get_model, get_network
 from econoserve.sim.cluster import ClusterConfig, simulate_cluster
 from econoserve.sim.engine import SimulationConfig, build_setup
@@ -74,7 +75,7 @@ class ServiceObjective:
     kind: str = "ttft-tpot"
     ttft_s: float = 0.2
     tpot_s: float = 0.1
-    slo_scale: float = 5.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     target: float = GOODPUT_TARGET
     rule: str = "joint"
 

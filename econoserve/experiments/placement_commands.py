@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
+from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.experiments.placement import (
     AFFINITIES,
     ATTAINMENT_RULES,
@@ -74,7 +75,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                      help="ttft-tpot (DistServe's) or jct (JCT <= --slo-scale x isolated time) (default: ttft-tpot)")
     slo.add_argument("--ttft-ms", type=float, default=200.0, help="TTFT target [ms] (default: 200)")
     slo.add_argument("--tpot-ms", type=float, default=100.0, help="TPOT target [ms] (default: 100)")
-    slo.add_argument("--slo-scale", type=float, default=5.0, help="JCT SLO scale (default: 5)")
+    slo.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE,
+                     help=f"JCT SLO scale (default: {DEFAULT_SLO_SCALE:g})")
     slo.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet it (default: 0.9)")
     slo.add_argument("--rule", default="joint", choices=ATTAINMENT_RULES,
                      help="joint: a request meets TTFT and TPOT; per-metric: DistServe's test, each share >= target "

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from econoserve.errors import UserError
-from econoserve.policy import EconoServeConfig, policy_names
+from econoserve.policy import DEFAULT_SLO_SCALE, EconoServeConfig, policy_names
 from econoserve.sim.engine import SimulationConfig
 
 PROFILES: tuple[str, ...] = ("quick", "full")
@@ -196,7 +196,7 @@ class ExperimentPlan:
     rate_grid: RateGrid = RateGrid()
     num_requests: int = 2000
     seeds: tuple[int, ...] = (0,)
-    slo_scale: float = 5.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     predictor: str = "train"
     predictor_training: PredictorTraining = PredictorTraining()
     tokenizer: str = "llama2"
@@ -266,7 +266,7 @@ def make_plan(
     request_rates: Mapping[str, Sequence[float]] | Sequence[float] | None = None,
     schedulers: Sequence[str] | None = None,
     ablations: Sequence[str] | None = None,
-    slo_scale: float = 5.0,
+    slo_scale: float = DEFAULT_SLO_SCALE,
     predictor: str = "train",
     num_requests: int | None = None,
     seed: int | Sequence[int] | None = None,

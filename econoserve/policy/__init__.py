@@ -12,7 +12,7 @@
   ``econoserve-no-syncdecoupled``, ``econoserve-oracle``.
 """
 
-from econoserve.policy.base import EngineLimits, Policy
+from econoserve.policy.base import DEFAULT_SLO_SCALE, EngineLimits, Policy
 from econoserve.policy.decision import SchedulerDecision, SchedulerStats
 from econoserve.policy.econoserve import EconoServeConfig, EconoServePolicy
 from econoserve.policy.kv_cache import KVCache, KVCacheError
@@ -29,6 +29,7 @@ from econoserve.policy.registry import (
 from econoserve.policy.request import Request, RequestStatus
 
 __all__ = [
+    "DEFAULT_SLO_SCALE",
     "EconoServeConfig",
     "EconoServePolicy",
     "EngineLimits",

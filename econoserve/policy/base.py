@@ -26,6 +26,11 @@ from econoserve.policy.kv_cache import KVCache
 from econoserve.policy.request import Request, RequestStatus
 
 
+DEFAULT_SLO_SCALE: float = 5.0
+"""The SLO every configuration defaults to [x isolated time]: a request meets it when its JCT is at
+most this many times its isolated execution time (``PAPER.md``, "SLO per request")."""
+
+
 def require_positive(config: object, *names: str) -> None:
     """Raise ``ValueError`` naming the first field of ``config`` that is not > 0 (``None`` means
     "unset" and passes): the shared check of every policy configuration's ``__post_init__``."""

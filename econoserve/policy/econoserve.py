@@ -322,7 +322,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from econoserve.policy.base import EngineLimits, Policy, require_positive
+from econoserve.policy.base import DEFAULT_SLO_SCALE, EngineLimits, Policy, require_positive
 from econoserve.policy.decision import SchedulerDecision
 from econoserve.policy.kv_cache import KVCache
 from econoserve.policy.request import Request, RequestStatus
@@ -514,7 +514,7 @@ class EconoServeConfig:
     token_budget: int | None = None
     prefill_decode_steps: float | None = 1.75
     max_num_seqs: int = 256
-    slo_scale: float = 5.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     gt_occupancy_weight: float = 0.1
     fallback_output_tokens: int | None = None
     no_kvcpipe: bool = False

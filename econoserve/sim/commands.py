@@ -10,7 +10,7 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.experiments.backends import BACKENDS
-from econoserve.policy import policy_names
+from econoserve.policy import DEFAULT_SLO_SCALE, policy_names
 from econoserve.sim.catalog import GPUS, MODELS
 from econoserve.sim.cluster import DEFAULT_ROUTER, ClusterConfig, simulate_cluster
 from econoserve.sim.engine import PREDICTION_SOURCES, SimulationConfig
@@ -48,8 +48,8 @@ def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
                        help="override a policy configuration field, e.g. token_budget=1024 (repeatable)")
     group.add_argument("--predictions", default="trace", choices=PREDICTION_SOURCES,
                        help="predicted lengths the policy sees: the trace's column, the true lengths, or none (default: trace)")
-    group.add_argument("--slo-scale", type=positive_float, default=5.0, metavar="X",
-                       help="SLO: JCT <= X times the request's isolated execution time (default: 5)")
+    group.add_argument("--slo-scale", type=positive_float, default=DEFAULT_SLO_SCALE, metavar="X",
+                       help=f"SLO: JCT <= X times the request's isolated execution time (default: {DEFAULT_SLO_SCALE:g})")
     group.add_argument("--seed", type=seed, default=0, help="seed (recorded; the sweep's traces use it) (default: 0)")
     group.add_argument("--no-skip-ahead", action="store_true",
                        help="simulate every step one by one (same results, slower; per-step scheduler times are then real)")

@@ -20,7 +20,7 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.results import read_iterations, read_requests, write_run
-from econoserve.policy import EngineLimits, make_config
+from econoserve.policy import DEFAULT_SLO_SCALE, EngineLimits, make_config
 from econoserve.sim.catalog import GIB, Deployment, get_gpu, get_model
 from econoserve.sim.latency import (
     LatencyModel,
@@ -124,7 +124,7 @@ class SimulationConfig:
     max_model_len: int | None = None
     latency_model: str = "roofline"
     roofline: Mapping[str, float] = field(default_factory=dict)
-    slo_scale: float = 5.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     seed: int = 0
     predictions: str = "trace"
     reference_token_budget: int | None = None
