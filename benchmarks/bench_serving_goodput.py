@@ -21,11 +21,17 @@ interleaving spreads the drift over both schedulers alike).
   load has goodput at least that load (marked ``>=``).
 * Beside every real cell: the same trace simulated on the profile (what the scoreboard's model of
   this engine predicts).
+* **Speed**: each real run's busy time over the profile's prediction for its steps
+  (:func:`step_time_vs_profile`). The machine is shared, so a run may go 1.5x slower than the
+  profile, which serves it a heavier load than the nominal one against an SLO set on the profile.
+  The simulation is therefore repeated with every step slowed by the median of that ratio over
+  the real runs: what the simulator predicts for the engine as fast as it actually ran.
 
 Writes ``benchmarks/results/serving_goodput_real.csv`` (one row per scheduler, load and round;
-``round`` = -1 for the simulation) and ``.md``. Needs notebook 04's output (``--results``, default
-``results/04_vllm_serving``: ``latency_model.json`` and the cached predictor) and the serving
-environment (``scripts/install_serving.sh``). Runs are kept under ``--work-dir`` and reused when
+``round`` = -1 for the simulation on the profile, -2 for the one at the measured speed) and
+``.md``. Needs notebook 04's output (``--results``, default ``results/04_vllm_serving``:
+``latency_model.json`` and the cached predictor) and the serving environment
+(``scripts/install_serving.sh``). Runs are kept under ``--work-dir`` and reused when
 their inputs (trace, engine, scheduler, code) are unchanged, so an interrupted run resumes::
 
     ECONOSERVE_DATA_MIRROR=../shared/data .venv/bin/python benchmarks/bench_serving_goodput.py \\
@@ -48,7 +54,7 @@ from tqdm import tqdm
 from econoserve.analysis.metrics import goodput_from_table
 from econoserve.errors import UserError
 from econoserve.policy import DEFAULT_SLO_SCALE, parse_policy_spec
-from econoserve.results import read_requests
+from econoserve.results import read_iterations, read_requests
 from econoserve.serving.fidelity import simulation_config, with_slo
 from econoserve.serving.study import (REGIMES, ServingStudy, engine_capacity_rps, rescaled_to_rate,
                                       serve, serving_python_available, study_trace)
@@ -60,6 +66,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Notebook 04's engine for the kv-bound regime (the notebook's batch defaults are EngineOptions').
 ENGINE = REGIMES["kv-bound"].engine()
 SIMULATED_ROUND = -1
+#: The same simulation with every step slowed by the real runs' median :func:`step_time_vs_profile`:
+#: what the simulator predicts for the engine as fast as it ran.
+AT_MEASURED_SPEED_ROUND = -2
 
 
 def traces_at_loads(args: argparse.Namespace) -> dict[float, Path]:
@@ -79,29 +88,62 @@ def traces_at_loads(args: argparse.Namespace) -> dict[float, Path]:
     return paths
 
 
-def cell(scheduler: str, load: float, round_index: int, requests: pd.DataFrame, rate_rps: float) -> dict:
-    """One row of the table: a run's SLO attainment and JCTs."""
+def cell(scheduler: str, load: float, round_index: int, requests: pd.DataFrame, rate_rps: float,
+         step_time_vs_profile: float = math.nan) -> dict:
+    """One row of the table: a run's SLO attainment and JCTs (and, for a real run, how fast its
+    steps ran against the profile: :func:`step_time_vs_profile`)."""
     jct = requests.loc[requests["status"] == "finished", "jct_s"].to_numpy(float)
     return {"scheduler": scheduler, "load": load, "round": round_index, "rate_rps": rate_rps,
             "slo_attainment": float(requests["slo_met"].mean()), "finished": len(jct),
             "mean_jct_s": float(jct.mean()) if jct.size else math.nan,
             "p99_jct_s": float(np.percentile(jct, 99)) if jct.size else math.nan,
-            "preempted_share": float((requests["num_preemptions"] > 0).mean())}
+            "preempted_share": float((requests["num_preemptions"] > 0).mean()),
+            "step_time_vs_profile": step_time_vs_profile}
+
+
+def step_time_vs_profile(steps: pd.DataFrame, latency: FittedLatencyModel) -> float:
+    """A real run's busy time over what the profile's model predicts for the same steps: 1 when
+    the engine ran as fast as when it was profiled, 1.5 when its steps took 50 % longer. The
+    SLO and the load grid are set on the profile, so a run well above 1 was served a heavier load
+    than its nominal one. (The profile's fit has no attention-pairs term: a real step log
+    records prefill, decode and context tokens, and ``profile-engine`` fits none.)"""
+    steps = steps[steps["num_prefill_tokens"] + steps["num_decode_tokens"] > 0]
+    predicted = latency.iteration_time_s(steps["num_prefill_tokens"].to_numpy(float),
+                                         steps["num_decode_tokens"].to_numpy(float),
+                                         steps["num_context_tokens"].to_numpy(float), 0.0)
+    return float(steps["duration_s"].sum() / np.sum(predicted))
+
+
+def slowed(latency: FittedLatencyModel, factor: float, directory: Path) -> Path:
+    """``latency`` with every step ``factor`` times as long, saved under ``directory``."""
+    model = replace(latency, intercept_s=latency.intercept_s * factor,
+                    coefficients={name: value * factor for name, value in latency.coefficients.items()},
+                    source=f"{latency.source} x {factor:.3f}")
+    return model.save(directory / f"latency_model_x{factor:.3f}.json")
+
+
+def simulated_cells(args: argparse.Namespace, traces: dict[float, Trace], latency: FittedLatencyModel,
+                    latency_path: Path, round_index: int) -> list[dict]:
+    """Every scheduler at every load simulated with the step times of ``latency_path``; requests
+    scored by the profile's SLO (``latency``), as the real runs are."""
+    rows = []
+    for load, trace in traces.items():
+        rate_rps = float(trace.metadata["spec"]["rate_rps"])
+        for scheduler in args.schedulers:
+            name, overrides = parse_policy_spec(scheduler)
+            config = simulation_config(ENGINE.shape(), name, str(latency_path), policy_config=overrides)
+            requests = with_slo(simulate(trace, config).requests, latency, args.slo_scale)
+            rows.append(cell(scheduler, load, round_index, requests, rate_rps))
+    return rows
 
 
 def measure(args: argparse.Namespace, traces: dict[float, Path], latency: FittedLatencyModel) -> pd.DataFrame:
-    """Every scheduler at every load: simulated on the profile, then served in ``args.rounds``
-    interleaved rounds; real and simulated requests scored by the same SLO (:func:`with_slo`)."""
-    latency_path = str(args.results / "latency_model.json")
+    """Every scheduler at every load: simulated on the profile, served in ``args.rounds``
+    interleaved rounds, and simulated again at the speed the real runs' steps ran; real and
+    simulated requests scored by the same SLO (:func:`with_slo`)."""
     served = {load: Trace.read(path) for load, path in traces.items()}
     rates = {load: float(trace.metadata["spec"]["rate_rps"]) for load, trace in served.items()}
-    rows = []
-    for load, trace in served.items():
-        for scheduler in args.schedulers:
-            name, overrides = parse_policy_spec(scheduler)
-            result = simulate(trace, simulation_config(ENGINE.shape(), name, latency_path, policy_config=overrides))
-            rows.append(cell(scheduler, load, SIMULATED_ROUND, with_slo(result.requests, latency, args.slo_scale),
-                             rates[load]))
+    rows = simulated_cells(args, served, latency, args.results / "latency_model.json", SIMULATED_ROUND)
     if args.simulate_only:
         return pd.DataFrame(rows)
     runs = [(r, load, s) for r in range(args.rounds) for load in traces for s in args.schedulers]
@@ -111,7 +153,10 @@ def measure(args: argparse.Namespace, traces: dict[float, Path], latency: Fitted
                              repeats=args.rounds)
         run_dir = serve(study, scheduler, round_index, log=tqdm.write)
         requests = with_slo(read_requests(run_dir), latency, args.slo_scale)
-        rows.append(cell(scheduler, load, round_index, requests, rates[load]))
+        speed = step_time_vs_profile(read_iterations(run_dir), latency)
+        rows.append(cell(scheduler, load, round_index, requests, rates[load], speed))
+    factor = float(np.median([row["step_time_vs_profile"] for row in rows if row["round"] >= 0]))
+    rows += simulated_cells(args, served, latency, slowed(latency, factor, args.work_dir), AT_MEASURED_SPEED_ROUND)
     return pd.DataFrame(rows)
 
 
@@ -134,8 +179,9 @@ def goodput_table(cells: pd.DataFrame, target: float) -> pd.DataFrame:
 
 def markdown(cells: pd.DataFrame, goodputs: pd.DataFrame, args: argparse.Namespace, elapsed_s: float) -> str:
     schedulers = list(dict.fromkeys(cells["scheduler"]))
-    real = cells[cells["round"] != SIMULATED_ROUND]
+    real = cells[cells["round"] >= 0]
     rounds = sorted(real["round"].unique())
+    corrected = ["sim at measured speed"] if rounds else []
     lines = [
         "# Goodput on the real engine: vLLM's scheduler and EconoServe's drop-in (notebook 04's KV-bound regime)", "",
         f"Written by `benchmarks/bench_serving_goodput.py` ({elapsed_s / 60:.0f} min): {args.num_requests} requests, "
@@ -145,9 +191,10 @@ def markdown(cells: pd.DataFrame, goodputs: pd.DataFrame, args: argparse.Namespa
         "at it and below, interpolated to where attainment crosses the target. Load = arrival rate / the engine's "
         "capacity on the profile. `sim` = the same trace simulated on the profile.", "",
         "## Goodput [share of capacity]", "",
-        "| scheduler | " + " | ".join([*(f"round {r}" for r in rounds), "median of rounds", "sim"]) + " | ratio to "
-        f"{schedulers[0]}, same round: median (range) | sim ratio |",
-        "|---|" + "---|" * (len(rounds) + 4),
+        "| scheduler | " + " | ".join([*(f"round {r}" for r in rounds), "median of rounds", "sim", *corrected,
+                                       f"ratio to {schedulers[0]}, same round: median (range)", "sim ratio",
+                                       *(f"{name} ratio" for name in corrected)]) + " |",
+        "|---|" + "---|" * (len(rounds) + 4 + 2 * len(corrected)),
     ]
     for scheduler in schedulers:
         mine = goodputs[goodputs["scheduler"] == scheduler].set_index("round")
@@ -156,18 +203,22 @@ def markdown(cells: pd.DataFrame, goodputs: pd.DataFrame, args: argparse.Namespa
         median = f"{real_rows['interpolated_goodput_load'].median():.2f}" if rounds else "-"
         ratios = real_rows["goodput_ratio"]
         ratio = f"{ratios.median():.2f} ({ratios.min():.2f}-{ratios.max():.2f})" if rounds else "-"
-        sim = _goodput_text(mine.loc[SIMULATED_ROUND])
-        sim_ratio = f"{mine.loc[SIMULATED_ROUND, 'goodput_ratio']:.2f}"
-        lines.append(f"| {scheduler} | " + " | ".join([*values, median, sim, ratio, sim_ratio]) + " |")
+        simulated = [SIMULATED_ROUND, *([AT_MEASURED_SPEED_ROUND] if rounds else [])]
+        sims = [_goodput_text(mine.loc[r]) for r in simulated]
+        sim_ratios = [_number_text(mine.loc[r, "goodput_ratio"]) for r in simulated]
+        lines.append(f"| {scheduler} | " + " | ".join([*values, median, *sims, ratio, *sim_ratios]) + " |")
+    if rounds:
+        lines += ["", _speed_text(real)]
+    sources = ["real", "sim", *corrected]
     lines += ["", "## SLO attainment, mean / p99 JCT [s] per load (real: median of rounds; sim)", "",
-              "| load | rate [req/s] | " + " | ".join(f"{s} real | {s} sim" for s in schedulers) + " |",
-              "|---|---|" + "---|---|" * len(schedulers)]
+              "| load | rate [req/s] | " + " | ".join(f"{s} {source}" for s in schedulers for source in sources) + " |",
+              "|---|---|" + "---|" * len(sources) * len(schedulers)]
     lines += [f"| {load:g} | {rate:.2f} | " + " | ".join(parts) + " |"
               for load, rate, parts in _per_load(cells, schedulers, _cell_text)]
     others = schedulers[1:]
     lines += ["", f"## Mean / p99 JCT over {schedulers[0]}'s in the same round (real: median of rounds; sim)", "",
-              "| load | " + " | ".join(f"{s} real | {s} sim" for s in others) + " |",
-              "|---|" + "---|---|" * len(others)]
+              "| load | " + " | ".join(f"{s} {source}" for s in others for source in sources) + " |",
+              "|---|" + "---|" * len(sources) * len(others)]
     lines += [f"| {load:g} | " + " | ".join(parts) + " |"
               for load, _, parts in _per_load(same_round_ratios(cells), others, _ratio_text)]
     return "\n".join(lines) + "\n"
@@ -175,15 +226,17 @@ def markdown(cells: pd.DataFrame, goodputs: pd.DataFrame, args: argparse.Namespa
 
 def _per_load(cells: pd.DataFrame, schedulers: list[str], text) -> list[tuple[float, float, list[str]]]:
     """Per load: its rate [req/s] and, for every scheduler, ``text`` of the median of its real
-    rounds and of its simulated cell ("-" where there is none)."""
+    rounds ("-" where there are none) and of its simulated cells (on the profile, then at the
+    measured speed where there is one)."""
+    simulated = [r for r in (SIMULATED_ROUND, AT_MEASURED_SPEED_ROUND) if (cells["round"] == r).any()]
     rows = []
     for load, group in cells.groupby("load"):
         parts = []
         for scheduler in schedulers:
             mine = group[group["scheduler"] == scheduler]
-            served = mine[mine["round"] != SIMULATED_ROUND]
+            served = mine[mine["round"] >= 0]
             parts += [text(served.median(numeric_only=True)) if len(served) else "-",
-                      text(mine[mine["round"] == SIMULATED_ROUND].iloc[0])]
+                      *(text(mine[mine["round"] == r].iloc[0]) for r in simulated)]
         rows.append((load, float(group["rate_rps"].iloc[0]), parts))
     return rows
 
@@ -196,6 +249,21 @@ def same_round_ratios(cells: pd.DataFrame) -> pd.DataFrame:
     return cells.assign(**{f"{metric.removesuffix('_s')}_ratio":
                            cells[metric].to_numpy(float) / reference.loc[index, metric].to_numpy(float)
                            for metric in ("mean_jct_s", "p99_jct_s")})
+
+
+def _speed_text(real: pd.DataFrame) -> str:
+    """One line: how fast the real runs' steps ran against the profile, per round."""
+    speed = real["step_time_vs_profile"]
+    per_round = ", ".join(f"round {r} {group.median():.2f}" for r, group in speed.groupby(real["round"]))
+    return (f"Real steps took {speed.median():.2f}x the profile's time (busy time per run, median; range "
+            f"{speed.min():.2f}-{speed.max():.2f}; {per_round}): above 1 the engine served a heavier load "
+            f"than the nominal one. `sim at measured speed` simulates every step {speed.median():.2f}x as long, "
+            "with the SLO still the profile's.")
+
+
+def _number_text(value: float) -> str:
+    """``value`` to two decimals; "-" for NaN (a ratio of two zero goodputs)."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
 
 
 def _goodput_text(row: pd.Series) -> str:
