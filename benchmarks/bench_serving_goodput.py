@@ -88,17 +88,22 @@ def traces_at_loads(args: argparse.Namespace) -> dict[float, Path]:
     return paths
 
 
+def trace_rate_rps(trace: Trace) -> float:
+    """The arrival rate a trace was rescaled to [req/s] (:func:`traces_at_loads`)."""
+    return float(trace.metadata["spec"]["rate_rps"])
+
+
 def cell(scheduler: str, load: float, round_index: int, requests: pd.DataFrame, rate_rps: float,
-         step_time_vs_profile: float = math.nan) -> dict:
-    """One row of the table: a run's SLO attainment and JCTs (and, for a real run, how fast its
-    steps ran against the profile: :func:`step_time_vs_profile`)."""
+         speed: float = math.nan) -> dict:
+    """One row of the table: a run's SLO attainment and JCTs (and, for a real run, ``speed``: how
+    fast its steps ran against the profile, :func:`step_time_vs_profile`)."""
     jct = requests.loc[requests["status"] == "finished", "jct_s"].to_numpy(float)
     return {"scheduler": scheduler, "load": load, "round": round_index, "rate_rps": rate_rps,
             "slo_attainment": float(requests["slo_met"].mean()), "finished": len(jct),
             "mean_jct_s": float(jct.mean()) if jct.size else math.nan,
             "p99_jct_s": float(np.percentile(jct, 99)) if jct.size else math.nan,
             "preempted_share": float((requests["num_preemptions"] > 0).mean()),
-            "step_time_vs_profile": step_time_vs_profile}
+            "step_time_vs_profile": speed}
 
 
 def step_time_vs_profile(steps: pd.DataFrame, latency: FittedLatencyModel) -> float:
@@ -128,12 +133,11 @@ def simulated_cells(args: argparse.Namespace, traces: dict[float, Trace], latenc
     scored by the profile's SLO (``latency``), as the real runs are."""
     rows = []
     for load, trace in traces.items():
-        rate_rps = float(trace.metadata["spec"]["rate_rps"])
         for scheduler in args.schedulers:
             name, overrides = parse_policy_spec(scheduler)
             config = simulation_config(ENGINE.shape(), name, str(latency_path), policy_config=overrides)
             requests = with_slo(simulate(trace, config).requests, latency, args.slo_scale)
-            rows.append(cell(scheduler, load, round_index, requests, rate_rps))
+            rows.append(cell(scheduler, load, round_index, requests, trace_rate_rps(trace)))
     return rows
 
 
@@ -142,7 +146,6 @@ def measure(args: argparse.Namespace, traces: dict[float, Path], latency: Fitted
     interleaved rounds, and simulated again at the speed the real runs' steps ran; real and
     simulated requests scored by the same SLO (:func:`with_slo`)."""
     served = {load: Trace.read(path) for load, path in traces.items()}
-    rates = {load: float(trace.metadata["spec"]["rate_rps"]) for load, trace in served.items()}
     rows = simulated_cells(args, served, latency, args.results / "latency_model.json", SIMULATED_ROUND)
     if args.simulate_only:
         return pd.DataFrame(rows)
@@ -154,7 +157,7 @@ def measure(args: argparse.Namespace, traces: dict[float, Path], latency: Fitted
         run_dir = serve(study, scheduler, round_index, log=tqdm.write)
         requests = with_slo(read_requests(run_dir), latency, args.slo_scale)
         speed = step_time_vs_profile(read_iterations(run_dir), latency)
-        rows.append(cell(scheduler, load, round_index, requests, rates[load], speed))
+        rows.append(cell(scheduler, load, round_index, requests, trace_rate_rps(served[load]), speed))
     factor = float(np.median([row["step_time_vs_profile"] for row in rows if row["round"] >= 0]))
     rows += simulated_cells(args, served, latency, slowed(latency, factor, args.work_dir), AT_MEASURED_SPEED_ROUND)
     return pd.DataFrame(rows)
