@@ -51,11 +51,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from econoserve.analysis.metrics import goodput_from_table
+from econoserve.analysis.metrics import GOODPUT_TARGET, goodput_from_table
 from econoserve.errors import UserError
 from econoserve.policy import DEFAULT_SLO_SCALE, parse_policy_spec
 from econoserve.results import read_iterations, read_requests
 from econoserve.serving.fidelity import simulation_config, with_slo
+from econoserve.serving.profiler import step_model_error
 from econoserve.serving.study import (REGIMES, ServingStudy, engine_capacity_rps, rescaled_to_rate,
                                       serve, serving_python_available, study_trace)
 from econoserve.sim import simulate
@@ -107,16 +108,12 @@ def cell(scheduler: str, load: float, round_index: int, requests: pd.DataFrame, 
 
 
 def step_time_vs_profile(steps: pd.DataFrame, latency: FittedLatencyModel) -> float:
-    """A real run's busy time over what the profile's model predicts for the same steps: 1 when
-    the engine ran as fast as when it was profiled, 1.5 when its steps took 50 % longer. The
-    SLO and the load grid are set on the profile, so a run well above 1 was served a heavier load
-    than its nominal one. (The profile's fit has no attention-pairs term: a real step log
-    records prefill, decode and context tokens, and ``profile-engine`` fits none.)"""
-    steps = steps[steps["num_prefill_tokens"] + steps["num_decode_tokens"] > 0]
-    predicted = latency.iteration_time_s(steps["num_prefill_tokens"].to_numpy(float),
-                                         steps["num_decode_tokens"].to_numpy(float),
-                                         steps["num_context_tokens"].to_numpy(float), 0.0)
-    return float(steps["duration_s"].sum() / np.sum(predicted))
+    """A real run's busy time over what the profile's model predicts for the same steps
+    (:func:`~econoserve.serving.profiler.step_model_error`'s busy-time ratio, inverted): 1 when the
+    engine ran as fast as when it was profiled, 1.5 when its steps took 50 % longer. The SLO and
+    the load grid are set on the profile, so a run well above 1 was served a heavier load than its
+    nominal one."""
+    return 1.0 / step_model_error(steps, latency)["busy_time_ratio"]
 
 
 def slowed(latency: FittedLatencyModel, factor: float, directory: Path) -> Path:
@@ -296,7 +293,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="served schedulers, the first the reference (default: %(default)s)")
     parser.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE,
                         help="SLO: JCT <= this x isolated time (default: %(default)s, the package's)")
-    parser.add_argument("--target", type=float, default=0.9, help="SLO attainment goodput needs (default: %(default)s)")
+    parser.add_argument("--target", type=float, default=GOODPUT_TARGET, help="SLO attainment goodput needs (default: %(default)s)")
     parser.add_argument("--simulate-only", action="store_true", help="only the simulated cells (seconds, no vLLM)")
     parser.add_argument("--work-dir", type=Path, default=Path("results/serving_goodput"),
                         help="where the traces and real runs are kept (default: %(default)s)")

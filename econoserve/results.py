@@ -146,6 +146,16 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def slo_columns(arrival_s: np.ndarray, finish_s: np.ndarray, finished_mask: np.ndarray, isolated_s: np.ndarray,
+                slo_scale: float | np.ndarray) -> dict[str, np.ndarray]:
+    """A requests table's SLO columns, the one definition for simulated and served runs: the
+    isolated time [s], the deadline ``arrival + slo_scale x isolated`` [s], and whether the request
+    finished by it."""
+    deadline = arrival_s + slo_scale * isolated_s
+    return {"isolated_time_s": isolated_s, "slo_deadline_s": deadline,
+            "slo_met": finished_mask & (finish_s <= deadline)}
+
+
 def finished(requests: pd.DataFrame) -> pd.DataFrame:
     """The requests that finished."""
     return requests[requests["status"] == FINISHED]

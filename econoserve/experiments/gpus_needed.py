@@ -44,7 +44,6 @@ import pandas as pd
 
 from econoserve import experiments as exp
 from econoserve.errors import UserError
-from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.experiments.placement import (
     DISTSERVE,
     Hardware,
@@ -54,6 +53,7 @@ from econoserve.experiments.placement import (
     gpus_needed,
     placement_search,
 )
+from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.results import read_results, write_results
 
 PROFILES: tuple[str, ...] = ("quick", "full")

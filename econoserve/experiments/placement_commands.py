@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 
 from econoserve.errors import UserError
-from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.experiments.placement import (
     AFFINITIES,
     ATTAINMENT_RULES,
@@ -23,6 +22,7 @@ from econoserve.experiments.placement import (
     gpus_needed,
     placement_search,
 )
+from econoserve.policy import DEFAULT_SLO_SCALE
 from econoserve.sim.catalog import DEFAULT_NETWORK, GPUS, MODELS, NETWORK_LINKS
 from econoserve.sim.routers import router_names
 from econoserve.workload.trace import Trace

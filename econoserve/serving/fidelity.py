@@ -37,7 +37,7 @@ import pandas as pd
 
 from econoserve.errors import UserError
 from econoserve.policy import EngineLimits, with_engine_max_num_seqs
-from econoserve.results import FINISHED, finished
+from econoserve.results import FINISHED, finished, slo_columns
 from econoserve.serving.decisions import ArrivalRecord, DecisionRecord, LogHeader, RefineRecord
 from econoserve.serving.replay import trace_request_id
 from econoserve.sim.engine import SimulationConfig
@@ -172,9 +172,9 @@ def with_slo(requests: pd.DataFrame, latency: LatencyModel, slo_scale: float) ->
         raise UserError(f"slo_scale must be > 0, got {slo_scale}")
     isolated = isolated_execution_times_s(latency, requests["prompt_tokens"].to_numpy(np.int64),
                                           requests["output_tokens"].to_numpy(np.int64))
-    deadline = requests["arrival_time_s"].to_numpy(float) + slo_scale * isolated
-    met = (requests["status"] == FINISHED).to_numpy() & (requests["finish_time_s"].to_numpy(float) <= deadline)
-    return requests.assign(isolated_time_s=isolated, slo_deadline_s=deadline, slo_met=met)
+    return requests.assign(**slo_columns(requests["arrival_time_s"].to_numpy(float),
+                                         requests["finish_time_s"].to_numpy(float),
+                                         (requests["status"] == FINISHED).to_numpy(), isolated, slo_scale))
 
 
 def request_errors(real: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFrame:

@@ -48,6 +48,7 @@ import pandas as pd
 from econoserve.errors import UserError
 from econoserve.serving.engine import EngineConfig, OfflineEngine
 from econoserve.serving.replay import ReplayRequest
+from econoserve.sim.latency import LatencyModel
 
 STEP_TIME_COLUMNS: tuple[str, ...] = (
     "prefill_tokens",
@@ -250,6 +251,11 @@ class LinearStepModel:
             + self.per_context_token_s * np.asarray(context_tokens)
         )
 
+    def iteration_time_s(self, prefill_tokens: Any, decode_tokens: Any, context_tokens: Any,
+                         attention_pairs: Any) -> Any:
+        """:meth:`predict` as a :class:`~econoserve.sim.latency.LatencyModel` (no attention-pairs term)."""
+        return self.predict(prefill_tokens, decode_tokens, context_tokens)
+
 
 def fit_linear_step_model(table: pd.DataFrame) -> LinearStepModel:
     """Least-squares fit of a measured step-time table (a quick check of how linear steps are)."""
@@ -269,18 +275,21 @@ def fit_linear_step_model(table: pd.DataFrame) -> LinearStepModel:
     )
 
 
-def step_model_error(iterations: pd.DataFrame, model: LinearStepModel) -> dict[str, float]:
+def step_model_error(iterations: pd.DataFrame, model: LatencyModel) -> dict[str, float]:
     """How well ``model`` predicts the steps of a real run (an ``iterations.parquet`` table,
     :mod:`econoserve.results`).
 
     Relative error ``|predicted - measured| / measured`` per step, summarised; and the ratio of
     predicted to measured busy time (the sum over steps), which is what a simulated makespan sees.
+    A real step log records no attention pairs, so ``model`` is asked with none: a fit of real
+    steps (:class:`LinearStepModel`, a profile's :class:`~econoserve.sim.latency.FittedLatencyModel`).
     """
     if iterations.empty:
         raise UserError("iterations table is empty: nothing to compare")
     measured = iterations["duration_s"].to_numpy(dtype=float)
-    predicted = model.predict(iterations["num_prefill_tokens"], iterations["num_decode_tokens"],
-                              iterations["num_context_tokens"])
+    predicted = np.asarray(model.iteration_time_s(iterations["num_prefill_tokens"].to_numpy(float),
+                                                  iterations["num_decode_tokens"].to_numpy(float),
+                                                  iterations["num_context_tokens"].to_numpy(float), 0.0), dtype=float)
     relative = np.abs(predicted - measured) / measured
     return {
         "num_steps": int(len(measured)),

@@ -37,7 +37,7 @@ import pandas as pd
 
 from econoserve import __version__
 from econoserve.errors import UserError
-from econoserve.results import ITERATION_SCHEMA, REQUEST_SCHEMA, conform, summarize
+from econoserve.results import ITERATION_SCHEMA, REQUEST_SCHEMA, conform, slo_columns, summarize
 from econoserve.sim.catalog import DEFAULT_NETWORK, get_network
 from econoserve.sim.disaggregation import KVTransfers, check_roles
 from econoserve.sim.engine import SimulationConfig, SimulationError, SimulationResult, reference_token_budget
@@ -325,7 +325,6 @@ def _requests_table(ledger: RequestLedger, replicas: Sequence[Replica], iteratio
             mean_tbt = np.where(output > 1, (finish - first) / (output - 1), np.nan)
     predicted, isolated, slo_scale = _per_replica_columns(ledger, replicas, replica_of, prompt, output)
     jct = finish - arrival
-    deadline = arrival + slo_scale * isolated
     table = pd.DataFrame(
         {
             "request_id": frame["request_id"].to_numpy(np.int64),
@@ -346,9 +345,7 @@ def _requests_table(ledger: RequestLedger, replicas: Sequence[Replica], iteratio
             "p99_tbt_s": p99_tbt,
             "jct_s": jct,
             "normalized_latency_s": jct / output,
-            "isolated_time_s": isolated,
-            "slo_deadline_s": deadline,
-            "slo_met": finished & (finish <= deadline),
+            **slo_columns(arrival, finish, finished, isolated, slo_scale),
             "replica": replica_of.copy(),
         }
     )
