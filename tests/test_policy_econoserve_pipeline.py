@@ -9,20 +9,21 @@ from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, make_policy
 from econoserve.policy.econoserve import (PRUNE_SLACK_ENTRIES, EconoServeConfig, expected_overrun_tokens,
-                                         gittins_rank_tokens)
+                                         gittins_rank_tokens, used_kv_blocks)
 from econoserve.policy.kv_cache import KVCache
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
 
 
-def _policy(num_kv_blocks: int, budget: int = 4096, **config):
+def _policy(num_kv_blocks: int, budget: int = 4096, context_s: float = 0.0, max_model_len: int = 2048, **config):
     """EconoServe on a small cache, exact allocations; Ordering's keys are SLO slack alone
     (``ordering_prompt_weight`` 0), so the scenarios' keys can be worked by hand, and a step's
     prompt tokens are bounded by the token budget ``budget`` alone (no prefill cap)."""
     config = {"reserve_ratio": 0.0, "rl_padding": 0.0, "rl_bucket": 16, "kvcpipe": "all",
               "ordering_prompt_weight": 0.0, "prefill_decode_steps": None, **config}
-    limits = EngineLimits(num_kv_blocks=num_kv_blocks, block_size=16, max_model_len=2048, saturating_token_budget=budget,
-                          prefill_time_per_token_s=1e-3, decode_time_per_step_s=0.05)
+    limits = EngineLimits(num_kv_blocks=num_kv_blocks, block_size=16, max_model_len=max_model_len,
+                          saturating_token_budget=budget, prefill_time_per_token_s=1e-3, decode_time_per_step_s=0.05,
+                          decode_time_per_context_token_s=context_s)
     return make_policy("econoserve", limits, config)
 
 
@@ -120,6 +121,52 @@ def test_overbooking_admits_past_the_cache_and_preemption_is_the_backstop():
     assert (result.requests.generated_tokens == 200).all()
     assert result.requests.num_preemptions.sum() > 0
     assert (result.iterations.kv_blocks_allocated <= 60).all()
+
+
+@pytest.mark.parametrize(("cap", "context_s", "admitted"), [(None, 0.05 / 160, 6), (3.0, 0.0, 6), (3.0, 0.05 / 160, 4),
+                                                           (2.0, 0.05 / 160, 2)])
+def test_the_slowdown_cap_uses_the_kv_whose_read_adds_s_minus_one_decode_steps(cap, context_s, admitted):
+    # 100 blocks; 160 cached tokens add one isolated decode step (0.05 s). s = 3: 2 x 160 = 320
+    # tokens = 20 blocks, four requests of 5 blocks at their peak (prompt 16, predicted 64 -> 79
+    # tokens); s = 2: 10 blocks, two (the floor, two 80-token contexts, is 10 blocks too). No cap,
+    # or context that costs nothing: all six.
+    policy = _policy(100, context_s=context_s, max_model_len=80, decode_slowdown_cap=cap)
+    assert policy.kv_cache.num_blocks == {6: 100, 4: 20, 2: 10}[admitted]
+    for rid in range(6):
+        _add(policy, rid, 16, 64)
+    true_output = {rid: 64 for rid in range(6)}
+    assert step(policy, true_output, check_invariants=True).num_prefill_requests == admitted
+    assert _run(policy, true_output) == []
+
+
+def test_the_slowdown_cap_never_leaves_less_than_two_full_context_requests():
+    limits = EngineLimits(num_kv_blocks=1000, block_size=16, max_model_len=512, decode_time_per_step_s=0.05,
+                          decode_time_per_context_token_s=0.05 / 16)
+    assert used_kv_blocks(None, limits) == 1000
+    assert used_kv_blocks(1.5, limits) == 2 * 512 // 16  # 8 tokens: the floor
+    assert used_kv_blocks(101.0, limits) == 100  # 1600 tokens
+    assert used_kv_blocks(1e6, limits) == 1000  # never more than the cache
+    with pytest.raises(ValueError, match="decode_slowdown_cap"):
+        EconoServeConfig(decode_slowdown_cap=1.0)
+    with pytest.raises(ValueError, match="decode_time_per_context_token_s"):
+        EngineLimits(num_kv_blocks=1, decode_time_per_context_token_s=-1e-9)
+
+
+def test_under_the_slowdown_cap_preemption_is_the_backstop_and_the_cap_is_never_exceeded():
+    # Every prediction is 8 tokens; the truth is 200. 560 cached tokens add one isolated decode
+    # step: s = 2 leaves 35 of the 60 blocks (two 240-token contexts need 30). The requests
+    # outgrow the 35 blocks and are preempted, each finishing once with its tokens, and the
+    # policy never holds more than its 35 blocks.
+    n = 12
+    trace = trace_from_lists([0.0] * n, [40] * n, [200] * n, [8] * n)
+    config = SimulationConfig(scheduler="econoserve", num_kv_blocks=60, max_model_len=240, check_invariants=True,
+                              decode_time_per_step_s=0.02, decode_time_per_context_token_s=0.02 / 560,
+                              policy_config={"decode_slowdown_cap": 2.0, "token_budget": 256})
+    result = simulate(trace, config)
+    assert (result.requests.status == "finished").all()
+    assert (result.requests.generated_tokens == 200).all()
+    assert result.requests.num_preemptions.sum() > 0
+    assert result.iterations.kv_blocks_allocated.max() == 35
 
 
 @pytest.mark.parametrize("overbooking", [0.0, 0.5])

@@ -87,13 +87,15 @@ def test_a_served_policy_is_simulated_with_the_drop_ins_time_estimates_not_the_l
                         kv_cache_tokens=2048)
     defaults = EngineLimits(num_kv_blocks=1)
     _, _, limits = build_setup(simulation_config(shape, "econoserve", "roofline", model="opt-13b"))
-    assert (limits.prefill_time_per_token_s, limits.decode_time_per_step_s) == (
-        defaults.prefill_time_per_token_s, defaults.decode_time_per_step_s)
+    assert (limits.prefill_time_per_token_s, limits.decode_time_per_step_s, limits.decode_time_per_context_token_s) == (
+        defaults.prefill_time_per_token_s, defaults.decode_time_per_step_s, defaults.decode_time_per_context_token_s)
     assert limits.saturating_token_budget == 2048
     # the roofline's own estimates differ, so the test can fail
     _, _, own = build_setup(simulation_config(shape, "econoserve", "roofline", model="opt-13b",
-                                              decode_time_per_step_s=None, prefill_time_per_token_s=None))
+                                              decode_time_per_step_s=None, prefill_time_per_token_s=None,
+                                              decode_time_per_context_token_s=None))
     assert own.decode_time_per_step_s != defaults.decode_time_per_step_s
+    assert own.decode_time_per_context_token_s != defaults.decode_time_per_context_token_s
     run_config = {"engine": {"extra_options": {"policy": "econoserve",
                                                "limits": {"decode_time_per_step_s": 0.01, "saturating_token_budget": 512}}}}
     given = served_limits(run_config)

@@ -23,7 +23,8 @@ from econoserve.sim.calibration import (
     roofline_predictions_s,
 )
 from econoserve.sim.catalog import ROOFLINE_CALIBRATIONS, Deployment, get_gpu, get_model
-from econoserve.sim.latency import RooflineLatencyModel, RooflineParams, make_latency_model
+from econoserve.sim.latency import (FittedLatencyModel, RooflineLatencyModel, RooflineParams, context_time_per_token_s,
+                                    make_latency_model)
 from econoserve.sim.profiles import DistServeLatencyModel, VidurLatencyModel, split_batch
 from econoserve.workload import registry
 
@@ -209,6 +210,23 @@ def test_h200_is_in_the_catalog_with_more_bandwidth_than_h100():
     assert h200.peak_bf16_flops == h100.peak_bf16_flops
     assert h200.hbm_bandwidth_bytes_per_s > h100.hbm_bandwidth_bytes_per_s
     assert h200.memory_bytes > 1.7 * h100.memory_bytes
+
+
+def test_context_time_per_token_is_what_a_cached_token_adds_to_a_decode_step():
+    # a decode token attends to its whole context: one more cached token is one more context
+    # token and one more attention pair
+    fitted = FittedLatencyModel(0.01, {"decode_tokens": 2e-4, "context_tokens": 3e-7, "attention_pairs": 1e-8})
+    assert context_time_per_token_s(fitted) == pytest.approx(3.1e-7, rel=1e-9)
+    assert context_time_per_token_s(FittedLatencyModel(0.01, {"decode_tokens": 2e-4})) == 0.0
+    # on the roofline a memory-bound decode step reads each cached token's KV once: more bandwidth,
+    # less time per token
+    per_token = {gpu: context_time_per_token_s(make_latency_model("roofline", Deployment(get_model("opt-13b"), get_gpu(gpu))))
+                 for gpu in ("a100-80gb", "h200-141gb")}
+    kv_bytes = get_model("opt-13b").kv_bytes_per_token
+    for gpu, seconds in per_token.items():
+        bandwidth = get_gpu(gpu).hbm_bandwidth_bytes_per_s * RooflineParams().memory_efficiency
+        assert kv_bytes / bandwidth <= seconds <= 1.5 * kv_bytes / bandwidth
+    assert per_token["h200-141gb"] < per_token["a100-80gb"]
 
 
 # --------------------------------------------------------------------- the simulator on measured step times

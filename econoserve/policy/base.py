@@ -60,6 +60,11 @@ class EngineLimits:
         estimate remaining time (SLO slack); from the executor's latency model.
     decode_time_per_step_s:
         Estimated time of one decode step [s], likewise.
+    decode_time_per_context_token_s:
+        Estimated time one more cached token of context adds to a decode step [s/token] (reading
+        its KV); 0 = unknown or free (the simulator derives it from its latency model; the vLLM
+        adapter has it only from ``econoserve.limits``). EconoServe's ``decode_slowdown_cap``
+        reads it.
     max_tokens_per_step:
         The executor's hard cap on the tokens computed in one step [tokens] (vLLM's
         ``max_num_batched_tokens``); ``None`` = no cap (the simulator). Every policy's
@@ -76,6 +81,7 @@ class EngineLimits:
     saturating_token_budget: int = 512
     prefill_time_per_token_s: float = 1e-4
     decode_time_per_step_s: float = 0.02
+    decode_time_per_context_token_s: float = 0.0
     max_tokens_per_step: int | None = None
     max_seqs_per_step: int | None = None
 
@@ -86,6 +92,8 @@ class EngineLimits:
             raise ValueError(f"saturating_token_budget must be > 0, got {self.saturating_token_budget}")
         if self.prefill_time_per_token_s <= 0 or self.decode_time_per_step_s <= 0:
             raise ValueError(f"time estimates must be > 0: {self}")
+        if self.decode_time_per_context_token_s < 0:
+            raise ValueError(f"decode_time_per_context_token_s must be >= 0, got {self.decode_time_per_context_token_s}")
         require_positive(self, "max_tokens_per_step", "max_seqs_per_step")
 
 

@@ -413,6 +413,13 @@ class EconoServeConfig:
         reserve [fraction]; 0.05 admits up to a peak of 105 %. Preemption is the backstop.
         Default 0: on ShareGPT near the goodput rate 0.05 preempted 13-34 % of requests and
         raised the p99 JCT 8-12 %, for -2.7 (80 GB) to +0.5 (40 GB) points of SLO attainment.
+    decode_slowdown_cap:
+        The most a decode step may slow down, from the KV it reads, over an isolated one, ``s``
+        [x]: the policy uses at most ``(s - 1) * decode_time_per_step_s /
+        decode_time_per_context_token_s`` tokens of the cache (and never less than two
+        full-context requests need; see the module docstring, *Slowdown cap*). ``None``, or an
+        engine whose context costs nothing (``decode_time_per_context_token_s = 0``) = the whole
+        cache.
     ordering_horizon_s:
         Aging of Ordering [s]: a request is never passed by one that arrived more than this
         later (its key is capped at ``arrival + ordering_horizon_s``); ``None`` = no cap.
@@ -525,6 +532,7 @@ class EconoServeConfig:
     kvcpipe: str = "all"
     prefill_delay: bool = True
     overbooking: float = 0.0
+    decode_slowdown_cap: float | None = 3.0
     ordering_horizon_s: float | None = None
     late_demotion_s: float | None = None
     ordering_length_weight: float = 1.0
@@ -556,6 +564,8 @@ class EconoServeConfig:
             raise ValueError(f"gt_occupancy_weight must be >= 0, got {self.gt_occupancy_weight}")
         if self.overbooking < 0:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
+        if self.decode_slowdown_cap is not None and not self.decode_slowdown_cap > 1:
+            raise ValueError(f"decode_slowdown_cap must be > 1, got {self.decode_slowdown_cap}")
         require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
                          "ordering_promotion_wait_s", "promotion_window")
         if self.promotion_attainment is not None:
@@ -584,6 +594,18 @@ class EconoServeConfig:
         if self.probe_output_tokens is not None and self.backfill_output_tokens is not None:
             raise ValueError("probe_output_tokens and backfill_output_tokens are two ways past a refused PT: "
                              "set probe_output_tokens=None to backfill")
+
+
+def used_kv_blocks(slowdown_cap: float | None, limits: EngineLimits) -> int:
+    """The KV blocks EconoServe uses under ``decode_slowdown_cap = slowdown_cap``: the cache, or
+    the KV whose reading adds ``slowdown_cap - 1`` isolated decode steps to a step if that is
+    smaller, but never less than two full-context requests need [blocks]."""
+    cache = limits.num_kv_blocks
+    if slowdown_cap is None or limits.decode_time_per_context_token_s <= 0:
+        return cache
+    tokens = (slowdown_cap - 1.0) * limits.decode_time_per_step_s / limits.decode_time_per_context_token_s
+    floor = 2 * -(-limits.max_model_len // limits.block_size)
+    return min(cache, max(int(tokens) // limits.block_size, floor))
 
 
 def _pipelines_every_request(cfg: EconoServeConfig) -> bool:
@@ -647,8 +669,9 @@ class EconoServePolicy(Policy):
     def _make_kv_cache(self) -> KVCache:
         cfg = self.config
         fixed = not cfg.no_syncdecoupled and not (cfg.reserve_rule == "overrun" and _pipelines_every_request(cfg))
-        reserve = int(cfg.reserve_ratio * self.limits.num_kv_blocks) if fixed else 0
-        return KVCache(self.limits.num_kv_blocks, self.limits.block_size, global_reserve_blocks=reserve)
+        blocks = used_kv_blocks(cfg.decode_slowdown_cap, self.limits)
+        reserve = int(cfg.reserve_ratio * blocks) if fixed else 0
+        return KVCache(blocks, self.limits.block_size, global_reserve_blocks=reserve)
 
     # ------------------------------------------------------------------ views
     def _own_token_budget(self) -> int:

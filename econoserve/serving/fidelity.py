@@ -81,7 +81,8 @@ class EngineShape:
 
 #: EngineLimits fields the drop-in takes from its ``econoserve.limits`` section (the rest come from
 #: the engine); the simulation copies them.
-DROP_IN_ESTIMATES: tuple[str, ...] = ("saturating_token_budget", "prefill_time_per_token_s", "decode_time_per_step_s")
+DROP_IN_ESTIMATES: tuple[str, ...] = ("saturating_token_budget", "prefill_time_per_token_s", "decode_time_per_step_s",
+                                      "decode_time_per_context_token_s")
 
 
 def served_limits(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,14 +93,13 @@ def served_limits(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def drop_in_estimates(shape: EngineShape, limits: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The saturating token budget [tokens] and time estimates [s/token, s/step] the vLLM drop-in
+    """The saturating token budget [tokens] and time estimates [s/token, s/step, s/token] the vLLM drop-in
     (:meth:`econoserve.serving.scheduler.PolicySchedulerCore.engine_limits`) gives its policy on
     this engine: the step budget ``max_num_batched_tokens``, ``EngineLimits``' default estimates,
     each overridden by ``limits`` (the run's ``econoserve.limits``)."""
     defaults = {f.name: f.default for f in dataclasses.fields(EngineLimits)}
-    values = {"saturating_token_budget": shape.max_num_batched_tokens,
-              "prefill_time_per_token_s": defaults["prefill_time_per_token_s"],
-              "decode_time_per_step_s": defaults["decode_time_per_step_s"]}
+    values = {name: defaults[name] for name in DROP_IN_ESTIMATES}
+    values["saturating_token_budget"] = shape.max_num_batched_tokens
     for name, value in (limits or {}).items():
         if name not in DROP_IN_ESTIMATES:
             raise UserError(f"econoserve.limits.{name}: the simulation copies only {', '.join(DROP_IN_ESTIMATES)}")

@@ -24,6 +24,7 @@ from econoserve.policy import DEFAULT_SLO_SCALE, EngineLimits, make_config
 from econoserve.sim.catalog import GIB, Deployment, get_gpu, get_model
 from econoserve.sim.latency import (
     LatencyModel,
+    context_time_per_token_s,
     make_latency_model,
     saturating_token_budget,
     typical_step_times_s,
@@ -96,8 +97,8 @@ class SimulationConfig:
         derived budget use it, as inside vLLM, where it is the engine's step budget); ``None`` = from
         the latency model. The reference budget for GPU token utilization stays that of the
         latency model.
-    prefill_time_per_token_s, decode_time_per_step_s:
-        Overrides of the time estimates the engine limits give policies [s/token, s/step]
+    prefill_time_per_token_s, decode_time_per_step_s, decode_time_per_context_token_s:
+        Overrides of the time estimates the engine limits give policies [s/token, s/step, s/token]
         (:class:`~econoserve.policy.base.EngineLimits`; EconoServe's Ordering keys and SLO slack
         read them); ``None`` = from the latency model. A simulated copy of a policy served
         inside vLLM uses the estimates the drop-in had (:func:`econoserve.serving.fidelity.simulation_config`),
@@ -137,6 +138,7 @@ class SimulationConfig:
     saturating_token_budget: int | None = None
     prefill_time_per_token_s: float | None = None
     decode_time_per_step_s: float | None = None
+    decode_time_per_context_token_s: float | None = None
     role: str = "colocated"
     node: int = 0
 
@@ -169,6 +171,8 @@ class SimulationConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"{name} must be > 0, got {value}")
+        if self.decode_time_per_context_token_s is not None and self.decode_time_per_context_token_s < 0:
+            raise UserError(f"decode_time_per_context_token_s must be >= 0, got {self.decode_time_per_context_token_s}")
 
     def deployment(self) -> Deployment:
         return Deployment(
@@ -225,6 +229,9 @@ def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, Eng
         saturating_token_budget=config.saturating_token_budget or budget,
         prefill_time_per_token_s=config.prefill_time_per_token_s or prefill_step_s / budget,
         decode_time_per_step_s=config.decode_time_per_step_s or decode_step_s,
+        decode_time_per_context_token_s=(context_time_per_token_s(latency)
+                                         if config.decode_time_per_context_token_s is None
+                                         else config.decode_time_per_context_token_s),
         max_tokens_per_step=config.max_tokens_per_step,
         max_seqs_per_step=config.max_seqs_per_step,
     )

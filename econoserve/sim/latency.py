@@ -317,6 +317,17 @@ def typical_step_times_s(model: LatencyModel, token_budget: int, prompt_tokens: 
     return float(np.asarray(prefill)[0]), float(np.asarray(decode)[0])
 
 
+def context_time_per_token_s(model: LatencyModel, decode_batch: int = 64, context_tokens: int = 512) -> float:
+    """What one more cached token of context adds to a decode step [s/token]: the step time of
+    ``decode_batch`` requests at twice ``context_tokens`` each, less at ``context_tokens``, over
+    the tokens added (reading the KV, in a memory-bound step); the estimate EconoServe's
+    ``decode_slowdown_cap`` reads (:class:`~econoserve.policy.base.EngineLimits`)."""
+    batch = np.full(2, float(decode_batch))
+    context = batch * np.array([context_tokens, 2 * context_tokens], dtype=float)
+    times = np.asarray(model.iteration_time_s(np.zeros(2), batch, context, context), dtype=float)
+    return max(0.0, float(times[1] - times[0]) / float(decode_batch * context_tokens))
+
+
 LATENCY_MODEL_NAMES: tuple[str, ...] = ("roofline", "calibrated", "distserve", "distserve-vllm", "vidur")
 """Names :func:`make_latency_model` accepts besides a file path."""
 
