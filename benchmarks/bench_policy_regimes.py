@@ -11,9 +11,11 @@ back was KV, not compute).
 
 Regimes: ShareGPT on OPT-13B with A100-80GB and A100-40GB; ShareGPT with Gamma arrivals (CV 3);
 Alpaca; QMSum; the Azure 2023 conversation and code traces with their real timestamps
-(time-compressed to the rate) on Llama-2-13B. Prediction sources: the trained predictor where the
-dataset has text (the per-dataset LightGBM model of notebook 03, trained on the training part and
-cached under ``results/policy_regimes/predictors/``; QMSum cross-fitted), the true lengths
+(time-compressed to the rate) on Llama-2-13B; and two with more memory than the model's weights
+need, ShareGPT on OPT-13B with an H200 and the Azure conversation trace on Llama-2-7B. Prediction
+sources: the trained predictor where the dataset has text (the per-dataset LightGBM model of
+notebook 03, trained on the training part and cached under ``results/policy_regimes/predictors/``;
+QMSum cross-fitted), the true lengths
 perturbed by +-50 % where it has none (Azure), and the true lengths (``econoserve-oracle``)
 everywhere. Where the predictor is trained (not cross-fitted) the deployment also has the
 *refined* model (:mod:`econoserve.predictor.refine`: prompt + the response's first ``k`` tokens,
@@ -88,7 +90,7 @@ class Regime:
     regime where KV, not compute, limits the batch (the 1.10x target applies): the strongest
     baseline holds >= 60 % of the cache at its goodput rate (``best_kv_held_share``; QMSum holds
     41 %, Azure code 7 %, Alpaca 30 %; the two with more memory than the
-    model's weights need, ShareGPT on an H200 49 % and Azure conv on Llama-2-7B 48 %)."""
+    model's weights need, ShareGPT on an H200 51 % and Azure conv on Llama-2-7B 49 %)."""
 
     name: str
     dataset: str

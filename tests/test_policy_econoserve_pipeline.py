@@ -167,6 +167,7 @@ def test_under_the_slowdown_cap_preemption_is_the_backstop_and_the_cap_is_never_
     assert (result.requests.generated_tokens == 200).all()
     assert result.requests.num_preemptions.sum() > 0
     assert result.iterations.kv_blocks_allocated.max() == 35
+    assert result.config["policy"]["used_kv_blocks"] == 35
 
 
 @pytest.mark.parametrize("overbooking", [0.0, 0.5])

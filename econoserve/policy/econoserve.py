@@ -191,6 +191,29 @@ nothing is promoted; its tail (a closing burst of ~140 requests in 22 s) stays a
 1.29 (as the default), but on three more traces 80 GB 1.12 -> 1.11 and the 40 GB tail 1.10x -> 1.08x:
 the window of finished requests lags the queue, so the gate is still open when an overload begins.
 
+**Slowdown cap** (``decode_slowdown_cap = s``). A decode step reads the weights once and the KV of
+every request in it. Near the goodput rate the queue is where Ordering works: it decides who starts
+next, and the short answers, whose SLO is a few isolated decode steps, go first. A cache larger than
+the batch needs admits everyone at once instead: the queue empties, every step slows, and those
+answers miss. So the policy uses at most the KV whose reading adds ``s - 1`` isolated decode steps to
+a step, ``(s - 1) * T_d / T_ctx`` tokens (``T_ctx`` = ``decode_time_per_context_token_s``, what one
+more cached token adds to a decode step; in a memory-bound step ``s = 3`` is KV of about twice the
+weights' bytes), and never less than two full-context requests need. Its KV cache (point 2) has that
+many blocks, so the curve, the reserve, the probe lane and preemption all see the smaller cache: a
+request that grows past it preempts as on a full cache. Where the cache is smaller the cap changes
+nothing: it is 1.25x OPT-13B's cache on an A100-80GB (1.28x Llama-2-13B's) and 5.5x on an A100-40GB,
+so every A100 regime of the scoreboard is served exactly as without it. Default ``s = 3``. Measured
+(full mode, 2000 requests, seeds 0-1; ``benchmarks/results/policy_slowdown_cap_notes.md``):
+without the cap, more memory took EconoServe's gain away. With a cache 4x OPT-13B's on an A100-80GB it
+served 1.04x Sarathi-Serve's goodput, where 1x serves 1.13x; Sarathi-Serve itself gains 4 % from the
+larger cache. On an H200 (141 GB) it served 1.04x the strongest baseline's goodput, and on Llama-2-7B
+(the Azure conversation trace, A100-80GB) also 1.04x. With ``s = 3`` the H200 serves 1.09x (p99 JCT
+1.02x) and Llama-2-7B 1.07x (p99 1.11x, against 0.96x without the cap). ``s`` trades goodput for tail:
+on the H200, 2.5 / 2.8 / 3.2 serve 1.13 / 1.11 / 1.06x at a p99 of 1.30 / 1.12 / 1.00x; Llama-2-7B
+prefers a larger ``s`` (3.6: 1.10x, p99 0.94x). A first version capped only admission (the curve's
+capacity and the room a starting prompt may take): growth past the cap went on unchecked, and on the
+H200 (seed 0) it served 24.8-25.5 req/s at ``s`` = 2.5-3.2, against 27.7 with the smaller cache.
+
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
 allocation ``A <= B`` may still start, in queue order, each by the same free-pool and curve
@@ -1609,6 +1632,7 @@ class EconoServePolicy(Policy):
     def describe(self) -> dict[str, object]:
         described = super().describe()
         described["global_reserve_blocks"] = self.kv_cache.global_reserve_blocks
+        described["used_kv_blocks"] = self.kv_cache.num_blocks  # the cache, or less under the slowdown cap
         return described
 
 
