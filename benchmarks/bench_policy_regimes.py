@@ -467,12 +467,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--schedulers must include every baseline ({', '.join(BASELINES)})")
     for spec in args.schedulers:
         try:
-            value = parse_policy_spec(spec)[1].get(REFINE_OPTION)
+            options = parse_policy_spec(spec)[1]
         except UserError as exc:
             parser.error(str(exc))
+        value = options.get(REFINE_OPTION)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             parser.error(f"{spec}: {REFINE_OPTION} must be a number of tokens (0: none), got {value!r}")
-        scale = parse_policy_spec(spec)[1].get(KV_SCALE_OPTION, 1)
+        scale = options.get(KV_SCALE_OPTION, 1)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
             parser.error(f"{spec}: {KV_SCALE_OPTION} must be a positive factor, got {scale!r}")
         if value and args.neighbours:

@@ -8,8 +8,8 @@ import pytest
 from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, make_policy
-from econoserve.policy.econoserve import (PRUNE_SLACK_ENTRIES, EconoServeConfig, expected_overrun_tokens,
-                                         gittins_rank_tokens, used_kv_blocks)
+from econoserve.policy.econoserve import (PRUNE_SLACK_ENTRIES, SLOWDOWN_CAP_MIN_REQUESTS, EconoServeConfig,
+                                         expected_overrun_tokens, gittins_rank_tokens, used_kv_blocks)
 from econoserve.policy.kv_cache import KVCache
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
@@ -143,7 +143,7 @@ def test_the_slowdown_cap_never_leaves_less_than_two_full_context_requests():
     limits = EngineLimits(num_kv_blocks=1000, block_size=16, max_model_len=512, decode_time_per_step_s=0.05,
                           decode_time_per_context_token_s=0.05 / 16)
     assert used_kv_blocks(None, limits) == 1000
-    assert used_kv_blocks(1.5, limits) == 2 * 512 // 16  # 8 tokens: the floor
+    assert used_kv_blocks(1.5, limits) == SLOWDOWN_CAP_MIN_REQUESTS * 512 // 16  # 8 tokens: the floor
     assert used_kv_blocks(101.0, limits) == 100  # 1600 tokens
     assert used_kv_blocks(1e6, limits) == 1000  # never more than the cache
     with pytest.raises(ValueError, match="decode_slowdown_cap"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from econoserve.analysis.metrics import GOODPUT_TARGET
 from econoserve.errors import UserError
 from econoserve.experiments.placement import (
     AFFINITIES,
@@ -77,7 +78,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--tpot-ms", type=float, default=100.0, help="TPOT target [ms] (default: 100)")
     slo.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE,
                      help=f"JCT SLO scale (default: {DEFAULT_SLO_SCALE:g})")
-    slo.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet it (default: 0.9)")
+    slo.add_argument("--attainment", type=float, default=GOODPUT_TARGET,
+                     help=f"share of requests that must meet it (default: {GOODPUT_TARGET:g})")
     slo.add_argument("--rule", default="joint", choices=ATTAINMENT_RULES,
                      help="joint: a request meets TTFT and TPOT; per-metric: DistServe's test, each share >= target "
                           "(default: joint)")

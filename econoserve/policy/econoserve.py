@@ -619,15 +619,20 @@ class EconoServeConfig:
                              "set probe_output_tokens=None to backfill")
 
 
+#: The slowdown cap never leaves the policy less KV than this many full-context requests need.
+SLOWDOWN_CAP_MIN_REQUESTS = 2
+
+
 def used_kv_blocks(slowdown_cap: float | None, limits: EngineLimits) -> int:
     """The KV blocks EconoServe uses under ``decode_slowdown_cap = slowdown_cap``: the cache, or
     the KV whose reading adds ``slowdown_cap - 1`` isolated decode steps to a step if that is
-    smaller, but never less than two full-context requests need [blocks]."""
+    smaller, but never less than :data:`SLOWDOWN_CAP_MIN_REQUESTS` full-context requests need
+    [blocks]."""
     cache = limits.num_kv_blocks
     if slowdown_cap is None or limits.decode_time_per_context_token_s <= 0:
         return cache
     tokens = (slowdown_cap - 1.0) * limits.decode_time_per_step_s / limits.decode_time_per_context_token_s
-    floor = 2 * -(-limits.max_model_len // limits.block_size)
+    floor = SLOWDOWN_CAP_MIN_REQUESTS * -(-limits.max_model_len // limits.block_size)
     return min(cache, max(int(tokens) // limits.block_size, floor))
 
 
