@@ -79,8 +79,31 @@ def test_real_runs_are_scored_against_the_simulators_slo():
         with_slo(simulated, latency, 0.0)
 
 
+def test_a_drop_in_given_the_engines_latency_model_is_simulated_with_its_estimates(tmp_path):
+    """A served run whose drop-in had ``econoserve.latency_model`` is simulated with that model's
+    estimates at the engine's step budget, and its ``limits`` still win; a bad option is one line."""
+    from econoserve.sim.latency import FittedLatencyModel, policy_time_estimates
+
+    shape = EngineShape(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=1024, block_size=32,
+                        kv_cache_tokens=2048)
+    fitted = FittedLatencyModel(0.003, {"prefill_tokens": 4e-5, "decode_tokens": 2e-4, "context_tokens": 4e-7}, {}, "test")
+    path = str(fitted.save(tmp_path / "fit.json"))
+    options = {"policy": "econoserve", "latency_model": path, "limits": {"prefill_time_per_token_s": 5e-5}}
+    given = served_limits({"engine": {"max_num_batched_tokens": 2048, "extra_options": options}})
+    _, _, limits = build_setup(simulation_config(shape, "econoserve", "roofline", given, model="opt-13b"))
+    expected = policy_time_estimates(fitted, 2048)
+    assert limits.decode_time_per_step_s == expected["decode_time_per_step_s"] == pytest.approx(0.003 + 2e-4 + 512 * 4e-7)
+    assert limits.decode_time_per_context_token_s == expected["decode_time_per_context_token_s"] == pytest.approx(4e-7)
+    assert limits.prefill_time_per_token_s == 5e-5 and limits.saturating_token_budget == 2048
+    with pytest.raises(UserError, match="econoserve.limits.max_seqs: the simulation copies only"):
+        simulation_config(shape, "econoserve", "roofline", {"max_seqs": 3})
+    with pytest.raises(UserError, match="gone.json: no such latency table"):
+        served_limits({"engine": {"max_num_batched_tokens": 2048,
+                                  "extra_options": {"latency_model": str(tmp_path / "gone.json")}}})
+
+
 def test_a_served_policy_is_simulated_with_the_drop_ins_time_estimates_not_the_latency_models():
-    """The vLLM drop-in has no latency model: unless its ``econoserve.limits`` say otherwise, its
+    """Without ``econoserve.latency_model`` or ``econoserve.limits``, the vLLM drop-in's
     policy estimates time with EngineLimits' defaults, and so must the simulated copy (the
     estimates set EconoServe's Ordering keys; a mismatch changes which request runs first)."""
     shape = EngineShape(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=1024, block_size=32,

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from econoserve.policy import policy_names
+from econoserve.policy import EngineLimits, policy_names
 from econoserve.serving.decisions import (
     ArrivalRecord,
     StepRecord,
@@ -220,6 +220,45 @@ def test_the_simulated_policy_gets_the_limits_the_drop_in_built(model_dir):
         served = _stepped_scheduler(model_dir, "sarathi", options={"limits": limits} if limits else None)
         _, _, simulated = build_setup(simulation_config(shape, "sarathi", "roofline", limits))
         assert simulated == served.econoserve_policy.limits
+
+
+def test_the_drop_in_takes_its_time_estimates_from_the_engines_latency_model(model_dir, tmp_path):
+    """Given ``latency_model``, the drop-in's policy gets the simulator's estimates from it at the
+    engine's step budget (``limits`` still win), the fidelity copy gets the same, and EconoServe's
+    slowdown cap, off without a context cost, sizes the policy's cache from them."""
+    from econoserve.serving.fidelity import EngineShape, served_limits, simulation_config
+    from econoserve.serving.scheduler import UnsupportedConfigError
+    from econoserve.sim import build_setup
+    from econoserve.sim.latency import FittedLatencyModel, policy_time_estimates
+
+    # 2 ms a step, 0.1 ms a decoding request, 1 us a token of context: T_ctx / T_d = 1 / 2150 tokens
+    fitted = FittedLatencyModel(0.002, {"prefill_tokens": 2e-5, "decode_tokens": 1e-4, "context_tokens": 1e-6}, {}, "test")
+    path = str(fitted.save(tmp_path / "latency_model.json"))
+    expected = policy_time_estimates(fitted, 256)
+    served = _stepped_scheduler(model_dir, "sarathi", options={"latency_model": path})
+    limits = served.econoserve_policy.limits
+    assert {name: getattr(limits, name) for name in expected} == expected
+    assert limits.decode_time_per_step_s != EngineLimits(num_kv_blocks=1).decode_time_per_step_s
+    overridden = _stepped_scheduler(model_dir, "sarathi", options={"latency_model": path,
+                                                                   "limits": {"decode_time_per_step_s": 0.05}})
+    assert overridden.econoserve_policy.limits.decode_time_per_step_s == 0.05
+    assert overridden.econoserve_policy.limits.prefill_time_per_token_s == expected["prefill_time_per_token_s"]
+
+    shape = EngineShape(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024, block_size=BLOCK_SIZE,
+                        kv_cache_tokens=17 * BLOCK_SIZE)
+    run_config = {"engine": {"max_num_batched_tokens": 256, "extra_options": {"policy": "sarathi", "latency_model": path}}}
+    _, _, simulated = build_setup(simulation_config(shape, "sarathi", "roofline", served_limits(run_config)))
+    assert simulated == limits
+
+    if _policy_registered("econoserve"):  # s = 3: 2 T_d / T_ctx ~ 5200 tokens, 163 blocks of 32, above the 64-block floor
+        big = _stepped_scheduler(model_dir, "econoserve", num_blocks=257, options={"latency_model": path})
+        estimates = big.econoserve_policy.limits
+        cap = int(2 * estimates.decode_time_per_step_s / estimates.decode_time_per_context_token_s) // BLOCK_SIZE
+        assert big.econoserve_policy.kv_cache.num_blocks == cap < 256
+        assert _stepped_scheduler(model_dir, "econoserve", num_blocks=257).econoserve_policy.kv_cache.num_blocks == 256
+
+    with pytest.raises(UnsupportedConfigError, match="no such latency table"):
+        _stepped_scheduler(model_dir, "sarathi", options={"latency_model": str(tmp_path / "missing.json")})
 
 
 def test_structured_output_and_policy_rejections_finish_with_an_error(model_dir):

@@ -152,6 +152,20 @@ def test_scheduler_names():
     assert scheduler_options("econoserve") == {"policy": "econoserve"} and scheduler_options("vllm") == {}
     with pytest.raises(UserError, match="takes no policy configuration"):
         scheduler_options("vllm", {"token_budget": 256})
+
+
+def test_scheduler_options_check_the_latency_model_before_vllm_starts(tmp_path, capsys):
+    from econoserve.sim.latency import FittedLatencyModel
+
+    path = FittedLatencyModel(0.003, {"decode_tokens": 2e-4}, {}, "test").save(tmp_path / "fit.json")
+    assert scheduler_options("econoserve", latency_model=path) == {"policy": "econoserve", "latency_model": str(path.resolve())}
+    with pytest.raises(UserError, match="takes no latency_model"):
+        scheduler_options("vllm", latency_model=path)
+    trace = _trace()
+    trace.write(tmp_path / "trace.parquet")
+    status = main(["serve", "--trace", str(tmp_path / "trace.parquet"), "-o", str(tmp_path / "run"), "--model", "m",
+                   "--scheduler", "econoserve", "--latency-model", str(tmp_path / "fit.csv")])
+    assert status == 2 and capsys.readouterr().err.strip().endswith("fit.csv: no such latency table")
     with pytest.raises(UserError, match="unknown policy 'fifo' in 'policy:fifo'"):
         scheduler_class("policy:fifo")
     with pytest.raises(UserError, match="unknown scheduler 'fifo'"):
@@ -315,6 +329,21 @@ def test_a_study_serves_and_simulates_a_configured_policy_by_its_spec(tmp_path):
     assert _safe(spec) == "econoserve-ordering_promotion_wait_s-5-ordering_prompt_weight-0" != _safe("econoserve")
     with pytest.raises(UserError, match="takes no policy configuration"):
         ServingStudy(trace_path=tmp_path / "trace.parquet", output_dir=tmp_path, schedulers=("vllm[x=1]",))
+
+
+def test_a_study_with_profile_estimates_gives_the_drop_in_its_fitted_model(tmp_path):
+    """``profile_estimates``: every policy run is served with ``--latency-model`` = the study's
+    fitted profile; vLLM's own scheduler, and a study without it, get none."""
+    from dataclasses import replace
+
+    from econoserve.serving.study import LATENCY_MODEL_FILE, ServingStudy, serve_arguments
+
+    study = ServingStudy(trace_path=tmp_path / "trace.parquet", output_dir=tmp_path, profile_estimates=True)
+    for spec in ("econoserve", "econoserve[ordering_prompt_weight=0]", "policy:sarathi"):
+        arguments = serve_arguments(study, spec, tmp_path / "run")
+        assert arguments[arguments.index("--latency-model") + 1] == str(tmp_path / LATENCY_MODEL_FILE)
+    assert "--latency-model" not in serve_arguments(study, "vllm", tmp_path / "run")
+    assert "--latency-model" not in serve_arguments(replace(study, profile_estimates=False), "econoserve", tmp_path / "run")
 
 
 @pytest.mark.realdata

@@ -130,6 +130,12 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
                              "the prompt-only model in MODEL_DIR/base): each request that has generated the model's k "
                              "tokens unfinished gets, once, a prediction from its prompt and those k tokens "
                              "(policy.refine_prediction, as in the simulator)")
+    parser.add_argument("--latency-model", type=Path, default=None, metavar="PATH",
+                        help="econoserve / policy:NAME: this engine's latency model, a fitted model (.json) or a step "
+                             "table measured on it (econoserve profile-engine); the policy gets its time estimates "
+                             "from it as in the simulator (a prompt token, a decode step, a token of context: "
+                             "EconoServe's Ordering keys, prefill cap and slowdown cap). Without it, EngineLimits' "
+                             "A100-like defaults and no slowdown cap")
     parser.add_argument("--mode", choices=("offline", "server"), default="offline",
                         help="in-process engine or loopback HTTP server (default: %(default)s)")
     parser.add_argument("--num-requests", type=positive_int, default=None, help="replay only the first N requests")
@@ -149,7 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     scheduler_cls = scheduler_class(args.scheduler)  # refuses unknown/unavailable before any work
     options = scheduler_options(args.scheduler, _json_object(args.policy_config, "--policy-config"), args.predictor,
-                                args.refined_predictor, _engine_vocab_size(args.model), args.distribution_predictor)
+                                args.refined_predictor, _engine_vocab_size(args.model), args.distribution_predictor,
+                                args.latency_model)
     from econoserve.serving.engine import require_vllm
 
     require_vllm()

@@ -8,9 +8,10 @@ simulated side replays the same trace through the same policy with:
   ``max_num_seqs`` as the hard caps of every policy (and the saturating budget, as the vLLM
   adapter sets it);
 * the policy's time estimates and saturating budget as the vLLM drop-in has them
-  (:func:`drop_in_estimates`): ``EngineLimits``' defaults unless the run gave the drop-in
-  ``econoserve.limits``; the drop-in has no latency model, so the simulated policy must not get
-  the latency model's estimates either (they feed EconoServe's Ordering keys);
+  (:func:`drop_in_estimates`): ``EngineLimits``' defaults unless the run gave the drop-in a
+  latency model of the engine (``econoserve.latency_model``) or ``econoserve.limits``; without
+  them the simulated policy must not get the simulation's latency model's estimates either (they
+  feed EconoServe's Ordering keys and caps);
 * a latency model fitted to step times measured on that engine
   (``econoserve profile-engine``; :class:`~econoserve.sim.latency.FittedLatencyModel`).
 
@@ -41,7 +42,7 @@ from econoserve.results import FINISHED, finished, slo_columns
 from econoserve.serving.decisions import ArrivalRecord, DecisionRecord, LogHeader, RefineRecord
 from econoserve.serving.replay import trace_request_id
 from econoserve.sim.engine import SimulationConfig
-from econoserve.sim.latency import LatencyModel, isolated_execution_times_s
+from econoserve.sim.latency import FittedLatencyModel, LatencyModel, isolated_execution_times_s, policy_time_estimates
 from econoserve.workload.trace import Trace
 
 #: Real scheduler name (``econoserve serve --scheduler``) -> simulated policy.
@@ -79,32 +80,44 @@ class EngineShape:
         return self.kv_cache_tokens // self.block_size - 1
 
 
-#: EngineLimits fields the drop-in takes from its ``econoserve.limits`` section (the rest come from
-#: the engine); the simulation copies them.
+#: EngineLimits fields the drop-in takes from its ``econoserve.latency_model`` and ``econoserve.limits``
+#: sections (the rest come from the engine); the simulation copies them.
 DROP_IN_ESTIMATES: tuple[str, ...] = ("saturating_token_budget", "prefill_time_per_token_s", "decode_time_per_step_s",
                                       "decode_time_per_context_token_s")
 
 
 def served_limits(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``econoserve.limits`` section a served run gave the drop-in (from its ``config.json``;
-    empty when none)."""
+    """The estimates a served run gave the drop-in beyond ``EngineLimits``' defaults (from its
+    ``config.json``): those its ``econoserve.latency_model`` implies, each overridden by its
+    ``econoserve.limits``; empty when it gave neither."""
     engine = config.get("engine", config)
-    return dict((engine.get("extra_options") or {}).get("limits") or {})
+    options = engine.get("extra_options") or {}
+    limits = dict(options.get("limits") or {})
+    if options.get("latency_model") is None:
+        return limits
+    return drop_in_estimates(int(engine["max_num_batched_tokens"]), limits, options["latency_model"])
 
 
-def drop_in_estimates(shape: EngineShape, limits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def drop_in_estimates(token_budget: int, limits: Mapping[str, Any] | None = None,
+                      latency_model: str | None = None) -> dict[str, Any]:
     """The saturating token budget [tokens] and time estimates [s/token, s/step, s/token] the vLLM drop-in
-    (:meth:`econoserve.serving.scheduler.PolicySchedulerCore.engine_limits`) gives its policy on
-    this engine: the step budget ``max_num_batched_tokens``, ``EngineLimits``' default estimates,
-    each overridden by ``limits`` (the run's ``econoserve.limits``)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(EngineLimits)}
-    values = {name: defaults[name] for name in DROP_IN_ESTIMATES}
-    values["saturating_token_budget"] = shape.max_num_batched_tokens
-    for name, value in (limits or {}).items():
+    (:meth:`econoserve.serving.scheduler.PolicySchedulerCore.engine_limits`) gives its policy on an
+    engine whose step budget is ``token_budget`` (``max_num_batched_tokens``): ``EngineLimits``'
+    default estimates or, given the engine's ``latency_model`` (a fitted model's ``.json`` or a
+    measured step table, ``econoserve.latency_model``), the simulator's estimates from it
+    (:func:`~econoserve.sim.latency.policy_time_estimates`) at the budget; each overridden by
+    ``limits`` (``econoserve.limits``)."""
+    overrides = dict(limits or {})
+    for name in overrides:
         if name not in DROP_IN_ESTIMATES:
             raise UserError(f"econoserve.limits.{name}: the simulation copies only {', '.join(DROP_IN_ESTIMATES)}")
-        values[name] = value
-    return values
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineLimits)}
+    values = {name: defaults[name] for name in DROP_IN_ESTIMATES}
+    values["saturating_token_budget"] = token_budget
+    if latency_model is not None:
+        budget = int(overrides.get("saturating_token_budget", token_budget))
+        values.update(policy_time_estimates(FittedLatencyModel.load(latency_model), budget))
+    return {**values, **overrides}
 
 
 def simulation_config(shape: EngineShape, scheduler: str, latency_model: str,
@@ -124,7 +137,7 @@ def simulation_config(shape: EngineShape, scheduler: str, latency_model: str,
         num_kv_blocks=shape.num_kv_blocks,
         max_model_len=shape.max_model_len,
         latency_model=latency_model,
-        **drop_in_estimates(shape, limits),
+        **drop_in_estimates(shape.max_num_batched_tokens, limits),
     )
     return SimulationConfig(**{**values, **overrides})
 

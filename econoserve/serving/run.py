@@ -61,12 +61,13 @@ def scheduler_class(name: str) -> str:
 
 def scheduler_options(name: str, policy_config: dict | None = None, predictor: str | Path | None = None,
                       refined_predictor: str | Path | None = None, engine_vocab_size: int | None = None,
-                      distribution_predictor: str | Path | None = None) -> dict:
+                      distribution_predictor: str | Path | None = None,
+                      latency_model: str | Path | None = None) -> dict:
     """The ``additional_config["econoserve"]`` options a scheduler name implies (the policy, its
     configuration overrides, the length model for requests without a prediction, the
-    distribution model and the refined model, :mod:`econoserve.serving.prediction`); empty for
-    vLLM's own scheduler. Each is checked
-    here, before vLLM starts: the models load, and, given the engine model's
+    distribution model and the refined model, :mod:`econoserve.serving.prediction`; the engine's
+    latency model, from which the policy gets its time estimates); empty for vLLM's own scheduler.
+    Each is checked here, before vLLM starts: the models load, and, given the engine model's
     ``engine_vocab_size`` [token ids], their tokenizers fit it."""
     options: dict = {}
     if name.startswith(POLICY_SCHEDULER_PREFIX):
@@ -90,6 +91,13 @@ def scheduler_options(name: str, policy_config: dict | None = None, predictor: s
 
         load_engine_models(**models, engine_vocab_size=engine_vocab_size)  # one line now, not a traceback from vLLM
         options.update({key: str(Path(directory).resolve()) for key, directory in models.items() if directory is not None})
+    if latency_model is not None:
+        if not options:
+            raise UserError(f"scheduler {name!r} takes no latency_model (vLLM's own policy uses no time estimates)")
+        from econoserve.sim.latency import FittedLatencyModel
+
+        FittedLatencyModel.load(latency_model)  # one line now, not a traceback from vLLM
+        options["latency_model"] = str(Path(latency_model).resolve())
     return options
 
 

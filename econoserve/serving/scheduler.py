@@ -39,8 +39,9 @@ engine's ``max_num_batched_tokens`` and ``max_num_seqs`` reach every policy as t
 :class:`~econoserve.policy.EngineLimits`, and each policy uses the smaller of its own token budget
 / ``max_num_seqs`` and those; a ``max_num_seqs`` the overrides leave unset is the engine's), ``predictions`` (``request``: ``SamplingParams.extra_args
 ["predicted_output_tokens"]``; ``oracle``: ``max_tokens``; ``none``; default ``request``, and
-always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-oracle``), ``limits`` (overrides of the
-:class:`~econoserve.policy.EngineLimits` time estimates), ``decision_log`` (a JSON-lines file
+always ``oracle`` for a policy that asks for the true length, e.g. ``econoserve-oracle``), ``latency_model`` (the engine's
+fitted latency model or measured step table, from which the policy's time estimates come as in the
+simulator), ``limits`` (overrides of the :class:`~econoserve.policy.EngineLimits` time estimates), ``decision_log`` (a JSON-lines file
 for :mod:`econoserve.serving.decisions`), ``stall_timeout_s``, ``predictor`` (a trained length
 model's directory: requests that carry no prediction get one from their prompt token ids, so
 unmodified clients get EconoServe's behaviour; :mod:`econoserve.serving.prediction`),
@@ -104,12 +105,14 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import Request as EngineRequest
 from vllm.v1.request import RequestStatus as EngineRequestStatus
 
+from econoserve.errors import UserError
 from econoserve.policy import (EngineLimits, Policy, Request, SchedulerDecision, make_config, make_policy,
                                with_engine_max_num_seqs)
 from econoserve.policy.registry import POLICIES
 from econoserve.serving.decisions import (
     AbortRecord, ArrivalRecord, DecisionLog, DecisionRecord, LogHeader, RefineRecord, StepRecord, UpdateRecord,
 )
+from econoserve.serving.fidelity import drop_in_estimates
 from econoserve.serving.prediction import load_engine_models
 from econoserve.serving.recording import IterationRecordingMixin, econoserve_options
 from econoserve.validation import check_field_values
@@ -151,9 +154,16 @@ class PolicySchedulerOptions:
         ``request``, ``oracle`` or ``none`` (see the module docstring); ``None`` = ``request``.
         A policy that asks for the true length (``wants_oracle_predictions``, e.g.
         ``econoserve-oracle``) gets ``oracle`` whatever this says, as in the simulator.
+    latency_model:
+        This engine's latency model: a fitted model's ``.json`` or a step table measured on it
+        (``econoserve profile-engine``), from which the policy gets its time estimates as in the
+        simulator (:func:`econoserve.serving.fidelity.drop_in_estimates`: one prompt token, one
+        decode step and one more token of context; EconoServe's Ordering keys, prefill cap and
+        slowdown cap read them). ``None``: ``EngineLimits``' A100-like defaults, and no slowdown cap.
     limits:
         Overrides of :class:`~econoserve.policy.EngineLimits` fields other than the engine-owned
-        ones (KV capacity, block size, context length), e.g. ``decode_time_per_step_s`` [s].
+        ones (KV capacity, block size, context length), e.g. ``decode_time_per_step_s`` [s]; they
+        win over ``latency_model``'s.
     decision_log:
         JSON-lines file to record the policy's decisions in (:mod:`econoserve.serving.decisions`).
     keep_decisions:
@@ -179,6 +189,7 @@ class PolicySchedulerOptions:
     policy: str = "econoserve"
     policy_config: Mapping[str, Any] = field(default_factory=dict)
     predictions: str | None = None
+    latency_model: str | None = None
     limits: Mapping[str, Any] = field(default_factory=dict)
     decision_log: str | None = None
     keep_decisions: bool = False
@@ -354,15 +365,19 @@ class PolicySchedulerCore(Scheduler):
 
     def engine_limits(self) -> EngineLimits:
         """The policy's view of this engine: vLLM's real KV pool less its null block, its block size,
-        context length, the step token budget as the saturating budget, and the engine's
-        ``max_num_batched_tokens`` / ``max_num_seqs`` as hard caps."""
+        context length, the step token budget as the saturating budget, the time estimates
+        (:func:`~econoserve.serving.fidelity.drop_in_estimates`: from ``latency_model``, then
+        ``limits``), and the engine's ``max_num_batched_tokens`` / ``max_num_seqs`` as hard caps."""
         num_usable_blocks = self.kv_cache_config.num_blocks - 1  # vLLM keeps one null block
         block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         if block_size != self.block_size:
             raise UnsupportedConfigError(
                 f"KV block size {block_size} differs from the scheduler block size {self.block_size}"
             )
-        values: dict[str, Any] = {"saturating_token_budget": self.max_num_scheduled_tokens, **self.options.limits}
+        try:
+            values = drop_in_estimates(self.max_num_scheduled_tokens, self.options.limits, self.options.latency_model)
+        except UserError as error:
+            raise UnsupportedConfigError(str(error)) from None
         if values["saturating_token_budget"] > self.max_num_scheduled_tokens:
             raise UnsupportedConfigError(
                 f"econoserve.limits.saturating_token_budget {values['saturating_token_budget']} exceeds the "
@@ -372,7 +387,7 @@ class PolicySchedulerCore(Scheduler):
             return EngineLimits(num_kv_blocks=num_usable_blocks, block_size=block_size,
                                 max_model_len=self.max_model_len, max_tokens_per_step=self.max_num_scheduled_tokens,
                                 max_seqs_per_step=self.max_num_running_reqs, **values)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise UnsupportedConfigError(f"econoserve.limits: {error}") from None
 
     # ------------------------------------------------------------------ requests in

@@ -6,7 +6,9 @@ checked against each run.
    (:meth:`~econoserve.sim.latency.FittedLatencyModel.fit`, relative error, outliers dropped);
 2. **serve** the trace under each scheduler (``econoserve serve``: ``vllm`` is vLLM's own
    scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy; either
-   of the last two with configuration overrides, ``econoserve[knob=value,...]``), in
+   of the last two with configuration overrides, ``econoserve[knob=value,...]``; with
+   ``profile_estimates`` a policy inside vLLM also gets the fitted model, from which it takes its
+   time estimates as in the simulator), in
    ``repeats`` interleaved rounds (round 1 serves every scheduler once, then round 2, ...), so a
    change in the machine's load reaches every scheduler alike; the comparison is the median over
    rounds of each round's side-by-side ratio;
@@ -49,6 +51,8 @@ from econoserve.workload.trace import Trace
 
 #: Where ``scripts/install_serving.sh`` puts vLLM, relative to the repository root.
 DEFAULT_SERVING_PYTHON = ".venv-serving/bin/python"
+#: The latency model fitted to the engine's profile, under the study's output directory.
+LATENCY_MODEL_FILE = "latency_model.json"
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,11 @@ class ServingStudy:
     load: float | None = None
     """Serve the trace's arrivals rescaled to this share of the engine's capacity
     (:func:`engine_capacity_rps`, measured on the profile); ``None`` = as they are."""
+    profile_estimates: bool = False
+    """Give the policy drop-in the engine's latency model fitted to the profile
+    (``output_dir/latency_model.json``, ``econoserve serve --latency-model``): its time estimates
+    then come from it as in the simulator, as a deployment should have them; ``False``:
+    ``EngineLimits``' A100-like defaults."""
 
     def __post_init__(self) -> None:
         if not self.schedulers:
@@ -303,7 +312,7 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     latency = fit_profile(study, log)
-    latency_path = latency.save(out / "latency_model.json")
+    latency_path = latency.save(out / LATENCY_MODEL_FILE)
     study, capacity_rps = at_load(study, latency_path, log)
     trace = Trace.read(study.trace_path)
     run_dirs: dict[str, list[Path]] = {scheduler: [] for scheduler in study.schedulers}
@@ -491,6 +500,9 @@ def serve(study: ServingStudy, scheduler: str, round_index: int = 0, log=print) 
     run_dir = Path(study.output_dir) / "real" / _safe(scheduler) / f"round-{round_index}"
     inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode, "round": round_index,
               "trace_sha256": _sha256(Path(study.trace_path)), "code": code_digest()}
+    latency_model = drop_in_latency_model(study, scheduler)
+    if latency_model is not None:
+        inputs["latency_model_sha256"] = _sha256(latency_model)
     if not _reusable(study, run_dir / "summary.json", inputs):
         log(f"serving the trace with scheduler {scheduler} ({study.mode}, round {round_index + 1} of {study.repeats}) ...")
         run_econoserve(study, serve_arguments(study, scheduler, run_dir))
@@ -503,8 +515,19 @@ def serve_arguments(study: ServingStudy, scheduler: str, run_dir: Path) -> list[
     (``econoserve[ordering_prompt_weight=0]``: ``--scheduler econoserve --policy-config '{...}'``)."""
     name, overrides = parse_policy_spec(scheduler)
     config = ["--policy-config", json.dumps(overrides, sort_keys=True)] if overrides else []
+    latency_model = drop_in_latency_model(study, scheduler)
+    if latency_model is not None:
+        config += ["--latency-model", str(latency_model)]
     return ["serve", "--trace", str(study.trace_path), "-o", str(run_dir), "--scheduler", name, *config,
             "--mode", study.mode, *study.engine.flags()]
+
+
+def drop_in_latency_model(study: ServingStudy, scheduler: str) -> Path | None:
+    """The latency model a run of ``scheduler`` gives the policy drop-in: the study's fitted
+    profile with ``profile_estimates`` (vLLM's own scheduler takes none), else ``None``."""
+    if not study.profile_estimates or parse_policy_spec(scheduler)[0] == "vllm":
+        return None
+    return Path(study.output_dir) / LATENCY_MODEL_FILE
 
 
 def _simulation(study: ServingStudy, scheduler: str, latency_model: str | Path,

@@ -24,10 +24,9 @@ from econoserve.policy import DEFAULT_SLO_SCALE, EngineLimits, make_config
 from econoserve.sim.catalog import GIB, Deployment, get_gpu, get_model
 from econoserve.sim.latency import (
     LatencyModel,
-    context_time_per_token_s,
     make_latency_model,
+    policy_time_estimates,
     saturating_token_budget,
-    typical_step_times_s,
 )
 
 PREDICTION_SOURCES: tuple[str, ...] = ("trace", "oracle", "none")
@@ -221,15 +220,15 @@ def build_setup(config: SimulationConfig) -> tuple[Deployment, LatencyModel, Eng
     num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else deployment.num_kv_blocks
     max_model_len = config.max_model_len or deployment.model.max_context_tokens
     budget = saturating_token_budget(latency, fraction=config.saturation_fraction)
-    prefill_step_s, decode_step_s = typical_step_times_s(latency, budget)
+    estimates = policy_time_estimates(latency, budget)
     limits = EngineLimits(
         num_kv_blocks=num_blocks,
         block_size=config.block_size,
         max_model_len=max_model_len,
         saturating_token_budget=config.saturating_token_budget or budget,
-        prefill_time_per_token_s=config.prefill_time_per_token_s or prefill_step_s / budget,
-        decode_time_per_step_s=config.decode_time_per_step_s or decode_step_s,
-        decode_time_per_context_token_s=(context_time_per_token_s(latency)
+        prefill_time_per_token_s=config.prefill_time_per_token_s or estimates["prefill_time_per_token_s"],
+        decode_time_per_step_s=config.decode_time_per_step_s or estimates["decode_time_per_step_s"],
+        decode_time_per_context_token_s=(estimates["decode_time_per_context_token_s"]
                                          if config.decode_time_per_context_token_s is None
                                          else config.decode_time_per_context_token_s),
         max_tokens_per_step=config.max_tokens_per_step,

@@ -328,6 +328,20 @@ def context_time_per_token_s(model: LatencyModel, decode_batch: int = 64, contex
     return max(0.0, float(times[1] - times[0]) / float(decode_batch * context_tokens))
 
 
+def policy_time_estimates(model: LatencyModel, token_budget: int) -> dict[str, float]:
+    """The time estimates a policy gets from ``model`` at a step budget of ``token_budget``
+    [tokens] (:class:`~econoserve.policy.base.EngineLimits` fields): one prompt token in a full
+    prefill step [s/token], one isolated decode step [s] (:func:`typical_step_times_s`) and what
+    one more cached token adds to a decode step [s/token] (:func:`context_time_per_token_s`). The
+    simulator and the vLLM drop-in (``econoserve.latency_model``) both derive them here."""
+    prefill_step_s, decode_step_s = typical_step_times_s(model, token_budget)
+    return {
+        "prefill_time_per_token_s": prefill_step_s / token_budget,
+        "decode_time_per_step_s": decode_step_s,
+        "decode_time_per_context_token_s": context_time_per_token_s(model),
+    }
+
+
 LATENCY_MODEL_NAMES: tuple[str, ...] = ("roofline", "calibrated", "distserve", "distserve-vllm", "vidur")
 """Names :func:`make_latency_model` accepts besides a file path."""
 
@@ -380,6 +394,7 @@ __all__ = [
     "RooflineParams",
     "isolated_execution_times_s",
     "make_latency_model",
+    "policy_time_estimates",
     "saturating_token_budget",
 ]
 
