@@ -62,9 +62,9 @@ class EngineLimits:
         Estimated time of one decode step [s], likewise.
     decode_time_per_context_token_s:
         Estimated time one more cached token of context adds to a decode step [s/token] (reading
-        its KV); 0 = unknown or free (the simulator derives it from its latency model; the vLLM
-        adapter has it only from ``econoserve.limits``). EconoServe's ``decode_slowdown_cap``
-        reads it.
+        its KV); 0 = unknown or free (the simulator derives it from its latency model, and so does
+        the vLLM adapter from the engine's ``econoserve.latency_model``, or takes it from
+        ``econoserve.limits``). EconoServe's ``decode_slowdown_cap`` reads it.
     max_tokens_per_step:
         The executor's hard cap on the tokens computed in one step [tokens] (vLLM's
         ``max_num_batched_tokens``); ``None`` = no cap (the simulator). Every policy's
