@@ -231,7 +231,7 @@ def test_the_drop_in_takes_its_time_estimates_from_the_engines_latency_model(mod
     from econoserve.sim import build_setup
     from econoserve.sim.latency import FittedLatencyModel, policy_time_estimates
 
-    # 2 ms a step, 0.1 ms a decoding request, 1 us a token of context: T_ctx / T_d = 1 / 2150 tokens
+    # 2 ms a step, 0.1 ms a decoding request, 1 us a token of context: T_d (512 tokens of context) = 2.6 ms
     fitted = FittedLatencyModel(0.002, {"prefill_tokens": 2e-5, "decode_tokens": 1e-4, "context_tokens": 1e-6}, {}, "test")
     path = str(fitted.save(tmp_path / "latency_model.json"))
     expected = policy_time_estimates(fitted, 256)
