@@ -339,6 +339,9 @@ def test_a_study_with_profile_estimates_gives_the_drop_in_its_fitted_model(tmp_p
     from econoserve.serving.study import LATENCY_MODEL_FILE, ServingStudy, serve_arguments
 
     study = ServingStudy(trace_path=tmp_path / "trace.parquet", output_dir=tmp_path, profile_estimates=True)
+    with pytest.raises(UserError, match="no fitted profile for the drop-in"):
+        serve_arguments(study, "econoserve", tmp_path / "run")
+    (tmp_path / LATENCY_MODEL_FILE).write_text("{}")
     for spec in ("econoserve", "econoserve[ordering_prompt_weight=0]", "policy:sarathi"):
         arguments = serve_arguments(study, spec, tmp_path / "run")
         assert arguments[arguments.index("--latency-model") + 1] == str(tmp_path / LATENCY_MODEL_FILE)

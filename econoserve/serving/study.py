@@ -527,7 +527,10 @@ def drop_in_latency_model(study: ServingStudy, scheduler: str) -> Path | None:
     profile with ``profile_estimates`` (vLLM's own scheduler takes none), else ``None``."""
     if not study.profile_estimates or parse_policy_spec(scheduler)[0] == "vllm":
         return None
-    return Path(study.output_dir) / LATENCY_MODEL_FILE
+    path = Path(study.output_dir) / LATENCY_MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: no fitted profile for the drop-in (profile_estimates); run_study fits it first")
+    return path
 
 
 def _simulation(study: ServingStudy, scheduler: str, latency_model: str | Path,
