@@ -9,7 +9,8 @@ from policy_steps import step
 
 from econoserve.policy import EngineLimits, Request, make_policy
 from econoserve.policy.econoserve import (PRUNE_SLACK_ENTRIES, SLOWDOWN_CAP_MIN_REQUESTS, EconoServeConfig,
-                                         expected_overrun_tokens, gittins_rank_tokens, used_kv_blocks)
+                                         expected_overrun_tokens, gittins_rank_tokens, released_kv_blocks,
+                                         used_kv_blocks)
 from econoserve.policy.kv_cache import KVCache
 from econoserve.sim import SimulationConfig, simulate
 from econoserve.sim.synthetic import trace_from_lists
@@ -168,6 +169,65 @@ def test_under_the_slowdown_cap_preemption_is_the_backstop_and_the_cap_is_never_
     assert result.requests.num_preemptions.sum() > 0
     assert result.iterations.kv_blocks_allocated.max() == 35
     assert result.config["policy"]["used_kv_blocks"] == 35
+
+
+def test_a_prompt_waiting_w_releases_the_slowdown_cap_which_returns_once_the_kv_held_fits():
+    # 100 blocks; 160 cached tokens add one isolated decode step, so s = 3 leaves 20 blocks: four
+    # requests of 5 blocks at their peak (prompt 16, predicted 64 -> 79 tokens). Released
+    # (r = 2, after W = 1 s without a first token) the policy uses 40.
+    policy = _policy(100, context_s=0.05 / 160, max_model_len=80, decode_slowdown_cap=3.0,
+                     slowdown_cap_release_wait_s=1.0, slowdown_cap_release=2.0)
+    kv = policy.kv_cache
+    assert kv.num_blocks == 20 and policy.describe()["released_kv_blocks"] == 40
+    true_output = {rid: 64 for rid in range(7)}
+    for rid in range(5):
+        _add(policy, rid, 16, 64)
+    assert step(policy, true_output, 0.0).num_prefill_requests == 4
+    for _ in range(60):  # request 4 waits 0.9 s: the cap holds
+        assert 4 not in {r.request_id for r in step(policy, true_output, 0.9, check_invariants=True).scheduled}
+    assert kv.num_blocks == 20 and kv.num_committed_blocks == 4 * 5  # 16 + 60 tokens each
+    # 1 s without a first token: released; not an event, so request 4 starts in the larger cache
+    # at the next one, request 5's arrival
+    assert 4 not in {r.request_id for r in step(policy, true_output, 1.0, check_invariants=True).scheduled}
+    assert kv.num_blocks == 40 and policy.stats.extra["cap_releases"] == 1
+    _add(policy, 5, 16, 64, arrival=1.0)
+    assert {4, 5} <= {r.request_id for r in step(policy, true_output, 1.0, check_invariants=True).scheduled}
+    # request 6 arrives; none has waited 1 s, but the KV held (> 20 blocks) does not fit the
+    # capped cache: admissions wait while it drains, though the released cache has room
+    _add(policy, 6, 16, 64, arrival=1.0)
+    drained, draining_steps = False, 0
+    while not drained:
+        held = kv.num_committed_blocks + kv.num_global_reserve_free
+        decision = step(policy, true_output, 1.1, check_invariants=True)
+        started = 6 in {r.request_id for r in decision.scheduled}
+        drained = kv.num_blocks == 20
+        assert started == drained and drained == (held <= 20)
+        assert drained or kv.num_blocks == 40
+        draining_steps += not drained
+    assert draining_steps >= 1  # requests 0-3 (5 blocks each) and 4-5 held 22 blocks at first
+    assert _run(policy, true_output, 1.1) == []
+    assert policy.stats.extra["cap_releases"] == 1
+
+
+def test_the_released_cache_is_r_times_the_capped_one_at_most_the_whole_cache():
+    limits = EngineLimits(num_kv_blocks=100, block_size=16, max_model_len=80, decode_time_per_step_s=0.05,
+                          decode_time_per_context_token_s=0.05 / 160)
+    def released(**config) -> int:
+        return released_kv_blocks(EconoServeConfig(slowdown_cap_release_wait_s=5.0, **config), limits, 20)
+
+    assert released() == 26  # r = 1.3
+    assert released(slowdown_cap_release=1.01) == 21  # rounded up
+    assert released(slowdown_cap_release=9.0) == 100
+    assert released(slowdown_cap_release=None) == 100
+    assert released_kv_blocks(EconoServeConfig(), limits, 20) == 20  # never released (the default)
+    assert released_kv_blocks(EconoServeConfig(slowdown_cap_release_wait_s=5.0), limits, 100) == 100  # no cap binds
+    for config in ({"decode_slowdown_cap": None, "slowdown_cap_release_wait_s": 5.0}, {}):  # nothing to release
+        policy = _policy(100, context_s=0.05 / 160, **config)
+        assert "released_kv_blocks" not in policy.describe() and "cap_releases" not in policy.stats.extra
+    with pytest.raises(ValueError, match="slowdown_cap_release"):
+        EconoServeConfig(slowdown_cap_release=1.0)
+    with pytest.raises(ValueError, match="slowdown_cap_release_wait_s"):
+        EconoServeConfig(slowdown_cap_release_wait_s=0.0)
 
 
 @pytest.mark.parametrize("overbooking", [0.0, 0.5])

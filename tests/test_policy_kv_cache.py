@@ -87,13 +87,26 @@ def test_loan_goes_to_pool_when_host_is_gone():
     kv.check_invariants()
 
 
+def test_resize_grows_always_and_shrinks_only_to_what_is_held():
+    kv = KVCache(10, 4, global_reserve_blocks=1)
+    assert kv.allocate_slots(1, 12) is not None  # 3 blocks
+    assert kv.reserve(2, 8) == 2
+    assert kv.resize(20) and kv.num_free_blocks == 20 - 3 - 2 - 1
+    assert not kv.resize(5)  # 3 allocated + 2 reserved + 1 reserve do not fit in 5
+    assert kv.num_blocks == 20
+    assert kv.resize(6) and kv.num_free_blocks == 0
+    with pytest.raises(KVCacheError):
+        kv.resize(0)
+    kv.check_invariants()
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     num_blocks=st.integers(1, 40),
     block_size=st.sampled_from([1, 2, 16]),
     global_reserve=st.integers(0, 5),
     operations=st.lists(
-        st.tuples(st.sampled_from(["alloc", "alloc_global", "reserve", "free", "release", "lend"]),
+        st.tuples(st.sampled_from(["alloc", "alloc_global", "reserve", "free", "release", "lend", "resize"]),
                   st.integers(0, 5), st.integers(0, 5), st.integers(1, 200)),
         max_size=60,
     ),
@@ -101,6 +114,7 @@ def test_loan_goes_to_pool_when_host_is_gone():
 def test_random_operations_never_over_commit(num_blocks, block_size, global_reserve, operations):
     kv = KVCache(num_blocks, block_size, min(global_reserve, num_blocks))
     tokens: dict[int, int] = {}
+    size = num_blocks  # the cache resizes between the global reserve and 2x its first size
     for op, rid, other, amount in operations:
         if op in ("alloc", "alloc_global"):
             target = max(tokens.get(rid, 0), amount)
@@ -119,8 +133,13 @@ def test_random_operations_never_over_commit(num_blocks, block_size, global_rese
                 kv.lend(rid, other, 1 + amount % kv.reserved_blocks(rid))
             except KVCacheError:
                 pass
+        elif op == "resize":
+            target = max(1, kv.global_reserve_blocks, amount % (2 * num_blocks + 1))
+            committed = kv.num_committed_blocks + kv.num_global_reserve_free
+            assert kv.resize(target) == (target >= committed)
+            size = kv.num_blocks
         kv.check_invariants()
-        assert kv.num_allocated_blocks + kv.num_reserved_blocks + kv.num_free_blocks + kv.num_global_reserve_free == num_blocks
+        assert kv.num_allocated_blocks + kv.num_reserved_blocks + kv.num_free_blocks + kv.num_global_reserve_free == size
         assert kv.num_free_blocks >= 0
 
 

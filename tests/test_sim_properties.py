@@ -131,7 +131,8 @@ def test_same_inputs_give_identical_tables_and_skip_ahead_changes_nothing(name, 
 #: promotion of long-waiting PTs (re-sorted while they wait, preempted requests among them; and
 #: gated by the SLO attainment of the last two finished requests), a prefill cap of a tenth
 #: of a decode step's prompt tokens (a few prompt tokens a step) and a slowdown cap of 1 % (the
-#: policy then uses the least of the cache it may: two full-context requests' worth).
+#: policy then uses the least of the cache it may: two full-context requests' worth), released
+#: to the whole cache or to 1.5x after a few steps' wait.
 ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "overbooking": 0.5, "reserve_ratio": 0.0, "backfill_output_tokens": 32, "probe_output_tokens": None},
     {"kvcpipe": "all", "prefill_delay": False, "late_demotion_s": 0.0, "ordering_horizon_s": 0.05},
@@ -150,6 +151,9 @@ ECONOSERVE_VARIANTS = (
     {"kvcpipe": "all", "ordering_promotion_wait_s": 0.05, "promotion_attainment": 0.5, "promotion_window": 2},
     {"kvcpipe": "all", "prefill_decode_steps": 0.1, "overbooking": 0.2},
     {"kvcpipe": "all", "decode_slowdown_cap": 1.01, "overbooking": 0.2},
+    {"kvcpipe": "all", "decode_slowdown_cap": 1.01, "slowdown_cap_release_wait_s": 0.01, "slowdown_cap_release": None},
+    {"kvcpipe": "all", "decode_slowdown_cap": 1.01, "slowdown_cap_release_wait_s": 0.05, "slowdown_cap_release": 1.5,
+     "overbooking": 0.2},
 )
 
 

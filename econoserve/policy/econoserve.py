@@ -213,6 +213,21 @@ on the H200, 2.5 / 2.8 / 3.2 serve 1.13 / 1.11 / 1.06x at a p99 of 1.30 / 1.12 /
 prefers a larger ``s`` (3.6: 1.10x, p99 0.94x). A first version capped only admission (the curve's
 capacity and the room a starting prompt may take): growth past the cap went on unchecked, and on the
 H200 (seed 0) it served 24.8-25.5 req/s at ``s`` = 2.5-3.2, against 27.7 with the smaller cache.
+*Release* (``slowdown_cap_release_wait_s = W``, ``slowdown_cap_release = r``; off by default).
+Under the cap fewer requests run, so a burst's queue lasts longer, and the PTs Ordering passes (on
+the Azure conversation trace, prompts of about 1000 tokens with long predictions, 2000 tokens of KV
+each) can wait a minute for their first token. With ``W`` set, while a queued PT that arrived at
+least ``W`` ago has no first token, the policy's cache is ``r`` times the capped one (at most the
+whole cache; ``r = 1.3`` allows a slowdown of 3.6 at ``s = 3``); once no PT has waited ``W``,
+admissions wait until the KV held fits the capped cache, which the cache then becomes again
+(growth goes on meanwhile: the drain preempts nothing). Like promotion, the release is not an
+event: admissions use the larger cache from the next invocation on. Measured (full mode, seeds
+0-1, goodput over the strongest baseline's and p99 JCT over its, ``r = 1.3``; seeds 2-4 after the
+slash): off, H200 1.09 (1.02x) / 1.08 (1.00x), Llama-2-7B 1.07 (1.11x) / 1.15 (1.03x); ``W`` = 5 s,
+H200 1.07 (1.02x) / 1.03 (1.00x), Llama-2-7B 1.08 (0.98x) / 1.15 (0.98x); with true lengths the
+H200 falls from 1.17 / 1.14 to 1.05 / 1.00. The release cuts the Llama-2-7B tail of a burst, but
+it also undoes Ordering's deliberate deferral of long requests, which is where the H200 gains
+(``benchmarks/results/policy_slowdown_cap_notes.md``, *Releasing the cap*); so it is a knob.
 
 **Backfill** (``backfill_output_tokens = B``, with ``kvcpipe="all"``). PT admission stops at the
 first PT the occupancy curve refuses (point 6) unless ``B`` is set: then later PTs with
@@ -443,6 +458,17 @@ class EconoServeConfig:
         full-context requests need; see the module docstring, *Slowdown cap*). ``None``, or an
         engine whose context costs nothing (``decode_time_per_context_token_s = 0``) = the whole
         cache.
+    slowdown_cap_release_wait_s:
+        Release of the slowdown cap, ``W`` [s]: while a queued PT that arrived at least ``W`` ago
+        has no first token, the policy's cache grows to ``slowdown_cap_release``'s; once none
+        has, admissions wait until the KV held fits the capped cache again, which it then
+        becomes (see the module docstring, *Slowdown cap*). ``None`` = never released (the
+        default: measured, ``W`` = 5 s cuts the Llama-2-7B p99 JCT from 1.11x to 0.98x the
+        strongest baseline's and costs the H200 2-5 % of goodput, 10-14 % with true lengths).
+    slowdown_cap_release:
+        How many times larger the capped cache is while released, ``r`` [x] (``> 1``; at most
+        the whole cache): the slowdown it allows rises from ``s`` to ``1 + r * (s - 1)``, 3.6
+        for ``s = 3`` and ``r = 1.3``. ``None`` = the whole cache.
     ordering_horizon_s:
         Aging of Ordering [s]: a request is never passed by one that arrived more than this
         later (its key is capped at ``arrival + ordering_horizon_s``); ``None`` = no cap.
@@ -556,6 +582,8 @@ class EconoServeConfig:
     prefill_delay: bool = True
     overbooking: float = 0.0
     decode_slowdown_cap: float | None = 3.0
+    slowdown_cap_release_wait_s: float | None = None
+    slowdown_cap_release: float | None = 1.3
     ordering_horizon_s: float | None = None
     late_demotion_s: float | None = None
     ordering_length_weight: float = 1.0
@@ -589,8 +617,10 @@ class EconoServeConfig:
             raise ValueError(f"overbooking must be >= 0, got {self.overbooking}")
         if self.decode_slowdown_cap is not None and not self.decode_slowdown_cap > 1:
             raise ValueError(f"decode_slowdown_cap must be > 1, got {self.decode_slowdown_cap}")
+        if self.slowdown_cap_release is not None and not self.slowdown_cap_release > 1:
+            raise ValueError(f"slowdown_cap_release must be > 1, got {self.slowdown_cap_release}")
         require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
-                         "ordering_promotion_wait_s", "promotion_window")
+                         "ordering_promotion_wait_s", "promotion_window", "slowdown_cap_release_wait_s")
         if self.promotion_attainment is not None:
             if not 0 < self.promotion_attainment <= 1:
                 raise ValueError(f"promotion_attainment must be in (0, 1], got {self.promotion_attainment}")
@@ -634,6 +664,18 @@ def used_kv_blocks(slowdown_cap: float | None, limits: EngineLimits) -> int:
     tokens = (slowdown_cap - 1.0) * limits.decode_time_per_step_s / limits.decode_time_per_context_token_s
     floor = SLOWDOWN_CAP_MIN_REQUESTS * -(-limits.max_model_len // limits.block_size)
     return min(cache, max(int(tokens) // limits.block_size, floor))
+
+
+def released_kv_blocks(config: EconoServeConfig, limits: EngineLimits, capped_blocks: int) -> int:
+    """The KV blocks EconoServe uses while its slowdown cap is released: ``slowdown_cap_release``
+    times the capped cache ``capped_blocks``, or the whole cache if that is smaller or the factor
+    is ``None``; ``capped_blocks`` if the cap is never released (or does not bind) [blocks]."""
+    cache = limits.num_kv_blocks
+    if config.slowdown_cap_release_wait_s is None or capped_blocks >= cache:
+        return capped_blocks
+    if config.slowdown_cap_release is None:
+        return cache
+    return min(cache, math.ceil(config.slowdown_cap_release * capped_blocks))
 
 
 def _pipelines_every_request(cfg: EconoServeConfig) -> bool:
@@ -683,6 +725,12 @@ class EconoServePolicy(Policy):
         self._finished_unscored: list[Request] = []  # finished since the last step, for the promotion gate
         self._slo_met: collections.deque[bool] = collections.deque(maxlen=self.config.promotion_window)
         self._slo_met_count = 0  # True entries of _slo_met
+        self._capped_blocks = self.kv_cache.num_blocks  # the cache under the slowdown cap
+        self._released_blocks = released_kv_blocks(cfg, limits, self._capped_blocks)  # the cache while released
+        self._unstarted: list[tuple[float, int, Request]] = []  # (arrival [s], seq, PT): queued PTs without a first token
+        self._cap_draining = False  # released no more, holding more KV than the capped cache: no admissions
+        if self._releases_cap:
+            self.stats.extra["cap_releases"] = 0
         if self._probes_on:
             for counter in ("probes", "probes_past_k", "probe_pauses", "probe_resumes", "paused_preemptions",
                             "probe_evictions"):
@@ -861,6 +909,8 @@ class EconoServePolicy(Policy):
         if self._promotes and request.request_id not in self._promoted:
             promote_at_s = request.arrival_time_s + self.config.ordering_promotion_wait_s
             heapq.heappush(self._promotions, (promote_at_s, next(self._sequence), entry))
+        if self._releases_cap and request.num_output_tokens == 0:
+            heapq.heappush(self._unstarted, (request.arrival_time_s, next(self._sequence), request))
 
     @property
     def _promotes(self) -> bool:
@@ -1162,6 +1212,37 @@ class EconoServePolicy(Policy):
             self._promotions = [p for p in self._promotions if id(p[2]) in queued]
             heapq.heapify(self._promotions)
 
+    @property
+    def _releases_cap(self) -> bool:
+        """The slowdown cap binds and may be released (``slowdown_cap_release_wait_s``)."""
+        return self._released_blocks > self._capped_blocks
+
+    def _oldest_unstarted_arrival_s(self) -> float:
+        """Arrival of the longest-waiting queued PT without a first token [s]; ``inf`` if none.
+        Entries of PTs that have started since are dropped here (a PT preempted before its
+        first token is pushed again)."""
+        heap = self._unstarted
+        while heap and not (heap[0][2].status == RequestStatus.WAITING and heap[0][2].num_output_tokens == 0):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def _release_cap(self, now_s: float) -> None:
+        """Release the slowdown cap while a PT waits ``slowdown_cap_release_wait_s`` without a
+        first token; restore it once none does and the KV held fits the capped cache (until then
+        :attr:`_cap_draining` holds admissions). Like promotion, the release is not an event (a
+        bulk stretch of decode steps never asks the clock): admissions use the larger cache from
+        the policy's next invocation on (an arrival, a finish, a prompt done)."""
+        kv = self.kv_cache
+        if self._oldest_unstarted_arrival_s() <= now_s - self.config.slowdown_cap_release_wait_s:
+            self._cap_draining = False
+            if kv.num_blocks < self._released_blocks:  # not an event: used from the next invocation on
+                kv.resize(self._released_blocks)
+                self.stats.extra["cap_releases"] += 1
+        elif kv.num_blocks > self._capped_blocks:
+            restored = kv.resize(self._capped_blocks)
+            self._cap_draining = not restored
+            self._event |= restored  # admissions waited for it
+
     def _schedule(self, now_s: float) -> SchedulerDecision:
         if self._finished_unscored:
             self._score_finished(now_s)
@@ -1172,6 +1253,8 @@ class EconoServePolicy(Policy):
                 self._prune_promotions()
         if self.config.no_syncdecoupled:
             return self._schedule_coupled(now_s)
+        if self._releases_cap:
+            self._release_cap(now_s)
         decision = SchedulerDecision()
         if self._exiting:
             self._exit_probes(decision)
@@ -1500,8 +1583,10 @@ class EconoServePolicy(Policy):
 
     def _admit_prompts(self, budget: int, decision: SchedulerDecision, now_s: float) -> None:
         """Start PTs in priority order (see :meth:`_next_pt`) while the budget, ``max_num_seqs``
-        and the KV rule of ``prompt_admission`` allow (see the module docstring); the first chunk
-        runs in this step."""
+        and the KV rule of ``prompt_admission`` allow (see the module docstring), none while the
+        released slowdown cap drains; the first chunk runs in this step."""
+        if self._cap_draining:
+            return
         kv = self.kv_cache
         lookahead = self._lookahead
         committed = self._kept_free_blocks()
@@ -1637,7 +1722,9 @@ class EconoServePolicy(Policy):
     def describe(self) -> dict[str, object]:
         described = super().describe()
         described["global_reserve_blocks"] = self.kv_cache.global_reserve_blocks
-        described["used_kv_blocks"] = self.kv_cache.num_blocks  # the cache, or less under the slowdown cap
+        described["used_kv_blocks"] = self._capped_blocks  # the cache, or less under the slowdown cap
+        if self._releases_cap:
+            described["released_kv_blocks"] = self._released_blocks
         return described
 
 

@@ -112,6 +112,19 @@ class KVCache:
         """Blocks allocated or reserved to requests (what a request holds, used or not)."""
         return self.num_allocated_blocks + self.num_reserved_blocks
 
+    def resize(self, num_blocks: int) -> bool:
+        """Make the cache ``num_blocks`` blocks (the policy's share of a larger physical cache,
+        e.g. EconoServe's slowdown cap and its release). Growing always succeeds. Shrinking
+        succeeds only if every committed block and the global reserve's unused part still fit,
+        so nothing is ever over-committed; returns whether the cache now has ``num_blocks``."""
+        if num_blocks < self.global_reserve_blocks or num_blocks <= 0:
+            raise KVCacheError(f"cannot resize to {num_blocks} blocks below the global reserve "
+                               f"of {self.global_reserve_blocks}")
+        if num_blocks < self.num_blocks - self.num_free_blocks:
+            return False
+        self.num_blocks = num_blocks
+        return True
+
     def allocated_blocks(self, request_id: int) -> int:
         return self._allocated.get(request_id, 0)
 
