@@ -218,7 +218,8 @@ Under the cap fewer requests run, so a burst's queue lasts longer, and the PTs O
 the Azure conversation trace, prompts of about 1000 tokens with long predictions, 2000 tokens of KV
 each) can wait a minute for their first token. With ``W`` set, while a queued PT that arrived at
 least ``W`` ago has no first token, the policy's cache is ``r`` times the capped one (at most the
-whole cache; ``r = 1.3`` allows a slowdown of 3.6 at ``s = 3``); once no PT has waited ``W``,
+whole cache; ``r = 1.3`` allows a slowdown of 3.6 at ``s = 3``), and the curve and the probe lane
+see the larger cache (the global reserve stays as it was); once no PT has waited ``W``,
 admissions wait until the KV held fits the capped cache, which the cache then becomes again
 (growth goes on meanwhile: the drain preempts nothing). Like promotion, the release is not an
 event: admissions use the larger cache from the next invocation on. Measured (full mode, seeds
@@ -1235,7 +1236,7 @@ class EconoServePolicy(Policy):
         kv = self.kv_cache
         if self._oldest_unstarted_arrival_s() <= now_s - self.config.slowdown_cap_release_wait_s:
             self._cap_draining = False
-            if kv.num_blocks < self._released_blocks:  # not an event: used from the next invocation on
+            if kv.num_blocks < self._released_blocks:
                 kv.resize(self._released_blocks)
                 self.stats.extra["cap_releases"] += 1
         elif kv.num_blocks > self._capped_blocks:
