@@ -212,6 +212,7 @@ def test_a_prompt_waiting_w_releases_the_slowdown_cap_which_returns_once_the_kv_
 def test_the_released_cache_is_r_times_the_capped_one_at_most_the_whole_cache():
     limits = EngineLimits(num_kv_blocks=100, block_size=16, max_model_len=80, decode_time_per_step_s=0.05,
                           decode_time_per_context_token_s=0.05 / 160)
+
     def released(**config) -> int:
         return released_kv_blocks(EconoServeConfig(slowdown_cap_release_wait_s=5.0, **config), limits, 20)
 
