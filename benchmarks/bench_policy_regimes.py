@@ -5,9 +5,10 @@ each scheduler this finds the **goodput** (the highest Poisson/Gamma/replay rate
 least 90 % of requests meet their SLO, JCT <= 5 x isolated time) by bisection to 2 %, then runs
 every scheduler at the **strongest baseline's goodput rate** and records SLO attainment, mean
 and p99 JCT, the preempted share, the KV shares (stored / reserved-but-unused / free,
-time-averaged over steps), requests decoding per step, and the *prompt admission stall* share
+time-averaged over steps), requests decoding per step, the *prompt admission stall* share
 (time in steps that ran below the token budget while requests were waiting: what held them
-back was KV, not compute).
+back was KV, not compute), and the *busy* share (time in steps, of the run from its first step
+to its last: the rest the engine stood idle).
 
 Regimes: ShareGPT on OPT-13B with A100-80GB and A100-40GB; ShareGPT with Gamma arrivals (CV 3);
 Alpaca; QMSum; the Azure 2023 conversation and code traces with their real timestamps
@@ -68,6 +69,12 @@ BASELINES: tuple[str, ...] = ("vllm-chunked", "sarathi", "fastgen")
 ECONOSERVE_MAIN: tuple[str, ...] = ("econoserve", "econoserve-oracle")
 ECONOSERVE_ABLATIONS: tuple[str, ...] = ("econoserve-no-kvcpipe", "econoserve-no-ordering",
                                          "econoserve-no-syncdecoupled")
+#: The full default (the standing scoreboard): the baselines; EconoServe with its refined and its
+#: prompt-only predictions, and with true lengths; the three ablations; EconoServe without its
+#: prefill cap and without its slowdown cap; Sarathi-Serve with a smaller token budget.
+FULL_SCHEDULERS: tuple[str, ...] = (*BASELINES, "econoserve", "econoserve[refine=0]", "econoserve-oracle",
+                                    *ECONOSERVE_ABLATIONS, "econoserve[prefill_decode_steps=null]",
+                                    "econoserve[decode_slowdown_cap=null]", "sarathi[token_budget=256]")
 GOODPUT_TOLERANCE = 0.02
 #: The trained predictor's default training (``--max-train`` / ``--boost-rounds`` /
 #: ``--predictor-objective`` / ``--neighbours`` / ``--prompt-decoupling`` change it).
@@ -220,9 +227,10 @@ def run(trace, regime: Regime, scheduler: str, rate: float, seed: int, tables: b
 
 
 def step_diagnostics(iterations: pd.DataFrame) -> dict[str, float]:
-    """Time-averaged KV shares [fraction of the cache], requests decoding per step, and the share
+    """Time-averaged KV shares [fraction of the cache], requests decoding per step, the share
     of time in steps below the token budget while requests waited (prompt admission stalled; for
-    EconoServe this includes steps held to its prefill cap, ``prefill_decode_steps``)."""
+    EconoServe this includes steps held to its prefill cap, ``prefill_decode_steps``), and the
+    share of the run (first step's start to last step's end) spent in steps."""
     if iterations.empty:
         return {}
     weight = iterations["duration_s"].to_numpy(float)
@@ -236,6 +244,9 @@ def step_diagnostics(iterations: pd.DataFrame) -> dict[str, float]:
     def avg(values: np.ndarray) -> float:
         return float((values * weight).sum() / weight.sum())
 
+    starts = iterations["start_time_s"].to_numpy(float)
+    span_s = float((starts + weight).max() - starts.min())
+
     return {
         "kv_stored_share": avg(stored),
         "kv_reserved_unused_share": avg(committed - stored),
@@ -243,6 +254,7 @@ def step_diagnostics(iterations: pd.DataFrame) -> dict[str, float]:
         "decoding_per_step": avg(iterations["num_decode_tokens"].to_numpy(float)),
         "waiting_per_step": avg(iterations["num_waiting"].to_numpy(float)),
         "admission_stall_share": avg(stalled.astype(float)),
+        "busy_share": float(weight.sum() / span_s) if span_s > 0 else 1.0,
     }
 
 
@@ -321,7 +333,8 @@ def score_regime(regime: Regime, schedulers: tuple[str, ...], num_requests: int,
                 "slo_attainment": at["slo_attainment"], "mean_jct_s": at["mean_jct_s"], "p99_jct_s": at["p99_jct_s"],
                 "preempted_fraction": at["preempted_fraction"],
                 **{k: at[k] for k in ("kv_stored_share", "kv_reserved_unused_share", "kv_free_share",
-                                      "decoding_per_step", "waiting_per_step", "admission_stall_share")},
+                                      "decoding_per_step", "waiting_per_step", "admission_stall_share",
+                                      "busy_share")},
             })
     return pd.DataFrame(rows)
 
@@ -372,7 +385,8 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
         f"seeds {list(args.seeds)}; {elapsed_s / 60:.1f} min on this machine). Goodput = highest rate with "
         ">= 90 % SLO attainment (JCT <= 5 x isolated time), bisection to 2 %. Per-cell columns are measured "
         "at the strongest baseline's goodput rate; KV shares are time-averaged fractions of the cache; "
-        "`stall` = share of time in steps below the token budget while requests waited. Means over seeds.",
+        "`stall` = share of time in steps below the token budget while requests waited; `busy` = share of "
+        "the run spent in steps (the rest the engine stood idle). Means over seeds.",
         *([] if args.training == PREDICTOR_DEFAULTS else [
             "", f"Trained predictor: {args.predictor_objective}, {args.max_train or 'all'} training prompts, "
             f"{args.boost_rounds} boosting rounds, {args.neighbours} neighbours, prompt decoupling "
@@ -389,7 +403,7 @@ def write_tables(cells: pd.DataFrame, args, elapsed_s: float) -> None:
     mean = cells.groupby(["regime", "scheduler"], sort=False).mean(numeric_only=True).reset_index()
     columns = ["scheduler", "goodput_rps", "slo_attainment", "mean_jct_s", "p99_jct_s", "preempted_fraction",
                "kv_stored_share", "kv_reserved_unused_share", "kv_free_share", "decoding_per_step",
-               "waiting_per_step", "admission_stall_share"]
+               "waiting_per_step", "admission_stall_share", "busy_share"]
     for regime, group in mean.groupby("regime", sort=False):
         rate = group["reference_rate_rps"].iloc[0]
         lines += [f"## {regime} (at {rate:.3g} req/s)", "", markdown(group[columns]), ""]
@@ -413,7 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="1000 requests, seed 0, the three ShareGPT regimes, main schedulers only")
     parser.add_argument("--regimes", nargs="+", choices=[r.name for r in REGIMES], help="regimes to score")
     parser.add_argument("--schedulers", nargs="+",
-                        help="schedulers to score (default: baselines + EconoServe variants); a name may carry "
+                        help="schedulers to score (default: the standing scoreboard's twelve; with --quick the "
+                             "baselines, econoserve and econoserve-oracle); a name may carry "
                              "configuration overrides, e.g. 'econoserve[kvcpipe=curve,reserve_ratio=0]', and "
                              "'refine=K': the same requests with the prediction refined after K generated tokens "
                              "from the response so far instead of the default's "
@@ -460,7 +475,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
     if args.num_requests < 2:
         parser.error("--num-requests must be >= 2")
-    default_schedulers = (*BASELINES, *ECONOSERVE_MAIN) if args.quick else (*BASELINES, *ECONOSERVE_MAIN, *ECONOSERVE_ABLATIONS)
+    default_schedulers = (*BASELINES, *ECONOSERVE_MAIN) if args.quick else FULL_SCHEDULERS
     args.schedulers = tuple(args.schedulers or default_schedulers)
     missing = [s for s in BASELINES if s not in args.schedulers]
     if missing:

@@ -348,6 +348,18 @@ def test_ordering_promotion_stops_later_arrivals_passing_a_request_that_waited_i
         EconoServeConfig(ordering_promotion_wait_s=0.0)
 
 
+def _assert_promoted_at_5_1_s(policy, promoted: bool) -> None:
+    """The promotion scenario above (u = 1, W = 5 s, one sequence at a time) at 5.1 s: request 0
+    starts first, with key 5 s, if and only if it is ``promoted``."""
+    waiting = _add(policy, 0, 512, 32, arrival=0.0)
+    _add(policy, 1, 16, 32, arrival=2.0)
+    _add(policy, 2, 16, 32, arrival=4.0)
+    decision = step(policy, {0: 32, 1: 32, 2: 32}, now=5.1, check_invariants=True)
+    assert [r.request_id for r in decision.scheduled] == [0 if promoted else 1]
+    kv_time_key = 4 * (0.512 + (32**2 + 2 * 512 * 32) ** 0.5 * 0.05)
+    assert policy.pt_key(waiting) == pytest.approx(5.0 if promoted else kv_time_key)
+
+
 def test_promotion_gate_promotes_only_while_the_measured_slo_attainment_holds():
     # The scenario above at 5.1 s (request 0 waited past W = 5 s), after earlier requests finished
     # at 5.1 s (prompt 16, 4 output tokens: isolated estimate 0.016 + 4 * 0.05 = 0.216 s, SLO
@@ -374,16 +386,39 @@ def test_promotion_gate_promotes_only_while_the_measured_slo_attainment_holds():
                 batch[rid] = 4
                 rid += 1
             assert not _run(policy, batch, now=5.1)
-        waiting = _add(policy, 0, 512, 32, arrival=0.0)
-        _add(policy, 1, 16, 32, arrival=2.0)
-        _add(policy, 2, 16, 32, arrival=4.0)
-        decision = step(policy, {0: 32, 1: 32, 2: 32}, now=5.1, check_invariants=True)
-        assert [r.request_id for r in decision.scheduled] == [0 if promoted else 1]
-        kv_time_key = 4 * (0.512 + (32**2 + 2 * 512 * 32) ** 0.5 * 0.05)
-        assert policy.pt_key(waiting) == pytest.approx(5.0 if promoted else kv_time_key)
+        _assert_promoted_at_5_1_s(policy, promoted)
     for bad, match in (({"promotion_attainment": 0.9}, "set ordering_promotion_wait_s"),
                        ({"promotion_attainment": 0.0, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
                        ({"promotion_window": 0}, "promotion_window")):
+        with pytest.raises(ValueError, match=match):
+            EconoServeConfig(**bad)
+
+
+def test_idle_gate_promotes_only_while_the_engine_stood_idle_for_its_share_of_the_window():
+    # The promotion scenario above at 5.1 s, after earlier requests ran alone, one step at each
+    # of the given times (prompt 16, one output token a step; the last step finishes them and
+    # the engine stands idle from its start to the next call). Window 10 s: [-4.9, 5.1].
+    cases = (  # (promotion_idle_share x, step times of each earlier request, request 0 promoted)
+        (0.1, (), False),  # never idle
+        (0.5, ((-1.0,),), True),  # idle [-1, 5.1]: 6.1 s
+        (0.5, ((1.0,),), False),  # idle [1, 5.1]: 4.1 s
+        (0.55, ((-8.0,), (-2.0, 3.0)), False),  # idle [-4.9, -2] and [3, 5.1]: 5.0 s, busy between
+        (0.45, ((-8.0,), (-2.0, 3.0)), True),
+        (0.5, ((-12.0,), (-6.0, 3.0)), False),  # idle [-12, -6] lies before the window: 2.1 s
+    )
+    for share, runs, promoted in cases:
+        policy = _policy(1000, ordering_prompt_weight=1.0, ordering_promotion_wait_s=5.0, max_num_seqs=1,
+                         promotion_idle_share=share, promotion_idle_window_s=10.0)
+        for rid, times in enumerate(runs, start=10):
+            _add(policy, rid, 16, len(times), arrival=times[0])
+            for now in times:
+                assert policy.has_unfinished_requests()
+                step(policy, {rid: len(times)}, now=now, check_invariants=True)
+            assert not policy.has_unfinished_requests()
+        _assert_promoted_at_5_1_s(policy, promoted)
+    for bad, match in (({"promotion_idle_share": 0.5}, "set ordering_promotion_wait_s"),
+                       ({"promotion_idle_share": 1.5, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
+                       ({"promotion_idle_window_s": 0.0}, "promotion_idle_window_s")):
         with pytest.raises(ValueError, match=match):
             EconoServeConfig(**bad)
 

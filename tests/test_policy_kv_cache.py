@@ -95,8 +95,10 @@ def test_resize_grows_always_and_shrinks_only_to_what_is_held():
     assert not kv.resize(5)  # 3 allocated + 2 reserved + 1 reserve do not fit in 5
     assert kv.num_blocks == 20
     assert kv.resize(6) and kv.num_free_blocks == 0
-    with pytest.raises(KVCacheError):
+    with pytest.raises(KVCacheError, match="at least one"):
         kv.resize(0)
+    with pytest.raises(KVCacheError, match="below the global reserve of 2"):
+        KVCache(10, 4, global_reserve_blocks=2).resize(1)
     kv.check_invariants()
 
 

@@ -161,9 +161,11 @@ applies the cap only once it is reached: a PT still queued at ``arrival + W`` is
 key becomes ``arrival + W`` (so only PTs whose keys are already past, in practice other promoted
 PTs, in arrival order, go before it); a PT started within ``W`` never sees it and the others
 keep their static keys. A min-heap of promotion times re-sorts each PT once (a PT preempted
-later keeps its promoted key); promotion is not an event, the new order counts from the next
-admission. Off by default: it bounds the tail but gives back most of the goodput gain, because
-near the goodput rate many PTs wait longer than ``W`` and the order among them becomes FCFS.
+later keeps its promoted key); promotion is not an event: due PTs are promoted at the next
+scheduling call an event starts (an arrival, a finish, a prompt done), the calls that admit, so
+a bulk stretch of decode steps changes nothing. Off by default: it bounds the tail but gives
+back most of the goodput gain, because near the goodput rate many PTs wait longer than ``W``
+and the order among them becomes FCFS.
 Measured (full mode; ``benchmarks/results/policy_tail_notes.md``), goodput / Sarathi's (p99 JCT
 / Sarathi's) at ``u = 64`` without it and with ``W`` = 5 / 10 / 20 s: Azure conv 1.09 (1.24x) ->
 1.02 (0.97x) / 1.03 (0.99x) / 1.04 (1.11x); Azure code 2.05 (1.23x) -> 1.48 (0.99x) / 1.73
@@ -190,6 +192,24 @@ nothing is promoted; its tail (a closing burst of ~140 requests in 22 s) stays a
 ``a`` = 0.98, ``N`` = 500 and the 5 % lane: Azure conv 1.12 (0.93x), ShareGPT 80 GB 1.13 and 40 GB
 1.29 (as the default), but on three more traces 80 GB 1.12 -> 1.11 and the 40 GB tail 1.10x -> 1.08x:
 the window of finished requests lags the queue, so the gate is still open when an overload begins.
+The idle gate (``promotion_idle_share = x`` over ``promotion_idle_window_s = H``) promotes only
+while the engine stood idle (nothing running or queued) for at least a share ``x`` of the last
+``H`` seconds: a server that idles is short of capacity only inside its bursts, where passing
+leaves a burst's long prompts for last. It reads the load over minutes, not the burst: on the
+scoreboard's other eight regimes the engine is busy 98-100 % of the run, at the baseline's
+goodput rate and at EconoServe's, so the gate never opens and every cell equals the default's;
+Azure code's engine is busy 13-21 % (compute-bound bursts between idle stretches). An idle
+stretch runs from the start of the step that emptied the engine to the next scheduling call; the
+share slides with the clock between events, hence promotions at event calls only (above). Off by
+default. Measured (full mode, 2000 requests, seeds 0-1;
+``benchmarks/results/policy_idle_gate_notes.md``) on Azure code, goodput / Sarathi's (p99 JCT
+/ Sarathi's), ungated 2.15 (1.20x): ``W`` = 6 / 7 / 8 / 10 s at ``x`` = 0.5 1.83 / 1.91 / 1.95
+/ 2.00 (1.02 / 1.02 / 1.03 / 1.06x); at ``W`` = 7 s ``x`` = 0.1 / 0.25 / 0.7 / 0.8 1.69 / 1.85 /
+1.95 / 2.03 (1.02x, 0.8: 1.20x); plain ``W`` = 5 s 1.48 (0.95x). It fixes the tail where the
+tail is a burst after idle stretches, and nothing else: on the same trace cut into 1000-request
+windows (seeds 0-3) the default's p99 is 1.09x and gated 1.10-1.13x (goodput 2.19 -> 1.84-2.02),
+because there the tail is a burst in a window's first 10 s (nothing idle seen yet; the gate
+cannot tell it from a ShareGPT run's start) and long answers' own decode.
 
 **Slowdown cap** (``decode_slowdown_cap = s``). A decode step reads the weights once and the KV of
 every request in it. Near the goodput rate the queue is where Ordering works: it decides who starts
@@ -563,6 +583,17 @@ class EconoServeConfig:
         module docstring (*Ordering*).
     promotion_window:
         Finished requests the gate's attainment counts [requests].
+    promotion_idle_share:
+        Gate on promotion, ``x``: PTs are promoted only while the engine stood idle (nothing
+        running or queued) for at least a share ``x`` of the last ``promotion_idle_window_s``
+        seconds; a server that keeps busy passes without bound, as without
+        ``ordering_promotion_wait_s``. An idle stretch runs from the start of the step that
+        emptied the engine to the next scheduling call (so it counts that step's time as
+        idle). With ``promotion_attainment`` too, both gates must be open. Needs
+        ``ordering_promotion_wait_s``. ``None`` = no gate. Measured: see the module docstring
+        (*Ordering*).
+    promotion_idle_window_s:
+        The time the idle gate looks back over [s].
     """
 
     rl_bucket: int = 32
@@ -600,6 +631,8 @@ class EconoServeConfig:
     ordering_promotion_wait_s: float | None = None
     promotion_attainment: float | None = None
     promotion_window: int = 300
+    promotion_idle_share: float | None = None
+    promotion_idle_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.kvcpipe not in KVCPIPE_MODES:
@@ -621,12 +654,16 @@ class EconoServeConfig:
         if self.slowdown_cap_release is not None and not self.slowdown_cap_release > 1:
             raise ValueError(f"slowdown_cap_release must be > 1, got {self.slowdown_cap_release}")
         require_positive(self, "ordering_horizon_s", "backfill_output_tokens", "probe_output_tokens",
-                         "ordering_promotion_wait_s", "promotion_window", "slowdown_cap_release_wait_s")
-        if self.promotion_attainment is not None:
-            if not 0 < self.promotion_attainment <= 1:
-                raise ValueError(f"promotion_attainment must be in (0, 1], got {self.promotion_attainment}")
+                         "ordering_promotion_wait_s", "promotion_window", "slowdown_cap_release_wait_s",
+                         "promotion_idle_window_s")
+        for gate in ("promotion_attainment", "promotion_idle_share"):
+            value = getattr(self, gate)
+            if value is None:
+                continue
+            if not 0 < value <= 1:
+                raise ValueError(f"{gate} must be in (0, 1], got {value}")
             if self.ordering_promotion_wait_s is None:
-                raise ValueError("promotion_attainment gates promotion: set ordering_promotion_wait_s too")
+                raise ValueError(f"{gate} gates promotion: set ordering_promotion_wait_s too")
         if not 0 < self.probe_share <= 1:
             raise ValueError(f"probe_share must be in (0, 1], got {self.probe_share}")
         if self.late_demotion_s is not None and self.late_demotion_s < 0:
@@ -726,6 +763,10 @@ class EconoServePolicy(Policy):
         self._finished_unscored: list[Request] = []  # finished since the last step, for the promotion gate
         self._slo_met: collections.deque[bool] = collections.deque(maxlen=self.config.promotion_window)
         self._slo_met_count = 0  # True entries of _slo_met
+        self._gates_on_idle = self._promotes and cfg.promotion_idle_share is not None
+        self._idle: collections.deque[tuple[float, float]] = collections.deque()  # idle stretches (start, end) [s]
+        self._idle_since_s: float | None = None  # the engine stands idle since (the start of the step that emptied it)
+        self._step_start_s = 0.0  # the last scheduling call's time [s]
         self._capped_blocks = self.kv_cache.num_blocks  # the cache under the slowdown cap
         self._released_blocks = released_kv_blocks(cfg, limits, self._capped_blocks)  # the cache while released
         self._unstarted: list[tuple[float, int, Request]] = []  # (arrival [s], seq, PT): queued PTs without a first token
@@ -921,9 +962,8 @@ class EconoServePolicy(Policy):
     def _promote_waiting(self, now_s: float) -> None:
         """Promote every queued PT whose promotion time (arrival + ``ordering_promotion_wait_s``)
         has come: its key becomes that time and it is re-sorted; entries no longer queued (the PT
-        started, or was re-keyed or re-queued under a new entry) are dropped. Not an event: the
-        new order counts from the next admission (so skipping steady decode steps, during which
-        nothing is admitted, changes nothing)."""
+        started, or was re-keyed or re-queued under a new entry) are dropped. Not an event:
+        called at the scheduling calls an event starts (see :meth:`_schedule`)."""
         while self._promotions and self._promotions[0][0] <= now_s:
             at_s, _, entry = heapq.heappop(self._promotions)
             request = entry[2]
@@ -966,6 +1006,8 @@ class EconoServePolicy(Policy):
             self._event = True
             if self._gates_promotion:
                 self._finished_unscored.append(request)
+        if self._gates_on_idle and not self.has_unfinished_requests():
+            self._idle_since_s = self._step_start_s
         if self.config.no_syncdecoupled:
             return
         prompt_done = [
@@ -1196,13 +1238,33 @@ class EconoServePolicy(Policy):
             self._slo_met_count += met
         self._finished_unscored.clear()
 
-    def _promotion_open(self) -> bool:
-        """Promotion applies now: no gate, or a full window (``promotion_window``) with SLO
-        attainment at least ``promotion_attainment``."""
-        if not self._gates_promotion:
-            return True
-        window = self._slo_met
-        return len(window) == window.maxlen and self._slo_met_count >= self.config.promotion_attainment * window.maxlen
+    def _promotion_open(self, now_s: float) -> bool:
+        """Promotion applies now: every gate set is open (the attainment gate: a full window,
+        ``promotion_window``, with SLO attainment at least ``promotion_attainment``; the idle
+        gate: an idle share of the last ``promotion_idle_window_s`` at least
+        ``promotion_idle_share``)."""
+        if self._gates_promotion:
+            window = self._slo_met
+            if not (len(window) == window.maxlen
+                    and self._slo_met_count >= self.config.promotion_attainment * window.maxlen):
+                return False
+        return not self._gates_on_idle or self._idle_share(now_s) >= self.config.promotion_idle_share
+
+    def _note_idle(self, now_s: float) -> None:
+        """Close the idle stretch that ends at this call, if one is open, and drop those that
+        ended before the idle gate's window."""
+        if self._idle_since_s is not None:
+            self._idle.append((self._idle_since_s, now_s))
+            self._idle_since_s = None
+        horizon_s = now_s - self.config.promotion_idle_window_s
+        while self._idle and self._idle[0][1] <= horizon_s:
+            self._idle.popleft()
+
+    def _idle_share(self, now_s: float) -> float:
+        """Share of the last ``promotion_idle_window_s`` the engine stood idle."""
+        window_s = self.config.promotion_idle_window_s
+        horizon_s = now_s - window_s
+        return sum(end - max(start, horizon_s) for start, end in self._idle) / window_s
 
     def _prune_promotions(self) -> None:
         """While the gate is shut, due promotions stay in the heap: drop those of PTs no longer
@@ -1245,10 +1307,13 @@ class EconoServePolicy(Policy):
             self._event |= restored  # admissions waited for it
 
     def _schedule(self, now_s: float) -> SchedulerDecision:
+        if self._gates_on_idle:
+            self._note_idle(now_s)
+            self._step_start_s = now_s
         if self._finished_unscored:
             self._score_finished(now_s)
-        if self._promotions:
-            if self._promotion_open():
+        if self._promotions and self._event:  # the order counts at admissions, which events start
+            if self._promotion_open(now_s):
                 self._promote_waiting(now_s)
             else:
                 self._prune_promotions()

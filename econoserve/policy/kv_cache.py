@@ -117,7 +117,9 @@ class KVCache:
         e.g. EconoServe's slowdown cap and its release). Growing always succeeds. Shrinking
         succeeds only if every committed block and the global reserve's unused part still fit,
         so nothing is ever over-committed; returns whether the cache now has ``num_blocks``."""
-        if num_blocks < self.global_reserve_blocks or num_blocks <= 0:
+        if num_blocks <= 0:
+            raise KVCacheError(f"cannot resize to {num_blocks} blocks: a cache needs at least one")
+        if num_blocks < self.global_reserve_blocks:
             raise KVCacheError(f"cannot resize to {num_blocks} blocks below the global reserve "
                                f"of {self.global_reserve_blocks}")
         if num_blocks < self.num_blocks - self.num_free_blocks:
