@@ -198,7 +198,7 @@ while the engine stood idle (nothing running or queued) for at least a share ``x
 leaves a burst's long prompts for last. It reads the load over minutes, not the burst: on the
 scoreboard's other eight regimes the engine is busy 98-100 % of the run, at the baseline's
 goodput rate and at EconoServe's, so the gate never opens and every cell equals the default's;
-Azure code's engine is busy 13-21 % (compute-bound bursts between idle stretches). An idle
+Azure code's engine is busy 13-24 % (compute-bound bursts between idle stretches). An idle
 stretch runs from the start of the step that emptied the engine to the next scheduling call; the
 share slides with the clock between events, hence promotions at event calls only (above). Off by
 default. Measured (full mode, 2000 requests, seeds 0-1;
