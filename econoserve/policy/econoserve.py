@@ -200,16 +200,18 @@ scoreboard's other eight regimes the engine is busy 98-100 % of the run, at the 
 goodput rate and at EconoServe's, so the gate never opens and every cell equals the default's;
 Azure code's engine is busy 13-24 % (compute-bound bursts between idle stretches). An idle
 stretch runs from the start of the step that emptied the engine to the next scheduling call; the
-share slides with the clock between events, hence promotions at event calls only (above). Off by
-default. Measured (full mode, 2000 requests, seeds 0-1;
+share slides with the clock between events, hence promotions at event calls only (above).
+Measured (full mode, 2000 requests, seeds 0-1;
 ``benchmarks/results/policy_idle_gate_notes.md``) on Azure code, goodput / Sarathi's (p99 JCT
 / Sarathi's), ungated 2.15 (1.20x): ``W`` = 6 / 7 / 8 / 10 s at ``x`` = 0.5 1.83 / 1.91 / 1.95
 / 2.00 (1.02 / 1.02 / 1.03 / 1.06x); at ``W`` = 7 s ``x`` = 0.1 / 0.25 / 0.7 / 0.8 1.69 / 1.85 /
 1.95 / 2.03 (1.02x, 0.8: 1.20x); plain ``W`` = 5 s 1.48 (0.95x). It fixes the tail where the
 tail is a burst after idle stretches, and nothing else: on the same trace cut into 1000-request
 windows (seeds 0-3) the default's p99 is 1.09x and gated 1.10-1.13x (goodput 2.19 -> 1.84-2.02),
-because there the tail is a burst in a window's first 10 s (nothing idle seen yet; the gate
-cannot tell it from a ShareGPT run's start) and long answers' own decode.
+because there the tail is long answers' own decode and a burst that continues the previous
+window's closing burst: run after the requests before it, the engine has been busy for minutes,
+the gate stays shut, and plain promotion costs SLO attainment there (0.954 -> 0.873). Off by
+default: of the tails measured it answers one, on one cut of one trace, at 11 % of its goodput.
 
 **Slowdown cap** (``decode_slowdown_cap = s``). A decode step reads the weights once and the KV of
 every request in it. Near the goodput rate the queue is where Ordering works: it decides who starts
