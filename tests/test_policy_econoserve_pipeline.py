@@ -387,11 +387,6 @@ def test_promotion_gate_promotes_only_while_the_measured_slo_attainment_holds():
                 rid += 1
             assert not _run(policy, batch, now=5.1)
         _assert_promoted_at_5_1_s(policy, promoted)
-    for bad, match in (({"promotion_attainment": 0.9}, "set ordering_promotion_wait_s"),
-                       ({"promotion_attainment": 0.0, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
-                       ({"promotion_window": 0}, "promotion_window")):
-        with pytest.raises(ValueError, match=match):
-            EconoServeConfig(**bad)
 
 
 def test_idle_gate_promotes_only_while_the_engine_stood_idle_for_its_share_of_the_window():
@@ -416,11 +411,19 @@ def test_idle_gate_promotes_only_while_the_engine_stood_idle_for_its_share_of_th
                 step(policy, {rid: len(times)}, now=now, check_invariants=True)
             assert not policy.has_unfinished_requests()
         _assert_promoted_at_5_1_s(policy, promoted)
-    for bad, match in (({"promotion_idle_share": 0.5}, "set ordering_promotion_wait_s"),
-                       ({"promotion_idle_share": 1.5, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
-                       ({"promotion_idle_window_s": 0.0}, "promotion_idle_window_s")):
-        with pytest.raises(ValueError, match=match):
-            EconoServeConfig(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"promotion_attainment": 0.9}, "set ordering_promotion_wait_s"),
+    ({"promotion_attainment": 0.0, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
+    ({"promotion_window": 0}, "promotion_window"),
+    ({"promotion_idle_share": 0.5}, "set ordering_promotion_wait_s"),
+    ({"promotion_idle_share": 1.5, "ordering_promotion_wait_s": 5.0}, r"\(0, 1\]"),
+    ({"promotion_idle_window_s": 0.0}, "promotion_idle_window_s"),
+])
+def test_promotion_gates_reject_bad_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EconoServeConfig(**bad)
 
 
 def test_a_shut_promotion_gate_keeps_the_promotion_heap_bounded_by_the_queue():
