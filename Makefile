@@ -77,12 +77,10 @@ $(VENV)/.installed-notebooks: pyproject.toml $(LOCK)
 	touch $@
 
 # Freeze what is installed (after an upgrade in either venv), keeping each file's header comment.
+FREEZE = { grep '^\#' $(2); $(1) -m pip freeze --exclude-editable | grep -v '^\#'; } > $(2).new && mv $(2).new $(2)
 lock: $(INSTALLED) $(SERVING_INSTALLED)
-	@set -e; for pair in "$(PY):$(LOCK)" "$(SERVING_VENV)/bin/python:$(SERVING_LOCK)"; do \
-	  python="$${pair%%:*}"; file="$${pair#*:}"; \
-	  { grep '^#' "$$file"; "$$python" -m pip freeze --exclude-editable | grep -v '^#'; } > "$$file.new"; \
-	  mv "$$file.new" "$$file"; echo "wrote $$file"; \
-	done
+	$(call FREEZE,$(PY),$(LOCK))
+	$(call FREEZE,$(SERVING_VENV)/bin/python,$(SERVING_LOCK))
 
 clean:
 	rm -rf $(VENV) $(SERVING_VENV) results data/cache
