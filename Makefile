@@ -49,11 +49,14 @@ install-serving: $(SERVING_INSTALLED)
 # Both environments first: the core suite also runs notebook 04, which drives vLLM in $(SERVING_VENV).
 test: $(INSTALLED) $(SERVING_INSTALLED) test-core test-serving
 
+# Each suite on every core (pytest-xdist), one test at a time to whichever worker is free, the
+# slow first; a worker's vLLM engine runs on one unpinned thread (tests/conftest.py).
+XDIST := -n auto --maxschedchunk 1
 test-core: $(INSTALLED)
-	$(PY) -m pytest -m "not serving"
+	$(PY) -m pytest -m "not serving" $(XDIST)
 
 test-serving: $(SERVING_INSTALLED)
-	ECONOSERVE_REQUIRE_VLLM=1 $(SERVING_VENV)/bin/python -m pytest -m serving
+	ECONOSERVE_REQUIRE_VLLM=1 $(SERVING_VENV)/bin/python -m pytest -m serving $(XDIST)
 
 # Notebook 04 runs real vLLM from $(SERVING_VENV).
 reproduce: $(INSTALLED) $(SERVING_INSTALLED)

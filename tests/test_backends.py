@@ -219,6 +219,7 @@ def _without_wall(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=[c for c in WALL if c in table.columns])
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.ray
 def test_a_plan_gives_the_same_tables_on_either_backend_and_resumes(ray_backend, tmp_path):

@@ -64,6 +64,7 @@ def test_vicuna_labels_line_up_with_alpaca_and_the_llama2_tokenizer():
     assert len(train) == 10_000 and not set(train["source_index"]) & set(load_vicuna_lengths("val")["source_index"])
 
 
+@pytest.mark.slow
 def test_sharegpt_follows_the_vllm_benchmark_filter():
     rule = ShareGPTFilter()
     requests = load_requests("sharegpt", "gpt2")
@@ -80,6 +81,7 @@ def test_sharegpt_follows_the_vllm_benchmark_filter():
     assert len(looser) > len(requests)
 
 
+@pytest.mark.slow
 def test_qmsum_span_and_full_contexts():
     meetings = [json.loads(line) for line in gzip.open(mirror_file("qmsum_meetings.jsonl.gz"))]
     num_specific = sum(len(m["specific_query_list"]) for m in meetings)
@@ -113,6 +115,7 @@ def test_mooncake_trace():
     assert requests["timestamp_s"].iloc[-1] == pytest.approx(3536.999)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_builder_gives_a_valid_deterministic_trace(dataset, tmp_path):
     spec = TraceSpec(dataset=dataset, tokenizer="gpt2", num_requests=300, arrival="poisson", rate_rps=3.0, seed=11)
@@ -139,6 +142,7 @@ def test_replay_keeps_real_timestamps_and_borrows_them_for_text_datasets():
         build_trace(TraceSpec(dataset="alpaca", arrival="replay", rate_rps=None))
 
 
+@pytest.mark.slow
 def test_cli_build_is_byte_identical_and_checks_arguments(tmp_path, capsys):
     args = ["trace", "build", "--dataset", "alpaca", "--tokenizer", "llama2", "--num-requests", "2000",
             "--arrival", "poisson", "--rate", "4", "--seed", "0"]

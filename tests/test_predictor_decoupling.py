@@ -112,6 +112,7 @@ def test_decoupling_moves_the_coupling_toward_the_truth(decoupled, plain, data, 
     assert abs(after - truth) < abs(before - truth)  # also on prompts neither model saw
 
 
+@pytest.mark.slow
 def test_the_factor_uses_only_the_training_prompts(data, decoupled, tokenizer):
     """Split a dataset into training and held-out rows: whatever the held-out truths, the fit is the
     same (training never sees them); a change in the training truths changes it."""

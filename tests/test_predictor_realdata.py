@@ -107,6 +107,7 @@ def test_cli_train_eval_predict(tmp_path):
     assert np.array_equal(annotated.requests["predicted_output_tokens"].to_numpy(), expected)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_text_less_trace_with_one_line(tmp_path, capsys):
     model_dir = tmp_path / "model"
     assert main(["predictor", "train", "--dataset", "qmsum", "--num-boost-round", "20", "--no-eval",

@@ -176,6 +176,7 @@ IDLE_GATED_PROMOTION = {"kvcpipe": "all", "ordering_prompt_weight": 64.0, "order
                         "promotion_idle_share": 0.1, "promotion_idle_window_s": 3.0}
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=workloads(max_gap_s=3.0))
 def test_idle_gated_promotion_never_over_commits_and_finishes_every_request_once(workload):

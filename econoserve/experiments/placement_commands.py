@@ -103,7 +103,9 @@ def _objective(args) -> ServiceObjective:
 
 
 def _hardware(args) -> Hardware:
-    return Hardware(args.model, args.gpu, args.gpus_per_node, args.max_gpus, args.latency_model, args.network)
+    hardware = Hardware(args.model, args.gpu, args.gpus_per_node, args.max_gpus, args.latency_model, args.network)
+    hardware.parallel_degrees(args.max_tp)  # a model that fits nowhere: one clear error before the trace is built
+    return hardware
 
 
 def _settings(args) -> SearchSettings:
