@@ -35,8 +35,10 @@ if "ECONOSERVE_DATA_MIRROR" not in os.environ and _DEFAULT_MIRROR.is_dir():
 if "PYTEST_XDIST_WORKER" in os.environ:  # before any test module loads LightGBM's OpenMP, BLAS or vLLM
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # a vLLM CPU engine: one unpinned thread per worker
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    from econoserve.serving.study import EngineOptions  # numpy loads here, after the BLAS setting
+
+    for _name, _value in EngineOptions().environment().items():  # notebook 04's engine: one unpinned thread
+        os.environ.setdefault(_name, _value)
 
 
 def mirror_available() -> bool:
