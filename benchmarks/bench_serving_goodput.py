@@ -11,7 +11,7 @@ interleaving spreads the drift over both schedulers alike).
 
 * **Load** is the arrival rate as a share of the engine's capacity (vLLM's throughput with every
   request arriving at once, simulated on the profile's step times:
-  :func:`econoserve.serving.study.engine_capacity_rps`), as in notebook 04.
+  :func:`econoserve.serving.study.engine_capacity_rps`; notebook 04 measures the same on the engine).
 * **SLO** as in the simulator: JCT <= ``--slo-scale`` x the request's isolated time on the
   engine, by the latency model fitted to the profile (:func:`econoserve.serving.fidelity.with_slo`).
 * **Goodput** [share of capacity]: the highest load of the grid at which a scheduler meets at least

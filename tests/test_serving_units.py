@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -273,12 +274,15 @@ def test_a_regime_has_a_rate_or_a_load_and_an_override_replaces_the_other():
     assert (engine.kv_cache_tokens, engine.max_model_len, engine.max_num_seqs) == (2048, 1024, 8)
 
 
-def test_a_load_sets_the_rate_from_the_engines_simulated_capacity(tmp_path):
-    """The capacity is the throughput of a simulated burst (every request at once): steps twice as
-    slow halve it exactly. ``at_load`` rescales the arrivals to ``load`` x capacity, keeping the
-    requests, their order and their spacing, and records the rate in the trace's spec."""
+def test_a_load_sets_the_rate_from_the_engines_measured_capacity(tmp_path, monkeypatch):
+    """The capacity is measured by serving every request of the trace at once under the study's
+    first scheduler (once per inputs; its throughput is the capacity). ``at_load`` rescales the
+    arrivals to ``load`` x capacity, keeping the requests, their order and their spacing, and
+    records the rate in the trace's spec. The simulated capacity (a burst on a latency model)
+    scales with the step times: steps twice as slow halve it exactly."""
     from dataclasses import replace
 
+    from econoserve.serving import study as study_module
     from econoserve.serving.study import EngineOptions, ServingStudy, at_load, engine_capacity_rps
     from econoserve.sim.latency import FittedLatencyModel
 
@@ -288,27 +292,46 @@ def test_a_load_sets_the_rate_from_the_engines_simulated_capacity(tmp_path):
                           "dataset": "x"})
     frame["predicted_output_tokens"] = frame["output_tokens"]
     path = Trace.from_frame(frame, {"spec": {"rate_rps": 2.0}}).write(tmp_path / "trace.parquet")
-    coefficients = {"prefill_tokens": 1e-4, "decode_tokens": 2e-4, "context_tokens": 1e-6}
-    fast = FittedLatencyModel(0.005, coefficients).save(tmp_path / "fast.json")
-    slow = FittedLatencyModel(0.010, {k: 2 * v for k, v in coefficients.items()}).save(tmp_path / "slow.json")
-    study = ServingStudy(trace_path=path, output_dir=tmp_path / "out", load=0.8,
+    served = []
+
+    def fake_serve(study, arguments):  # the engine: records what it serves, reports 3.5 req/s
+        served.append((arguments[arguments.index("--scheduler") + 1],
+                       Trace.read(arguments[arguments.index("--trace") + 1]).requests))
+        out = Path(arguments[arguments.index("-o") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"throughput_rps": 3.5}))
+
+    monkeypatch.setattr(study_module, "run_econoserve", fake_serve)
+    study = ServingStudy(trace_path=path, output_dir=tmp_path / "out", load=0.8, schedulers=("vllm", "econoserve"),
                          engine=EngineOptions(kv_cache_tokens=2048, max_model_len=1024))
+    capacity = study_module.measured_capacity_rps(study, log=lambda _: None)
+    assert capacity == 3.5 and study_module.measured_capacity_rps(study, log=lambda _: None) == 3.5
+    assert len(served) == 1 and served[0][0] == "vllm"  # served once, under the first scheduler
+    burst = served[0][1]
+    assert (burst["arrival_time_s"] == 0).all()
+    pd.testing.assert_frame_equal(burst.drop(columns="arrival_time_s"), Trace.read(path).requests.drop(columns="arrival_time_s"))
+
     trace = Trace.read(path)
-    capacity = engine_capacity_rps(trace, study, fast)
-    assert capacity == pytest.approx(2 * engine_capacity_rps(trace, study, slow), rel=1e-9)
-    served, measured = at_load(study, fast, log=lambda _: None)
-    assert measured == capacity and served.load is None and served.trace_path != path
-    rescaled = Trace.read(served.trace_path)
-    np.testing.assert_allclose(rescaled.requests["arrival_time_s"], trace.requests["arrival_time_s"] * 2.0 / (0.8 * capacity))
+    rescaled_study, used = at_load(study, capacity, log=lambda _: None)
+    assert used == capacity and rescaled_study.load is None and rescaled_study.trace_path != path
+    rescaled = Trace.read(rescaled_study.trace_path)
+    np.testing.assert_allclose(rescaled.requests["arrival_time_s"], trace.requests["arrival_time_s"] * 2.0 / (0.8 * 3.5))
     pd.testing.assert_frame_equal(rescaled.requests.drop(columns="arrival_time_s"),
                                   trace.requests.drop(columns="arrival_time_s"))
-    assert rescaled.metadata["spec"]["rate_rps"] == pytest.approx(0.8 * capacity)
-    assert at_load(replace(study, load=None), fast) == (replace(study, load=None), None)
+    assert rescaled.metadata["spec"]["rate_rps"] == pytest.approx(0.8 * 3.5)
+    assert at_load(replace(study, load=None), None) == (replace(study, load=None), None)
+    with pytest.raises(UserError, match="needs the engine's capacity"):
+        at_load(study, 0.0)
     with pytest.raises(UserError, match="load"):
         replace(study, load=0.0)
     bare = Trace.from_frame(frame).write(tmp_path / "bare.parquet")  # no spec: no rate to rescale from
     with pytest.raises(UserError, match="bare.parquet: the trace records no arrival rate"):
-        at_load(replace(study, trace_path=bare), fast)
+        at_load(replace(study, trace_path=bare), capacity)
+
+    coefficients = {"prefill_tokens": 1e-4, "decode_tokens": 2e-4, "context_tokens": 1e-6}
+    fast = FittedLatencyModel(0.005, coefficients).save(tmp_path / "fast.json")
+    slow = FittedLatencyModel(0.010, {k: 2 * v for k, v in coefficients.items()}).save(tmp_path / "slow.json")
+    assert engine_capacity_rps(trace, study, fast) == pytest.approx(2 * engine_capacity_rps(trace, study, slow), rel=1e-9)
 
 
 def test_a_study_serves_and_simulates_a_configured_policy_by_its_spec(tmp_path):

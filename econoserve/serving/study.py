@@ -8,10 +8,11 @@ checked against each run.
    scheduler, ``econoserve`` the EconoServe policy inside vLLM, ``policy:NAME`` any policy; either
    of the last two with configuration overrides, ``econoserve[knob=value,...]``; with
    ``profile_estimates`` a policy inside vLLM also gets the fitted model, from which it takes its
-   time estimates as in the simulator), in
-   ``repeats`` interleaved rounds (round 1 serves every scheduler once, then round 2, ...), so a
-   change in the machine's load reaches every scheduler alike; the comparison is the median over
-   rounds of each round's side-by-side ratio;
+   time estimates as in the simulator), in ``repeats`` interleaved rounds (round 1 serves every
+   scheduler once, then round 2, ...), so a change in the machine's load reaches every scheduler
+   alike; the comparison is the median over rounds of each round's side-by-side ratio. At a
+   ``load``, a run with every request at once first measures the engine's capacity
+   (:func:`measured_capacity_rps`), and the rounds serve the trace at that share of it;
 3. **simulate** the same trace on the same engine shape with the fitted latency model and
    compare per request (:mod:`econoserve.serving.fidelity`).
 
@@ -53,6 +54,8 @@ from econoserve.workload.trace import Trace
 DEFAULT_SERVING_PYTHON = ".venv-serving/bin/python"
 #: The latency model fitted to the engine's profile, under the study's output directory.
 LATENCY_MODEL_FILE = "latency_model.json"
+#: Where a study at a ``load`` measures the engine's capacity, under its output directory.
+CAPACITY_DIR = "capacity"
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,9 @@ class StudyRegime:
     """A workload and an engine size for the study (notebook 04's ``regime`` parameter).
 
     The arrival rate is either fixed, ``rate_rps`` [req/s], or relative to the engine, ``load``
-    [fraction]: the rate becomes ``load`` x the engine's capacity, measured once the engine is
-    profiled (:func:`engine_capacity_rps`), so the regime means the same on a faster or slower
-    machine. Exactly one of the two is set. ``length_scale`` multiplies every prompt, response and
+    [fraction]: the rate becomes ``load`` x the engine's capacity, measured on the real engine just
+    before the runs (:func:`measured_capacity_rps`), so the regime means the same on a faster or
+    slower machine. Exactly one of the two is set. ``length_scale`` multiplies every prompt, response and
     predicted length [tokens] (rounded up): a dataset's lengths brought to the tiny model's
     context; what still exceeds ``max_model_len`` is clipped (:func:`scale_lengths`).
     """
@@ -95,9 +98,9 @@ def _require_positive_or_none(name: str, value: float | None) -> None:
 
 #: The regimes notebook 04 offers. ``kv-bound`` (the default): ShareGPT's conversational lengths
 #: scaled to a 1024-token context, a KV cache of a few dozen such requests, and arrivals at 0.9x
-#: the engine's capacity (what vLLM's scheduler serves with every request arriving at once),
-#: where vLLM's scheduler runs out of KV blocks and preempts (simulated on the engine's
-#: fitted step times, about a quarter of the requests). ``light-load``: Alpaca's short answers on
+#: the engine's capacity (what vLLM's scheduler serves with every request arriving at once,
+#: measured on the engine), where vLLM's scheduler runs out of KV blocks and preempts (about a
+#: quarter to a third of the requests). ``light-load``: Alpaca's short answers on
 #: a large cache at a moderate rate (both schedulers serve alike, nothing is preempted).
 REGIMES: dict[str, StudyRegime] = {
     "kv-bound": StudyRegime("sharegpt", num_requests=160, load=0.9, kv_cache_tokens=2048, max_model_len=1024,
@@ -255,7 +258,7 @@ class ServingStudy:
     """Interleaved rounds of real runs (see the module docstring)."""
     load: float | None = None
     """Serve the trace's arrivals rescaled to this share of the engine's capacity
-    (:func:`engine_capacity_rps`, measured on the profile); ``None`` = as they are."""
+    (:func:`measured_capacity_rps`, measured on the engine before the runs); ``None`` = as they are."""
     profile_estimates: bool = False
     """Give the policy drop-in the engine's latency model fitted to the profile
     (``output_dir/latency_model.json``, ``econoserve serve --latency-model``): its time estimates
@@ -299,10 +302,15 @@ class StudyResult:
     """The served trace's arrival rate [req/s]: its spec's, or for a trace that records none, the
     mean over its arrivals."""
     capacity_rps: float | None = None
-    """The engine's capacity the rate was set from (``ServingStudy.load``), else ``None``."""
+    """The engine's capacity the rate was set from (``ServingStudy.load``: measured, the first
+    scheduler's throughput with every request at once), else ``None``."""
     served_capacity_rps: float | None = None
     """The engine's capacity recomputed on the first scheduler's own steps (its median round's
-    wall time per step, the ``selffit`` model): ``rate_rps`` over it is the load the runs saw."""
+    wall time per step, the ``selffit`` model, every request at once): ``rate_rps`` over it is
+    the load the runs saw."""
+    profile_capacity_rps: float | None = None
+    """The same capacity simulated on the profile (:func:`engine_capacity_rps`; the rate before
+    it was measured, and what the benchmarks set their loads from), with ``ServingStudy.load``."""
 
 
 def run_study(study: ServingStudy, log=print) -> StudyResult:
@@ -313,7 +321,9 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
     out.mkdir(parents=True, exist_ok=True)
     latency = fit_profile(study, log)
     latency_path = latency.save(out / LATENCY_MODEL_FILE)
-    study, capacity_rps = at_load(study, latency_path, log)
+    profile_capacity_rps = None if study.load is None else engine_capacity_rps(
+        Trace.read(study.trace_path), study, latency_path)
+    study, capacity_rps = at_load(study, measured_capacity_rps(study, log) if study.load else None, log)
     trace = Trace.read(study.trace_path)
     run_dirs: dict[str, list[Path]] = {scheduler: [] for scheduler in study.schedulers}
     for round_index in range(study.repeats):
@@ -341,35 +351,59 @@ def run_study(study: ServingStudy, log=print) -> StudyResult:
     return StudyResult(real_requests, real_iterations, real_summaries, simulated,
                        pd.concat(error_tables, ignore_index=True), summary, latency, rounds,
                        rate_rps=_arrival_rate(trace), capacity_rps=capacity_rps,
-                       served_capacity_rps=engine_capacity_rps(trace, study, own_steps))
+                       served_capacity_rps=engine_capacity_rps(trace, study, own_steps),
+                       profile_capacity_rps=profile_capacity_rps)
+
+
+def all_at_once(trace: Trace) -> Trace:
+    """``trace`` with every request arriving at time 0: the burst an engine's capacity is measured on."""
+    frame = trace.requests.copy()
+    frame["arrival_time_s"] = 0.0
+    return Trace.from_frame(frame, trace.metadata, source="<all requests at once>")
 
 
 def engine_capacity_rps(trace: Trace, study: ServingStudy, latency_model: str | Path) -> float:
-    """The engine's capacity for ``trace``'s requests [req/s]: the throughput of the study's first
-    scheduler (vLLM's own, by default), simulated on this engine shape with ``latency_model``
-    (the fitted profile) and every request arriving at once. Depends on the step times and the
-    KV cache, not on the arrival rate."""
-    frame = trace.requests.copy()
-    frame["arrival_time_s"] = 0.0
-    burst = Trace.from_frame(frame, trace.metadata, source="<all requests at once>")
-    return float(simulate(burst, _simulation(study, study.schedulers[0], latency_model)).summary["throughput_rps"])
+    """The engine's capacity for ``trace``'s requests [req/s], simulated: the throughput of the
+    study's first scheduler (vLLM's own, by default) on this engine shape with ``latency_model``
+    and every request arriving at once (:func:`all_at_once`). Depends on the step times and the
+    KV cache, not on the arrival rate. :func:`measured_capacity_rps` measures the same on the engine."""
+    return float(simulate(all_at_once(trace), _simulation(study, study.schedulers[0], latency_model))
+                 .summary["throughput_rps"])
 
 
-def at_load(study: ServingStudy, latency_model: str | Path, log=print) -> tuple[ServingStudy, float | None]:
+def measured_capacity_rps(study: ServingStudy, log=print) -> float:
+    """The engine's capacity for the study's trace [req/s], measured: the real throughput of the
+    study's first scheduler serving every request of the trace at once (:func:`all_at_once`;
+    the run is ``capacity/<scheduler>`` under the output directory, reused like a served run).
+
+    Measured on the engine rather than simulated on its profile (:func:`engine_capacity_rps`): on
+    a shared machine, rates set from the profile gave runs that saw loads of 0.67-1.06 where 0.9
+    was asked (``figures/README.md``, *Figure 15*)."""
+    out = Path(study.output_dir) / CAPACITY_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    burst_path = all_at_once(Trace.read(study.trace_path)).write(out / "trace_all_at_once.parquet")
+    scheduler = study.schedulers[0]
+    run_dir = _served(replace(study, trace_path=burst_path), scheduler, out / _safe(scheduler), {},
+                      "every request at once, to measure the engine's capacity", log)
+    return float(json.loads((run_dir / "summary.json").read_text())["throughput_rps"])
+
+
+def at_load(study: ServingStudy, capacity_rps: float | None, log=print) -> tuple[ServingStudy, float | None]:
     """With ``study.load``: the study with its trace's arrivals rescaled to ``load`` x
-    :func:`engine_capacity_rps` (written beside the runs, ``trace_at_load.parquet``; the
-    arrivals' order and spacing kept), and that capacity [req/s]; otherwise the study as it is."""
+    ``capacity_rps`` [req/s] (written beside the runs, ``trace_at_load.parquet``; the arrivals'
+    order and spacing kept), and that capacity; otherwise the study as it is."""
     if study.load is None:
         return study, None
+    if capacity_rps is None or not capacity_rps > 0:
+        raise UserError(f"a study at load {study.load} needs the engine's capacity, got {capacity_rps}")
     trace = Trace.read(study.trace_path)
-    capacity_rps = engine_capacity_rps(trace, study, latency_model)
     rate_rps = study.load * capacity_rps
     rescaled = rescaled_to_rate(trace, rate_rps, study.trace_path)
     rescaled.metadata["load"] = {"load": study.load, "capacity_rps": capacity_rps,
                                  "capacity_scheduler": study.schedulers[0]}
     path = rescaled.write(Path(study.output_dir) / "trace_at_load.parquet")
-    log(f"engine capacity {capacity_rps:.2f} req/s ({study.schedulers[0]}, simulated on the profiled step times, "
-        f"every request at once): serving at {rate_rps:.2f} req/s (load {study.load})")
+    log(f"engine capacity {capacity_rps:.2f} req/s ({study.schedulers[0]}, every request at once): "
+        f"serving at {rate_rps:.2f} req/s (load {study.load})")
     return replace(study, trace_path=path, load=None), capacity_rps
 
 
@@ -498,13 +532,20 @@ def serve(study: ServingStudy, scheduler: str, round_index: int = 0, log=print) 
     """Replay the trace under ``scheduler`` in round ``round_index`` (or reuse that run); returns
     the run directory, ``real/<scheduler>/round-<k>``."""
     run_dir = Path(study.output_dir) / "real" / _safe(scheduler) / f"round-{round_index}"
-    inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode, "round": round_index,
-              "trace_sha256": _sha256(Path(study.trace_path)), "code": code_digest()}
+    return _served(study, scheduler, run_dir, {"round": round_index},
+                   f"{study.mode}, round {round_index + 1} of {study.repeats}", log)
+
+
+def _served(study: ServingStudy, scheduler: str, run_dir: Path, inputs: dict, what: str, log) -> Path:
+    """``run_dir`` with the study's trace served under ``scheduler``: reused if it was served
+    with the same inputs (the engine, scheduler, mode, trace, code, drop-in model and ``inputs``)."""
+    inputs = {"engine": asdict(study.engine), "scheduler": scheduler, "mode": study.mode,
+              "trace_sha256": _sha256(Path(study.trace_path)), "code": code_digest(), **inputs}
     latency_model = drop_in_latency_model(study, scheduler)
     if latency_model is not None:
         inputs["latency_model_sha256"] = _sha256(latency_model)
     if not _reusable(study, run_dir / "summary.json", inputs):
-        log(f"serving the trace with scheduler {scheduler} ({study.mode}, round {round_index + 1} of {study.repeats}) ...")
+        log(f"serving the trace with scheduler {scheduler} ({what}) ...")
         run_econoserve(study, serve_arguments(study, scheduler, run_dir))
         _stamp(run_dir / "summary.json", inputs)
     return run_dir
