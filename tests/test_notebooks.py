@@ -126,10 +126,12 @@ def test_simulated_serving_notebook_refuses_unregistered_schedulers(tmp_path):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_vllm_serving_notebook(tmp_path):
-    """Notebook 04 drives real vLLM through the serving environment (.venv-serving)."""
+    """Notebook 04 drives real vLLM through the serving environment (.venv-serving), at a load
+    set from the engine's capacity measured on it (the default regime's way)."""
     import os
 
     from econoserve.serving.study import serving_python_available
+    from econoserve.workload.trace import Trace
 
     if not serving_python_available():
         if os.environ.get("CI") or os.environ.get("ECONOSERVE_REQUIRE_VLLM") == "1":
@@ -139,11 +141,15 @@ def test_vllm_serving_notebook(tmp_path):
     papermill.execute_notebook(
         str(NOTEBOOKS / "04_vllm_serving.ipynb"),
         str(tmp_path / "04.ipynb"),
-        parameters={"num_requests": 24, "rate": 20.0, "predictor": "oracle", "profile": "quick", "repeats": 2,
+        parameters={"num_requests": 24, "load": 0.9, "predictor": "oracle", "profile": "quick", "repeats": 2,
                     "output_dir": str(results), "figures_dir": str(figures)},
         kernel_name="python3",
         progress_bar=False,
     )
+    burst = json.loads((results / "capacity" / "vllm" / "summary.json").read_text())
+    assert burst["completed"] == 24 and burst["throughput_rps"] > 0
+    served = Trace.read(results / "trace_at_load.parquet")
+    assert served.metadata["spec"]["rate_rps"] == pytest.approx(0.9 * burst["throughput_rps"])
     table = pd.read_csv(figures / "fig15_vllm_serving.csv")
     assert table["scheduler"].tolist() == ["vllm", "econoserve"]
     assert (table["real_completed"] == 24).all() and (table["compared"] == 24).all()

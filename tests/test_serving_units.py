@@ -312,14 +312,14 @@ def test_a_load_sets_the_rate_from_the_engines_measured_capacity(tmp_path, monke
     pd.testing.assert_frame_equal(burst.drop(columns="arrival_time_s"), Trace.read(path).requests.drop(columns="arrival_time_s"))
 
     trace = Trace.read(path)
-    rescaled_study, used = at_load(study, capacity, log=lambda _: None)
-    assert used == capacity and rescaled_study.load is None and rescaled_study.trace_path != path
+    rescaled_study = at_load(study, capacity, log=lambda _: None)
+    assert rescaled_study.load is None and rescaled_study.trace_path != path
     rescaled = Trace.read(rescaled_study.trace_path)
     np.testing.assert_allclose(rescaled.requests["arrival_time_s"], trace.requests["arrival_time_s"] * 2.0 / (0.8 * 3.5))
     pd.testing.assert_frame_equal(rescaled.requests.drop(columns="arrival_time_s"),
                                   trace.requests.drop(columns="arrival_time_s"))
     assert rescaled.metadata["spec"]["rate_rps"] == pytest.approx(0.8 * 3.5)
-    assert at_load(replace(study, load=None), None) == (replace(study, load=None), None)
+    assert at_load(replace(study, load=None), capacity) == replace(study, load=None)
     with pytest.raises(UserError, match="needs the engine's capacity"):
         at_load(study, 0.0)
     with pytest.raises(UserError, match="load"):
