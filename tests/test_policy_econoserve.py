@@ -203,6 +203,22 @@ def test_preemption_is_the_last_resort_and_takes_the_lowest_priority_gt():
     assert preempted == [1]  # and it was not lost: the loop ended with both finished
 
 
+@pytest.mark.parametrize("limit", [None, 1, 2])
+def test_a_repeat_victim_is_spared_while_another_gt_can_be_preempted(limit):
+    # Two generating GTs; GT 1 (later deadline) is the victim by key. Once it has been preempted
+    # ``repeat_victim_limit`` times GT 0 is chosen instead, unless GT 0 has been too.
+    policy = _policy(1 + 2 * 3, rl_bucket=16, repeat_victim_limit=limit)
+    first, second = _add(policy, 0, 16, 32, arrival=0.0), _add(policy, 1, 16, 32, arrival=0.5)
+    for _ in range(2):  # the prompts, then the first decode step: both are generating GTs
+        _step(policy, {0: 80, 1: 60})
+    assert {r.request_id for r in policy.running} == {0, 1} and all(r.is_decoding for r in policy.running)
+    assert policy._victim_for(first) is second
+    second.num_preemptions = 2
+    assert policy._victim_for(first) is (second if limit is None else first)
+    first.num_preemptions = 2
+    assert policy._victim_for(first) is second  # every candidate is a repeat victim: by key again
+
+
 # --------------------------------------------------------------------- ordering
 @pytest.mark.parametrize("u", [0.0, 64.0])
 def test_pt_and_gt_queues_follow_their_formulas(u):

@@ -98,8 +98,21 @@ finds no space for its own growth preempts itself, never its host.
 **Mispredictions** (point 7). A GT that outgrows its allocation takes blocks from the global
 reserve (``reserve_ratio`` of the cache, withheld from every admission), then from the free pool;
 only if both are empty is a GT preempted by recompute: the grower's guests first, then the
-running GT with the lowest priority (largest key) and, on ties, the least progress. A preempted
+running GT with the lowest priority (largest key) and, on ties, the least progress, among those
+preempted fewer than ``repeat_victim_limit = K`` times (all of them if none is). A preempted
 request returns to the PT queue; it is never lost. Early finishers free their space at once.
+
+*Repeat victims* (``repeat_victim_limit``, default 2). An under-predicted request outgrows its
+allocation, and a larger allocation makes a larger key, so without the limit it is the victim
+again after its recompute: on notebook 04's engine (Figure 15) the same requests were preempted
+up to 8 times and made EconoServe's p99. Simulated on that engine's profile
+(``benchmarks/results/policy_protect_notes.md``, eight traces of its regime) the limit cuts the
+worst trace's p99 from 2.18x to 1.30x vLLM's at the rounds' load (0.77; the served trace 1.77x ->
+1.35x) and the median over traces at load 1.06 from 1.52x to 1.26x; the medians at 0.77 and 0.9
+move from 1.08x / 1.10x to 1.10x / 1.12x. On the scoreboard (ShareGPT 80 / 40 GB) preemptions are rare and it moves nothing
+beyond the bisection: 1.13 / 1.27 -> 1.13 / 1.26 (p99 1.02 / 1.02x -> 1.02 / 1.01x). ``K = 1``
+(every earlier victim spared while a fresh one exists) preempts twice as many requests and costs
+40 GB a bisection step.
 
 **Ordering** (point 8). With ``T_p`` = ``prefill_time_per_token_s`` and ``T_d`` =
 ``decode_time_per_step_s`` of the engine (:class:`~econoserve.policy.base.EngineLimits`), a
@@ -442,6 +455,9 @@ class EconoServeConfig:
     gt_occupancy_weight:
         How far each held KV token moves a GT ahead in the GT queue [decode steps per token];
         0.1 means 10 held tokens count as one decode step less of slack.
+    repeat_victim_limit:
+        A running GT preempted this many times [preemptions] is a victim again only when every
+        other candidate is too (see the module docstring, *Repeat victims*); ``None`` = no limit.
     fallback_output_tokens:
         Allocation for a request without a prediction [tokens]; ``None`` = the model's context
         less the prompt (maximum allocation).
@@ -606,6 +622,7 @@ class EconoServeConfig:
     max_num_seqs: int = 256
     slo_scale: float = DEFAULT_SLO_SCALE
     gt_occupancy_weight: float = 0.1
+    repeat_victim_limit: int | None = 2
     fallback_output_tokens: int | None = None
     no_kvcpipe: bool = False
     no_ordering: bool = False
@@ -642,7 +659,7 @@ class EconoServeConfig:
         if self.prompt_admission not in PROMPT_ADMISSION_RULES:
             raise ValueError(f"prompt_admission must be one of {', '.join(PROMPT_ADMISSION_RULES)}, got {self.prompt_admission!r}")
         require_positive(self, "rl_bucket", "token_budget", "prefill_decode_steps", "max_num_seqs", "slo_scale",
-                         "fallback_output_tokens")
+                         "fallback_output_tokens", "repeat_victim_limit")
         if self.rl_padding < 0:
             raise ValueError(f"rl_padding must be >= 0, got {self.rl_padding}")
         if not 0 <= self.reserve_ratio < 1:
@@ -1493,7 +1510,7 @@ class EconoServePolicy(Policy):
         """Who is preempted when ``grower`` finds no block: its own KVCPipe guests first; a
         guest that over-runs its loan preempts itself (a host never pays for its guest); else the
         generating GT (the grower included) with the largest GT key (lowest priority), least
-        progress on ties."""
+        progress on ties, among those preempted fewer than ``repeat_victim_limit`` times if any."""
         kv = self.kv_cache
         paused = self._victim_paused() if self._paused else None
         if paused is not None:
@@ -1502,7 +1519,11 @@ class EconoServePolicy(Policy):
         guests = [r for r in generating if kv.lender_of(r.request_id) == grower.request_id]
         if not guests and kv.lender_of(grower.request_id) is not None:
             return grower
-        return max(guests or generating, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
+        candidates = guests or generating
+        limit = self.config.repeat_victim_limit
+        if limit is not None:
+            candidates = [r for r in candidates if r.num_preemptions < limit] or candidates
+        return max(candidates, key=lambda r: (self._gt_key.get(r.request_id, 0.0), -r.num_output_tokens))
 
     def _schedule_prompt_chunks(self, budget: int, decision: SchedulerDecision) -> int:
         """Next chunk of every admitted PT within ``budget`` [tokens]; returns what is left.
