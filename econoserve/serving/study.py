@@ -380,8 +380,9 @@ def measured_capacity_rps(study: ServingStudy, log=print) -> float:
     the run is ``capacity/<scheduler>`` under the output directory, reused like a served run).
 
     The regime is then set by a measurement rather than a fit; :func:`engine_capacity_rps` on the
-    profile is the check (the two agree when taken together). Neither removes the drift of a
-    shared machine's speed between this run and the rounds (``figures/README.md``, *Figure 15*):
+    profile is the check (``StudyResult.profile_capacity_rps``: within 2-4 % of the measurement in
+    two runs, 23 % above it in a third). Neither removes the drift of a shared machine's speed
+    between this run and the rounds (``figures/README.md``, *Figure 15*):
     ``StudyResult.served_capacity_rps`` reports the load the rounds saw."""
     out = Path(study.output_dir) / CAPACITY_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -393,11 +394,11 @@ def measured_capacity_rps(study: ServingStudy, log=print) -> float:
 
 
 def at_load(study: ServingStudy, capacity_rps: float, log=print) -> ServingStudy:
-    """With ``study.load``: the study with its trace's arrivals rescaled to ``load`` x
+    """The study (which has a ``load``) with its trace's arrivals rescaled to ``load`` x
     ``capacity_rps`` [req/s] (written beside the runs, ``trace_at_load.parquet``; the arrivals'
-    order and spacing kept); otherwise the study as it is."""
+    order and spacing kept), its ``load`` cleared."""
     if study.load is None:
-        return study
+        raise UserError("at_load: the study has no load to rescale to (it serves its trace as it is)")
     if not capacity_rps > 0:
         raise UserError(f"a study at load {study.load} needs the engine's capacity, got {capacity_rps} req/s")
     trace = Trace.read(study.trace_path)
